@@ -1,0 +1,49 @@
+"""Where each op runs, and launch heuristics shared by the kernels.
+
+Chronicals ops run their Triton kernels on CUDA tensors. On CPU tensors they run the same Triton
+kernels through Triton's interpreter when `TRITON_INTERPRET=1` is set (Triton's own convention, used
+by the tests), and otherwise the plain PyTorch definition in `chronicals/reference.py`. That choice is
+made per device, stated here once, and reported by `implementation()`; there is no fallback after
+a kernel fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def implementation(device: torch.device | str) -> str:
+    """'triton' on CUDA, 'triton-interpreter' or 'reference' on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu":
+        return "triton-interpreter" if interpreter_on() else "reference"
+    raise ValueError(f"Chronicals ops run on CUDA or CPU tensors. Got a tensor on {device}.")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return implementation(t.device) != "reference"
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{op}: all inputs must be on one device. Got {devices}.")
+
+
+def check_float(op: str, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16. Got {t.dtype}.")
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(n)

@@ -1,0 +1,155 @@
+"""The one place that touches private PyTorch APIs.
+
+Everything the backend needs from `torch._dynamo`, `torch._inductor`, `torch._functorch`,
+`torch._guards` and `torch.fx.experimental` is imported or wrapped here, so a torch upgrade
+changes this file and no other. Checked on torch 2.11 and 2.13 (research/compile-backend.md §5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._guards import detect_fake_mode
+from torch._inductor.compile_fx import compile_fx
+from torch._inductor.pattern_matcher import Match, PatternMatcherPass
+from torch._inductor.pattern_matcher import register_replacement as _register_replacement
+from torch.fx.experimental.proxy_tensor import make_fx
+
+__all__ = [
+    "Match",
+    "PatternMatcherPass",
+    "compile_with_aot_eager",
+    "compile_with_inductor",
+    "ensure_backend_registered",
+    "register_replacement",
+    "trace_pre_dispatch",
+]
+
+# torch 2.13 added `pattern_name`; 2.11 does not accept it.
+_REGISTER_TAKES_NAME = "pattern_name" in inspect.signature(_register_replacement).parameters
+
+
+def ensure_backend_registered(name: str, compiler_fn: Callable[..., Any]) -> None:
+    """Register `compiler_fn` as `torch.compile(backend=name)` unless a backend of that name is
+    registered already (`register_backend` asserts on duplicates)."""
+    if name not in _COMPILER_FNS:
+        register_backend(compiler_fn=compiler_fn, name=name)
+
+
+@contextlib.contextmanager
+def _checkpoint_bodies_traceable(gm: torch.fx.GraphModule) -> Iterator[None]:
+    """Let `make_fx(pre_dispatch=True)` trace through gradient-checkpointed regions.
+
+    Dynamo puts each checkpointed layer in a `tag_activation_checkpoint` body whose metadata
+    lacks `_checkpoint_context_fn`; the pre-dispatch trace then fails with a KeyError on torch
+    2.11 and 2.13. For the duration of the trace each body gets a policy that recomputes
+    everything, which is what plain checkpointing means; it is removed afterwards.
+    """
+    from torch.utils.checkpoint import (
+        CheckpointPolicy,
+        create_selective_checkpoint_contexts,
+    )
+
+    def recompute_all(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    patched = []
+    for module in gm.modules():
+        if isinstance(module, torch.fx.GraphModule) and module is not gm:
+            if "_checkpoint_context_fn" not in module.meta:
+                module.meta["_checkpoint_context_fn"] = (
+                    lambda: create_selective_checkpoint_contexts(recompute_all)
+                )
+                patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.meta.pop("_checkpoint_context_fn", None)
+
+
+def trace_pre_dispatch(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
+) -> torch.fx.GraphModule:
+    """Trace a Dynamo graph to pre-dispatch ATen on the fake tensors Dynamo used.
+
+    Pre-dispatch ATen is the level where `linear`, `silu` and `cross_entropy_loss` are still
+    single nodes and autograd has not been traced, so a custom op swapped in here brings its own
+    registered backward.
+    """
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
+    inputs = [
+        fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs
+    ]
+    with _checkpoint_bodies_traceable(gm), fake_mode:
+        return make_fx(gm, pre_dispatch=True)(*inputs)
+
+
+def trace_pattern(fn: Callable[..., Any], args: Sequence[Any], **_: Any) -> torch.fx.GraphModule:
+    """The tracer `register_replacement` uses for search and replacement functions: the same
+    pre-dispatch level as the model graph. torch 2.13 passes `get_decomp_fn`, 2.11 does not."""
+    return make_fx(fn, pre_dispatch=True)(*args)
+
+
+def register_replacement(
+    search_fn: Callable[..., Any],
+    replace_fn: Callable[..., Any],
+    example_inputs: Sequence[Any],
+    pass_: PatternMatcherPass,
+    *,
+    extra_check: Callable[[Match], bool],
+    scalar_workaround: dict[str, float] | None = None,
+    canonicalize: Callable[[torch.fx.GraphModule], None],
+) -> None:
+    def trace_fn(fn, args, **kwargs):
+        traced = trace_pattern(fn, args)
+        canonicalize(traced)
+        return traced
+
+    kwargs: dict[str, Any] = {}
+    if _REGISTER_TAKES_NAME:
+        kwargs["pattern_name"] = search_fn.__name__
+    _register_replacement(
+        search_fn,
+        replace_fn,
+        list(example_inputs),
+        trace_fn,
+        pass_,
+        extra_check=extra_check,
+        scalar_workaround=scalar_workaround,
+        skip_duplicates=True,
+        **kwargs,
+    )
+
+
+def match_value(match: Match, name: str) -> Any:
+    """The fake value of a matched argument (a tensor's shape, dtype and device), or the literal."""
+    node = match.kwargs[name]
+    return node.meta["val"] if isinstance(node, torch.fx.Node) else node
+
+
+def _nop(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    return make_boxed_func(gm)
+
+
+def compile_with_aot_eager(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
+) -> Callable[..., Any]:
+    """AOTAutograd with eager forward and backward graphs (the CPU path)."""
+    return aot_autograd(fw_compiler=_nop, bw_compiler=_nop)(gm, example_inputs)
+
+
+def compile_with_inductor(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
+) -> Callable[..., Any]:
+    """AOTAutograd + Inductor, as plain `torch.compile` would run after our passes."""
+    return compile_fx(gm, example_inputs)

@@ -1,0 +1,199 @@
+"""The `chronicals` torch.compile backend.
+
+    torch.compile(model_or_loss_fn, backend="chronicals", options={...})
+
+Dynamo graph -> pre-dispatch ATen on Dynamo's fake tensors -> canonicalise (no-op casts, bodies
+of checkpointed layers) -> one pattern pass over all enabled fusions -> report -> Inductor
+(`compile_fx`) on CUDA, AOTAutograd with eager graphs on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from compile_passes import _torch_api
+from compile_passes.canonicalize import graph_modules, strip_noop_casts
+from compile_passes.fusion import Fusion, collecting_reasons, recorded_reason, source_line
+from compile_passes.report import FusionReport, Rejection, ReportSink, publish
+
+logger = logging.getLogger("chronicals.compile")
+
+COMPILERS = ("auto", "inductor", "aot_eager")
+
+
+def _all_fusions() -> dict[str, Fusion]:
+    # Imported here so that `import compile_passes` stays cheap and the entry point loads the
+    # kernels only when a graph is compiled.
+    from compile_passes import linear_cross_entropy, rms_norm, rope, swiglu
+
+    fusions = [
+        rms_norm.FUSION,
+        swiglu.SWIGLU,
+        swiglu.GEGLU,
+        rope.FUSION,
+        linear_cross_entropy.FUSION,
+    ]
+    return {f.name: f for f in fusions}
+
+
+FUSION_NAMES = ("rms_norm", "swiglu", "geglu", "rope", "linear_cross_entropy")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class BackendOptions:
+    """Options of `torch.compile(..., backend="chronicals", options={...})`."""
+
+    fusions: tuple[str, ...] = FUSION_NAMES
+    """Fusions to apply; the rest of the graph is compiled as plain torch.compile would."""
+    strict: bool = False
+    """Raise when a candidate of an enabled fusion is left unfused, or the pattern stage fails,
+    instead of reporting it and compiling the graph as it is."""
+    report: ReportSink = "log"
+    """Where each graph's FusionReport goes: 'log', 'none', a file path (JSON lines appended)
+    or a callable taking the report."""
+    compiler: str = "auto"
+    """'inductor', 'aot_eager', or 'auto': Inductor when the graph's tensors are on CUDA,
+    AOTAutograd with eager graphs otherwise."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.fusions) - set(FUSION_NAMES)
+        if unknown:
+            raise ValueError(
+                f"chronicals: unknown fusions {sorted(unknown)}; expected a subset of "
+                f"{list(FUSION_NAMES)}."
+            )
+        if self.compiler not in COMPILERS:
+            raise ValueError(
+                f"chronicals: compiler must be one of {COMPILERS}. Got {self.compiler!r}."
+            )
+        if not (isinstance(self.report, str) or callable(self.report)):
+            raise TypeError(
+                "chronicals: report must be 'log', 'none', a file path or a callable. "
+                f"Got {type(self.report).__name__}."
+            )
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> BackendOptions:
+        options = dict(options or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(options) - names
+        if unknown:
+            raise ValueError(
+                f"chronicals: unknown options {sorted(unknown)}; expected some of {sorted(names)}."
+            )
+        if "fusions" in options:
+            if isinstance(options["fusions"], str):
+                raise TypeError("chronicals: fusions must be a list of names, not a string.")
+            options["fusions"] = tuple(options["fusions"])
+        return cls(**options)
+
+
+_PASSES: dict[tuple[str, ...], _torch_api.PatternMatcherPass] = {}
+_GRAPH_IDS = itertools.count()
+
+
+def _pattern_pass(fusions: Sequence[Fusion]) -> _torch_api.PatternMatcherPass:
+    key = tuple(f.name for f in fusions)
+    if key not in _PASSES:
+        pattern_pass = _torch_api.PatternMatcherPass(pass_name="chronicals")
+        for fusion in fusions:
+            fusion.register(pattern_pass)
+        _PASSES[key] = pattern_pass
+    return _PASSES[key]
+
+
+def _on_cuda(example_inputs: Sequence[Any]) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+
+def _implementation(example_inputs: Sequence[Any]) -> str:
+    from chronicals.ops import implementation
+
+    return implementation("cuda" if _on_cuda(example_inputs) else "cpu")
+
+
+def rewrite(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fusions: Sequence[Fusion]
+) -> tuple[torch.fx.GraphModule, dict[str, int], list[Rejection]]:
+    """Trace to pre-dispatch ATen, canonicalise and apply the fusions' patterns."""
+    agm = _torch_api.trace_pre_dispatch(gm, example_inputs)
+    pattern_pass = _pattern_pass(fusions)
+    modules = graph_modules(agm)
+    with collecting_reasons():
+        for module in modules:
+            strip_noop_casts(module)
+            pattern_pass.apply(module.graph)
+            module.graph.eliminate_dead_code()
+            module.recompile()
+        fired = {f.name: 0 for f in fusions}
+        rejected = []
+        for module in modules:
+            for node in module.graph.nodes:
+                for fusion in fusions:
+                    if node.op == "call_function" and node.target in fusion.fused_ops():
+                        fired[fusion.name] += 1
+                    elif fusion.is_candidate(node):
+                        reason = recorded_reason(node) or fusion.diagnose(node)
+                        rejected.append(
+                            Rejection(
+                                fusion=fusion.name,
+                                node=node.name,
+                                reason=reason,
+                                source=source_line(node),
+                            )
+                        )
+    return agm, fired, rejected
+
+
+def chronicals_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict[str, Any] | None = None,
+    **_: Any,
+) -> Callable[..., Any]:
+    """The torch.compile backend. Options: see `BackendOptions`."""
+    opts = BackendOptions.from_options(options)
+    all_fusions = _all_fusions()
+    fusions = [all_fusions[name] for name in FUSION_NAMES if name in opts.fusions]
+    error = None
+    try:
+        compiled_gm, fired, rejected = rewrite(gm, example_inputs, fusions)
+    except Exception as exc:
+        if opts.strict:
+            raise
+        # The user's compile must not break because a pattern stage failed; the report says so
+        # loudly (WARNING) and the graph is compiled exactly as written.
+        compiled_gm, fired, rejected = gm, {f.name: 0 for f in fusions}, []
+        error = f"{type(exc).__name__}: {exc}"
+    compiler = opts.compiler
+    if compiler == "auto":
+        compiler = "inductor" if _on_cuda(example_inputs) else "aot_eager"
+    report = FusionReport(
+        graph=next(_GRAPH_IDS),
+        fired=fired,
+        rejected=tuple(rejected),
+        implementation=_implementation(example_inputs),
+        compiler=compiler,
+        error=error,
+    )
+    publish(report, opts.report)
+    if opts.strict and rejected:
+        raise RuntimeError(
+            "chronicals (strict): candidates left unfused:\n" + report.summary()
+        )
+    if compiler == "inductor":
+        return _torch_api.compile_with_inductor(compiled_gm, example_inputs)
+    return _torch_api.compile_with_aot_eager(compiled_gm, example_inputs)
+
+
+def register() -> None:
+    """Make `torch.compile(backend="chronicals")` available in this process. Installing the
+    package does this through the `torch_dynamo_backends` entry point; this call is for source
+    checkouts without an install."""
+    _torch_api.ensure_backend_registered("chronicals", chronicals_backend)

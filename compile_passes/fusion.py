@@ -1,0 +1,90 @@
+"""What every fusion provides to the backend, and helpers its patterns share."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.fx import Node
+
+from compile_passes import _torch_api
+from compile_passes.canonicalize import strip_noop_casts
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Fusion:
+    name: str
+    register: Callable[[_torch_api.PatternMatcherPass], None]
+    """Registers the fusion's patterns into a pass (called once per pass)."""
+    fused_ops: Callable[[], tuple]
+    """The `torch.ops.chronicals.*` overloads a replacement inserts (counted as fired)."""
+    is_candidate: Callable[[Node], bool]
+    """True for a node left in the graph that marks a subgraph this fusion could have fused."""
+    diagnose: Callable[[Node], str]
+    """Why a candidate left in the graph was not fused, as far as the graph shows."""
+
+
+# Reasons given by extra checks during one pattern pass, keyed by the name of the matched
+# subgraph's output node.
+_REASONS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "chronicals_rejection_reasons", default=None
+)
+
+
+@contextlib.contextmanager
+def collecting_reasons() -> Iterator[dict[str, str]]:
+    reasons: dict[str, str] = {}
+    token = _REASONS.set(reasons)
+    try:
+        yield reasons
+    finally:
+        _REASONS.reset(token)
+
+
+def reject(match: _torch_api.Match, reason: str) -> bool:
+    """Record why a structurally matching subgraph is not fused; returns False for extra_check."""
+    reasons = _REASONS.get()
+    if reasons is not None:
+        for node in match.nodes:
+            reasons.setdefault(node.name, reason)
+    return False
+
+
+def recorded_reason(node: Node) -> str | None:
+    reasons = _REASONS.get()
+    return None if reasons is None else reasons.get(node.name)
+
+
+def val(node: object) -> object:
+    return node.meta.get("val") if isinstance(node, Node) else node
+
+
+def shared_intermediate(output: Node, depth: int = 8) -> Node | None:
+    """The first node among `output`'s producers (up to `depth` steps back) whose result is also
+    used outside the chain: the usual reason a look-alike subgraph must not be fused."""
+    frontier, seen = [output], set()
+    for _ in range(depth):
+        nxt = []
+        for node in frontier:
+            for arg in node.all_input_nodes:
+                if arg in seen or arg.op != "call_function":
+                    continue
+                seen.add(arg)
+                if len(arg.users) > 1:
+                    return arg
+                nxt.append(arg)
+        frontier = nxt
+    return None
+
+
+def source_line(node: Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def canonicalize_pattern(gm: torch.fx.GraphModule) -> None:
+    strip_noop_casts(gm)

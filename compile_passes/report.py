@@ -1,0 +1,87 @@
+"""What the backend did to each graph: fusions fired, candidates rejected and why.
+
+One `FusionReport` per compiled graph is kept in memory (the newest 64) and logged once, as
+"chronicals: fused 5 rms_norm, 2 swiglu, 2 rope, 1 linear_cross_entropy; rejected 0".
+`fusion_reports()` returns them as data.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from typing import Union
+
+logger = logging.getLogger("chronicals.compile")
+
+_HISTORY: collections.deque[FusionReport] = collections.deque(maxlen=64)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Rejection:
+    """A subgraph that looked like a fusion candidate but was left as it was."""
+
+    fusion: str
+    node: str
+    reason: str
+    source: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class FusionReport:
+    graph: int
+    """Sequence number of the compiled graph in this process."""
+    fired: dict[str, int]
+    """Fusion name -> number of replacements, for every enabled fusion (0 included)."""
+    rejected: tuple[Rejection, ...]
+    implementation: str
+    """Where the Chronicals ops of this graph run: 'triton', 'triton-interpreter' or 'reference'."""
+    compiler: str
+    """What compiled the rewritten graph: 'inductor' or 'aot_eager'."""
+    error: str | None = None
+    """Set when the pattern stage failed and the graph was compiled unchanged (non-strict)."""
+
+    def summary(self) -> str:
+        fused = ", ".join(f"{n} {name}" for name, n in self.fired.items())
+        text = f"chronicals graph {self.graph}: fused {fused}; rejected {len(self.rejected)}"
+        for r in self.rejected:
+            text += f"\n  rejected {r.fusion} at {r.node}: {r.reason}"
+            if r.source:
+                text += f" ({r.source})"
+        if self.error:
+            text += f"\n  pattern stage failed, graph compiled unchanged: {self.error}"
+        return text + f" [ops: {self.implementation}, compiler: {self.compiler}]"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+ReportSink = Union[str, Callable[[FusionReport], None]]
+
+
+def publish(report: FusionReport, sink: ReportSink) -> None:
+    """Keep the report and send it where the user asked: 'log' (logger `chronicals.compile` at
+    INFO, WARNING when something was rejected or failed), 'none', a callable, or a file path to
+    which one JSON line is appended."""
+    _HISTORY.append(report)
+    if sink == "none":
+        return
+    if sink == "log":
+        level = logging.WARNING if report.rejected or report.error else logging.INFO
+        logger.log(level, "%s", report.summary())
+    elif callable(sink):
+        sink(report)
+    else:
+        with open(sink, "a", encoding="utf-8") as f:
+            f.write(report.to_json() + "\n")
+
+
+def fusion_reports() -> list[FusionReport]:
+    """Reports of the graphs compiled with backend='chronicals' in this process, oldest first."""
+    return list(_HISTORY)
+
+
+def clear_fusion_reports() -> None:
+    _HISTORY.clear()

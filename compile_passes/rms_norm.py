@@ -1,0 +1,116 @@
+"""RMSNorm subgraphs -> `chronicals::rms_norm`.
+
+Two spellings cover the families in transformers 5.x:
+- Llama, Qwen2, Qwen3 (and its q/k norms), Mistral, Phi-3: normalise in fp32, cast to the input
+  dtype, multiply by the weight.
+- Gemma, Gemma-2, Gemma-3: normalise in fp32, multiply by `(1 + weight)` in fp32, cast back.
+The eps literal is captured from the graph; the patterns are traced per dtype because in fp32
+the casts vanish (canonicalize.py) and the graph has a different shape.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.fx import Node
+
+from compile_passes import _torch_api
+from compile_passes.fusion import (
+    Fusion,
+    canonicalize_pattern,
+    reject,
+    shared_intermediate,
+)
+
+aten = torch.ops.aten
+_EPS = 1e-6  # placeholder value the pattern tracer turns into an "eps" argument
+
+
+def _rms_norm_pattern_llama(x, weight, eps):
+    xf = x.to(torch.float32)
+    variance = xf.pow(2).mean(-1, keepdim=True)
+    return weight * (xf * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def _rms_norm_replacement_llama(x, weight, eps):
+    from chronicals.ops.rms_norm import rms_norm
+
+    return rms_norm(x, weight, eps, gemma=False)
+
+
+def _rms_norm_pattern_gemma(x, weight, eps):
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * (1.0 + weight.float())).type_as(x)
+
+
+def _rms_norm_replacement_gemma(x, weight, eps):
+    from chronicals.ops.rms_norm import rms_norm
+
+    return rms_norm(x, weight, eps, gemma=True)
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _rms_norm_extra_check(match) -> bool:
+    x = _torch_api.match_value(match, "x")
+    weight = _torch_api.match_value(match, "weight")
+    eps = _torch_api.match_value(match, "eps")
+    if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
+        return reject(match, f"unsupported dtypes x {x.dtype}, weight {weight.dtype}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        return reject(
+            match, f"weight shape {tuple(weight.shape)} does not match hidden {x.shape[-1]}"
+        )
+    if not isinstance(eps, float) or eps <= 0:
+        return reject(match, f"eps must be a positive float literal, got {eps!r}")
+    if x.device != weight.device:
+        return reject(match, f"x on {x.device}, weight on {weight.device}")
+    return True
+
+
+@functools.cache
+def _example_inputs(dtype: torch.dtype) -> list:
+    return [torch.empty(2, 8, 16, dtype=dtype), torch.empty(16, dtype=dtype), _EPS]
+
+
+def register(pattern_pass) -> None:
+    for dtype in _FLOATS:
+        for search, replace in (
+            (_rms_norm_pattern_llama, _rms_norm_replacement_llama),
+            (_rms_norm_pattern_gemma, _rms_norm_replacement_gemma),
+        ):
+            _torch_api.register_replacement(
+                search,
+                replace,
+                _example_inputs(dtype),
+                pattern_pass,
+                extra_check=_rms_norm_extra_check,
+                scalar_workaround={"eps": _EPS},
+                canonicalize=canonicalize_pattern,
+            )
+
+
+def _is_candidate(node: Node) -> bool:
+    return node.op == "call_function" and node.target is aten.rsqrt.default
+
+
+def _diagnose(node: Node) -> str:
+    shared = shared_intermediate(next(iter(node.users), node))
+    if shared is not None:
+        return (
+            f"intermediate {shared.name} ({shared.target}) is also used outside the norm, so "
+            "fusing would change what it computes"
+        )
+    return "rsqrt is not part of an RMSNorm spelling the patterns know (Llama- or Gemma-style)"
+
+
+FUSION = Fusion(
+    name="rms_norm",
+    register=register,
+    fused_ops=lambda: (torch.ops.chronicals.rms_norm.default,),
+    is_candidate=_is_candidate,
+    diagnose=_diagnose,
+)

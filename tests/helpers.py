@@ -1,0 +1,35 @@
+"""Shared test helpers: devices to run on and the numerics rule of DESIGN.md."""
+
+from __future__ import annotations
+
+import torch
+
+# Relative spacing of each dtype (one ulp at 1.0). In the Triton interpreter bf16 stores truncate
+# instead of rounding (research/environment.md), so bf16 results may be one ulp off.
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def devices() -> list[str]:
+    """CPU always (through the Triton interpreter); CUDA too where there is a GPU."""
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def assert_no_worse_than_eager(
+    name: str, out: torch.Tensor, eager: torch.Tensor, truth: torch.Tensor, *, atol: float,
+    ulps: float = 1.0,
+) -> None:
+    """The numerics rule: the kernel's error against an fp64 truth is, element by element, no
+    worse than eager PyTorch's error in the same dtype, plus `atol` and `ulps` units of the output
+    dtype's spacing at the truth's magnitude. Never NaN. Reports the worst element."""
+    assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    truth = truth.double().cpu()
+    err = (out.double().cpu() - truth).abs()
+    allowed = (eager.double().cpu() - truth).abs() + atol + ulps * ULP[out.dtype] * truth.abs()
+    excess = err - allowed
+    worst = int(excess.argmax())
+    assert excess.max() <= 0, (
+        f"{name}: error {err.flatten()[worst]:.3e} exceeds allowed {allowed.flatten()[worst]:.3e} "
+        f"at flat index {worst} (truth {truth.flatten()[worst]:.6e}, out "
+        f"{out.double().cpu().flatten()[worst]:.6e}, eager {eager.double().cpu().flatten()[worst]:.6e})"
+    )
