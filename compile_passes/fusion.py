@@ -88,3 +88,12 @@ def source_line(node: Node) -> str:
 
 def canonicalize_pattern(gm: torch.fx.GraphModule) -> None:
     strip_noop_casts(gm)
+
+
+def literal_float(value: object) -> float | None:
+    """A float argument of a matched subgraph as a Python float. Under `dynamic=True` Dynamo
+    passes module float attributes (eps, softcap) as symbolic floats; reading one specialises
+    the graph on its value (a guard), which is what plain torch.compile does for such scalars."""
+    if isinstance(value, (float, torch.SymFloat)):
+        return float(value)
+    return None

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
+from chronicals.ops import linear_cross_entropy as ops
 from compile_passes import _torch_api
-from compile_passes.fusion import Fusion, canonicalize_pattern, reject
+from compile_passes.fusion import Fusion, canonicalize_pattern, literal_float, reject
 
 aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -78,16 +79,14 @@ def _lce_pattern_gemma2_preshifted_sum(hidden, weight, labels, softcap):
 
 def _replacement(*, shift: bool, reduction: str, capped: bool):
     def replacement(hidden, weight, labels, softcap=None):
-        from chronicals.ops.linear_cross_entropy import linear_cross_entropy
-
-        return linear_cross_entropy(
+        return ops.linear_cross_entropy(
             hidden,
             weight,
             labels.reshape(hidden.shape[:-1]),
             ignore_index=-100,
             reduction=reduction,
             shift=shift,
-            softcap=softcap,
+            softcap=None if softcap is None else literal_float(softcap),
         )
 
     if capped:
@@ -123,9 +122,9 @@ def _extra_check(match) -> bool:
     if len({hidden.device, weight.device, labels.device}) != 1:
         return reject(match, "hidden, weight and labels are on different devices")
     if "softcap" in match.kwargs:
-        softcap = _torch_api.match_value(match, "softcap")
-        if not isinstance(softcap, float) or softcap <= 0:
-            return reject(match, f"softcap {softcap!r} is not a positive float literal")
+        softcap = literal_float(_torch_api.match_value(match, "softcap"))
+        if softcap is None or softcap <= 0:
+            return reject(match, f"softcap {softcap!r} is not a positive float")
     return True
 
 

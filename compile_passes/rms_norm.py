@@ -15,10 +15,12 @@ import functools
 import torch
 from torch.fx import Node
 
+from chronicals.ops import rms_norm as ops
 from compile_passes import _torch_api
 from compile_passes.fusion import (
     Fusion,
     canonicalize_pattern,
+    literal_float,
     reject,
     shared_intermediate,
 )
@@ -34,9 +36,7 @@ def _rms_norm_pattern_llama(x, weight, eps):
 
 
 def _rms_norm_replacement_llama(x, weight, eps):
-    from chronicals.ops.rms_norm import rms_norm
-
-    return rms_norm(x, weight, eps, gemma=False)
+    return ops.rms_norm(x, weight, literal_float(eps), gemma=False)
 
 
 def _rms_norm_pattern_gemma(x, weight, eps):
@@ -46,9 +46,7 @@ def _rms_norm_pattern_gemma(x, weight, eps):
 
 
 def _rms_norm_replacement_gemma(x, weight, eps):
-    from chronicals.ops.rms_norm import rms_norm
-
-    return rms_norm(x, weight, eps, gemma=True)
+    return ops.rms_norm(x, weight, literal_float(eps), gemma=True)
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -64,8 +62,9 @@ def _rms_norm_extra_check(match) -> bool:
         return reject(
             match, f"weight shape {tuple(weight.shape)} does not match hidden {x.shape[-1]}"
         )
-    if not isinstance(eps, float) or eps <= 0:
-        return reject(match, f"eps must be a positive float literal, got {eps!r}")
+    eps = literal_float(eps)
+    if eps is None or eps <= 0:
+        return reject(match, f"eps must be a positive float, got {eps!r}")
     if x.device != weight.device:
         return reject(match, f"x on {x.device}, weight on {weight.device}")
     return True

@@ -15,6 +15,7 @@ import functools
 import torch
 from torch.fx import Node
 
+from chronicals.ops import rope as ops
 from compile_passes import _torch_api
 from compile_passes.fusion import Fusion, canonicalize_pattern, reject
 
@@ -48,9 +49,7 @@ def _rope_pattern_phi3(q, k, cos, sin):
 
 
 def _rope_replacement(q, k, cos, sin):
-    from chronicals.ops.rope import rope
-
-    return rope(q, k, cos, sin)
+    return ops.rope(q, k, cos, sin)
 
 
 def _extra_check(match) -> bool:

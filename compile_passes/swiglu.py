@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
+from chronicals.ops import swiglu as ops
 from compile_passes import _torch_api
 from compile_passes.fusion import Fusion, canonicalize_pattern, reject, shared_intermediate
 
@@ -29,9 +30,7 @@ def _swiglu_pattern_phi3(gate, up):
 
 
 def _swiglu_replacement(gate, up):
-    from chronicals.ops.swiglu import swiglu
-
-    return swiglu(gate, up)
+    return ops.swiglu(gate, up)
 
 
 def _geglu_pattern_gemma(gate, up):
@@ -43,9 +42,7 @@ def _geglu_pattern_swapped(gate, up):
 
 
 def _geglu_replacement(gate, up):
-    from chronicals.ops.swiglu import geglu
-
-    return geglu(gate, up)
+    return ops.geglu(gate, up)
 
 
 def _extra_check(match) -> bool:

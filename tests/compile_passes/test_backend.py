@@ -1,0 +1,96 @@
+"""The backend itself: options, the report, failure handling and registration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import compile_passes
+from compile_passes import _torch_api
+from tests.compile_passes.harness import compile_fn
+
+
+def _norm(x, w):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+def test_report_is_data_and_goes_to_a_file_or_callable(tmp_path):
+    x, w = torch.randn(4, 24), torch.randn(24)
+    seen = []
+    compile_fn(_norm, x, w, report=seen.append)
+    assert [r.fired["rms_norm"] for r in seen] == [1]
+    assert compile_passes.fusion_reports()[-1] is seen[0]
+    path = tmp_path / "report.jsonl"
+    compile_fn(_norm, x, w, report=str(path))
+    (line,) = path.read_text().splitlines()
+    assert json.loads(line)["fired"]["rms_norm"] == 1
+    assert "fused 1 rms_norm" in seen[0].summary()
+
+
+def test_report_is_logged_once_per_graph(caplog):
+    x, w = torch.randn(4, 24), torch.randn(24)
+    with caplog.at_level("INFO", logger="chronicals.compile"):
+        compile_fn(_norm, x, w, report="log")
+    records = [r for r in caplog.records if r.name == "chronicals.compile"]
+    assert len(records) == 1 and "fused 1 rms_norm" in records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"fusions": ["rmsnorm"]}, "unknown fusions"),
+        ({"fusions": "rms_norm"}, "list of names"),
+        ({"compiler": "tvm"}, "compiler must be one of"),
+        ({"stict": True}, "unknown options"),
+        ({"report": 3}, "report must be"),
+    ],
+)
+def test_bad_options_are_clear_errors(options, message):
+    with pytest.raises(Exception, match=message):
+        compile_fn(_norm, torch.randn(4, 24), torch.randn(24), **options)
+
+
+def test_failed_pattern_stage_compiles_the_graph_unchanged_and_says_so(monkeypatch):
+    def broken(gm, example_inputs):
+        raise RuntimeError("tracer exploded")
+
+    monkeypatch.setattr(_torch_api, "trace_pre_dispatch", broken)
+    x, w = torch.randn(4, 24), torch.randn(24)
+    out, report = compile_fn(_norm, x, w)
+    assert report.error == "RuntimeError: tracer exploded"
+    assert report.fired["rms_norm"] == 0
+    torch.testing.assert_close(out, _norm(x, w))
+    with pytest.raises(Exception, match="tracer exploded"):
+        compile_fn(_norm, x, w, strict=True)
+
+
+def test_entry_point_works_in_a_fresh_process():
+    """After installation, backend='chronicals' resolves with no import of ours."""
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        def norm(x, w):
+            xf = x.float()
+            return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        assert "chronicals" not in sys.modules and "compile_passes" not in sys.modules
+        x, w = torch.randn(4, 24), torch.randn(24)
+        out = torch.compile(norm, backend="chronicals", options={"report": "none"})(x, w)
+        torch.testing.assert_close(out, norm(x, w))
+        import compile_passes
+        print(compile_passes.fusion_reports()[-1].fired["rms_norm"])
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "1"

@@ -1,0 +1,49 @@
+"""Every model family, compiled with backend='chronicals': each fusion fires exactly as often as
+the architecture says, nothing is rejected, and loss and gradients match eager."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from tests.compile_passes.harness import compile_and_compare
+from tests.models import EXPECTED, FAMILIES
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _compiled(family: str, dtype: torch.dtype):
+    return compile_and_compare(family, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_fusion_fires_and_matches_eager(family, dtype):
+    result = _compiled(family, dtype)
+    assert result.fired == EXPECTED[family]
+    assert result.rejected == ()
+    result.assert_matches_eager(dtype)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_gradient_checkpointing(family):
+    result = compile_and_compare(family, torch.float32, checkpointing=True)
+    assert result.fired == EXPECTED[family]
+    result.assert_matches_eager(torch.float32)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_dynamic_sequence_length(family):
+    result = compile_and_compare(family, torch.float32, seq=20, dynamic=True)
+    assert result.fired == EXPECTED[family]
+    assert result.rejected == ()
+    result.assert_matches_eager(torch.float32)
+
+
+def test_fusions_option_limits_what_is_rewritten():
+    result = compile_and_compare("llama", torch.float32, options={"fusions": ["rms_norm"]})
+    assert result.fired == {"rms_norm": EXPECTED["llama"]["rms_norm"]}
+    result.assert_matches_eager(torch.float32)
