@@ -1,0 +1,199 @@
+"""LM head + cross-entropy, forward + backward: Chronicals vs eager vs torch.compile vs peers.
+
+    python benchmarks/bench_linear_cross_entropy.py --out DIR [--shapes 0,2] [--variants ...]
+
+For each (tokens, hidden, vocab) shape, in bf16, with hidden and weight requiring grad and 10% of
+the labels ignored, every variant is first checked against eager (loss and both gradients, max
+error relative to eager's largest value), then timed with `triton.testing.do_bench` (median, grads
+reset to None before each run so no accumulation kernel is timed) and measured for peak memory
+beyond its inputs and gradients (`max_memory_allocated` after a reset, minus what was allocated
+before the call, minus the gradients). The extra memory is also given as a share of the bf16
+logits [tokens, vocab] that the fused variants avoid. TFLOP/s counts the 6 * tokens * hidden *
+vocab FLOPs of the three GEMMs eager runs, so recompute shows up as a lower rate.
+
+Peers are optional: Liger's LigerFusedLinearCrossEntropyLoss and Apple's cut_cross_entropy are
+used when importable ("not installed" otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = [  # (tokens, hidden, vocab): Qwen2.5-0.5B, Llama-3.2-1B, Llama-3-8B, Gemma-2-2B LM heads
+    (16384, 896, 151936),
+    (16384, 2048, 128256),
+    (8192, 4096, 128256),
+    (8192, 2304, 256000),
+]
+VARIANTS = ("chronicals", "eager", "compile", "liger", "cce", "cce_exact")
+IGNORED = 0.1
+GIB = 1024**3
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _eager(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+
+
+def _make_variant(name: str) -> LossFn | str:
+    """The loss function of a variant, or why it is unavailable."""
+    if name == "chronicals":
+        from chronicals.ops.linear_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, y: linear_cross_entropy(h, w, y)
+    if name == "eager":
+        return _eager
+    if name == "compile":
+        return torch.compile(_eager)
+    if name == "liger":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError:
+            return "not installed"
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
+        return lambda h, w, y: liger(w, h, y)
+    if name in ("cce", "cce_exact"):
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce
+        except ImportError:
+            return "not installed"
+        if name == "cce":
+            # CCE's default: backward tiles whose softmax is below a bf16-eps threshold are skipped.
+            return lambda h, w, y: cce(h, w, y, ignore_index=-100, reduction="mean")
+        # No filtering: every tile is computed, as Chronicals does.
+        return lambda h, w, y: cce(h, w, y, ignore_index=-100, reduction="mean", filter_eps=None)
+    raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+
+
+def _inputs(tokens: int, hidden: int, vocab: int, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    h = torch.randn(tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)
+    w = (torch.randn(vocab, hidden, device="cuda", generator=gen) / math.sqrt(hidden))
+    w = w.to(torch.bfloat16)
+    y = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
+    y[torch.rand(tokens, device="cuda", generator=gen) < IGNORED] = -100
+    return h.requires_grad_(), w.requires_grad_(), y
+
+
+def _run(fn: LossFn, h, w, y):
+    h.grad = None
+    w.grad = None
+    loss = fn(h, w, y)
+    loss.backward()
+    return loss.detach().float(), h.grad, w.grad
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
+
+
+def _extra_memory(fn: LossFn, h, w, y) -> int:
+    """Peak bytes allocated during forward + backward beyond inputs, gradients and the loss."""
+    h.grad = None
+    w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn(h, w, y).backward()
+    torch.cuda.synchronize()
+    grads = h.grad.numel() * h.grad.element_size() + w.grad.numel() * w.grad.element_size()
+    return torch.cuda.max_memory_allocated() - before - grads
+
+
+def bench_shape(tokens: int, hidden: int, vocab: int, variants: list[str]) -> list[dict]:
+    from triton.testing import do_bench
+
+    h, w, y = _inputs(tokens, hidden, vocab)
+    ref = _run(_eager, h, w, y)
+    logits_bytes = tokens * vocab * 2
+    flops = 6 * tokens * hidden * vocab
+    rows = []
+    for name in variants:
+        row = dict(tokens=tokens, hidden=hidden, vocab=vocab, variant=name)
+        fn = _make_variant(name)
+        if isinstance(fn, str):
+            rows.append(dict(row, status=fn))
+            continue
+        try:
+            loss, dh, dw = _run(fn, h, w, y)  # also the warm-up: compiles and autotunes
+            errors = dict(err_loss=_rel_err(loss, ref[0]), err_dh=_rel_err(dh, ref[1]),
+                          err_dw=_rel_err(dw, ref[2]))
+            del loss, dh, dw
+            extra = _extra_memory(fn, h, w, y)
+            ms = do_bench(lambda: fn(h, w, y).backward(), warmup=25, rep=200,
+                          grad_to_none=[h, w], return_mode="median")
+        except torch.cuda.OutOfMemoryError as error:
+            rows.append(dict(row, status=f"out of memory: {str(error).splitlines()[0]}"))
+            continue
+        finally:
+            h.grad = None
+            w.grad = None
+            torch.cuda.empty_cache()
+        rows.append(dict(
+            row, status="ok", ms=ms, tflops=flops / ms / 1e9, extra_gib=extra / GIB,
+            extra_pct_logits=100 * extra / logits_bytes, **errors,
+        ))
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    lines = [
+        "| tokens | hidden | vocab | variant | ms | TFLOP/s | extra GiB | % of logits | "
+        "err loss | err dh | err dw |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['tokens']} | {r['hidden']} | {r['vocab']} | {r['variant']} |"
+        if r["status"] != "ok":
+            lines.append(f"{head} {r['status']} | | | | | | |")
+            continue
+        lines.append(
+            f"{head} {r['ms']:.2f} | {r['tflops']:.0f} | {r['extra_gib']:.3f} | "
+            f"{r['extra_pct_logits']:.2f}% | {r['err_loss']:.1e} | {r['err_dh']:.1e} | "
+            f"{r['err_dw']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="directory for linear_cross_entropy.json")
+    parser.add_argument("--shapes", default=",".join(map(str, range(len(SHAPES)))),
+                        help=f"comma-separated indices into {SHAPES}")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {VARIANTS}")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    variants = args.variants.split(",")
+    for name in variants:
+        if name not in VARIANTS:
+            parser.error(f"unknown variant {name!r}; choose from {VARIANTS}")
+    rows = []
+    for index in map(int, args.shapes.split(",")):
+        rows += bench_shape(*SHAPES[index], variants)
+        print(_table(rows), flush=True)
+    import triton
+
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(), ignored=IGNORED)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "linear_cross_entropy.json"), "w") as f:
+        json.dump(dict(meta=meta, results=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,708 @@
+"""Fused LM head + cross-entropy: CE(hidden @ weight.T, labels) without the [tokens, vocab] logits.
+
+Math, per token n with label y and fp32 logits l = h_n W^T (l <- c tanh(l / c) with a softcap c):
+
+    lse_n  = log sum_v exp(l_v)
+    loss_n = (1 - eps) (lse_n - l_y) + eps (lse_n - mean_v l_v) + z lse_n^2   (0 when y is ignored)
+    dloss_n / dl_v = p_v (1 + 2 z lse_n) - (1 - eps) [v == y] - eps / V,     p_v = exp(l_v - lse_n)
+
+times 1 - (l_v / c)^2 under a softcap. `reduction` sums the token losses and divides the sum by the
+number of valid tokens ("mean"), by `num_items_in_batch` when given, or not at all ("sum"); "none"
+returns them per token. Counts stay on the device: nothing syncs with the host.
+
+Forward (Triton): programs tile (token blocks) x (vocab splits). Each loops over its vocab range in
+BLOCK_V tiles; a tile is a `tl.dot` over H (bf16/fp16 operands on tensor cores, fp32 accumulator),
+then an online log-sum-exp per token, the label's logit and, for label smoothing, the sum of the
+logits. A second small kernel merges the [4, splits, N] fp32 partials into lse [N] and the token
+losses. Only lse is saved for the backward.
+
+Backward: the vocabulary is walked in chunks of C columns. A Triton kernel recomputes the chunk's
+logits tile by tile from hidden and weight and writes dlogits [N, C] in the input dtype (eager
+PyTorch also feeds bf16 logit gradients to its GEMMs); cuBLAS then writes dW[chunk] = dlogits^T @ h
+in one GEMM (the reduction over all tokens is complete, so every dW element is rounded once) and
+adds dlogits @ W[chunk] into an fp32 [N, H] accumulator for dh, rounded once at the end. dW is
+skipped entirely when weight needs no gradient (frozen LM head under LoRA), dh when hidden needs
+none.
+
+Numerics contract: logits, lse, token losses and the reduction are fp32; the loss comes back fp32,
+gradients in the input dtype. The logits are not rounded to bf16 before the softmax (eager
+PyTorch rounds them), so the loss is at least as close to an fp64 truth as eager's. Nothing is
+skipped or approximated: every tile of the backward is computed.
+
+Memory beyond inputs and gradients: lse [N] and the partials (16 * splits bytes a token), the
+dlogits chunk (`_DLOGITS_CHUNK_ELEMENTS` elements at most, 64 MiB in bf16, independent of V) and
+the fp32 dh accumulator [N, H] (none for fp32 inputs, which accumulate in dh itself).
+
+Cost: four GEMM-sized passes (forward, recompute, dW, dh) where eager runs three plus ~6 passes
+over [N, V] fp32 logits. On an H200 with 16k tokens, H=896, V=151936 (bf16): forward 7.8 ms,
+backward 25.1 ms (dlogits kernel ~9.7, dW 6.9, dh 8.6), against 6.9 ms for one cuBLAS GEMM of
+that size. The recompute is why an op that never holds the logits trails a compiled graph that
+does once H is large: recomputing a logit costs 2H FLOPs, storing and re-reading it ~8 bytes.
+
+Labels outside [0, V) that are not `ignore_index`: never read out of bounds. On CPU tensors the op
+raises IndexError("... Target 7 is out of bounds.") as PyTorch's CPU cross-entropy does (a host
+check; CPU only). On CUDA, where PyTorch fires a device-side assert, the kernels use
+`tl.device_assert` (active when Triton's debug mode is on) and otherwise make that token's loss
+and gradient NaN, so the loss, grad norm and weights show it instead of training on a wrong target.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from chronicals import reference
+from chronicals.ops._launch import check_float, check_same_device, interpreter_on, use_triton
+
+# Upper bound on the dlogits chunk of the backward, in elements (64 MiB in bf16). With 16k tokens
+# it is 2048 vocab columns: the dh update is then a K=2048 GEMM that stays compute-bound although
+# it reads and writes the fp32 accumulator.
+_DLOGITS_CHUNK_ELEMENTS = 1 << 25
+# Forward programs aimed at per SM: a few waves keep the last wave's tail short.
+_FWD_WAVES = 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # No tanh in tl.math (and libdevice does not run in the interpreter). The series keeps full
+    # fp32 precision near 0, where (1 - e) / (1 + e) would lose it to cancellation.
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
+    t = tl.where(a < 0.1, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _round_to_bf16_nearest(x):
+    """x rounded to the nearest bf16 (ties to even), still as fp32. The interpreter's fp32 -> bf16
+    store truncates; dlogits truncated toward zero bias every gradient GEMM the same way, which
+    the GPU's round-to-nearest store does not. Only used when INTERPRET."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_labels(
+    labels_ptr, rows, row_mask, seq_len, stride_labels_b, stride_labels_s, ignore_index, V,
+    SHIFT: tl.constexpr,
+):
+    """Label of each token row as (label or -1, valid, out_of_range). Token n sits at (b, s) of
+    labels viewed as [B, seq_len]; with SHIFT it is scored against (b, s + 1), the last position
+    of each row against nothing."""
+    b = rows // seq_len
+    s = rows % seq_len
+    if SHIFT:
+        s = s + 1
+        row_mask = row_mask & (s < seq_len)
+    offs = b.to(tl.int64) * stride_labels_b + s.to(tl.int64) * stride_labels_s
+    label = tl.load(labels_ptr + offs, mask=row_mask, other=ignore_index).to(tl.int64)
+    valid = label != ignore_index
+    bad = valid & ((label < 0) | (label >= V))
+    # int32 for the per-element compare against vocab columns; -1 never matches a column.
+    label32 = tl.where(valid & ~bad, label, -1).to(tl.int32)
+    return label32, valid, bad
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, rows, cols, stride_h_n, stride_w_v, softcap,
+    H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """fp32 logits [BLOCK_N, BLOCK_V] of token `rows` x vocab `cols` (both clamped in bounds)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h_n + offs_k[None, :]
+    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_w_v + offs_k[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if H % BLOCK_K == 0:
+            h = tl.load(h_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_mask = (k0 + offs_k) < H
+            h = tl.load(h_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        if INTERPRET:
+            # bf16 tl.dot is wrong in the interpreter; the upcast is exact.
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    return acc
+
+
+@triton.jit
+def _lce_fwd_kernel(
+    h_ptr, w_ptr, labels_ptr, part_ptr,
+    N, seq_len, stride_h_n, stride_w_v, stride_labels_b, stride_labels_s, ignore_index, softcap,
+    V: tl.constexpr, H: tl.constexpr, SPLITS: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SHIFT: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partials of one token block over one vocab split: running max, sum of exp(l - max), the
+    label's logit (0 if the label is elsewhere) and the sum of logits, into part[4, SPLITS, N]."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.minimum(offs_n, N - 1)
+    label, valid, bad = _load_labels(
+        labels_ptr, rows, n_mask, seq_len, stride_labels_b, stride_labels_s, ignore_index, V, SHIFT
+    )
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t in range(TILES_PER_SPLIT):
+        offs_v = (split * TILES_PER_SPLIT + t) * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < V
+        cols = tl.minimum(offs_v, V - 1)
+        logits = _logits_tile(
+            h_ptr, w_ptr, rows, cols, stride_h_n, stride_w_v, softcap,
+            H, BLOCK_N, BLOCK_V, BLOCK_K, HAS_SOFTCAP, INTERPRET, DOT_PRECISION,
+        )
+        logits = tl.where(v_mask[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        # A split whose tiles all lie past V keeps m = -inf; subtract 0 there instead (no NaN).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
+        m = m_new
+        target += tl.sum(tl.where(offs_v[None, :] == label[:, None], logits, 0.0), axis=1)
+        if HAS_SMOOTHING:
+            total += tl.sum(tl.where(v_mask[None, :], logits, 0.0), axis=1)
+    out = part_ptr + split * N + offs_n
+    tl.store(out, m, mask=n_mask)
+    tl.store(out + SPLITS * N, s, mask=n_mask)
+    tl.store(out + 2 * SPLITS * N, target, mask=n_mask)
+    if HAS_SMOOTHING:
+        tl.store(out + 3 * SPLITS * N, total, mask=n_mask)
+
+
+@triton.jit
+def _lce_merge_kernel(
+    part_ptr, labels_ptr, lse_ptr, loss_ptr,
+    N, seq_len, stride_labels_b, stride_labels_s, ignore_index, z_loss, label_smoothing,
+    V: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """lse [N] and token losses [N] (0 where ignored, NaN where the label is out of range)."""
+    offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n_mask = offs_n < N
+    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    for i in range(SPLITS):
+        m = tl.maximum(m, tl.load(part_ptr + i * N + offs_n, mask=n_mask, other=0.0))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    target = tl.zeros((BLOCK,), dtype=tl.float32)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(SPLITS):
+        off = part_ptr + i * N + offs_n
+        m_i = tl.load(off, mask=n_mask, other=0.0)
+        s += tl.load(off + SPLITS * N, mask=n_mask, other=0.0) * tl.exp(m_i - m_safe)
+        target += tl.load(off + 2 * SPLITS * N, mask=n_mask, other=0.0)
+        if HAS_SMOOTHING:
+            total += tl.load(off + 3 * SPLITS * N, mask=n_mask, other=0.0)
+    lse = m_safe + tl.log(tl.where(n_mask, s, 1.0))  # rows past N: no log(0) warnings
+    rows = tl.minimum(offs_n, N - 1)
+    _, valid, bad = _load_labels(
+        labels_ptr, rows, n_mask, seq_len, stride_labels_b, stride_labels_s, ignore_index, V, SHIFT
+    )
+    tl.device_assert(~bad, "linear_cross_entropy: label out of bounds [0, V)")
+    loss = lse - target
+    if HAS_SMOOTHING:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - total / V)
+    if HAS_Z:
+        loss += z_loss * lse * lse
+    loss = tl.where(bad, float("nan"), tl.where(valid, loss, 0.0))
+    tl.store(lse_ptr + offs_n, lse, mask=n_mask)
+    tl.store(loss_ptr + offs_n, loss, mask=n_mask)
+
+
+@triton.jit
+def _lce_bwd_dlogits_kernel(
+    h_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, dl_ptr,
+    N, seq_len, v_start, chunk_cols,
+    stride_h_n, stride_w_v, stride_labels_b, stride_labels_s, stride_g, stride_dl_n,
+    ignore_index, softcap, z_loss, label_smoothing,
+    V: tl.constexpr, H: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    SHIFT: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dlogits of one [BLOCK_N, BLOCK_V] tile of the vocab chunk starting at v_start, scaled by
+    each token's weight g (d total / d loss_n: upstream grad x 1/count, 0 where ignored)."""
+    tiles_v = tl.cdiv(chunk_cols, BLOCK_V)
+    pid = tl.program_id(0)
+    # Vocab tiles vary fastest: neighbours share the token block, and the chunk's weight rows
+    # (<= 32 MiB for the shapes we tune for) stay in L2.
+    pid_n = pid // tiles_v
+    pid_v = pid % tiles_v
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.minimum(offs_n, N - 1)
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    c_mask = offs_c < chunk_cols
+    offs_v = v_start + offs_c
+    cols = tl.minimum(offs_v, V - 1)
+    logits = _logits_tile(
+        h_ptr, w_ptr, rows, cols, stride_h_n, stride_w_v, softcap,
+        H, BLOCK_N, BLOCK_V, BLOCK_K, HAS_SOFTCAP, INTERPRET, DOT_PRECISION,
+    )
+    label, valid, bad = _load_labels(
+        labels_ptr, rows, n_mask, seq_len, stride_labels_b, stride_labels_s, ignore_index, V, SHIFT
+    )
+    lse = tl.load(lse_ptr + rows)
+    g = tl.load(g_ptr + rows * stride_g).to(tl.float32)
+    g = tl.where(bad, float("nan"), tl.where(valid, g, 0.0))
+    p = tl.exp(logits - lse[:, None])
+    if HAS_Z:
+        p = p * (1.0 + 2.0 * z_loss * lse)[:, None]
+    if HAS_SMOOTHING:
+        dl = p - tl.where(offs_v[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
+        dl = dl - label_smoothing / V
+    else:
+        dl = p - tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0)
+    if HAS_SOFTCAP:
+        capped = logits / softcap
+        dl = dl * (1.0 - capped * capped)
+    dl = dl * g[:, None]
+    if INTERPRET:
+        if dl_ptr.dtype.element_ty == tl.bfloat16:
+            dl = _round_to_bf16_nearest(dl)
+    out = dl_ptr + offs_n.to(tl.int64)[:, None] * stride_dl_n + offs_c[None, :]
+    tl.store(out, dl.to(dl_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+
+class _Tiles(NamedTuple):
+    block_n: int
+    block_v: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _tiles(dtype: torch.dtype) -> _Tiles:
+    """Tile sizes of the forward and the dlogits kernels. 16-bit operands: 128 x 256 x 64, 8 warps,
+    3 stages was the fastest of 4 configs on an H200 for both kernels at H=896 and H=4096 (the
+    forward ran at 1.13x and 1.21x the time of a cuBLAS GEMM of the same size; 128 x 128 tiles
+    were 15-20% slower). fp32 operands take ieee dots, whose tiles must be smaller to fit shared
+    memory. Tiny tiles in the interpreter, where every program costs ~0.4 ms."""
+    if interpreter_on():
+        return _Tiles(32, 64, 16, 1, 1)
+    if dtype == torch.float32:
+        return _Tiles(64, 64, 32, 4, 2)
+    return _Tiles(128, 256, 64, 8, 3)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get full fp32 products, as eager PyTorch's default matmul precision does.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _labels_2d(labels: Tensor) -> Tensor:
+    """labels as [B, S] (S = the dim `shift` works along); a view whenever reshape can give one."""
+    if labels.dim() == 1:
+        return labels.unsqueeze(0)
+    return labels.reshape(-1, labels.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    hidden: Tensor, weight: Tensor, labels: Tensor, num_items_tensor: Optional[Tensor],
+    reduction: str, softcap: Optional[float], z_loss: float, label_smoothing: float,
+) -> None:
+    op = "linear_cross_entropy"
+    check_float(op, hidden=hidden, weight=weight)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"{op}: weight must have hidden's dtype {hidden.dtype}. Got {weight.dtype}."
+        )
+    if hidden.dim() < 2:
+        raise ValueError(
+            f"{op}: hidden must be (..., H) with at least 2 dims. Got {tuple(hidden.shape)}."
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{op}: weight must have shape (V, {hidden.shape[-1]}) to match hidden's last dim. "
+            f"Got {tuple(weight.shape)}."
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(
+            f"{op}: weight must have at least one vocab row. Got {tuple(weight.shape)}."
+        )
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: labels must be int64 or int32. Got {labels.dtype}.")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"{op}: labels must have shape {tuple(hidden.shape[:-1])} (hidden's shape without its "
+            f"last dim). Got {tuple(labels.shape)}."
+        )
+    check_same_device(op, hidden=hidden, weight=weight, labels=labels)
+    if reduction not in reference.REDUCTIONS:
+        raise ValueError(
+            f"{op}: reduction must be one of {reference.REDUCTIONS}. Got {reduction!r}."
+        )
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{op}: softcap must be None or > 0. Got {softcap}.")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1]. Got {label_smoothing}.")
+    if not z_loss >= 0.0:
+        raise ValueError(f"{op}: z_loss must be >= 0. Got {z_loss}.")
+    if num_items_tensor is not None and num_items_tensor.numel() != 1:
+        raise ValueError(
+            f"{op}: num_items_in_batch must be a number or a one-element tensor. Got shape "
+            f"{tuple(num_items_tensor.shape)}."
+        )
+
+
+def _check_label_range(labels: Tensor, ignore_index: int, vocab: int) -> None:
+    """PyTorch's CPU cross-entropy error for a label outside [0, V). A host check: CPU only."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bad.any():
+        target = int(labels[bad][0])
+        raise IndexError(f"linear_cross_entropy: Target {target} is out of bounds.")
+
+
+def _num_items(num_items_tensor: Optional[Tensor], num_items_int: Optional[int]):
+    return num_items_tensor.reshape(()) if num_items_tensor is not None else num_items_int
+
+
+def _reduce(
+    token_loss: Tensor, labels2d: Tensor, out_shape: torch.Size, ignore_index: int,
+    reduction: str, shift: bool, num_items,
+) -> Tensor:
+    if reduction == "none":
+        return token_loss.view(out_shape)
+    total = token_loss.sum()
+    if num_items is not None:
+        return total / num_items
+    if reduction == "sum":
+        return total
+    return total / _valid_count(labels2d, ignore_index, shift).clamp(min=1)
+
+
+def _valid_count(labels2d: Tensor, ignore_index: int, shift: bool) -> Tensor:
+    """Number of scored tokens, on the device (no host sync)."""
+    scored = labels2d[:, 1:] if shift else labels2d
+    return (scored != ignore_index).sum()
+
+
+def _token_weight(
+    grad_loss: Tensor, labels2d: Tensor, ignore_index: int, reduction: str, shift: bool, num_items,
+) -> Tensor:
+    """d(returned loss) / d(loss_n): a 0-d fp32 tensor (same for every token) or [N] for 'none'."""
+    grad = grad_loss.float()
+    if reduction == "none":
+        return grad.reshape(-1).contiguous()
+    if num_items is not None:
+        return grad / num_items
+    if reduction == "sum":
+        return grad
+    return grad / _valid_count(labels2d, ignore_index, shift).clamp(min=1)
+
+
+def _lce_fwd(
+    hidden: Tensor, weight: Tensor, labels: Tensor, num_items, ignore_index: int, reduction: str,
+    shift: bool, softcap: Optional[float], z_loss: float, label_smoothing: float,
+) -> tuple[Tensor, Tensor]:
+    """(loss, lse [N] fp32) with the Triton kernels."""
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    h2 = hidden.reshape(-1, H)
+    weight = weight.contiguous()
+    labels2d = _labels_2d(labels)
+    N = h2.shape[0]
+    lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    token_loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    if N == 0:
+        return _reduce(token_loss, labels2d, labels.shape, ignore_index, reduction, shift,
+                       num_items), lse
+    tiles = _tiles(hidden.dtype)
+    blocks_n = triton.cdiv(N, tiles.block_n)
+    tiles_v = triton.cdiv(V, tiles.block_v)
+    wanted = triton.next_power_of_2(triton.cdiv(_FWD_WAVES * _sm_count(hidden.device), blocks_n))
+    tiles_per_split = triton.cdiv(tiles_v, min(wanted, tiles_v))
+    splits = triton.cdiv(tiles_v, tiles_per_split)
+    part = torch.empty((4, splits, N), dtype=torch.float32, device=hidden.device)
+    has_smoothing = label_smoothing != 0.0
+    _lce_fwd_kernel[(blocks_n, splits)](
+        h2, weight, labels2d, part,
+        N, labels2d.shape[1], h2.stride(0), weight.stride(0),
+        labels2d.stride(0), labels2d.stride(1), ignore_index, float(softcap or 1.0),
+        V=V, H=H, SPLITS=splits, TILES_PER_SPLIT=tiles_per_split,
+        HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=has_smoothing, SHIFT=shift,
+        INTERPRET=interpreter_on(), DOT_PRECISION=_dot_precision(hidden.dtype),
+        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    merge_block = 1024 if hidden.is_cuda else 64
+    _lce_merge_kernel[(triton.cdiv(N, merge_block),)](
+        part, labels2d, lse, token_loss,
+        N, labels2d.shape[1], labels2d.stride(0), labels2d.stride(1), ignore_index,
+        float(z_loss), float(label_smoothing),
+        V=V, SPLITS=splits, HAS_Z=z_loss != 0.0, HAS_SMOOTHING=has_smoothing, SHIFT=shift,
+        BLOCK=merge_block, num_warps=4,
+    )
+    loss = _reduce(token_loss, labels2d, labels.shape, ignore_index, reduction, shift, num_items)
+    return loss, lse
+
+
+def _accumulate_d_hidden(acc: Tensor, dlogits: Tensor, w_chunk: Tensor) -> None:
+    if acc.dtype == dlogits.dtype:
+        acc.addmm_(dlogits, w_chunk)
+    elif acc.is_cuda:
+        # bf16/fp16 operands, fp32 accumulator read and written by cuBLAS itself.
+        torch.addmm(acc, dlogits, w_chunk, out_dtype=torch.float32, out=acc)
+    else:
+        # CPU has no mixed-dtype addmm; the upcasts are exact, so the result is the same.
+        acc.addmm_(dlogits.float(), w_chunk.float())
+
+
+def _lce_bwd(
+    grad_loss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, num_items,
+    ignore_index: int, reduction: str, shift: bool, softcap: Optional[float], z_loss: float,
+    label_smoothing: float, need_d_hidden: bool, need_d_weight: bool,
+) -> tuple[Tensor, Tensor]:
+    """(d_hidden, d_weight) with the Triton dlogits kernel and cuBLAS; empty tensors for the
+    gradients not asked for."""
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    h2 = hidden.reshape(-1, H)
+    weight = weight.contiguous()
+    labels2d = _labels_2d(labels)
+    N = h2.shape[0]
+    dtype = hidden.dtype
+    empty = hidden.new_empty(0)
+    d_weight = torch.zeros_like(weight) if need_d_weight else empty
+    d_hidden_acc = torch.zeros((N, H), dtype=torch.float32, device=hidden.device) if (
+        need_d_hidden) else empty
+    if N > 0 and (need_d_hidden or need_d_weight):
+        tiles = _tiles(dtype)
+        chunk = max(tiles.block_v, _DLOGITS_CHUNK_ELEMENTS // N // tiles.block_v * tiles.block_v)
+        chunk = min(chunk, triton.cdiv(V, tiles.block_v) * tiles.block_v)
+        g = _token_weight(grad_loss, labels2d, ignore_index, reduction, shift, num_items)
+        dl_buf = torch.empty((N, chunk), dtype=dtype, device=hidden.device)
+        blocks_n = triton.cdiv(N, tiles.block_n)
+        for v0 in range(0, V, chunk):
+            cols = min(chunk, V - v0)
+            _lce_bwd_dlogits_kernel[(blocks_n * triton.cdiv(cols, tiles.block_v),)](
+                h2, weight, labels2d, lse, g, dl_buf,
+                N, labels2d.shape[1], v0, cols,
+                h2.stride(0), weight.stride(0), labels2d.stride(0), labels2d.stride(1),
+                0 if g.dim() == 0 else 1, dl_buf.stride(0),
+                ignore_index, float(softcap or 1.0), float(z_loss), float(label_smoothing),
+                V=V, H=H, HAS_SOFTCAP=softcap is not None, HAS_Z=z_loss != 0.0,
+                HAS_SMOOTHING=label_smoothing != 0.0, SHIFT=shift, INTERPRET=interpreter_on(),
+                DOT_PRECISION=_dot_precision(dtype),
+                BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            )
+            dl = dl_buf[:, :cols]
+            if need_d_weight:
+                torch.mm(dl.t(), h2, out=d_weight[v0 : v0 + cols])
+            if need_d_hidden:
+                _accumulate_d_hidden(d_hidden_acc, dl, weight[v0 : v0 + cols])
+    d_hidden = d_hidden_acc.to(dtype).view(hidden.shape) if need_d_hidden else empty
+    return d_hidden, d_weight
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference path (CPU without the interpreter)
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_kwargs(
+    ignore_index: int, reduction: str, shift: bool, softcap: Optional[float], z_loss: float,
+    label_smoothing: float, num_items,
+) -> dict:
+    return dict(
+        ignore_index=ignore_index, reduction=reduction, shift=shift, softcap=softcap,
+        z_loss=z_loss, label_smoothing=label_smoothing, num_items_in_batch=num_items,
+    )
+
+
+def _reference_lse(hidden: Tensor, weight: Tensor, softcap: Optional[float]) -> Tensor:
+    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.T).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return torch.logsumexp(logits, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("chronicals::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(
+    hidden: Tensor, weight: Tensor, labels: Tensor, num_items_tensor: Optional[Tensor],
+    num_items_int: Optional[int], ignore_index: int, reduction: str, shift: bool,
+    softcap: Optional[float], z_loss: float, label_smoothing: float,
+) -> tuple[Tensor, Tensor]:
+    _check_inputs(hidden, weight, labels, num_items_tensor, reduction, softcap, z_loss,
+                  label_smoothing)
+    if labels.device.type == "cpu":
+        _check_label_range(labels, ignore_index, weight.shape[0])
+    num_items = _num_items(num_items_tensor, num_items_int)
+    if use_triton(hidden):
+        return _lce_fwd(hidden, weight, labels, num_items, ignore_index, reduction, shift,
+                        softcap, z_loss, label_smoothing)
+    loss = reference.linear_cross_entropy(
+        hidden, weight, labels,
+        **_reference_kwargs(ignore_index, reduction, shift, softcap, z_loss, label_smoothing,
+                            num_items),
+    )
+    return loss.contiguous(), _reference_lse(hidden, weight, softcap)
+
+
+@_linear_cross_entropy_op.register_fake
+def _(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index, reduction, shift,
+      softcap, z_loss, label_smoothing):
+    _check_inputs(hidden, weight, labels, num_items_tensor, reduction, softcap, z_loss,
+                  label_smoothing)
+    loss_shape = labels.shape if reduction == "none" else ()
+    loss = hidden.new_empty(loss_shape, dtype=torch.float32)
+    return loss, hidden.new_empty((labels.numel(),), dtype=torch.float32)
+
+
+@torch.library.custom_op("chronicals::linear_cross_entropy_backward", mutates_args=())
+def _linear_cross_entropy_backward_op(
+    grad_loss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
+    num_items_tensor: Optional[Tensor], num_items_int: Optional[int], ignore_index: int,
+    reduction: str, shift: bool, softcap: Optional[float], z_loss: float, label_smoothing: float,
+    need_d_hidden: bool, need_d_weight: bool,
+) -> tuple[Tensor, Tensor]:
+    """(d_hidden, d_weight); a gradient not asked for comes back as an empty tensor (custom ops
+    cannot return None)."""
+    num_items = _num_items(num_items_tensor, num_items_int)
+    if use_triton(hidden):
+        return _lce_bwd(grad_loss, hidden, weight, labels, lse, num_items, ignore_index,
+                        reduction, shift, softcap, z_loss, label_smoothing, need_d_hidden,
+                        need_d_weight)
+    kwargs = _reference_kwargs(ignore_index, reduction, shift, softcap, z_loss, label_smoothing,
+                               num_items)
+
+    def loss_of(*wrt: Tensor) -> Tensor:
+        given = iter(wrt)
+        h = next(given) if need_d_hidden else hidden
+        w = next(given) if need_d_weight else weight
+        return reference.linear_cross_entropy(h, w, labels, **kwargs)
+
+    # torch.func, not autograd.grad: autograd does not record inside a custom op's kernel.
+    primals = [t for t, need in ((hidden, need_d_hidden), (weight, need_d_weight)) if need]
+    _, vjp = torch.func.vjp(loss_of, *primals)
+    grads = iter(vjp(grad_loss))
+    empty = hidden.new_empty(0)
+    d_hidden = next(grads).contiguous() if need_d_hidden else empty
+    d_weight = next(grads).contiguous() if need_d_weight else empty
+    return d_hidden, d_weight
+
+
+@_linear_cross_entropy_backward_op.register_fake
+def _(grad_loss, hidden, weight, labels, lse, num_items_tensor, num_items_int, ignore_index,
+      reduction, shift, softcap, z_loss, label_smoothing, need_d_hidden, need_d_weight):
+    d_hidden = hidden.new_empty(hidden.shape) if need_d_hidden else hidden.new_empty(0)
+    d_weight = weight.new_empty(weight.shape) if need_d_weight else hidden.new_empty(0)
+    return d_hidden, d_weight
+
+
+_SCALARS = ("num_items_int", "ignore_index", "reduction", "shift", "softcap", "z_loss",
+            "label_smoothing")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, labels, num_items_tensor, *scalars = inputs
+    ctx.save_for_backward(hidden, weight, labels, output[1], num_items_tensor)
+    ctx.scalars = dict(zip(_SCALARS, scalars))
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_lse):
+    hidden, weight, labels, lse, num_items_tensor = ctx.saved_tensors
+    need_d_hidden, need_d_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    d_hidden, d_weight = _linear_cross_entropy_backward_op(
+        grad_loss, hidden, weight, labels, lse, num_items_tensor, **ctx.scalars,
+        need_d_hidden=need_d_hidden, need_d_weight=need_d_weight,
+    )
+    return (
+        d_hidden if need_d_hidden else None,
+        d_weight if need_d_weight else None,
+        *([None] * (2 + len(_SCALARS))),
+    )
+
+
+_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    shift: bool = False,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    num_items_in_batch: Tensor | int | None = None,
+) -> Tensor:
+    """Cross-entropy of `hidden @ weight.T` (fp32 logits, never materialised) against `labels`.
+
+    hidden: (..., H) float32/bfloat16/float16; weight: (V, H) of the same dtype (an LM head or a
+    tied embedding); labels: int64/int32 shaped hidden.shape[:-1]. `shift=True` scores position t
+    against label t + 1 along the last label dim (HF's causal-LM loss; the last position is
+    ignored). `softcap` (Gemma-2), `z_loss` and `label_smoothing` as in `chronicals.reference`.
+    `num_items_in_batch` (int or one-element tensor) divides the summed loss (HF's gradient
+    accumulation normalisation). Returns a 0-d fp32 loss, or fp32 per-token losses shaped like
+    labels for `reduction="none"`. Semantics: `chronicals.reference.linear_cross_entropy`.
+    """
+    num_items_tensor, num_items_int = None, None
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_tensor = num_items_in_batch
+    elif num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int):
+            raise TypeError(
+                "linear_cross_entropy: num_items_in_batch must be an int, a tensor or None. "
+                f"Got {type(num_items_in_batch).__name__}."
+            )
+        num_items_int = num_items_in_batch
+    loss, _ = _linear_cross_entropy_op(
+        hidden, weight, labels, num_items_tensor, num_items_int, ignore_index, reduction, shift,
+        None if softcap is None else float(softcap), float(z_loss), float(label_smoothing),
+    )
+    return loss

@@ -1,0 +1,444 @@
+"""Fused RMSNorm: `torch.ops.chronicals.rms_norm` and its backward `chronicals::rms_norm_backward`.
+
+Math, over the last dimension of x: (..., H) with weight: (H,):
+
+    r = 1 / sqrt(mean(x^2) + eps)                 statistics in fp32
+    n = x * r                                     fp32
+    Llama-style (gemma=False):  y = w * cast(n, x.dtype)        dtype promote(w.dtype, x.dtype)
+    Gemma-style (gemma=True):   y = cast(n * (1 + w), x.dtype)  dtype x.dtype
+
+This is `chronicals.reference.rms_norm` (Hugging Face's cast order). The Llama product is taken in
+fp32 and rounded once to the output dtype, which is what PyTorch does for `w * n` in bf16/fp16
+(a bf16 x bf16 product is exact in fp32), so the kernel rounds like HF.
+
+Backward (the cast is the identity for gradients, as autograd treats it), with g = dy * w (Llama)
+or g = dy * (1 + w) (Gemma), all in fp32:
+
+    dx = r * (g - n * mean(g * n))                returned in x.dtype
+    dW = sum over rows of dy * cast(n) (Llama) or dy * n (Gemma)    fp32, returned in w.dtype
+
+dW is reduced without a [rows, H] scratch buffer: each backward program walks a contiguous chunk
+of rows and keeps its partial dW in registers, writing one fp32 row of a [programs, H] buffer
+(a few programs per SM); `sum(0)` over that small buffer finishes the reduction. With a frozen
+weight the backward op is asked for dx only and neither computes nor allocates dW.
+
+Rows longer than `_MAX_BLOCK_COLS` are processed in column blocks (two passes over the row).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from chronicals import reference
+from chronicals.ops._launch import (
+    check_float,
+    check_same_device,
+    interpreter_on,
+    next_power_of_2,
+    use_triton,
+)
+
+# Largest row block held in registers. The backward keeps x, dy, w and the dW accumulator live
+# (4 fp32 values per column) plus the next rows' x and dy: 8192 columns over 16 warps is about
+# 80 registers per thread for them; wider rows loop over blocks of this size.
+_MAX_BLOCK_COLS = 8192
+# Short rows are packed several to a program tile: hidden 896 gets 2 rows, Qwen3's q_norm (head
+# dim 128) 16. Warps are sized so each thread holds 16 elements (two 16-byte bf16 vectors).
+# Measured on an H200 (bf16, 16384 rows), forward: 0.70 / 0.83 / 0.89 / 0.94 of copy bandwidth at
+# hidden 896 / 2048 / 4096 / 8192, against 0.66 / 0.78 / 0.83 / 0.94 with 4096-element tiles at
+# 16 warps.
+_TILE_ELEMS = 2048
+_MAX_BLOCK_ROWS = 64
+_ELEMS_PER_THREAD = 16
+# Backward programs loop over row tiles, so latency is hidden by the warps resident per SM rather
+# than by fresh programs. Measured before next-tile prefetching was added, the best of 48
+# tile / warp / grid configs reached 0.44 / 0.55 / 0.60 of copy bandwidth at hidden 896 / 2048 /
+# 4096, each with programs x warps of about 32 per SM.
+_BWD_WARPS_PER_SM = 32
+# The interpreter runs programs one after another (~0.4 ms each): keep the backward grid tiny.
+_INTERPRETER_BWD_PROGRAMS = 4
+
+
+@triton.jit
+def _round(v, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 v rounded to nearest-even in DTYPE, as PyTorch and the GPU do. The interpreter
+    truncates fp32 -> bf16 conversions (research/environment.md), so there the rounding is done on
+    the bits first and the conversion is then exact."""
+    if INTERPRETED:
+        if DTYPE == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            v = bits.to(tl.float32, bitcast=True)
+    return v.to(DTYPE)
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    n_rows,
+    n_cols,
+    stride_x_row,
+    stride_y_row,
+    eps,
+    GEMMA: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr,
+):
+    row_start = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
+    rows = row_start + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    cols = tl.arange(0, BLOCK_COLS)
+    x_rows = x_ptr + rows[:, None] * stride_x_row
+    y_rows = y_ptr + rows[:, None] * stride_y_row
+    if NUM_BLOCKS == 1:
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        normed = x * rstd[:, None]
+        # The variant's cast order: Gemma scales by (1 + w) in fp32 before the final cast; Llama
+        # rounds the normalised value to x's dtype first, then scales by w in fp32.
+        if GEMMA:
+            y = normed * (1.0 + w[None, :])
+        else:
+            y = _round(normed, x_ptr.dtype.element_ty, INTERPRETED).to(tl.float32) * w[None, :]
+        tl.store(y_rows + cols[None, :], _round(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+    else:
+        sum_sq = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+        for block in range(NUM_BLOCKS):
+            c = block * BLOCK_COLS + cols
+            mask = row_mask[:, None] & (c < n_cols)[None, :]
+            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            sum_sq += x * x
+        rstd = tl.math.rsqrt(tl.sum(sum_sq, axis=1) / n_cols + eps)
+        for block in range(NUM_BLOCKS):
+            c = block * BLOCK_COLS + cols
+            col_mask = c < n_cols
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + c, mask=col_mask, other=0.0).to(tl.float32)
+            normed = x * rstd[:, None]
+            if GEMMA:
+                y = normed * (1.0 + w[None, :])
+            else:
+                y = _round(normed, x_ptr.dtype.element_ty, INTERPRETED).to(tl.float32) * w[None, :]
+            tl.store(y_rows + c[None, :], _round(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    n_rows,
+    n_cols,
+    stride_dy_row,
+    stride_x_row,
+    stride_dx_row,
+    stride_dw_partial_row,
+    eps,
+    GEMMA: tl.constexpr,
+    HAS_DW: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr,
+):
+    # rstd is recomputed from x instead of saved by the forward: the forward op returns one
+    # tensor (a second output would widen the op's schema and the pattern replacement), and when
+    # a row fits one block x is in registers anyway, so the sum of squares costs no extra bytes.
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_COLS)
+    dw_partial_row = dw_partial_ptr + pid * stride_dw_partial_row
+    if NUM_BLOCKS == 1:
+        col_mask = cols < n_cols
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if GEMMA:
+            w = w + 1.0
+        # dW accumulates per element of the tile and is reduced over rows once at the end: no
+        # cross-warp reduction per tile, and a shorter fp32 addition chain than summing each tile.
+        dw_acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+        row_end = tl.minimum((pid + 1) * TILES_PER_PROGRAM * BLOCK_ROWS, n_rows)
+        rows = pid * TILES_PER_PROGRAM * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0)
+        for _ in range(TILES_PER_PROGRAM):
+            # Issue the next tile's loads before this tile's reductions: a program walks its rows
+            # one tile after another, so without this each warp waits a full memory latency per
+            # tile. Rows past this program's chunk are masked off (no traffic). Tiles stay in their
+            # storage dtype until used (half the registers for bf16) and are upcast before any
+            # arithmetic.
+            next_rows = rows + BLOCK_ROWS
+            next_mask = (next_rows < row_end)[:, None] & col_mask[None, :]
+            x_next = tl.load(
+                x_ptr + next_rows[:, None] * stride_x_row + cols[None, :], mask=next_mask,
+                other=0.0,
+            )
+            dy_next = tl.load(
+                dy_ptr + next_rows[:, None] * stride_dy_row + cols[None, :], mask=next_mask,
+                other=0.0,
+            )
+            xf = x.to(tl.float32)
+            dyf = dy.to(tl.float32)
+            rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
+            normed = xf * rstd[:, None]
+            g = dyf * w[None, :]
+            mean_gn = tl.sum(g * normed, axis=1) / n_cols
+            dx = rstd[:, None] * (g - normed * mean_gn[:, None])
+            tl.store(
+                dx_ptr + rows[:, None] * stride_dx_row + cols[None, :],
+                _round(dx, dx_ptr.dtype.element_ty, INTERPRETED),
+                mask=mask,
+            )
+            if HAS_DW:
+                if not GEMMA:
+                    normed = _round(normed, x_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
+                dw_acc += dyf * normed
+            rows, mask, x, dy = next_rows, next_mask, x_next, dy_next
+        if HAS_DW:
+            tl.store(dw_partial_row + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+    else:
+        for tile in range(TILES_PER_PROGRAM):
+            rows = (pid * TILES_PER_PROGRAM + tile) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            row_mask = rows < n_rows
+            x_rows = x_ptr + rows[:, None] * stride_x_row
+            dy_rows = dy_ptr + rows[:, None] * stride_dy_row
+            dx_rows = dx_ptr + rows[:, None] * stride_dx_row
+            # Pass 1: sum(x^2) and sum(g * x) together; mean(g * n) = r * mean(g * x).
+            sum_sq = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+            sum_gx = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+            for block in range(NUM_BLOCKS):
+                c = block * BLOCK_COLS + cols
+                col_mask = c < n_cols
+                mask = row_mask[:, None] & col_mask[None, :]
+                x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + c, mask=col_mask, other=0.0).to(tl.float32)
+                if GEMMA:
+                    w = w + 1.0
+                sum_sq += x * x
+                sum_gx += dy * w[None, :] * x
+            rstd = tl.math.rsqrt(tl.sum(sum_sq, axis=1) / n_cols + eps)
+            mean_gn = rstd * tl.sum(sum_gx, axis=1) / n_cols
+            # Pass 2: dx, and dW accumulated into this program's own row of the partial buffer.
+            for block in range(NUM_BLOCKS):
+                c = block * BLOCK_COLS + cols
+                col_mask = c < n_cols
+                mask = row_mask[:, None] & col_mask[None, :]
+                x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + c, mask=col_mask, other=0.0).to(tl.float32)
+                if GEMMA:
+                    w = w + 1.0
+                normed = x * rstd[:, None]
+                dx = rstd[:, None] * (dy * w[None, :] - normed * mean_gn[:, None])
+                dx = _round(dx, dx_ptr.dtype.element_ty, INTERPRETED)
+                tl.store(dx_rows + c[None, :], dx, mask=mask)
+                if HAS_DW:
+                    if not GEMMA:
+                        normed = _round(normed, x_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
+                    # The row is private to this program, so the adds never contend; an atomic
+                    # keeps the read-modify-write ordered across loop iterations without a barrier.
+                    tl.atomic_add(
+                        dw_partial_row + c, tl.sum(dy * normed, axis=0), mask=col_mask,
+                        sem="relaxed",
+                    )
+
+
+def _check_inputs(x: Tensor, weight: Tensor, eps: float) -> None:
+    check_same_device("rms_norm", x=x, weight=weight)
+    check_float("rms_norm", x=x, weight=weight)
+    if x.dim() == 0:
+        raise ValueError("rms_norm: x must have at least 1 dimension (..., H). Got a 0-dim tensor.")
+    if weight.dim() != 1:
+        raise ValueError(
+            f"rms_norm: weight must be 1-D with shape ({x.shape[-1]},). "
+            f"Got shape {tuple(weight.shape)}."
+        )
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"rms_norm: weight must have shape ({x.shape[-1]},) to match x's last dim. "
+            f"Got {tuple(weight.shape)}."
+        )
+    if not eps > 0:
+        raise ValueError(f"rms_norm: eps must be > 0. Got {eps}.")
+
+
+def _out_dtype(x: Tensor, weight: Tensor, gemma: bool) -> torch.dtype:
+    return x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    """(..., H) -> (rows, H) with unit column stride: a view (any row stride) when the leading dims
+    collapse, as for Qwen3's q_norm on a head view or a slice of a fused projection; else a copy."""
+    rows = t.reshape(-1, t.shape[-1])
+    if rows.stride(1) != 1 and rows.shape[1] > 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def _config(n_rows: int, n_cols: int, max_block_cols: int) -> tuple[int, int, int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS, NUM_BLOCKS, num_warps) for a [n_rows, n_cols] problem."""
+    block_cols = min(next_power_of_2(n_cols), max_block_cols)
+    num_blocks = triton.cdiv(n_cols, block_cols)
+    block_rows = 1
+    if num_blocks == 1:
+        block_rows = min(max(_TILE_ELEMS // block_cols, 1), _MAX_BLOCK_ROWS)
+        block_rows = min(block_rows, next_power_of_2(n_rows))
+    num_warps = min(max(block_rows * block_cols // (32 * _ELEMS_PER_THREAD), 1), 16)
+    return block_rows, block_cols, num_blocks, num_warps
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _rms_norm_fwd(
+    x: Tensor, weight: Tensor, eps: float, gemma: bool, *, max_block_cols: int = _MAX_BLOCK_COLS
+) -> Tensor:
+    x_rows = _as_rows(x)
+    n_rows, n_cols = x_rows.shape
+    y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, weight, gemma), device=x.device)
+    if y.numel() == 0:
+        return y.view(x.shape)
+    block_rows, block_cols, num_blocks, num_warps = _config(n_rows, n_cols, max_block_cols)
+    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+        x_rows, weight, y, n_rows, n_cols, x_rows.stride(0), y.stride(0), float(eps),
+        GEMMA=gemma, INTERPRETED=interpreter_on(), BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols, NUM_BLOCKS=num_blocks, num_warps=num_warps,
+    )
+    return y.view(x.shape)
+
+
+def _rms_norm_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, eps: float, gemma: bool, compute_dw: bool, *,
+    max_block_cols: int = _MAX_BLOCK_COLS,
+) -> tuple[Tensor, Tensor]:
+    if dy.shape != x.shape:
+        raise ValueError(
+            f"rms_norm_backward: dy must have x's shape {tuple(x.shape)}. Got {tuple(dy.shape)}."
+        )
+    x_rows, dy_rows = _as_rows(x), _as_rows(dy)
+    n_rows, n_cols = x_rows.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if dx.numel() == 0:
+        dw = torch.zeros_like(weight) if compute_dw else weight.new_empty(0)
+        return dx.view(x.shape), dw
+    block_rows, block_cols, num_blocks, num_warps = _config(n_rows, n_cols, max_block_cols)
+    num_tiles = triton.cdiv(n_rows, block_rows)
+    if x.device.type == "cuda":
+        target_programs = _sm_count(x.device.index) * max(_BWD_WARPS_PER_SM // num_warps, 1)
+    else:
+        target_programs = _INTERPRETER_BWD_PROGRAMS
+    # A power of two so the constexpr loop bound compiles a handful of variants, not one per
+    # row count (constexpr because runtime-bounded loops break triton 3.6's interpreter).
+    tiles_per_program = next_power_of_2(triton.cdiv(num_tiles, target_programs))
+    num_programs = triton.cdiv(num_tiles, tiles_per_program)
+    if compute_dw:
+        # One fp32 row per program. The multi-block path accumulates into it, so it starts at
+        # zero there; the one-block path writes every row whole and skips the memset launch.
+        alloc = torch.zeros if num_blocks > 1 else torch.empty
+        dw_partial = alloc((num_programs, n_cols), dtype=torch.float32, device=x.device)
+    else:
+        dw_partial = dx  # never read or written: HAS_DW=False compiles the dW code out
+    _rms_norm_bwd_kernel[(num_programs,)](
+        dy_rows, x_rows, weight, dx, dw_partial, n_rows, n_cols,
+        dy_rows.stride(0), x_rows.stride(0), dx.stride(0), dw_partial.stride(0), float(eps),
+        GEMMA=gemma, HAS_DW=compute_dw, INTERPRETED=interpreter_on(), BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols, NUM_BLOCKS=num_blocks, TILES_PER_PROGRAM=tiles_per_program,
+        num_warps=num_warps,
+    )
+    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else weight.new_empty(0)
+    return dx.view(x.shape), dw
+
+
+def _reference_backward(
+    dy: Tensor, x: Tensor, weight: Tensor, eps: float, gemma: bool, compute_dw: bool
+) -> tuple[Tensor, Tensor]:
+    """The kernels' formula (module docstring) in fp32 PyTorch. Not autograd through the
+    reference: a custom op's body runs below the autograd key, where no graph is recorded."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    normed = xf * rstd
+    dyf = dy.float()
+    g = dyf * (weight.float() + 1.0 if gemma else weight.float())
+    dx = (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype).contiguous()
+    if not compute_dw:
+        return dx, weight.new_empty(0)
+    coeff = normed if gemma else normed.to(x.dtype).float()
+    dw = (dyf * coeff).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    return dx, dw
+
+
+@torch.library.custom_op("chronicals::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
+    _check_inputs(x, weight, eps)
+    if use_triton(x):
+        return _rms_norm_fwd(x, weight, eps, gemma)
+    return reference.rms_norm(x, weight, eps, gemma).contiguous()
+
+
+@_rms_norm_op.register_fake
+def _(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
+    _check_inputs(x, weight, eps)
+    return x.new_empty(x.shape, dtype=_out_dtype(x, weight, gemma))
+
+
+@torch.library.custom_op("chronicals::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(
+    dy: Tensor, x: Tensor, weight: Tensor, eps: float, gemma: bool, compute_dw: bool
+) -> tuple[Tensor, Tensor]:
+    """(dx, dW). dW is an empty (0,) tensor when `compute_dw` is False (custom ops cannot return
+    None): a frozen weight costs neither the reduction nor the partial buffer."""
+    if use_triton(x):
+        return _rms_norm_bwd(dy, x, weight, eps, gemma, compute_dw)
+    return _reference_backward(dy, x, weight, eps, gemma, compute_dw)
+
+
+@_rms_norm_backward_op.register_fake
+def _(
+    dy: Tensor, x: Tensor, weight: Tensor, eps: float, gemma: bool, compute_dw: bool
+) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), weight.new_empty(weight.shape if compute_dw else (0,))
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    x, weight, eps, gemma = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps, ctx.gemma = eps, gemma
+
+
+def _backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    x, weight = ctx.saved_tensors
+    compute_dw = ctx.needs_input_grad[1]
+    dx, dw = _rms_norm_backward_op(dy, x, weight, ctx.eps, ctx.gemma, compute_dw)
+    return (dx if ctx.needs_input_grad[0] else None), (dw if compute_dw else None), None, None
+
+
+_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
+    """RMSNorm of x: (..., H) over its last dim, scaled by weight: (H,). Returns (..., H),
+    contiguous.
+
+    Numerics as `chronicals.reference.rms_norm` (HF Llama, or Gemma's `(1 + w)` with
+    `gemma=True`). Output dtype: `promote_types(weight.dtype, x.dtype)` (Llama) or x.dtype (Gemma).
+    Differentiable in x and weight; no dW work is done when weight does not require grad.
+    """
+    return torch.ops.chronicals.rms_norm(x, weight, eps, gemma)

@@ -1,0 +1,420 @@
+"""Best-fit-decreasing sequence packing for causal-LM fine-tuning.
+
+Padding a batch to its longest example spends compute on pad slots in proportion to the spread of
+lengths: on instruction data 40-75% of the slots. `pack` places tokenised examples into rows of
+`max_len` slots with best-fit decreasing (BFD), so a row holds several documents and the rows are
+nearly full.
+
+Row layout (one row, `max_len` = 12, documents A (5 tokens) and B (4 tokens), 3 pad slots):
+
+    input_ids     a0 a1 a2 a3 a4 b0 b1 b2 b3 P  P  P
+    position_ids   0  1  2  3  4  0  1  2  3 0  1  2     per document, so RoPE sees each alone
+    labels         -  a1 a2 a3 a4 -  b1 b2 b3 -  -  -     '-' = ignore_index
+    segments      [  A           ][ B        ][ pad ]    cu_seqlens = [0, 5, 9, 12]
+
+Labels: HF causal-LM losses shift internally (position t is scored against labels[t + 1]), so the
+label of a document's first token is what the previous document's last token would be asked to
+predict. It is set to `ignore_index`, as are all pad labels; every other label is the example's own
+(prompt masking kept). A document therefore gets exactly the loss terms it gets when run alone.
+
+Pad tail: pad slots hold `pad_id`, `ignore_index` labels, and form segments of their own of at most
+`PAD_SEGMENT` tokens (positions restart at 0 in each). The attention kernel computes them like any
+document, so their outputs are finite and never seen by a real token, and splitting the tail keeps
+its attention cost linear in its length (a 1900-slot tail as one segment would cost as much as a
+full-length document).
+
+`cu_seqlens` (int32) are the segment boundaries of all rows flattened into one sequence of
+`rows * max_len` slots, documents and pad segments alike, as variable-length attention kernels
+take them: `cu_seqlens[-1] == rows * max_len`. Position 0 marks exactly the segment starts, so the
+boundaries of any selection of rows also follow from its `position_ids` (and HF's sdpa, which
+finds documents from position ids, sees the same segments).
+
+Examples longer than `max_len` follow an explicit policy: "error" (default) raises, "truncate"
+keeps the first `max_len` tokens, "split" cuts the example into documents of `max_len` tokens
+(each piece is attended on its own and its first label is masked). Either is counted in `stats`;
+nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+OVERLONG_POLICIES = ("error", "truncate", "split")
+
+# Longest pad segment. 128 matches the query tile of the flash kernels, so a pad segment costs at
+# most one tile per key tile it covers; any value keeps correctness.
+PAD_SEGMENT = 128
+
+
+class Document(NamedTuple):
+    """Where one document of a packed row came from."""
+
+    example: int  # index of the example in the input to `pack`
+    start: int  # offset of the document's first token in that example (> 0 for later split pieces)
+    length: int  # tokens placed
+    example_length: int  # tokens in the example before any truncation or split
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackingStats:
+    """What one packing produced. `efficiency` = real tokens / slots; `min_rows` is the lower
+    bound ceil(real_tokens / max_len) on the rows any packing of these documents needs."""
+
+    examples: int
+    documents: int
+    real_tokens: int
+    slots: int
+    rows: int
+    min_rows: int
+    truncated_examples: int
+    truncated_tokens: int
+    split_examples: int
+
+    @property
+    def efficiency(self) -> float:
+        return self.real_tokens / self.slots if self.slots else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "examples": self.examples,
+            "documents": self.documents,
+            "real_tokens": self.real_tokens,
+            "slots": self.slots,
+            "rows": self.rows,
+            "min_rows": self.min_rows,
+            "efficiency": self.efficiency,
+            "truncated_examples": self.truncated_examples,
+            "truncated_tokens": self.truncated_tokens,
+            "split_examples": self.split_examples,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackedBatch:
+    """Packed rows. input_ids, labels, position_ids: (rows, max_len) int64; cu_seqlens:
+    (segments + 1,) int32 over the flattened rows; max_seqlen: longest segment; documents: per
+    row, in slot order; overlong: the policy they were packed with."""
+
+    input_ids: Tensor
+    labels: Tensor
+    position_ids: Tensor
+    cu_seqlens: Tensor
+    max_seqlen: int
+    documents: tuple[tuple[Document, ...], ...]
+    overlong: str
+
+    @property
+    def max_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    @cached_property
+    def stats(self) -> PackingStats:
+        docs = [d for row in self.documents for d in row]
+        real = sum(d.length for d in docs)
+        overlong = {d.example: d.example_length for d in docs if d.example_length > self.max_len}
+        return PackingStats(
+            examples=len({d.example for d in docs}),
+            documents=len(docs),
+            real_tokens=real,
+            slots=self.input_ids.numel(),
+            rows=len(self.documents),
+            min_rows=math.ceil(real / self.max_len),
+            truncated_examples=len(overlong) if self.overlong == "truncate" else 0,
+            truncated_tokens=sum(n - self.max_len for n in overlong.values())
+            if self.overlong == "truncate"
+            else 0,
+            split_examples=len(overlong) if self.overlong == "split" else 0,
+        )
+
+    def model_inputs(self, device: torch.device | str | None = None) -> dict[str, Tensor | int]:
+        """Keyword arguments for a Hugging Face causal LM: `model(**batch.model_inputs(dev),
+        use_cache=False)`. `cu_seq_lens_q/k` and `max_length_q/k` are the names HF forwards to the
+        attention function (its FlashAttentionKwargs); pass no attention_mask."""
+        cu = self.cu_seqlens.to(device) if device is not None else self.cu_seqlens
+        out: dict[str, Tensor | int] = {
+            "input_ids": self.input_ids,
+            "labels": self.labels,
+            "position_ids": self.position_ids,
+        }
+        if device is not None:
+            out = {k: v.to(device) for k, v in out.items()}
+        out.update(
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=self.max_seqlen,
+            max_length_k=self.max_seqlen,
+        )
+        return out
+
+    def batches(self, rows: int, *, seed: int | None = None) -> list[PackedBatch]:
+        """Split into batches of `rows` rows each (the last may have fewer; none is dropped). With
+        `seed`, rows are permuted first (deterministically): BFD opens rows in order of decreasing
+        document length, so unshuffled batches would run from long documents to short ones."""
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"batches: rows must be a positive int. Got {rows!r}.")
+        order = list(range(len(self.documents)))
+        if seed is not None:
+            gen = torch.Generator().manual_seed(seed)
+            order = torch.randperm(len(order), generator=gen).tolist()
+        out = []
+        for begin in range(0, len(order), rows):
+            idx = order[begin : begin + rows]
+            index = torch.tensor(idx, dtype=torch.long)
+            documents = tuple(self.documents[i] for i in idx)
+            cu_seqlens, max_seqlen = _segments(documents, self.max_len)
+            out.append(
+                PackedBatch(
+                    input_ids=self.input_ids.index_select(0, index),
+                    labels=self.labels.index_select(0, index),
+                    position_ids=self.position_ids.index_select(0, index),
+                    cu_seqlens=cu_seqlens,
+                    max_seqlen=max_seqlen,
+                    documents=documents,
+                    overlong=self.overlong,
+                )
+            )
+        return out
+
+
+def pack(
+    examples: Iterable[Mapping[str, Any] | Sequence[int] | Tensor],
+    *,
+    max_len: int,
+    overlong: str = "error",
+    pad_id: int = 0,
+    ignore_index: int = -100,
+) -> PackedBatch:
+    """Pack tokenised examples into rows of `max_len` slots with best-fit decreasing.
+
+    examples: each a mapping with "input_ids" and optionally "labels" (same length; default: the
+    input ids; ignore_index entries such as a masked prompt are kept), or a bare sequence/tensor of
+    ids. Other keys are ignored, except an "attention_mask" with zeros, which means the example is
+    padded and is refused. Lengths are sorted in decreasing order (ties by example index), and each
+    document goes into the fullest row that still has room: O(n log n) and deterministic.
+    Returns `PackedBatch` (see the module docstring for the row layout).
+    """
+    _check_settings(max_len, overlong, pad_id, ignore_index)
+
+    ids_list: list[np.ndarray] = []
+    labels_list: list[np.ndarray] = []
+    for i, example in enumerate(examples):
+        ids, labels = _read_example(i, example)
+        ids_list.append(ids)
+        labels_list.append(labels)
+    if not ids_list:
+        raise ValueError("pack: got no examples; there is nothing to pack.")
+
+    # Documents: (example, start, length). Over-long examples become one or more documents here.
+    pieces: list[Document] = []
+    for i, ids in enumerate(ids_list):
+        n = ids.size
+        if n <= max_len:
+            pieces.append(Document(i, 0, n, n))
+        elif overlong == "error":
+            raise ValueError(
+                f"pack: example {i} has {n} tokens, more than max_len={max_len}. Pass "
+                f"overlong='truncate' to keep its first {max_len} tokens or overlong='split' to "
+                f"cut it into documents of at most {max_len} tokens, or raise max_len."
+            )
+        elif overlong == "truncate":
+            pieces.append(Document(i, 0, max_len, n))
+        else:
+            pieces.extend(
+                Document(i, s, min(max_len, n - s), n) for s in range(0, n, max_len)
+            )
+
+    bins = best_fit_decreasing([d.length for d in pieces], max_len)
+    documents = tuple(tuple(pieces[j] for j in row) for row in bins)
+
+    rows = len(documents)
+    input_ids = np.full((rows, max_len), pad_id, dtype=np.int64)
+    labels = np.full((rows, max_len), ignore_index, dtype=np.int64)
+    position_ids = np.empty((rows, max_len), dtype=np.int64)
+    arange = np.arange(max_len, dtype=np.int64)
+    for r, row in enumerate(documents):
+        slot = 0
+        for doc in row:
+            end = slot + doc.length
+            input_ids[r, slot:end] = ids_list[doc.example][doc.start : doc.start + doc.length]
+            labels[r, slot + 1 : end] = labels_list[doc.example][
+                doc.start + 1 : doc.start + doc.length
+            ]
+            position_ids[r, slot:end] = arange[: doc.length]
+            slot = end
+        position_ids[r, slot:] = arange[: max_len - slot] % PAD_SEGMENT
+
+    cu_seqlens, max_seqlen = _segments(documents, max_len)
+    return PackedBatch(
+        input_ids=torch.from_numpy(input_ids),
+        labels=torch.from_numpy(labels),
+        position_ids=torch.from_numpy(position_ids),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+        documents=documents,
+        overlong=overlong,
+    )
+
+
+class PackingCollator:
+    """`collate_fn` for `torch.utils.data.DataLoader` (rows of a `datasets.Dataset` or any list of
+    examples): packs each list of examples it gets with `pack` and returns the model inputs of
+    `PackedBatch.model_inputs()` plus "packing_stats" (`PackingStats`: efficiency, real tokens,
+    rows vs the ceil(total / max_len) lower bound). Pop "packing_stats" before `model(**batch)`.
+
+    The number of rows varies with the examples in a call; for fixed-shape batches pack a large
+    pool once with `pack` and use `PackedBatch.batches(rows)`.
+    """
+
+    def __init__(
+        self, *, max_len: int, overlong: str = "error", pad_id: int = 0, ignore_index: int = -100
+    ) -> None:
+        # Checked here so a bad setting fails when the pipeline is built, not in a loader worker.
+        _check_settings(max_len, overlong, pad_id, ignore_index)
+        self.max_len = max_len
+        self.overlong = overlong
+        self.pad_id = pad_id
+        self.ignore_index = ignore_index
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        packed = pack(
+            examples, max_len=self.max_len, overlong=self.overlong, pad_id=self.pad_id,
+            ignore_index=self.ignore_index,
+        )
+        return {**packed.model_inputs(), "packing_stats": packed.stats}
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of indices into `lengths`, each summing to at most `capacity`.
+
+    Items in decreasing length (ties by index) each go into the open bin with the least room that
+    still fits them (lowest bin index among equals), else into a new bin. Bins come in the order
+    they were opened, items in the order they were placed.
+
+    Cost: the sort is O(n log n); each placement is a bisect over the distinct free capacities of
+    open bins (at most `capacity` of them) and a heap operation, so O(n log n) overall. Packing
+    200k log-normal lengths into 2048 slots takes about 1.5 s on a loaded 2-core CPU.
+    """
+    for i, n in enumerate(lengths):
+        if not 1 <= n <= capacity:
+            raise ValueError(f"best_fit_decreasing: length {i} is {n}; expected 1..{capacity}.")
+    # Python's sort is stable, also with reverse=True: equal lengths keep index order.
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    free_sizes: list[int] = []  # distinct free capacities of open bins, ascending
+    open_bins: dict[int, list[int]] = {}  # free capacity -> heap of bin indices
+    bins: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        k = bisect_left(free_sizes, n)
+        if k < len(free_sizes):  # the tightest bin that fits
+            free = free_sizes[k]
+            same = open_bins[free]
+            b = heapq.heappop(same)
+            if not same:
+                del free_sizes[k], open_bins[free]
+        else:
+            b, free = len(bins), capacity
+            bins.append([])
+        bins[b].append(i)
+        left = free - n
+        if left:
+            if left in open_bins:
+                heapq.heappush(open_bins[left], b)
+            else:
+                open_bins[left] = [b]
+                insort(free_sizes, left)
+    return bins
+
+
+def _segments(
+    documents: tuple[tuple[Document, ...], ...], max_len: int
+) -> tuple[Tensor, int]:
+    """cu_seqlens (int32) over the flattened rows, pad tails cut into PAD_SEGMENT pieces, and the
+    longest segment."""
+    bounds = [0]
+    longest = 0
+    for r, row in enumerate(documents):
+        slot = r * max_len
+        for doc in row:
+            slot += doc.length
+            bounds.append(slot)
+            longest = max(longest, doc.length)
+        row_end = (r + 1) * max_len
+        while slot < row_end:
+            end = min(slot + PAD_SEGMENT, row_end)
+            longest = max(longest, end - slot)
+            slot = end
+            bounds.append(slot)
+    return torch.tensor(bounds, dtype=torch.int32), longest
+
+
+def _check_settings(max_len: int, overlong: str, pad_id: int, ignore_index: int) -> None:
+    for name, value in (("max_len", max_len), ("pad_id", pad_id), ("ignore_index", ignore_index)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"pack: {name} must be an int. Got {type(value).__name__}.")
+    if max_len < 2:
+        raise ValueError(
+            f"pack: max_len must be >= 2 (a row needs a token and a next token to predict). "
+            f"Got {max_len}."
+        )
+    if overlong not in OVERLONG_POLICIES:
+        raise ValueError(f"pack: overlong must be one of {OVERLONG_POLICIES}. Got {overlong!r}.")
+
+
+def _read_example(i: int, example: Any) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(example, Mapping):
+        if "input_ids" not in example:
+            raise ValueError(
+                f"pack: example {i} has no 'input_ids'. Got keys {sorted(example)}."
+            )
+        ids = _as_ids(i, "input_ids", example["input_ids"])
+        raw_labels = example.get("labels")
+        labels = ids if raw_labels is None else _as_ids(i, "labels", raw_labels)
+        mask = example.get("attention_mask")
+        if mask is not None and not np.asarray(mask).all():
+            raise ValueError(
+                f"pack: example {i} has an attention_mask with zeros, i.e. it is padded. Pass "
+                f"unpadded examples; packing adds its own padding."
+            )
+    else:
+        ids = _as_ids(i, "input_ids", example)
+        labels = ids
+    if ids.size == 0:
+        raise ValueError(f"pack: example {i} has no tokens. Remove empty examples before packing.")
+    if labels.size != ids.size:
+        raise ValueError(
+            f"pack: example {i} has {ids.size} input_ids but {labels.size} labels; they "
+            f"must have the same length."
+        )
+    return ids, labels
+
+
+def _as_ids(i: int, name: str, value: Any) -> np.ndarray:
+    # numpy converts a list of ints about 6x faster than torch.as_tensor (0.12 s vs 0.72 s for
+    # 2000 lists of 500 ids), and its slice assignments in `pack` cost a fraction of torch's.
+    if isinstance(value, Tensor):
+        arr = value.detach().cpu().numpy()
+    elif isinstance(value, (str, bytes)) or not (
+        isinstance(value, Sequence) or hasattr(value, "__array__")
+    ):
+        raise TypeError(
+            f"pack: example {i}: {name} must be a sequence of ints or a 1-D integer tensor. Got "
+            f"{type(value).__name__}."
+        )
+    else:
+        arr = np.asarray(value)
+        if arr.size == 0:  # an empty list comes back as float64; it is refused as empty later
+            arr = arr.astype(np.int64)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise TypeError(
+            f"pack: example {i}: {name} must be a 1-D sequence of ints. Got shape "
+            f"{tuple(arr.shape)} of {arr.dtype}."
+        )
+    return arr.astype(np.int64, copy=False)

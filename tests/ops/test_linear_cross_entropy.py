@@ -1,0 +1,233 @@
+"""chronicals::linear_cross_entropy against an fp64 truth (numerics rule of DESIGN.md).
+
+On CPU the Triton kernels run in the interpreter (conftest), so shapes are tiny but odd: H=24 is
+not a multiple of BLOCK_K, N=37/38 and V=131/1000 are not multiples of BLOCK_N/BLOCK_V, the
+forward splits the vocabulary (its last split ends in a tile wholly past V), and the backward
+walks it in several chunks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import chronicals.ops.linear_cross_entropy as lce
+from chronicals import reference
+from chronicals.ops.linear_cross_entropy import linear_cross_entropy
+from tests.helpers import ULP, assert_no_worse_than_eager, devices
+
+# The loss is an fp32 sum over H products and V exponentials taken in another order than eager's:
+# a few fp32 ulps of a loss of ~5.
+LOSS_ATOL = 1e-5
+
+
+def _assert_grad_no_worse_than_eager(name, out, eager, truth):
+    """Gradients are GEMM outputs: every element carries the rounding of ~V (or ~N) dlogits
+    terms, so one element of the kernel can be unlucky where eager was lucky. The rule for them:
+    norm-wise no worse than eager (25% slack, plus one ulp of the dtype for when eager is exact),
+    and element-wise within eager's own error there plus twice eager's worst error, which a
+    wrong row or column (an error the size of the gradient) never is."""
+    truth = truth.double()
+    eager_err = eager.double() - truth
+    assert_no_worse_than_eager(name, out, eager, truth, atol=2 * float(eager_err.abs().max()))
+    err_norm = float((out.double() - truth).norm())
+    allowed = 1.25 * float(eager_err.norm()) + ULP[out.dtype] * float(truth.norm())
+    assert err_norm <= allowed, f"{name}: error norm {err_norm:.3e} > allowed {allowed:.3e}"
+
+
+def _inputs(shape, hidden_size, vocab, dtype, device, ignored=0.2, scale=1.0):
+    hidden = torch.randn(*shape, hidden_size, device=device).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, device=device) * scale / hidden_size**0.5).to(dtype)
+    labels = torch.randint(0, vocab, shape, device=device)
+    labels[torch.rand(shape, device=device) < ignored] = -100
+    return hidden, weight, labels
+
+
+def _loss_and_grads(fn, hidden, weight, labels, grad_hidden=True, grad_weight=True, **kwargs):
+    """Loss and the gradients of hidden and weight (None where not required) for an upstream
+    gradient drawn in [0.5, 1.5), the same for every fn."""
+    h = hidden.detach().requires_grad_(grad_hidden)
+    w = weight.detach().requires_grad_(grad_weight)
+    loss = fn(h, w, labels, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.rand(loss.shape, generator=gen, dtype=torch.float64).add(0.5)
+    loss.backward(grad.to(loss.device, loss.dtype))
+    return loss.detach(), h.grad, w.grad
+
+
+def _check(hidden, weight, labels, grad_hidden=True, grad_weight=True, **kwargs):
+    """Loss, d_hidden and d_weight of the op vs eager (reference in the same dtype) vs fp64."""
+    flags = dict(grad_hidden=grad_hidden, grad_weight=grad_weight)
+    out = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, **flags, **kwargs)
+    eager = _loss_and_grads(reference.linear_cross_entropy, hidden, weight, labels, **flags,
+                            **kwargs)
+    truth = _loss_and_grads(reference.linear_cross_entropy, hidden.double(), weight.double(),
+                            labels, **flags, **kwargs)
+    dtype = hidden.dtype
+    assert out[0].dtype == torch.float32
+    assert_no_worse_than_eager("loss", out[0], eager[0], truth[0], atol=LOSS_ATOL)
+    for name, o, e, t in zip(("d_hidden", "d_weight"), out[1:], eager[1:], truth[1:]):
+        if t is None:
+            assert o is None, f"{name} computed although not required"
+            continue
+        assert o.dtype == dtype
+        _assert_grad_no_worse_than_eager(name, o, e, t)
+    return out
+
+
+def test_opcheck():
+    hidden, weight, labels = _inputs((2, 3), 16, 40, torch.float32, "cpu")
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    args = (hidden, weight, labels, None, None, -100, "mean", True, None, 0.0, 0.0)
+    torch.library.opcheck(torch.ops.chronicals.linear_cross_entropy.default, args)
+    loss, lse = torch.ops.chronicals.linear_cross_entropy(*args)
+    bwd_args = (torch.ones(()), hidden.detach(), weight.detach(), labels, lse, None, None, -100,
+                "mean", True, None, 0.0, 0.0, True, False)
+    torch.library.opcheck(torch.ops.chronicals.linear_cross_entropy_backward.default, bwd_args)
+
+
+OPTIONS = {
+    "mean": dict(),
+    "sum": dict(reduction="sum"),
+    "none": dict(reduction="none"),
+    "shift": dict(shift=True),
+    "softcap_sum_shift": dict(softcap=2.0, reduction="sum", shift=True),
+    "z_loss": dict(z_loss=1e-2),
+    "smoothing_none": dict(label_smoothing=0.1, reduction="none"),
+    "num_items_int": dict(num_items_in_batch=29),
+}
+# Every option in bf16 (the training dtype); a spread of them in fp32 and fp16 (the interpreter
+# costs ~1 s per forward + backward, and the dtypes share every code path but the tile dtype).
+CASES = [(torch.bfloat16, name) for name in OPTIONS] + [
+    (dtype, name) for dtype in (torch.float32, torch.float16)
+    for name in ("mean", "softcap_sum_shift", "smoothing_none")
+]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype, options", CASES, ids=[f"{d}-{n}" for d, n in CASES])
+def test_matches_fp64_truth(device, dtype, options):
+    hidden, weight, labels = _inputs((2, 19), 24, 131, dtype, device, scale=4.0)
+    _check(hidden, weight, labels, **OPTIONS[options])
+
+
+@pytest.mark.parametrize("device", devices())
+def test_all_options_many_chunks_and_splits(device, monkeypatch):
+    """V=1000 (15.6 tiles of 64), a backward walked in 8 chunks of 128 columns, every option at
+    once, a num_items_in_batch tensor, and an all-ignored row."""
+    monkeypatch.setattr(lce, "_DLOGITS_CHUNK_ELEMENTS", 10 * 128)
+    hidden, weight, labels = _inputs((2, 5), 24, 1000, torch.bfloat16, device, scale=4.0)
+    labels[1] = -100
+    _check(hidden, weight, labels, shift=True, softcap=3.0, z_loss=1e-3, label_smoothing=0.05,
+           num_items_in_batch=torch.tensor(7, device=device))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fully_ignored_batch_is_zero_not_nan(device, reduction):
+    hidden, weight, labels = _inputs((3, 4), 24, 131, torch.bfloat16, device, ignored=1.0)
+    loss, d_hidden, d_weight = _check(hidden, weight, labels, reduction=reduction, shift=True)
+    assert torch.all(loss == 0)
+    assert torch.all(d_hidden == 0) and torch.all(d_weight == 0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_frozen_weight_gets_no_weight_gradient_work(device, monkeypatch):
+    """LoRA's frozen LM head: d_weight is neither returned nor computed (no dW GEMM runs)."""
+    d_weight_gemms = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: d_weight_gemms.append(1) or mm(*a, **k))
+    hidden, weight, labels = _inputs((37,), 24, 131, torch.bfloat16, device)
+    _check(hidden, weight, labels, grad_weight=False)
+    assert not d_weight_gemms
+
+
+@pytest.mark.parametrize("device", devices())
+def test_frozen_hidden_and_int32_labels(device):
+    hidden, weight, labels = _inputs((37,), 24, 131, torch.float16, device)
+    _check(hidden, weight, labels.int(), grad_hidden=False, reduction="sum")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_num_items_in_batch_divides_the_sum_on_device(device):
+    hidden, weight, labels = _inputs((2, 19), 24, 131, torch.float32, device)
+    total = linear_cross_entropy(hidden, weight, labels, reduction="sum")
+    as_int = linear_cross_entropy(hidden, weight, labels, num_items_in_batch=13)
+    as_tensor = linear_cross_entropy(hidden, weight, labels,
+                                     num_items_in_batch=torch.tensor(13.0, device=device))
+    # fp32 default tolerances: CUDA may divide by a Python scalar through its reciprocal.
+    torch.testing.assert_close(as_int, total / 13)
+    torch.testing.assert_close(as_tensor, total / 13)
+
+
+def test_compiles_fullgraph_without_host_sync():
+    hidden, weight, labels = _inputs((2, 9), 16, 40, torch.float32, "cpu")
+    h = hidden.clone().requires_grad_()
+    step = torch.compile(
+        lambda h, w, y, n: linear_cross_entropy(h, w, y, shift=True, num_items_in_batch=n),
+        backend="aot_eager", fullgraph=True,
+    )
+    n = torch.tensor(11)
+    step(h, weight, labels, n).backward()
+    expected = h.detach().clone().requires_grad_()
+    reference.linear_cross_entropy(expected, weight, labels, shift=True,
+                                   num_items_in_batch=n).backward()
+    torch.testing.assert_close(h.grad, expected.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_reference_path_without_interpreter(monkeypatch):
+    """CPU without TRITON_INTERPRET runs chronicals.reference, forward and backward."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hidden, weight, labels = _inputs((2, 7), 16, 40, torch.float32, "cpu")
+    out = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, shift=True,
+                          label_smoothing=0.1)
+    ref = _loss_and_grads(reference.linear_cross_entropy, hidden, weight, labels, shift=True,
+                          label_smoothing=0.1)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+
+
+def test_noncontiguous_hidden():
+    hidden, weight, labels = _inputs((7, 3), 24, 131, torch.float32, "cpu")
+    _check(hidden.transpose(0, 1), weight, labels.t(), shift=True)
+
+
+BAD_INPUTS = [
+    (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError,
+     r"labels must have shape \(2, 3\)"),
+    (dict(labels=torch.zeros(2, 3)), TypeError, "labels must be int64 or int32. Got torch.float32"),
+    (dict(weight=torch.zeros(11, 8)), ValueError,
+     r"weight must have shape \(V, 16\).*Got \(11, 8\)"),
+    (dict(weight=torch.zeros(11, 16, dtype=torch.float16)), TypeError, "hidden's dtype"),
+    (dict(hidden=torch.zeros(2, 3, 16, dtype=torch.int32)), TypeError, "hidden must be float32"),
+    (dict(labels=torch.zeros(2, 3, dtype=torch.long, device="meta")), ValueError, "one device"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(softcap=0.0), ValueError, "softcap must be None or > 0"),
+    (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\]"),
+    (dict(num_items_in_batch=torch.ones(2)), ValueError, "one-element tensor"),
+    (dict(num_items_in_batch=2.5), TypeError, "num_items_in_batch must be an int"),
+    # PyTorch's CPU cross-entropy message; on CUDA the token's loss is NaN (test below).
+    (dict(labels=torch.tensor([[0, 1, 11], [0, -100, 2]])), IndexError,
+     "Target 11 is out of bounds"),
+    (dict(labels=torch.tensor([[0, 1, -5], [0, -100, 2]])), IndexError,
+     "Target -5 is out of bounds"),
+]
+
+
+@pytest.mark.parametrize("change, error, match", BAD_INPUTS)
+def test_bad_inputs(change, error, match):
+    args = dict(hidden=torch.zeros(2, 3, 16), weight=torch.zeros(11, 16),
+                labels=torch.zeros(2, 3, dtype=torch.long))
+    args.update(change)
+    hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(hidden, weight, labels, **args)
+
+
+@pytest.mark.cuda
+def test_out_of_range_label_poisons_loss_on_cuda():
+    hidden, weight, labels = _inputs((8,), 64, 300, torch.bfloat16, "cuda", ignored=0.0)
+    labels[3] = 300
+    loss = linear_cross_entropy(hidden, weight, labels, reduction="none")
+    assert torch.isnan(loss[3]) and not torch.isnan(loss[:3]).any()
