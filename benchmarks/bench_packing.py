@@ -46,6 +46,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from compile_passes._torch_api import mark_dynamic, unique_graphs_compiled  # noqa: E402
+
 from chronicals.attention import (  # noqa: E402
     PACKED_ATTENTION,
     implementation,
@@ -131,9 +133,7 @@ def cuda_time(fn) -> tuple[float, object]:
 
 
 def graphs_compiled() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
+    return unique_graphs_compiled()
 
 
 def run_variant(name, model, init_state, batches, args, *, compiled: bool) -> dict:
@@ -151,9 +151,9 @@ def run_variant(name, model, init_state, batches, args, *, compiled: bool) -> di
             # One dynamic graph up front instead of a recompile when the first batch with another
             # width (padded) or segment count (packed) arrives.
             key, dim = batch["dynamic"]
-            torch._dynamo.mark_dynamic(inputs[key], dim)
+            mark_dynamic(inputs[key], dim)
             if key == "input_ids":
-                torch._dynamo.mark_dynamic(inputs["labels"], dim)
+                mark_dynamic(inputs["labels"], dim)
         return inputs
 
     def step(inputs):
@@ -370,7 +370,7 @@ def train_runs(args, full, padded, padded_full) -> tuple[list[dict], dict]:
             if compiled not in modes:
                 continue
             model.set_attn_implementation(attn if attn == "sdpa" else PACKED_ATTENTION)
-            torch._dynamo.reset()
+            torch.compiler.reset()
             label = f"{name} {'compiled' if compiled else 'eager'}"
             print(f"running {label} ...", flush=True)
             runs.append(run_variant(label, model, init_state, batches, args, compiled=compiled))

@@ -120,7 +120,7 @@ def bench_config(name: str, heads_q: int, heads_k: int, head_dim: int, batch: in
     device = "cuda"
     # Dynamo's recompile limit (8) counts per code object across torch.compile wrappers; grad
     # mode and input layouts recompile a few times per config.
-    torch._dynamo.reset()
+    torch.compiler.reset()
     variants = {
         "chronicals": rope,
         "eager": hf_rope,

@@ -10,7 +10,27 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
+from chronicals.attention import PACKED_ATTENTION, register_packed_attention, use_packed_attention
+from chronicals.lora_plus import lora_plus_param_groups
+from chronicals.packing import PackedBatch, PackingCollator, PackingStats, pack
+from chronicals.train import StepMetrics, compile_loss, evaluate_loss, train_step
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "PACKED_ATTENTION",
+    "PackedBatch",
+    "PackingCollator",
+    "PackingStats",
+    "StepMetrics",
+    "compile_loss",
+    "evaluate_loss",
+    "lora_plus_param_groups",
+    "pack",
+    "register_packed_attention",
+    "train_step",
+    "use_packed_attention",
+]
 
 
 def _register_backend_for_source_checkout() -> None:

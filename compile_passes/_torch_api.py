@@ -153,3 +153,39 @@ def compile_with_inductor(
 ) -> Callable[..., Any]:
     """AOTAutograd + Inductor, as plain `torch.compile` would run after our passes."""
     return compile_fx(gm, example_inputs)
+
+
+def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
+    """Compile `tensor`'s dimension `dim` as dynamic from the first graph on (no recompile when
+    its length changes), unless Dynamo finds it must be static."""
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def unique_graphs_compiled() -> int:
+    """Graphs Dynamo has compiled in this process (to check that none compile while timing)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Causal flash attention over variable-length segments (PyTorch's own flash kernel, CUDA).
+
+    q: (T, Hq, D), k/v: (T, Hkv, D), cu_seqlens: int32 (segments + 1,) boundaries shared by q
+    and k. Returns (T, Hq, D). Calls `aten._flash_attention_forward`, whose signature is the same
+    on torch 2.11 and 2.13 (the public `torch.nn.attention.varlen` wrapper's is not).
+    """
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False,
+        scale=scale,
+        window_size_left=-1 if sliding_window is None else sliding_window - 1,
+        window_size_right=-1 if sliding_window is None else 0,
+    )[0]

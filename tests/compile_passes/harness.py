@@ -59,15 +59,16 @@ def compile_and_compare(
     options: dict | None = None,
     checkpointing: bool = False,
     dynamic: bool | None = None,
+    device: str = "cpu",
 ) -> Comparison:
-    torch._dynamo.reset()
-    model = tiny_model(family, dtype)
+    torch.compiler.reset()
+    model = tiny_model(family, dtype).to(device)
     eager = copy.deepcopy(model)
     truth = copy.deepcopy(model).float()
     if checkpointing:
         model.train()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ids, labels = tiny_batch(seq=seq)
+    ids, labels = (t.to(device) for t in tiny_batch(seq=seq))
     compiled = torch.compile(
         _loss_fn(model),
         backend="chronicals",
@@ -103,7 +104,7 @@ def compile_and_compare(
 
 def compile_fn(fn, *args, **options):
     """Compile `fn` with backend='chronicals', run it on args, and return (output, report)."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compile_passes.clear_fusion_reports()
     out = torch.compile(fn, backend="chronicals", options={"report": "none", **options})(*args)
     return out, compile_passes.fusion_reports()[-1]

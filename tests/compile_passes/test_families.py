@@ -47,3 +47,15 @@ def test_fusions_option_limits_what_is_rewritten():
     result = compile_and_compare("llama", torch.float32, options={"fusions": ["rms_norm"]})
     assert result.fired == {"rms_norm": EXPECTED["llama"]["rms_norm"]}
     result.assert_matches_eager(torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_inductor_every_fusion_fires_and_matches_eager(family, dtype):
+    """On CUDA the rewritten graph goes through Inductor (compile_fx) and the ops run their
+    Triton kernels: the path users take."""
+    result = compile_and_compare(family, dtype, device="cuda")
+    assert result.fired == EXPECTED[family]
+    assert result.rejected == ()
+    result.assert_matches_eager(dtype)

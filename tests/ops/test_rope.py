@@ -170,7 +170,7 @@ def test_compiled_with_inductor_matches_eager():
         q_out, k_out = rope(q * 2.0, k, cos, sin)
         return q_out + 1.0, k_out * 3.0
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(f, backend="inductor", fullgraph=True)
     for got, want in zip(compiled(q, k, cos, sin), f(q, k, cos, sin)):
         torch.testing.assert_close(got, want)

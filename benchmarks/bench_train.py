@@ -1,0 +1,286 @@
+"""End-to-end fine-tuning throughput: HF eager vs HF + Inductor vs Chronicals, full and LoRA.
+
+Run on a CUDA machine: `python benchmarks/bench_train.py --out DIR` (about 5 minutes on an H200);
+`--stacks` / `--modes` pick a subset. `--tiny` runs a 2-layer model on CPU as a smoke test of the
+script itself (numbers meaningless).
+
+Workload (DESIGN.md's baseline setup): a Qwen2.5-0.5B-shaped model (Qwen2Config: hidden 896,
+24 layers, 14 heads, 2 KV heads, intermediate 4864, vocab 151936, tied embeddings), random init,
+bf16 weights, fused AdamW, no gradient checkpointing, batches of 8 full rows x 2048 tokens whose
+ids are Zipf-distributed over the first 5000 ids (so the loss has something to learn; every token
+is real, no padding). Modes: full fine-tune, and LoRA r=32 (alpha 32, all linear layers, PEFT's
+default fp32 adapters).
+
+Stacks share everything but the compiler: the same batches, the same initial weights, and the same
+loop, `chronicals.train_step` around a loss-returning function:
+- hf_eager: the function runs eagerly (HF sdpa attention: the causal flash kernel);
+- hf_compile: `torch.compile(backend="inductor")` of that function;
+- chronicals: `torch.compile(backend="chronicals")` of it (fusions reported and required), with
+  LoRA+ parameter groups in the LoRA mode (the other stacks use one group; the update costs the
+  same).
+
+Timing: `--warmup` untimed steps (compiles, allocator), then `--steps` steps each timed with CUDA
+events (forward + backward + grad norm + AdamW step); tokens/s = rows * seq / median step time.
+Peak memory is `max_memory_allocated` over the timed steps (after a reset) and over the whole run.
+A run fails unless every grad norm is finite and > 0, the loss on batch 0 (batches cycle) fell
+between its first and last visit, no graph
+is compiled during the timed steps, and (chronicals) rms_norm, swiglu, rope and
+linear_cross_entropy all fired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from compile_passes._torch_api import unique_graphs_compiled  # noqa: E402
+
+from chronicals.lora_plus import lora_plus_param_groups  # noqa: E402
+from chronicals.train import compile_loss, train_step  # noqa: E402
+
+STACKS = {"hf_eager": None, "hf_compile": "inductor", "chronicals": "chronicals"}
+MODES = ("full", "lora")
+REQUIRED_FUSIONS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy")
+# DESIGN.md, H200, same workload: (full tok/s, full GiB, LoRA tok/s, LoRA GiB).
+BASELINES = {"hf_eager": (85_173, 56.4, 56_937, 63.8), "hf_compile": (111_050, 33.0, None, None)}
+TARGETS = {"full": (150_000, 18.0), "lora": (180_000, 15.0)}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="directory for bench_train.json")
+    p.add_argument("--stacks", default=",".join(STACKS), help="comma-separated subset of "
+                   f"{','.join(STACKS)}")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of full,lora")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    # 3e-4: with bf16 weights of magnitude ~0.02 (one ulp ~1.2e-4), much smaller AdamW steps
+    # round away.
+    p.add_argument("--lr", type=float, default=3e-4, help="full fine-tune learning rate")
+    p.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate (of A)")
+    p.add_argument("--lora-r", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="2-layer model, CPU smoke test")
+    args = p.parse_args()
+    for name, allowed in (("stacks", STACKS), ("modes", MODES)):
+        chosen = getattr(args, name).split(",")
+        unknown = set(chosen) - set(allowed)
+        if unknown:
+            p.error(f"--{name}: unknown {sorted(unknown)}; choose from {list(allowed)}")
+        setattr(args, name, chosen)
+    return args
+
+
+def model_config(tiny: bool):
+    from transformers import Qwen2Config
+
+    if tiny:
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=6000)
+    else:
+        shape = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, vocab_size=151936)
+    return Qwen2Config(**shape, max_position_embeddings=32768, tie_word_embeddings=True,
+                       use_cache=False, rope_theta=1_000_000.0)
+
+
+def make_batches(args: argparse.Namespace, device: torch.device, count: int = 4) -> list[dict]:
+    """`count` batches of full rows; ids drawn with p(k) ~ 1/(k+1) over the first 5000 ids."""
+    gen = torch.Generator().manual_seed(args.seed)
+    weights = 1.0 / torch.arange(1, 5001, dtype=torch.float64)
+    batches = []
+    for _ in range(count):
+        ids = torch.multinomial(weights, args.rows * args.seq, replacement=True, generator=gen)
+        ids = ids.view(args.rows, args.seq).to(device)
+        batches.append({"input_ids": ids, "labels": ids.clone()})
+    return batches
+
+
+def build(stack: str, mode: str, args: argparse.Namespace, device: torch.device, dtype):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(args.seed)
+    with device:  # initialise on the GPU: ~10x faster than on the host for 0.5 B parameters
+        model = AutoModelForCausalLM.from_config(model_config(args.tiny),
+                                                 attn_implementation="sdpa")
+    model = model.to(dtype)
+    lr = args.lr
+    if mode == "lora":
+        import peft
+
+        lr = args.lora_lr
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_r, target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ))
+    model.train()
+    if mode == "lora" and stack == "chronicals":
+        groups = lora_plus_param_groups(model, lr=lr)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+    return model, optimizer
+
+
+def unique_graphs() -> int:
+    return unique_graphs_compiled()
+
+
+def run(stack: str, mode: str, args: argparse.Namespace, device: torch.device, dtype) -> dict:
+    torch.compiler.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    batches = make_batches(args, device)
+    model, optimizer = build(stack, mode, args, device, dtype)
+    reports = []
+    options = {"report": reports.append} if stack == "chronicals" else None
+    loss_fn = compile_loss(model, backend=STACKS[stack], options=options)
+
+    metrics = []
+    for i in range(args.warmup):
+        metrics.append(train_step(loss_fn, optimizer, [batches[i % len(batches)]]))
+    sync(device)
+    graphs_before = unique_graphs()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times_ms = []
+    for i in range(args.warmup, args.warmup + args.steps):
+        batch = batches[i % len(batches)]
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            metrics.append(train_step(loss_fn, optimizer, [batch]))
+            end.record()
+            times_ms.append((start, end))
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            metrics.append(train_step(loss_fn, optimizer, [batch]))
+            metrics[-1].item()
+            times_ms.append((time.perf_counter() - t0) * 1e3)
+    sync(device)
+    if device.type == "cuda":
+        times_ms = [s.elapsed_time(e) for s, e in times_ms]
+        peak_timed = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak_timed = float("nan")
+    values = [m.item() for m in metrics]
+    recompiles = unique_graphs() - graphs_before
+    median_ms = statistics.median(times_ms)
+    tokens = args.rows * args.seq
+    fired = {}
+    if reports:
+        for name in reports[0].fired:
+            fired[name] = max(r.fired.get(name, 0) for r in reports)
+    losses = [v["loss"] for v in values]
+    norms = [v["grad_norm"] for v in values]
+    problems = []
+    if not all(math.isfinite(n) and n > 0 for n in norms):
+        problems.append("grad norm not finite and > 0")
+    # Batches cycle; the first and the last visit of batch 0 differ only by what was learnt.
+    first, last = 0, (len(losses) - 1) // len(batches) * len(batches)
+    if not (last > first and losses[last] < losses[first]):
+        problems.append(f"loss on batch 0 did not fall (step {first}: {losses[first]:.4f}, "
+                        f"step {last}: {losses[last]:.4f})")
+    if recompiles:
+        problems.append(f"{recompiles} graph(s) compiled during the timed steps")
+    if stack == "chronicals":
+        missing = [f for f in REQUIRED_FUSIONS if not fired.get(f)]
+        if missing:
+            problems.append(f"fusions did not fire: {missing}")
+    result = {
+        "stack": stack,
+        "mode": mode,
+        "tokens_per_s": tokens / (median_ms / 1e3),
+        "median_step_ms": median_ms,
+        "step_ms": times_ms,
+        "peak_gib_timed": peak_timed,
+        "peak_gib_run": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda" else float("nan"),
+        "losses": losses,
+        "loss_batch0_first_last": [losses[first], losses[last]],
+        "grad_norms": norms,
+        "recompiles_timed": recompiles,
+        "fusions": fired,
+        "fusion_reports": [r.summary() for r in reports],
+        "ok": not problems,
+        "problems": problems,
+    }
+    del model, optimizer, loss_fn, metrics
+    return result
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.tiny:
+        args.rows, args.seq = min(args.rows, 2), min(args.seq, 64)
+        args.steps, args.warmup = min(args.steps, 4), min(args.warmup, 1)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type != "cuda" and not args.tiny:
+        sys.exit("bench_train: needs a CUDA GPU (or --tiny for a CPU smoke test).")
+    import chronicals  # noqa: F401  (registers backend="chronicals" in a source checkout)
+
+    results = []
+    for mode in args.modes:
+        for stack in args.stacks:
+            print(f"running {stack} / {mode} ...", flush=True)
+            result = run(stack, mode, args, device, dtype)
+            results.append(result)
+            for summary in result["fusion_reports"]:
+                print("  " + summary.replace("\n", "\n  "))
+            if result["problems"]:
+                print("  FAILED: " + "; ".join(result["problems"]))
+    header = ("| stack | mode | tok/s | peak GiB (timed / run) | median step ms | batch-0 loss "
+              "first -> last | baseline tok/s, GiB | ok |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        base = BASELINES.get(r["stack"])
+        col = 0 if r["mode"] == "full" else 2
+        ref = f"{base[col]:,} / {base[col + 1]}" if base and base[col] else "-"
+        if r["stack"] == "chronicals":
+            target = TARGETS[r["mode"]]
+            ref = f"target >= {target[0]:,} / <= {target[1]}"
+        lines.append(
+            f"| {r['stack']} | {r['mode']} | {r['tokens_per_s']:,.0f} | "
+            f"{r['peak_gib_timed']:.1f} / {r['peak_gib_run']:.1f} | {r['median_step_ms']:.1f} | "
+            f"{r['loss_batch0_first_last'][0]:.3f} -> {r['loss_batch0_first_last'][1]:.3f} | "
+            f"{ref} | "
+            f"{'yes' if r['ok'] else 'NO'} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = {k: v for k, v in vars(args).items() if k != "out"}
+    setup.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                 torch=torch.__version__, dtype=str(dtype))
+    (out / "bench_train.json").write_text(json.dumps(
+        {"setup": setup, "results": results, "table": table}, indent=2
+    ))
+    if not all(r["ok"] for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU machine's share of the work in as few calls as possible: CUDA tests and benchmarks,
+# logs and JSON under $OUT. Run from the repository root:
+#   bash benchmarks/gpu_suite.sh tests       # CUDA tests (ops, backend through Inductor, attention)  ~4 min
+#   bash benchmarks/gpu_suite.sh ops         # rms_norm, swiglu, rope benchmarks                      ~4 min
+#   bash benchmarks/gpu_suite.sh loss        # linear_cross_entropy benchmark (4 shapes)              ~5 min
+#   bash benchmarks/gpu_suite.sh train       # packing + end-to-end train_step benchmarks             ~9 min
+#   bash benchmarks/gpu_suite.sh job         # the finetune job, Qwen2.5-0.5B shape, LoRA r=32       ~3 min
+# The machine has torch 2.11 / triton 3.6 / transformers 5.17 and no internet: the source tree is
+# used in place (import chronicals registers the backend when no entry point is installed).
+set -uo pipefail
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+status=0
+
+case "${1:-tests}" in
+tests)
+    python3 -m pytest -q -p no:cacheprovider -k cuda tests 2>&1 | tee "$OUT/pytest_cuda.log" || status=1
+    ;;
+ops)
+    for op in rms_norm swiglu rope; do
+        python3 benchmarks/bench_$op.py --out "$OUT" 2>&1 | tee "$OUT/bench_$op.log" || status=1
+    done
+    ;;
+loss)
+    python3 benchmarks/bench_linear_cross_entropy.py --out "$OUT" 2>&1 | tee "$OUT/bench_lce.log" || status=1
+    ;;
+train)
+    python3 benchmarks/bench_packing.py --out "$OUT" 2>&1 | tee "$OUT/bench_packing.log" || status=1
+    python3 benchmarks/bench_train.py --out "$OUT" 2>&1 | tee "$OUT/bench_train.log" || status=1
+    ;;
+job)
+    python3 -c "import transformers; transformers.Qwen2Config(hidden_size=896, \
+intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, \
+vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768, \
+rope_theta=1e6).save_pretrained('/tmp/qwen05b')"
+    python3 -m chronicals finetune --model /tmp/qwen05b --from-config --tokenizer chronicals/data \
+        --lora-r 32 --max-len 2048 --batch-size 8 --steps 20 --eval-every 10 \
+        --output-dir /tmp/job --no-progress 2>&1 | tee "$OUT/job.log" || status=1
+    grep '"compile"' /tmp/job/log.jsonl | tee "$OUT/job_fusions.jsonl"
+    ;;
+*)
+    echo "usage: $0 tests|ops|loss|train|job" >&2
+    exit 2
+    ;;
+esac
+exit $status

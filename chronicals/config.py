@@ -1,0 +1,117 @@
+"""Settings of the fine-tuning job (`python -m chronicals finetune`), one frozen dataclass.
+
+Every field has a default, so `FinetuneConfig()` is the built-in job: a tiny Qwen2-shaped model
+built from a config, the bundled tokenizer and the bundled HumanEval data (chronicals/data/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+COMPILE_BACKENDS = ("chronicals", "inductor", "aot_eager", "none")
+DTYPES = ("auto", "bf16", "fp32")
+SCHEDULES = ("cosine", "constant")
+OVERLONG = ("error", "truncate", "split")
+
+# Settings a resumed run may change: where and how often it reports and saves, and how it
+# compiles (compiled and eager steps compute the same thing). Every other field must equal the
+# checkpoint's, or the resumed run would not continue the same run.
+RESUME_MAY_CHANGE = frozenset(
+    {"output_dir", "resume", "eval_every", "save_every", "log_every", "compile", "device",
+     "plot", "progress"}
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    model: str | None = None
+    """Hugging Face model id or local directory; None: the built-in tiny model."""
+    from_config: bool = False
+    """Build `model` from its config.json with random weights instead of loading weights."""
+    tokenizer: str | None = None
+    """Tokenizer id or directory; None: the model's own, or the bundled one for the built-in
+    model."""
+    data: str | None = None
+    """Local .json/.jsonl/.parquet file or a `datasets` name; None: the bundled HumanEval."""
+    data_split: str = "train"
+    attn_implementation: str = "auto"
+    """transformers attention; 'auto': Chronicals' variable-length attention for packed rows
+    (`chronicals.attention`, documents never attend to each other), 'sdpa' for padded rows."""
+    max_len: int = 1024
+    packing: bool = True
+    overlong: str = "error"
+    batch_size: int = 2
+    """Rows per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    steps: int = 40
+    lr: float | None = None
+    """None: 2e-4 with LoRA, 2e-5 for a full fine-tune, 2e-3 for the built-in (untrained) model."""
+    lr_schedule: str = "cosine"
+    warmup_steps: int | None = None
+    """None: 5% of the steps."""
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    lora_r: int = 0
+    """LoRA rank; 0: full fine-tune."""
+    lora_alpha: float | None = None
+    """None: equal to the rank."""
+    lora_dropout: float = 0.0
+    lora_target: str = "all-linear"
+    lora_plus_ratio: float = 16.0
+    eval_fraction: float = 0.05
+    eval_every: int = 10
+    """Steps between evaluations (and one at the end); 0: only at the end."""
+    save_every: int = 0
+    """Steps between checkpoints (and one at the end); 0: only at the end."""
+    log_every: int = 10
+    """Steps between reading metrics from the device; every step is logged all the same."""
+    resume: str | None = None
+    """A checkpoint directory, or 'auto' for the newest in output_dir."""
+    output_dir: str = "chronicals-out"
+    seed: int = 0
+    compile: str = "chronicals"
+    """torch.compile backend of the loss function, one of COMPILE_BACKENDS ('none': eager)."""
+    dtype: str = "auto"
+    """'auto': bf16 on CUDA, fp32 on CPU."""
+    device: str = "auto"
+    plot: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_len >= 2, f"max_len must be >= 2 (one input and one label). Got "
+             f"{self.max_len}."),
+            (self.batch_size >= 1, f"batch_size must be >= 1. Got {self.batch_size}."),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1. Got {self.grad_accum}."),
+            (self.steps >= 1, f"steps must be >= 1. Got {self.steps}."),
+            (self.lr is None or self.lr > 0, f"lr must be > 0. Got {self.lr}."),
+            (self.lora_r >= 0, f"lora_r must be >= 0 (0: full fine-tune). Got {self.lora_r}."),
+            (self.lora_plus_ratio > 0, f"lora_plus_ratio must be > 0. Got "
+             f"{self.lora_plus_ratio}."),
+            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1). Got "
+             f"{self.eval_fraction}."),
+            (min(self.eval_every, self.save_every) >= 0 and self.log_every >= 1,
+             "eval_every and save_every must be >= 0 and log_every >= 1. Got "
+             f"{self.eval_every}, {self.save_every}, {self.log_every}."),
+            (self.warmup_steps is None or 0 <= self.warmup_steps <= self.steps,
+             f"warmup_steps must be in [0, steps={self.steps}]. Got {self.warmup_steps}."),
+            (self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"max_grad_norm must be > 0 or None. Got {self.max_grad_norm}."),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0. Got {self.weight_decay}."),
+            (self.compile in COMPILE_BACKENDS,
+             f"compile must be one of {COMPILE_BACKENDS}. Got {self.compile!r}."),
+            (self.dtype in DTYPES, f"dtype must be one of {DTYPES}. Got {self.dtype!r}."),
+            (self.lr_schedule in SCHEDULES,
+             f"lr_schedule must be one of {SCHEDULES}. Got {self.lr_schedule!r}."),
+            (self.overlong in OVERLONG,
+             f"overlong must be one of {OVERLONG}. Got {self.overlong!r}."),
+            (not self.from_config or self.model is not None,
+             "from_config needs a model (a config.json file or a directory holding one)."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"finetune: {message}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,449 @@
+"""Data for the fine-tuning job: records in, fixed-shape rows of token ids out.
+
+    load_records(source)            local .json / .jsonl / .parquet file, or a `datasets` name
+    -> tokenize_records(...)        chat (loss on assistant turns) or prompt/completion (loss on the
+                                    completion): token ids + labels with -100 where no loss is taken
+    -> split_eval(...)              a held-out evaluation split, fixed by the seed
+    -> make_rows(...)               packed rows (chronicals.packing, per-document position_ids) or
+                                    padded rows (attention_mask), all of length max_len
+    -> batch_at(rows, cursor, ...)  the micro-batch at a position of an endless, per-epoch shuffled
+                                    stream of rows: the position is one integer, so resuming a run
+                                    continues exactly where it stopped
+
+The built-in default data (`default_data_path()`) is HumanEval (OpenAI, MIT licence; 164 Python
+prompts with their reference solutions as completions) and the default tokenizer
+(`default_tokenizer_path()`) is a 2,048-token byte-level BPE trained on it by
+`build_default_tokenizer`; both ship in `chronicals/data/`, see its README.md.
+
+`datasets` is imported only to load a `datasets` name or a parquet file (the GPU machine has no
+`datasets`); .json and .jsonl files are read with the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from chronicals.train import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+FORMATS = ("chat", "prompt_completion")
+_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def default_data_path() -> Path:
+    """The bundled default dataset: HumanEval as prompt/completion JSON lines."""
+    return DATA_DIR / "humaneval.jsonl"
+
+
+def default_tokenizer_path() -> Path:
+    """Directory of the bundled default tokenizer (`AutoTokenizer.from_pretrained` loads it)."""
+    return DATA_DIR
+
+
+def build_default_tokenizer(out_dir: str | Path, *, vocab_size: int = 2048) -> None:
+    """Train the default byte-level BPE tokenizer on the bundled HumanEval text and save it to
+    `out_dir` in Hugging Face format (tokenizer.json, tokenizer_config.json, chat_template.jinja).
+
+    This is how the tokenizer files in `chronicals/data/` were made
+    (`build_default_tokenizer("chronicals/data")`); training is deterministic and takes ~0.1 s.
+    Special tokens: <|endoftext|> (eos), <|pad|>, and <|im_start|>/<|im_end|> for its ChatML
+    template.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    for record in _read_json_records(default_data_path()):
+        texts += [record["prompt"], record["completion"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>",
+        model_max_length=4096,
+    )
+    tokenizer.chat_template = _CHATML_TEMPLATE
+    tokenizer.save_pretrained(str(out_dir))
+    # transformers 5.24 records its class as 'TokenizersBackend'; the older name loads on every
+    # transformers the project supports (5.17 on the GPU machine included).
+    config_path = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.endswith(_FILE_SUFFIXES) or source.startswith((".", "/", "~")) or Path(
+        source
+    ).exists()
+
+
+def _read_json_records(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        data = json.loads(text)
+    else:
+        data = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                data.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"data: {path} line {line_no} is not valid JSON: {e}.") from e
+    bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(
+            f"data: {path} must hold JSON objects (one per record). Record {bad} is a "
+            f"{type(data[bad]).__name__}."
+        )
+    return data
+
+
+def load_records(source: str | Path, *, split: str = "train") -> list[dict[str, Any]]:
+    """Records (dicts) from a local .json (a list of objects, or JSON lines) / .jsonl / .parquet
+    file, or from a `datasets` name (its `split`).
+
+    Raises:
+        FileNotFoundError: `source` looks like a path (has a data-file suffix or starts with
+            '.', '/' or '~') and does not exist.
+        ValueError: the file holds no records, or is not in a supported format.
+    """
+    source = str(source)
+    if _looks_like_path(source):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data: file not found: {path}")
+        if path.suffix in (".json", ".jsonl"):
+            records = _read_json_records(path)
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq  # a dependency of `datasets`; imported only here
+
+            records = pq.read_table(path).to_pylist()
+        else:
+            raise ValueError(
+                f"data: unsupported file type {path.suffix!r} for {path}; expected one of "
+                f"{', '.join(_FILE_SUFFIXES)}."
+            )
+    else:
+        try:
+            import datasets
+        except ImportError as e:
+            raise ValueError(
+                f"data: {source!r} is not a local file, and loading a dataset by name needs the "
+                "`datasets` package, which is not installed."
+            ) from e
+        records = datasets.load_dataset(source, split=split).to_list()
+    if not records:
+        raise ValueError(f"data: {source} holds no records (the dataset is empty).")
+    return records
+
+
+def detect_format(records: Sequence[Mapping[str, Any]]) -> str:
+    """'chat' for records with a `messages` column, 'prompt_completion' for `prompt` and
+    `completion` columns; a ValueError naming the columns found otherwise."""
+    columns = set(records[0]) if records else set()
+    if "messages" in columns:
+        return "chat"
+    if {"prompt", "completion"} <= columns:
+        return "prompt_completion"
+    raise ValueError(
+        "data: expected a 'messages' column (chat format) or 'prompt' and 'completion' columns. "
+        f"Got columns {sorted(columns)}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Example:
+    """One tokenized record: labels are the input ids, -100 where no loss is taken."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _field(record: Mapping[str, Any], key: str, index: int) -> Any:
+    if key not in record:
+        raise ValueError(f"data: record {index} has no {key!r} field. Got fields {sorted(record)}.")
+    return record[key]
+
+
+def _prompt_completion(tokenizer: Any, record: Mapping[str, Any], index: int) -> Example:
+    prompt, completion = _field(record, "prompt", index), _field(record, "completion", index)
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise ValueError(
+            f"data: record {index}: 'prompt' and 'completion' must be strings. Got "
+            f"{type(prompt).__name__} and {type(completion).__name__}."
+        )
+    # Tokenized apart so the loss mask falls exactly on the completion's tokens.
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return Example(
+        input_ids=prompt_ids + completion_ids,
+        labels=[IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+    )
+
+
+def _chat(tokenizer: Any, record: Mapping[str, Any], index: int) -> Example:
+    messages = _field(record, "messages", index)
+    if not isinstance(messages, list) or not all(
+        isinstance(m, Mapping) and "role" in m and "content" in m for m in messages
+    ):
+        raise ValueError(
+            f"data: record {index}: 'messages' must be a list of {{'role', 'content'}} objects."
+        )
+    if tokenizer.chat_template is None:
+        raise ValueError("data: chat records need a tokenizer with a chat template; it has none.")
+
+    def render(msgs: list, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    text = render(messages, False)
+    spans = []  # character spans of the assistant replies, where the loss is taken
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError(
+                f"data: record {index}: the tokenizer's chat template does not render a "
+                "conversation as the concatenation of its turns, so the assistant replies cannot "
+                "be located for the loss mask."
+            )
+        spans.append((len(before), len(through)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [
+        token if any(s <= begin < e for s, e in spans) else IGNORE_INDEX
+        for token, (begin, _) in zip(ids, encoded["offset_mapping"])
+    ]
+    return Example(input_ids=ids, labels=labels)
+
+
+def tokenize_records(
+    records: Sequence[Mapping[str, Any]], tokenizer: Any, *, fmt: str | None = None
+) -> list[Example]:
+    """Token ids and loss labels for each record.
+
+    fmt 'prompt_completion': prompt ids (with the tokenizer's special tokens) + completion ids +
+    eos; the loss is on the completion and eos. fmt 'chat': the conversation through the
+    tokenizer's chat template; the loss is on the assistant replies. None: `detect_format`.
+
+    Raises:
+        ValueError: missing or mistyped fields, or no record with any label token.
+    """
+    fmt = detect_format(records) if fmt is None else fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"data: format must be one of {FORMATS}. Got {fmt!r}.")
+    make = _chat if fmt == "chat" else _prompt_completion
+    examples = [make(tokenizer, r, i) for i, r in enumerate(records)]
+    if not any(label != IGNORE_INDEX for ex in examples for label in ex.labels[1:]):
+        raise ValueError(
+            f"data: none of the {len(examples)} records has a token to train on (every "
+            "completion / assistant reply is empty)."
+        )
+    return examples
+
+
+def split_eval(
+    examples: Sequence[Example], *, eval_fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(train, eval): `eval_fraction` of the examples (at least 1 when > 0) held out, picked by a
+    shuffle fixed by `seed`."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"data: eval_fraction must be in [0, 1). Got {eval_fraction}.")
+    n_eval = math.ceil(len(examples) * eval_fraction) if eval_fraction > 0 else 0
+    if n_eval >= len(examples):
+        raise ValueError(
+            f"data: {len(examples)} examples are too few to hold out {n_eval} for evaluation "
+            "and still train; lower --eval-fraction or add data."
+        )
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = set(order[:n_eval])
+    train = [ex for i, ex in enumerate(examples) if i not in held_out]
+    return train, [examples[i] for i in sorted(held_out)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows and batches
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rows:
+    """Fixed-length rows of token ids on the host, shape (rows, max_len) each.
+
+    Packed rows carry `position_ids` (restarting at 0 per document) and no attention mask;
+    padded rows carry `attention_mask` and no position ids. `real_tokens[r]` counts row r's
+    non-pad tokens.
+    """
+
+    input_ids: Tensor
+    labels: Tensor
+    real_tokens: Tensor
+    position_ids: Tensor | None = None
+    attention_mask: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def make_rows(
+    examples: Sequence[Example], *, max_len: int, pad_id: int, packing: bool = True,
+    overlong: str = "error",
+) -> Rows:
+    """Rows of length `max_len`: packed best-fit-decreasing by `chronicals.packing.pack`, or one
+    example per row, right-padded with `pad_id`.
+
+    overlong: what to do with an example longer than max_len: 'error' (default; nothing is cut
+    without being asked), 'truncate' (keep its first max_len tokens), 'split' (packed only: cut it
+    into max_len pieces).
+    """
+    if max_len < 2:
+        raise ValueError(f"data: max_len must be >= 2 (one input and one label). Got {max_len}.")
+    if not examples:
+        raise ValueError("data: no examples to make rows from.")
+    if packing:
+        return _packed_rows(examples, max_len=max_len, pad_id=pad_id, overlong=overlong)
+    if overlong not in ("error", "truncate"):
+        raise ValueError(
+            f"data: without packing, overlong must be 'error' or 'truncate'. Got {overlong!r}."
+        )
+    lengths = [len(ex.input_ids) for ex in examples]
+    if overlong == "error" and max(lengths) > max_len:
+        _raise_overlong(lengths, max_len)
+    n = len(examples)
+    input_ids = torch.full((n, max_len), pad_id, dtype=torch.int64)
+    labels = torch.full((n, max_len), IGNORE_INDEX, dtype=torch.int64)
+    attention_mask = torch.zeros((n, max_len), dtype=torch.int64)
+    for r, ex in enumerate(examples):
+        k = min(len(ex.input_ids), max_len)
+        input_ids[r, :k] = torch.tensor(ex.input_ids[:k])
+        labels[r, :k] = torch.tensor(ex.labels[:k])
+        attention_mask[r, :k] = 1
+    return Rows(input_ids=input_ids, labels=labels, real_tokens=attention_mask.sum(1),
+                attention_mask=attention_mask)
+
+
+def _raise_overlong(lengths: Sequence[int], max_len: int) -> None:
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    n_over = sum(n > max_len for n in lengths)
+    raise ValueError(
+        f"data: {n_over} example(s) are longer than max_len={max_len} tokens (the longest, "
+        f"example {longest}, has {lengths[longest]}). Raise --max-len, or pass "
+        "--overlong truncate / split to cut them."
+    )
+
+
+def _packed_rows(
+    examples: Sequence[Example], *, max_len: int, pad_id: int, overlong: str
+) -> Rows:
+    from chronicals.packing import pack
+
+    packed = pack(
+        [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples],
+        max_len=max_len, overlong=overlong, pad_id=pad_id, ignore_index=IGNORE_INDEX,
+    )
+    stats = packed.stats
+    logger.info(
+        "packed %d examples into %d rows of %d (%.1f%% of slots are real tokens; %d truncated, "
+        "%d split)", stats.examples, stats.rows, max_len, 100 * stats.efficiency,
+        stats.truncated_examples, stats.split_examples,
+    )
+    real_tokens = torch.tensor([sum(d.length for d in row) for row in packed.documents])
+    return Rows(
+        input_ids=packed.input_ids, labels=packed.labels, position_ids=packed.position_ids,
+        real_tokens=real_tokens,
+    )
+
+
+def row_order(num_rows: int, epoch: int, seed: int) -> list[int]:
+    """The order rows are visited in during `epoch`: a permutation fixed by (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_rows, generator=g).tolist()
+
+
+def batch_at(
+    rows: Rows, cursor: int, batch_size: int, *, seed: int
+) -> tuple[dict[str, Any], int]:
+    """The micro-batch of `batch_size` rows starting at position `cursor` of the endless stream
+    row_order(epoch 0) + row_order(epoch 1) + ..., as model inputs on the host, and the number of
+    real (non-pad) tokens in it."""
+    n = len(rows)
+    orders: dict[int, list[int]] = {}
+    index = []
+    for pos in range(cursor, cursor + batch_size):
+        epoch, offset = divmod(pos, n)
+        if epoch not in orders:
+            orders[epoch] = row_order(n, epoch, seed)
+        index.append(orders[epoch][offset])
+    return select(rows, index), int(rows.real_tokens[index].sum())
+
+
+def select(rows: Rows, index: Sequence[int]) -> dict[str, Any]:
+    """Model inputs for the rows `index`. Packed rows also get the segment boundaries of the
+    flattened rows under the names HF forwards to variable-length attention (`cu_seq_lens_q/k`,
+    `max_length_q/k`, as `chronicals.packing.PackedBatch.model_inputs` gives them); every segment
+    (document or pad piece) starts at position 0, so they follow from the position ids, here on
+    the host. max_length is the row length, an upper bound that stays constant, so a compiled
+    model is not specialised on each batch's longest document."""
+    batch: dict[str, Any] = {"input_ids": rows.input_ids[index], "labels": rows.labels[index]}
+    if rows.position_ids is not None:
+        positions = rows.position_ids[index]
+        starts = (positions.flatten() == 0).nonzero().flatten()
+        cu_seqlens = torch.cat([starts, torch.tensor([positions.numel()])]).to(torch.int32)
+        row_len = positions.shape[1]
+        batch.update(
+            position_ids=positions, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+            max_length_q=row_len, max_length_k=row_len,
+        )
+    if rows.attention_mask is not None:
+        batch["attention_mask"] = rows.attention_mask[index]
+    return batch
+
+
+def eval_batches(rows: Rows, batch_size: int) -> list[dict[str, Any]]:
+    """All rows in order, in batches of `batch_size`; the last batch is filled up with copies of
+    its first row whose labels are all ignored, so every batch has one shape (no recompile)."""
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        index = list(range(start, min(start + batch_size, len(rows))))
+        batch = select(rows, index + [index[0]] * (batch_size - len(index)))
+        batch["labels"][len(index):] = IGNORE_INDEX
+        batches.append(batch)
+    return batches

@@ -1,0 +1,198 @@
+"""The training step: a function, not a trainer.
+
+`train_step` takes one optimizer step from one or more micro-batches and keeps no state of its own:
+the model, optimizer and scheduler carry all of it, so checkpointing them is checkpointing the run.
+The loss of a step is the mean over every real (non-ignored) label token of all its micro-batches,
+so accumulating 4 micro-batches gives the gradients of one batch holding the same tokens. It never
+reads a value back from the device; `StepMetrics` does that when asked.
+
+The loss comes from `compile_loss(model)`, which compiles a function returning only the loss with
+`torch.compile(backend="chronicals")`. Returning only the loss matters: a compiled graph that
+returns the logits must materialise them, which stops the LM-head + cross-entropy fusion from firing
+(research/compile-backend.md section 1). Build it once per model and reuse it every step.
+
+A custom loop:
+
+    loss_fn = compile_loss(model)
+    optimizer = torch.optim.AdamW(lora_plus_param_groups(model, lr=2e-4), fused=True)
+    for micro_batches in batches:
+        metrics = train_step(loss_fn, optimizer, micro_batches, max_grad_norm=1.0)
+    print(metrics.item())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+# Document boundaries of packed rows (chronicals.packing), named as HF forwards them to attention.
+_VARIABLE_LENGTH_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k")
+
+LossFn = Callable[[Mapping[str, Tensor], Tensor], Tensor]
+"""`loss_fn(batch, num_items_in_batch) -> loss`: the summed token loss of `batch` divided by
+`num_items_in_batch` (a 0-d device tensor)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepMetrics:
+    """What one `train_step` measured. Tensors stay on the device until `item()` reads them."""
+
+    loss: Tensor
+    """0-d fp32: mean loss per label token over all micro-batches of the step."""
+    grad_norm: Tensor
+    """0-d fp32: L2 norm of all gradients before clipping."""
+    num_tokens: Tensor
+    """0-d int64: label tokens the loss is averaged over (labels != -100 after the causal shift),
+    summed over the micro-batches. Input tokens per second are for the caller to count on the
+    host, where it knows which slots of its rows are padding."""
+    lr: float
+    """Learning rate this step used, of the optimizer's first parameter group."""
+
+    def item(self) -> dict[str, float]:
+        """Read the values to Python numbers (one device sync)."""
+        loss, grad_norm, tokens = torch.stack(
+            [self.loss.float(), self.grad_norm.float(), self.num_tokens.float()]
+        ).tolist()
+        return {"loss": loss, "grad_norm": grad_norm, "num_tokens": int(tokens), "lr": self.lr}
+
+
+def compile_loss(
+    model: nn.Module,
+    *,
+    backend: str | None = "chronicals",
+    options: Mapping[str, object] | None = None,
+    dynamic: bool | None = None,
+) -> LossFn:
+    """A function `(batch, num_items_in_batch) -> loss` for a Hugging Face causal LM (or a PEFT
+    model wrapping one), compiled with `torch.compile(backend=backend)`; `backend=None` runs eager.
+
+    `batch` holds the model inputs: `input_ids` and `labels` of shape (rows, seq), plus
+    `attention_mask` for padded rows or `position_ids` (and no mask) for packed rows. The model is
+    called with `use_cache=False`: a cache in the graph adds KV outputs and turns off HF's
+    packed-sequence masking (research/compile-backend.md section 6).
+
+    Build it once per model: each call of `compile_loss` makes a new compiled function.
+    """
+    def loss_fn(batch: Mapping[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
+        return model(**batch, num_items_in_batch=num_items_in_batch, use_cache=False).loss
+
+    if backend is None:
+        return loss_fn
+    kwargs = {} if options is None else {"options": dict(options)}
+    compiled = torch.compile(loss_fn, backend=backend, dynamic=dynamic, **kwargs)
+    # The one private torch API this needs lives in the backend's adapter file.
+    from compile_passes._torch_api import mark_dynamic
+
+    def compiled_loss_fn(batch: Mapping[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
+        # Packed rows hold a different number of documents per batch: the length of their
+        # boundaries is dynamic from the start, or the second batch would compile a second graph.
+        for key in _VARIABLE_LENGTH_INPUTS:
+            if key in batch:
+                mark_dynamic(batch[key], 0)
+        return compiled(batch, num_items_in_batch)
+
+    return compiled_loss_fn
+
+
+def count_label_tokens(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Label tokens a causal-LM loss scores: position t predicts label t + 1, so the first label
+    of each row is never scored. labels: (..., seq) -> 0-d int64, on labels' device."""
+    return (labels[..., 1:] != ignore_index).sum()
+
+
+def train_step(
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[Mapping[str, Tensor]],
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    max_grad_norm: float | None = None,
+) -> StepMetrics:
+    """One optimizer step from `micro_batches`, with no host sync.
+
+    Every micro-batch's summed token loss is divided by the label-token count of all micro-batches
+    together (counted on the device), so the gradients equal those of one batch holding the same
+    tokens. Then: gradient norm (clipped to `max_grad_norm` if given), `optimizer.step()`,
+    `optimizer.zero_grad(set_to_none=True)`, `scheduler.step()`.
+
+    Args:
+        loss_fn: from `compile_loss(model)`, made once.
+        optimizer: any torch optimizer over the trainable parameters.
+        micro_batches: one or more dicts of model inputs with `input_ids` and `labels`, on the
+            model's device.
+        scheduler: stepped once after the optimizer.
+        max_grad_norm: clip the total L2 gradient norm to this (> 0); None: no clipping.
+    """
+    if len(micro_batches) == 0:
+        raise ValueError("train_step: micro_batches must hold at least one batch. Got none.")
+    for i, mb in enumerate(micro_batches):
+        if "labels" not in mb or "input_ids" not in mb:
+            raise ValueError(
+                f"train_step: micro-batch {i} must have 'input_ids' and 'labels'. Got keys "
+                f"{sorted(mb)}."
+            )
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"train_step: max_grad_norm must be > 0 or None. Got {max_grad_norm}.")
+
+    num_tokens = torch.stack([count_label_tokens(mb["labels"]) for mb in micro_batches]).sum()
+    # A step whose labels are all ignored gets loss 0 and zero gradients, not 0/0 = NaN.
+    denominator = num_tokens.clamp(min=1)
+    loss = torch.zeros((), dtype=torch.float32, device=num_tokens.device)
+    for mb in micro_batches:
+        mb_loss = loss_fn(mb, denominator)
+        mb_loss.backward()
+        loss = loss + mb_loss.detach().float()
+
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        raise ValueError(
+            "train_step: no parameter of the optimizer received a gradient; are the trainable "
+            "parameters the ones the loss depends on?"
+        )
+    if max_grad_norm is None:
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    else:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+
+    lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return StepMetrics(loss=loss, grad_norm=grad_norm.float(), num_tokens=num_tokens, lr=lr)
+
+
+def evaluate_loss(
+    loss_fn: LossFn, model: nn.Module, batches: Sequence[Mapping[str, Tensor]]
+) -> Tensor:
+    """Mean loss per label token over `batches`, in eval mode without gradients: a 0-d tensor on
+    the device (no host sync). The model's train/eval mode is restored afterwards."""
+    if len(batches) == 0:
+        raise ValueError("evaluate_loss: batches must hold at least one batch. Got none.")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            one = torch.ones((), dtype=torch.int64, device=batches[0]["labels"].device)
+            # num_items_in_batch=1 makes the loss the summed token loss of the batch.
+            total = torch.stack([loss_fn(b, one).float() for b in batches]).sum()
+            count = torch.stack([count_label_tokens(b["labels"]) for b in batches]).sum()
+    finally:
+        model.train(was_training)
+    return total / count.clamp(min=1)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LossFn",
+    "StepMetrics",
+    "compile_loss",
+    "count_label_tokens",
+    "evaluate_loss",
+    "train_step",
+]

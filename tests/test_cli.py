@@ -1,0 +1,210 @@
+"""The fine-tuning job: the default run, LoRA adapters, exact resume, data formats, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import chronicals.ops  # noqa: F401  (kernels defined now, under conftest's Triton interpreter)
+from chronicals import cli
+from chronicals import data as data_lib
+from chronicals.config import FinetuneConfig
+
+# The default job compiles with the chronicals backend; the other tests run eagerly ("none"),
+# where compiling is not the point (the backend is tested in tests/compile_passes).
+
+
+def _small(tmp_path: Path, name: str = "out", **overrides) -> FinetuneConfig:
+    """The built-in job cut down: rows of 128 tokens (long examples split), 2 rows a step."""
+    settings = dict(
+        output_dir=str(tmp_path / name), max_len=128, overlong="split", batch_size=2, steps=6,
+        eval_every=2, compile="none", progress=False,
+    )
+    return FinetuneConfig(**{**settings, **overrides})
+
+
+def _log(output_dir: Path, kind: str) -> list[dict]:
+    lines = (output_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_default_job_runs_and_loss_falls(tmp_path, capsys, monkeypatch):
+    # As a user's CPU runs it: the ops' PyTorch references, not the Triton interpreter (the
+    # variable is read per launch; the kernels were defined under the interpreter at import).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = tmp_path / "default"
+    # The default job with fewer steps and shorter rows, through the command line.
+    rc = cli.main(["finetune", "--output-dir", str(out), "--steps", "12", "--max-len", "512",
+                   "--overlong", "split", "--eval-every", "6", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+
+    # One training graph (and one for evaluation), all four fusions in each.
+    reports = _log(out, "compile")
+    assert len(reports) == 2
+    for report in reports:
+        fired = report["fired"]
+        assert fired["rms_norm"] == 5 and fired["swiglu"] == 2 and fired["rope"] == 2
+        assert fired["linear_cross_entropy"] == 1 and report["rejected"] == 0
+
+    train = _log(out, "train")
+    assert [r["step"] for r in train] == list(range(1, 13))
+    losses = [r["loss"] for r in train]
+    assert losses[0] > 7.0  # ln(2048) = 7.6 at random init
+    assert sum(losses[-3:]) / 3 < losses[0] - 1.0
+    assert all(r["grad_norm"] > 0 and r["tokens"] > 0 and r["label_tokens"] > 0 for r in train)
+    evals = _log(out, "eval")
+    assert [r["step"] for r in evals] == [6, 12]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+
+    assert (out / "loss.svg").read_text().startswith("<svg")
+    assert (out / "checkpoint-12" / cli.STATE_FILE).is_file()
+    assert (out / "final" / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.vocab_size == len(tokenizer) == 2048
+
+
+def test_lora_adapter_reloads_through_peft_with_same_logits(tmp_path):
+    config = _small(tmp_path, lora_r=4, steps=3, lr=1e-2)
+    result = cli.finetune(config)
+    final = Path(config.output_dir) / "final"
+    assert (final / "adapter_model.safetensors").is_file()
+    assert not (final / "model.safetensors").exists()
+    adapter_config = json.loads((final / "adapter_config.json").read_text())
+    base_dir = Path(adapter_config["base_model_name_or_path"])
+    assert base_dir == (Path(config.output_dir) / "base-model").resolve()
+
+    reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final)
+    ids = torch.randint(0, 2048, (2, 40), generator=torch.Generator().manual_seed(0))
+    result.model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        expected = result.model(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # Training moved the adapters: B starts at zero, so a trained model differs from its base.
+    with torch.no_grad(), reloaded.disable_adapter():
+        assert not torch.allclose(reloaded(input_ids=ids).logits, got)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
+def test_stopped_and_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch, lora_r):
+    whole = _small(tmp_path, "whole", lora_r=lora_r, save_every=3)
+    cli.finetune(whole)
+
+    stopped = _small(tmp_path, "stopped", lora_r=lora_r, save_every=3)
+    calls = []
+    real_step = cli.train_step
+
+    def stop_at_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "train_step", stop_at_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        cli.finetune(stopped)
+    monkeypatch.setattr(cli, "train_step", real_step)
+    out = Path(stopped.output_dir)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not (out / "final").exists() and not list(out.glob(".tmp-*"))
+
+    resumed = cli.finetune(_small(tmp_path, "stopped", lora_r=lora_r, save_every=3,
+                                  resume="auto"))
+    assert len(resumed.losses) == 3  # steps 4..6 ran in this process
+    expected = [(r["step"], r["loss"], r["grad_norm"]) for r in _log(Path(whole.output_dir),
+                                                                     "train")]
+    got = [(r["step"], r["loss"], r["grad_norm"]) for r in _log(out, "train")]
+    assert got == expected
+    assert _log(out, "eval") == _log(Path(whole.output_dir), "eval")
+
+
+def test_resume_with_other_settings_is_an_error(tmp_path):
+    cli.finetune(_small(tmp_path, steps=2, eval_every=0))
+    with pytest.raises(ValueError, match=r"other settings \(max_len: checkpoint 128, now 256"):
+        cli.finetune(_small(tmp_path, steps=2, max_len=256, resume="auto"))
+
+
+def test_chat_data_trains_on_assistant_replies_only(tmp_path):
+    conversations = [
+        {"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                      {"role": "assistant", "content": f"{2 * i}"}]}
+        for i in range(12)
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    tokenizer = AutoTokenizer.from_pretrained(data_lib.default_tokenizer_path())
+    example = data_lib.tokenize_records(data_lib.load_records(path), tokenizer)[3]
+    trained = tokenizer.decode([t for t in example.labels if t != -100])
+    assert trained == "6<|im_end|>\n"
+
+    result = cli.finetune(_small(tmp_path, data=str(path), steps=2, packing=False,
+                                 overlong="error"))
+    assert len(result.losses) == 2 and all(loss > 0 for loss in result.losses)
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    final = tmp_path / "checkpoint-1"
+
+    def fails_halfway(d: Path) -> None:
+        (d / "model.safetensors").write_text("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        cli._write_atomically(final, fails_halfway)
+    assert list(tmp_path.iterdir()) == []
+
+    cli._write_atomically(final, lambda d: (d / "a").write_text("1"))
+    cli._write_atomically(final, lambda d: (d / "b").write_text("2"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+    assert sorted(p.name for p in final.iterdir()) == ["b"]
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda d: ["--data", str(d / "missing.jsonl")], "data: file not found: .*missing.jsonl"),
+        (lambda d: ["--data", _write(d / "empty.jsonl", "\n")], "holds no records"),
+        (lambda d: ["--data", _write(d / "text.jsonl", '{"text": "hello"}\n')],
+         r"expected a 'messages' column .* Got columns \['text'\]"),
+        (lambda d: ["--max-len", "64"],
+         "example .* has .* tokens, more than max_len=64.*overlong"),
+        (lambda d: ["--max-len", "1"], "max_len must be >= 2"),
+        (lambda d: ["--model", str(d / "no-such-model")], "model: no such file or directory"),
+        (lambda d: ["--model", str(d)], "has no config.json"),
+    ],
+    ids=["missing-file", "empty", "missing-columns", "max-len-too-small", "max-len-1",
+         "unknown-model", "model-dir-without-config"],
+)
+def test_errors_are_one_line_and_write_nothing(tmp_path, capsys, make_args, message):
+    out = tmp_path / "out"
+    rc = cli.main(["finetune", "--output-dir", str(out), "--compile", "none", "--no-progress",
+                   *make_args(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err[-1].startswith("chronicals finetune: error: ")
+    assert re.search(message, err[-1]), err[-1]
+    assert not out.exists()
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "finetune" in capsys.readouterr().err
+
+
+def test_bundled_tokenizer_is_reproducible(tmp_path):
+    data_lib.build_default_tokenizer(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (tmp_path / name).read_text() == (data_lib.DATA_DIR / name).read_text(), name
