@@ -132,9 +132,30 @@ def register_replacement(
 
 
 def match_value(match: Match, name: str) -> Any:
-    """The fake value of a matched argument (a tensor's shape, dtype and device), or the literal."""
-    node = match.kwargs[name]
-    return node.meta["val"] if isinstance(node, torch.fx.Node) else node
+    """The fake value of a matched argument (a tensor's shape, dtype and device), or the literal.
+
+    A scalar argument (eps, softcap) whose value differs from the pattern's placeholder value is
+    matched as a literal when the match is re-checked at the real shapes, and torch 2.11 then
+    leaves it out of `match.kwargs` (2.13 fills it in). Such a value is read from the matched
+    node that consumes it: see `scalar_consumers`.
+    """
+    if name in match.kwargs:
+        node = match.kwargs[name]
+        return node.meta["val"] if isinstance(node, torch.fx.Node) else node
+    target, index, first_arg_op = scalar_consumers[name]
+    for node in match.nodes:
+        first = node.args[0] if node.args else None
+        if node.target is target and getattr(first, "target", None) is first_arg_op:
+            return node.args[index]
+    raise KeyError(f"{name} is neither an argument nor a literal of the match")
+
+
+# Scalar argument name -> (op that consumes it, the scalar's position among its args, the op
+# producing its first arg).
+scalar_consumers: dict[str, tuple[Any, int, Any]] = {
+    "eps": (torch.ops.aten.add.Tensor, 1, torch.ops.aten.mean.dim),  # rsqrt(mean(x^2) + eps)
+    "softcap": (torch.ops.aten.div.Tensor, 1, torch.ops.aten.linear.default),  # tanh(z / c) * c
+}
 
 
 def _nop(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:

@@ -121,7 +121,7 @@ def _extra_check(match) -> bool:
         return reject(match, f"labels {tuple(labels.shape)} vs hidden {tuple(hidden.shape)}")
     if len({hidden.device, weight.device, labels.device}) != 1:
         return reject(match, "hidden, weight and labels are on different devices")
-    if "softcap" in match.kwargs:
+    if any(node.target is aten.tanh.default for node in match.nodes):
         softcap = literal_float(_torch_api.match_value(match, "softcap"))
         if softcap is None or softcap <= 0:
             return reject(match, f"softcap {softcap!r} is not a positive float")
