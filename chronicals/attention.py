@@ -35,6 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The public varlen wrapper's signature differs between torch 2.11 and 2.13; the flash kernel
+# under it is reached through the backend's adapter file, which holds every private torch API.
+from compile_passes._torch_api import flash_attention_varlen
+
 PACKED_ATTENTION: Final = "chronicals_varlen"
 
 # Flash kernel limits in PyTorch's build (sm80+): head_dim a multiple of 8, at most 256.
@@ -209,10 +213,6 @@ def _flash_varlen(
     # Cost on an H200 (8 x 2048 rows, 14/2 heads, d 64, fwd+bwd): 0.889 ms vs 0.863 ms with the
     # exact bound on log-normal batches (3%); the empty tiles matter more for rows of many short
     # documents (rows of 128-token documents: 0.58 ms, against 1.12 ms for one 2048 per row).
-    # The public varlen wrapper's signature differs between torch 2.11 and 2.13; the kernel
-    # under it is reached through the backend's adapter file, which holds every private API.
-    from compile_passes._torch_api import flash_attention_varlen
-
     out = flash_attention_varlen(q, k, v, cu_seqlens, s, scale, sliding_window)
     return out.view(b, s, hq, d)
 
