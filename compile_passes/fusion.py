@@ -86,8 +86,29 @@ def source_line(node: Node) -> str:
     return lines[-1] if lines else ""
 
 
-def canonicalize_pattern(gm: torch.fx.GraphModule) -> None:
-    strip_noop_casts(gm)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes every pattern is traced for and every fused op accepts."""
+
+
+def register_pattern(
+    search_fn: Callable[..., object],
+    replace_fn: Callable[..., object],
+    example_inputs: list,
+    pattern_pass: _torch_api.PatternMatcherPass,
+    *,
+    extra_check: Callable[[_torch_api.Match], bool],
+    scalar_workaround: dict[str, float] | None = None,
+) -> None:
+    """Register a search/replacement pair, traced and canonicalised like the model graph."""
+    _torch_api.register_replacement(
+        search_fn,
+        replace_fn,
+        example_inputs,
+        pattern_pass,
+        extra_check=extra_check,
+        scalar_workaround=scalar_workaround,
+        canonicalize=strip_noop_casts,
+    )
 
 
 def literal_float(value: object) -> float | None:

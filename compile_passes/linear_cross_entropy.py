@@ -21,10 +21,9 @@ from torch.fx import Node
 
 from chronicals.ops import linear_cross_entropy as ops
 from compile_passes import _torch_api
-from compile_passes.fusion import Fusion, canonicalize_pattern, literal_float, reject
+from compile_passes.fusion import FLOAT_DTYPES, Fusion, literal_float, register_pattern, reject
 
 aten = torch.ops.aten
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _SOFTCAP = 17.25  # placeholder value the pattern tracer turns into a "softcap" argument
 
 
@@ -111,7 +110,7 @@ def _extra_check(match) -> bool:
     hidden = _torch_api.match_value(match, "hidden")
     weight = _torch_api.match_value(match, "weight")
     labels = _torch_api.match_value(match, "labels")
-    if hidden.dtype not in _FLOATS or hidden.dtype != weight.dtype:
+    if hidden.dtype not in FLOAT_DTYPES or hidden.dtype != weight.dtype:
         return reject(match, f"dtypes hidden {hidden.dtype}, weight {weight.dtype}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         return reject(match, f"weight {tuple(weight.shape)} vs hidden {tuple(hidden.shape)}")
@@ -137,16 +136,15 @@ def _example_inputs(dtype: torch.dtype, shifted: bool, capped: bool) -> list:
 
 def register(pattern_pass) -> None:
     for dtype, ((shift, reduction, capped), search) in itertools.product(
-        _FLOATS, _PATTERNS.items()
+        FLOAT_DTYPES, _PATTERNS.items()
     ):
-        _torch_api.register_replacement(
+        register_pattern(
             search,
             _replacement(shift=shift, reduction=reduction, capped=capped),
             _example_inputs(dtype, shift, capped),
             pattern_pass,
             extra_check=_extra_check,
             scalar_workaround={"softcap": _SOFTCAP} if capped else None,
-            canonicalize=canonicalize_pattern,
         )
 
 

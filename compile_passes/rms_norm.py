@@ -18,9 +18,10 @@ from torch.fx import Node
 from chronicals.ops import rms_norm as ops
 from compile_passes import _torch_api
 from compile_passes.fusion import (
+    FLOAT_DTYPES,
     Fusion,
-    canonicalize_pattern,
     literal_float,
+    register_pattern,
     reject,
     shared_intermediate,
 )
@@ -49,14 +50,13 @@ def _rms_norm_replacement_gemma(x, weight, eps):
     return ops.rms_norm(x, weight, literal_float(eps), gemma=True)
 
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _rms_norm_extra_check(match) -> bool:
     x = _torch_api.match_value(match, "x")
     weight = _torch_api.match_value(match, "weight")
     eps = _torch_api.match_value(match, "eps")
-    if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
+    if x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES:
         return reject(match, f"unsupported dtypes x {x.dtype}, weight {weight.dtype}")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         return reject(
@@ -76,19 +76,18 @@ def _example_inputs(dtype: torch.dtype) -> list:
 
 
 def register(pattern_pass) -> None:
-    for dtype in _FLOATS:
+    for dtype in FLOAT_DTYPES:
         for search, replace in (
             (_rms_norm_pattern_llama, _rms_norm_replacement_llama),
             (_rms_norm_pattern_gemma, _rms_norm_replacement_gemma),
         ):
-            _torch_api.register_replacement(
+            register_pattern(
                 search,
                 replace,
                 _example_inputs(dtype),
                 pattern_pass,
                 extra_check=_rms_norm_extra_check,
                 scalar_workaround={"eps": _EPS},
-                canonicalize=canonicalize_pattern,
             )
 
 

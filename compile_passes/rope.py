@@ -17,10 +17,9 @@ from torch.fx import Node
 
 from chronicals.ops import rope as ops
 from compile_passes import _torch_api
-from compile_passes.fusion import Fusion, canonicalize_pattern, reject
+from compile_passes.fusion import FLOAT_DTYPES, Fusion, register_pattern, reject
 
 aten = torch.ops.aten
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _rotate_half(x):
@@ -56,7 +55,7 @@ def _extra_check(match) -> bool:
     q, k, cos, sin = (_torch_api.match_value(match, n) for n in ("q", "k", "cos", "sin"))
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
         return reject(match, f"ranks q {q.dim()}, k {k.dim()}, cos {cos.dim()} (need 4, 4, 3)")
-    if q.dtype not in _FLOATS or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
+    if q.dtype not in FLOAT_DTYPES or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
         return reject(match, f"dtypes q {q.dtype}, k {k.dtype}, cos {cos.dtype}, sin {sin.dtype}")
     if cos.shape != sin.shape:
         return reject(match, f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ")
@@ -84,15 +83,14 @@ def _example_inputs(dtype: torch.dtype) -> list:
 
 
 def register(pattern_pass) -> None:
-    for dtype in _FLOATS:
+    for dtype in FLOAT_DTYPES:
         for search in (_rope_pattern_hf, _rope_pattern_phi3):
-            _torch_api.register_replacement(
+            register_pattern(
                 search,
                 _rope_replacement,
                 _example_inputs(dtype),
                 pattern_pass,
                 extra_check=_extra_check,
-                canonicalize=canonicalize_pattern,
             )
 
 

@@ -15,10 +15,15 @@ from torch.fx import Node
 
 from chronicals.ops import swiglu as ops
 from compile_passes import _torch_api
-from compile_passes.fusion import Fusion, canonicalize_pattern, reject, shared_intermediate
+from compile_passes.fusion import (
+    FLOAT_DTYPES,
+    Fusion,
+    register_pattern,
+    reject,
+    shared_intermediate,
+)
 
 aten = torch.ops.aten
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _swiglu_pattern_llama(gate, up):
@@ -48,10 +53,12 @@ def _geglu_replacement(gate, up):
 def _extra_check(match) -> bool:
     gate = _torch_api.match_value(match, "gate")
     up = _torch_api.match_value(match, "up")
-    if gate.dtype not in _FLOATS or gate.dtype != up.dtype:
+    if gate.dtype not in FLOAT_DTYPES or gate.dtype != up.dtype:
         return reject(match, f"dtypes gate {gate.dtype}, up {up.dtype} (need one float dtype)")
     if gate.shape != up.shape:
-        return reject(match, f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ (broadcast)")
+        return reject(
+            match, f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ (broadcast)"
+        )
     if gate.device != up.device:
         return reject(match, f"gate on {gate.device}, up on {up.device}")
     if gate.dim() == 0 or gate.stride(-1) != 1 or up.stride(-1) != 1:
@@ -66,15 +73,14 @@ def _example_inputs(dtype: torch.dtype) -> list:
 
 def _register(patterns, replacement):
     def register(pattern_pass) -> None:
-        for dtype in _FLOATS:
+        for dtype in FLOAT_DTYPES:
             for search in patterns:
-                _torch_api.register_replacement(
+                register_pattern(
                     search,
                     replacement,
                     _example_inputs(dtype),
                     pattern_pass,
                     extra_check=_extra_check,
-                    canonicalize=canonicalize_pattern,
                 )
 
     return register
@@ -93,7 +99,9 @@ def _candidate(target):
 
 def _diagnose(node: Node) -> str:
     if len(node.users) > 1:
-        return f"the activation {node.name} is used {len(node.users)} times, not only by the product"
+        return (
+            f"the activation {node.name} is used {len(node.users)} times, not only by the product"
+        )
     shared = shared_intermediate(next(iter(node.users)))
     if shared is not None and shared is not node:
         return f"{shared.name} is used outside the gated product"
