@@ -12,7 +12,7 @@ logits [tokens, vocab] that the fused variants avoid. TFLOP/s counts the 6 * tok
 vocab FLOPs of the three GEMMs eager runs, so recompute shows up as a lower rate.
 
 Peers are optional: Liger's LigerFusedLinearCrossEntropyLoss and Apple's cut_cross_entropy are
-used when importable ("not installed" otherwise).
+used when importable (otherwise the table says why the import failed).
 """
 
 from __future__ import annotations
@@ -61,15 +61,15 @@ def _make_variant(name: str) -> LossFn | str:
     if name == "liger":
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        except ImportError:
-            return "not installed"
+        except ImportError as e:
+            return f"not importable: {e}"
         liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
         return lambda h, w, y: liger(w, h, y)
     if name in ("cce", "cce_exact"):
         try:
             from cut_cross_entropy import linear_cross_entropy as cce
-        except ImportError:
-            return "not installed"
+        except ImportError as e:
+            return f"not importable: {e}"
         if name == "cce":
             # CCE's default: backward tiles whose softmax is below a bf16-eps threshold are skipped.
             return lambda h, w, y: cce(h, w, y, ignore_index=-100, reduction="mean")

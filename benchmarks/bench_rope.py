@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import triton
+from _timing import time_graph_and_call
 from triton.testing import do_bench
 
 HEAD_CONFIGS = {
@@ -97,24 +98,6 @@ def _poison_allocator(nbytes: int) -> None:
     torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").fill_(math.nan)
 
 
-def _time(fn) -> dict[str, float]:
-    """Median ms of a Python call and of a CUDA-graph replay of it (do_bench flushes L2 first)."""
-    fn()
-    torch.cuda.synchronize()
-    call = do_bench(fn, warmup=25, rep=200, return_mode="median")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    replay = do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
-    return {"ms": replay, "ms_call": call}
-
-
 def bench_config(name: str, heads_q: int, heads_k: int, head_dim: int, batch: int, seq: int,
                  rope, hf_rope) -> list[dict]:
     device = "cuda"
@@ -169,13 +152,16 @@ def bench_config(name: str, heads_q: int, heads_k: int, head_dim: int, batch: in
         del out, got
 
         with torch.no_grad():
-            fwd = _time(lambda: _run_variant(fn, head_dim, q_lin, k_lin, cos, sin))
-        fwd_bwd = _time(lambda: _run_variant(fn, head_dim, q_lin, k_lin, cos, sin, grads))
+            fwd = time_graph_and_call(lambda: _run_variant(fn, head_dim, q_lin, k_lin, cos, sin))
+        fwd_bwd = time_graph_and_call(
+            lambda: _run_variant(fn, head_dim, q_lin, k_lin, cos, sin, grads)
+        )
         for mode, times, nbytes in (("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, 2 * fwd_bytes)):
             rows.append({
                 "config": name, "heads_q": heads_q, "heads_k": heads_k, "head_dim": head_dim,
                 "batch": batch, "seq": seq, "mode": mode, "variant": variant, "bytes": nbytes,
-                **times, "tbps": nbytes / times["ms"] / 1e9, "copy_tbps": copy_tbps,
+                "ms": times.graph_ms, "ms_call": times.call_ms,
+                "tbps": nbytes / times.graph_ms / 1e9, "copy_tbps": copy_tbps,
             })
     return rows
 

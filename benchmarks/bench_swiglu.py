@@ -7,13 +7,20 @@ backward of `act(gate) * up` three ways: the eager reference (`chronicals.refere
 reference under `torch.compile` (Inductor fuses it into one kernel per direction) and the fused
 chronicals op. The Phi-3 form `gate, up = gate_up.chunk(2, -1)` is timed at one size, two ways for
 chronicals: `swiglu` on the row-strided views (autograd then concatenates dgate and dup) and
-`swiglu_gate_up` on gate_up (its backward writes d(gate_up) directly). Medians of
-`triton.testing.do_bench` (which clears L2 between runs). Achieved bandwidth counts the fewest
-bytes each pass must move: forward reads gate and up and writes out (3 tensors), forward +
-backward adds reading dy, gate, up and writing dgate, dup (8 tensors in all); it is compared with
-a device-to-device copy measured in the same run. Each chronicals op is timed eagerly and inside
-`torch.compile` (as the chronicals backend runs it). Every variant is checked against an fp64 truth
-(no worse than eager plus one bf16 rounding) before it is timed.
+`swiglu_gate_up` on gate_up (its backward writes d(gate_up) directly). Each chronicals op is
+timed eagerly and inside `torch.compile` (as the chronicals backend runs it). Forward + backward
+starts from fresh leaves and ends with `torch.autograd.grad` of them, fed by a fixed dy.
+
+Every variant and mode is timed two ways (`benchmarks/_timing.py`), both medians of
+`triton.testing.do_bench` (which clears L2 between runs): a CUDA-graph replay of the step
+("ms (graph)", JSON `*_ms_graph`), the GPU time, as in a training step where the CPU runs ahead of
+the GPU; and a plain Python call ("ms (Python call)", JSON `*_ms_call`), which for small steps is
+mostly CPU dispatch (custom-op and autograd overhead), not kernel time. Bandwidth, "vs compile"
+and "of copy BW" use the graph time. Achieved bandwidth counts the fewest bytes each pass must
+move: forward reads gate and up and writes out (3 tensors), forward + backward adds reading dy,
+gate, up and writing dgate, dup (8 tensors in all); it is compared with a device-to-device copy
+measured in the same run. Every variant is checked against an fp64 truth (no worse than eager plus
+one bf16 rounding) before it is timed.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.testing
+from _timing import time_graph_and_call
 
 from chronicals import reference
 from chronicals.ops import implementation
@@ -41,11 +49,12 @@ ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
     "geglu": (geglu, reference.geglu),
 }
 TENSORS_MOVED = {"fwd": 3, "fwd+bwd": 8}
+WARMUP_MS, REP_MS = 50, 300  # do_bench's warm-up and measuring time per timing
 
 
 def _bench(fn: Callable[[], object]) -> float:
     """Median milliseconds of `fn`, after do_bench's warm-up."""
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
 
 
 def copy_bandwidth_tbs(device: torch.device) -> float:
@@ -123,14 +132,19 @@ def run(args: argparse.Namespace) -> dict:
         cases.append(("swiglu", args.phi3_size, True))
     rows = []
     for act, size, chunked in cases:
+        # Dynamo's recompile limit (8) counts per code object across torch.compile wrappers; each
+        # case compiles twice (grad and no-grad), so start every case from a clean cache rather
+        # than let a later case fall back to eager.
+        torch.compiler.reset()
         fused, ref = ACTIVATIONS[act]
         eager = _on_leaves(ref, chunked)
         # A fresh compiled function per case, static shapes: the baseline is Inductor's kernel for
         # exactly this shape, as in a real training graph.
         compiled = torch.compile(_on_leaves(ref, chunked), dynamic=False, fullgraph=True)
         # Chronicals eager pays torch.library's Python dispatch and autograd layers on the CPU
-        # (~0.1 ms a call), which shows where the GPU work is shorter; inside a compiled graph
-        # (how compile_passes uses the ops) AOTAutograd calls the forward and backward ops directly.
+        # (~0.1 ms a call), which shows in the Python-call time where the GPU work is shorter (not
+        # in the graph time); inside a compiled graph (how compile_passes uses the ops)
+        # AOTAutograd calls the forward and backward ops directly.
         variants = {
             "eager": eager,
             "torch.compile": compiled,
@@ -156,17 +170,23 @@ def run(args: argparse.Namespace) -> dict:
                             return fn(*leaves)
                 else:
                     def step(fn=fn, leaves=leaves, dy=dy):
-                        return torch.autograd.grad(fn(*leaves), leaves, dy)
-                ms = _bench(step)
-                row[f"{name}_ms"] = ms
+                        # Fresh leaves per call: no autograd node outlives a call (CUDA-graph
+                        # capture needs that).
+                        fresh = tuple(t.detach().requires_grad_() for t in leaves)
+                        return torch.autograd.grad(fn(*fresh), fresh, dy)
+                times = time_graph_and_call(step, warmup=WARMUP_MS, rep=REP_MS)
+                ms = times.graph_ms
+                row[f"{name}_ms_graph"] = ms
+                row[f"{name}_ms_call"] = times.call_ms
                 row[f"{name}_tbs"] = tensors * elements * dy.element_size() / (ms * 1e-3) / 1e12
             # One table row per chronicals variant, each against the same eager and compile times.
             for name in [name for name in variants if name.startswith("chronicals")]:
-                ms, tbs = row[f"{name}_ms"], row[f"{name}_tbs"]
+                ms, tbs = row[f"{name}_ms_graph"], row[f"{name}_tbs"]
                 fused_row = dict(
                     row, chronicals_op=name.removeprefix("chronicals "),
-                    chronicals_ms=ms, chronicals_tbs=tbs, chronicals_of_copy=tbs / copy_tbs,
-                    speedup_vs_compile=row["torch.compile_ms"] / ms)
+                    chronicals_ms_graph=ms, chronicals_ms_call=row[f"{name}_ms_call"],
+                    chronicals_tbs=tbs, chronicals_of_copy=tbs / copy_tbs,
+                    speedup_vs_compile=row["torch.compile_ms_graph"] / ms)
                 rows.append(fused_row)
                 print(_format_row(fused_row), flush=True)
         del leaves, dy
@@ -178,15 +198,18 @@ def run(args: argparse.Namespace) -> dict:
         "python": platform.python_version(),
         "dtype": "bfloat16",
         "copy_tbs": copy_tbs,
-        "timing": "triton.testing.do_bench median, warmup 50 ms, rep 300 ms, L2 cleared per run",
+        "timing": f"triton.testing.do_bench median, warmup {WARMUP_MS} ms, rep {REP_MS} ms, L2 "
+                  "cleared per run; *_ms_graph: CUDA-graph replay of the step (GPU time; TB/s and "
+                  "speedups use it), *_ms_call: plain Python call",
         "bytes_counted": "fwd: gate, up, out; fwd+bwd: + dy, gate, up, dgate, dup",
         "rows": rows,
     }
 
 
 HEADER = (
-    "| act | I | layout | chronicals op | mode | eager ms | compile ms | chronicals ms "
-    "| compile TB/s | chronicals TB/s | vs compile | of copy BW |\n" + "|---" * 12 + "|"
+    "| act | I | layout | chronicals op | mode | eager ms (graph) | compile ms (graph) "
+    "| chronicals ms (graph) | compile TB/s | chronicals TB/s | vs compile | of copy BW "
+    "| ms (Python call) eager / compile / chronicals |\n" + "|---" * 13 + "|"
 )
 
 
@@ -194,9 +217,12 @@ def _format_row(r: dict) -> str:
     return (
         f"| {r['activation']} | {r['intermediate']} | {r['layout']} | {r['chronicals_op']} "
         f"| {r['mode']} "
-        f"| {r['eager_ms']:.3f} | {r['torch.compile_ms']:.3f} | {r['chronicals_ms']:.3f} "
+        f"| {r['eager_ms_graph']:.3f} | {r['torch.compile_ms_graph']:.3f} "
+        f"| {r['chronicals_ms_graph']:.3f} "
         f"| {r['torch.compile_tbs']:.2f} | {r['chronicals_tbs']:.2f} "
-        f"| {r['speedup_vs_compile']:.2f}x | {100 * r['chronicals_of_copy']:.0f}% |"
+        f"| {r['speedup_vs_compile']:.2f}x | {100 * r['chronicals_of_copy']:.0f}% "
+        f"| {r['eager_ms_call']:.3f} / {r['torch.compile_ms_call']:.3f} "
+        f"/ {r['chronicals_ms_call']:.3f} |"
     )
 
 

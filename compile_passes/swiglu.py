@@ -1,8 +1,12 @@
 """Gated MLP activations -> `chronicals::swiglu` / `chronicals::geglu`.
 
-Llama-family MLPs compute `silu(gate) * up`; Phi-3 computes `up * silu(gate)` on the two halves
-of a fused `gate_up_proj` (`chunk(2, -1)`, so gate and up are strided views, which the kernel
-reads in place); Gemma uses tanh-GELU (GeGLU). Both operand orders are registered for both.
+Llama-family MLPs compute `silu(gate) * up`; Gemma uses tanh-GELU (GeGLU). Both operand orders
+are registered for both. Phi-3 computes `up * silu(gate)` on the two halves of a fused
+`gate_up_proj` (`gate, up = gate_up.chunk(2, -1)`): that whole subgraph becomes
+`chronicals::swiglu_gate_up(gate_up)`, whose backward writes d(gate_up) in one tensor (through
+`swiglu` on the two views, autograd would concatenate dgate and dup: 4 more passes over
+(tokens, I)). Its patterns are registered first, so they win over the two-operand ones; when a
+half is used elsewhere, the two-operand pattern still fuses the product on the views.
 """
 
 from __future__ import annotations
@@ -38,6 +42,20 @@ def _swiglu_replacement(gate, up):
     return ops.swiglu(gate, up)
 
 
+def _swiglu_gate_up_pattern_phi3(gate_up):
+    gate, up = gate_up.chunk(2, -1)
+    return up * F.silu(gate)
+
+
+def _swiglu_gate_up_pattern_llama(gate_up):
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+def _swiglu_gate_up_replacement(gate_up):
+    return ops.swiglu_gate_up(gate_up)
+
+
 def _geglu_pattern_gemma(gate, up):
     return F.gelu(gate, approximate="tanh") * up
 
@@ -66,22 +84,48 @@ def _extra_check(match) -> bool:
     return True
 
 
+def _only(match, target) -> Node:
+    (node,) = [n for n in match.nodes if n.target is target]
+    return node
+
+
+def _gate_up_check(match) -> bool:
+    """The pattern matcher matches integer arguments as wildcards: the chunk must be into 2 along
+    the last dim, and the activation must read the first half."""
+    gate_up = _torch_api.match_value(match, "gate_up")
+    if gate_up.dtype not in FLOAT_DTYPES:
+        return reject(match, f"dtype {gate_up.dtype} (need a float dtype)")
+    chunk = _only(match, aten.chunk.default)
+    chunks, dim = chunk.args[1], chunk.args[2] if len(chunk.args) > 2 else 0
+    if chunks != 2 or dim not in (-1, gate_up.dim() - 1):
+        return reject(match, f"chunk({chunks}, dim={dim}) is not two halves of the last dim")
+    if _only(match, aten.silu.default).args[0].args[1] != 0:
+        return reject(match, "the activation reads the second half of gate_up")
+    if gate_up.shape[-1] % 2 or gate_up.stride(-1) != 1:
+        return reject(match, "gate_up's last dimension is odd or not contiguous")
+    return True
+
+
 @functools.cache
-def _example_inputs(dtype: torch.dtype) -> list:
-    return [torch.empty(2, 8, 24, dtype=dtype), torch.empty(2, 8, 24, dtype=dtype)]
+def _example_inputs(dtype: torch.dtype, n_inputs: int) -> list:
+    size = 48 // n_inputs  # gate and up of 24, or gate_up of 48
+    return [torch.empty(2, 8, size, dtype=dtype) for _ in range(n_inputs)]
 
 
-def _register(patterns, replacement):
+def _register(*groups):
+    """groups: (patterns, replacement, extra_check, number of inputs), in order of priority."""
+
     def register(pattern_pass) -> None:
-        for dtype in FLOAT_DTYPES:
-            for search in patterns:
-                register_pattern(
-                    search,
-                    replacement,
-                    _example_inputs(dtype),
-                    pattern_pass,
-                    extra_check=_extra_check,
-                )
+        for patterns, replacement, extra_check, n_inputs in groups:
+            for dtype in FLOAT_DTYPES:
+                for search in patterns:
+                    register_pattern(
+                        search,
+                        replacement,
+                        _example_inputs(dtype, n_inputs),
+                        pattern_pass,
+                        extra_check=extra_check,
+                    )
 
     return register
 
@@ -110,15 +154,25 @@ def _diagnose(node: Node) -> str:
 
 SWIGLU = Fusion(
     name="swiglu",
-    register=_register((_swiglu_pattern_llama, _swiglu_pattern_phi3), _swiglu_replacement),
-    fused_ops=lambda: (torch.ops.chronicals.swiglu.default,),
+    register=_register(
+        (
+            (_swiglu_gate_up_pattern_phi3, _swiglu_gate_up_pattern_llama),
+            _swiglu_gate_up_replacement, _gate_up_check, 1,
+        ),
+        ((_swiglu_pattern_llama, _swiglu_pattern_phi3), _swiglu_replacement, _extra_check, 2),
+    ),
+    fused_ops=lambda: (
+        torch.ops.chronicals.swiglu.default, torch.ops.chronicals.swiglu_gate_up.default
+    ),
     is_candidate=_candidate(aten.silu.default),
     diagnose=_diagnose,
 )
 
 GEGLU = Fusion(
     name="geglu",
-    register=_register((_geglu_pattern_gemma, _geglu_pattern_swapped), _geglu_replacement),
+    register=_register(
+        ((_geglu_pattern_gemma, _geglu_pattern_swapped), _geglu_replacement, _extra_check, 2),
+    ),
     fused_ops=lambda: (torch.ops.chronicals.geglu.default,),
     is_candidate=_candidate(aten.gelu.default),
     diagnose=_diagnose,

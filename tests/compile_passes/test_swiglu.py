@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.compile_passes.harness import compile_fn
+from chronicals.ops import swiglu as swiglu_ops
+from tests.compile_passes.harness import compile_and_compare, compile_fn
+from tests.models import EXPECTED
 
 
-def test_fuses_both_operand_orders_and_chunked_halves():
+@pytest.fixture
+def forward_ops(monkeypatch):
+    """Names of the chronicals gated-activation forward ops that run, in order."""
+    calls = []
+    original = swiglu_ops._forward
+
+    def recording(op, *args, **kwargs):
+        calls.append(op)
+        return original(op, *args, **kwargs)
+
+    monkeypatch.setattr(swiglu_ops, "_forward", recording)
+    return calls
+
+
+def test_fuses_both_operand_orders_and_chunked_halves(forward_ops):
     def mlp(gate, up, gate_up):
         g, u = gate_up.chunk(2, dim=-1)  # Phi-3's fused projection
         return F.silu(gate) * up, up * F.silu(gate), u * F.silu(g)
@@ -16,8 +33,54 @@ def test_fuses_both_operand_orders_and_chunked_halves():
     gate, up, gate_up = torch.randn(3, 5, 24), torch.randn(3, 5, 24), torch.randn(3, 5, 48)
     outs, report = compile_fn(mlp, gate, up, gate_up)
     assert report.fired["swiglu"] == 3 and report.rejected == ()
+    assert sorted(forward_ops) == ["swiglu", "swiglu", "swiglu_gate_up"]
     for out, expected in zip(outs, mlp(gate, up, gate_up)):
         torch.testing.assert_close(out, expected)
+
+
+def test_chunked_gate_up_gradient_matches_eager(forward_ops):
+    def mlp(gate_up):
+        gate, up = gate_up.chunk(2, -1)
+        return (up * F.silu(gate)).square().sum()
+
+    gate_up = torch.randn(3, 5, 48, requires_grad=True)
+    loss, report = compile_fn(mlp, gate_up)
+    (grad,) = torch.autograd.grad(loss, gate_up)
+    (expected,) = torch.autograd.grad(mlp(gate_up), gate_up)
+    assert report.fired["swiglu"] == 1 and forward_ops == ["swiglu_gate_up"]
+    torch.testing.assert_close(grad, expected)
+
+
+def test_phi3_mlp_runs_the_gate_up_op(forward_ops):
+    result = compile_and_compare("phi3", torch.float32)
+    assert result.fired == EXPECTED["phi3"] and result.rejected == ()
+    assert forward_ops and set(forward_ops) == {"swiglu_gate_up"}
+    result.assert_matches_eager(torch.float32)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["activation on the second half", "three chunks", "halves of dim 0", "half used elsewhere"],
+)
+def test_chunked_look_alikes_do_not_become_gate_up(case, forward_ops):
+    def mlp(x):
+        if case == "activation on the second half":
+            up, gate = x.chunk(2, -1)
+            return up * F.silu(gate)
+        if case == "three chunks":
+            gate, up, _ = x.chunk(3, -1)
+            return up * F.silu(gate)
+        if case == "halves of dim 0":
+            gate, up = x.chunk(2, 0)
+            return up * F.silu(gate)
+        gate, up = x.chunk(2, -1)
+        return up * F.silu(gate), up + 1
+
+    x = torch.randn(4, 5, 48)
+    outs, report = compile_fn(mlp, x)
+    # The product is still fused, as `swiglu` on the two views; never as the gate_up op.
+    assert report.fired["swiglu"] == 1 and forward_ops == ["swiglu"]
+    torch.testing.assert_close(outs, mlp(x))
 
 
 def test_fuses_tanh_geglu_but_not_exact_gelu():
