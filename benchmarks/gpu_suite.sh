@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The GPU machine's share of the work in as few calls as possible: CUDA tests and benchmarks,
 # logs and JSON under $OUT. Run from the repository root:
-#   bash benchmarks/gpu_suite.sh tests       # CUDA tests (ops, backend through Inductor, attention)  ~4 min
-#   bash benchmarks/gpu_suite.sh ops         # rms_norm, swiglu, rope benchmarks                      ~4 min
-#   bash benchmarks/gpu_suite.sh loss        # linear_cross_entropy benchmark (4 shapes)              ~5 min
-#   bash benchmarks/gpu_suite.sh train       # packing + end-to-end train_step benchmarks             ~9 min
-#   bash benchmarks/gpu_suite.sh job         # the finetune job, Qwen2.5-0.5B shape, LoRA r=32       ~3 min
+#   bash benchmarks/gpu_suite.sh tests       # CUDA tests (ops, backend through Inductor, attention)  ~3.5 min
+#   bash benchmarks/gpu_suite.sh ops         # rms_norm, swiglu, rope benchmarks                      ~2.5 min
+#   bash benchmarks/gpu_suite.sh loss        # linear_cross_entropy benchmark (4 shapes)              ~4 min
+#   bash benchmarks/gpu_suite.sh train       # packing + end-to-end train_step benchmarks             ~9.5 min
+#   bash benchmarks/gpu_suite.sh job         # the finetune job, Qwen2.5-0.5B shape, LoRA r=32       ~2 min
+#   bash benchmarks/gpu_suite.sh sweep       # RMSNorm forward launch configs vs torch.compile        ~1 min
+# (Times measured on an H200, 2026-11-29. `train` is close to a 10-minute call limit: run it alone.)
+# Peer LCE implementations are timed when importable: `pip download --no-deps -d .whl liger-kernel
+# cut-cross-entropy` here, carry .whl, and `python3 -m pip install --no-deps .whl/*.whl` there.
 # The machine has torch 2.11 / triton 3.6 / transformers 5.17 and no internet: the source tree is
 # used in place (import chronicals registers the backend when no entry point is installed).
 set -uo pipefail
@@ -31,6 +35,9 @@ train)
     python3 benchmarks/bench_packing.py --out "$OUT" 2>&1 | tee "$OUT/bench_packing.log" || status=1
     python3 benchmarks/bench_train.py --out "$OUT" 2>&1 | tee "$OUT/bench_train.log" || status=1
     ;;
+sweep)
+    python3 benchmarks/sweep_rms_norm_fwd.py 2>&1 | tee "$OUT/sweep_rms_norm_fwd.log" || status=1
+    ;;
 job)
     python3 -c "import transformers; transformers.Qwen2Config(hidden_size=896, \
 intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, \
@@ -42,7 +49,7 @@ rope_theta=1e6).save_pretrained('/tmp/qwen05b')"
     grep '"compile"' /tmp/job/log.jsonl | tee "$OUT/job_fusions.jsonl"
     ;;
 *)
-    echo "usage: $0 tests|ops|loss|train|job" >&2
+    echo "usage: $0 tests|ops|loss|train|job|sweep" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,78 @@
+"""Sweep the RMSNorm forward kernel's launch configuration against plain torch.compile.
+
+    python benchmarks/sweep_rms_norm_fwd.py --hidden 896 8192
+
+For each hidden size (bf16, 16384 rows), every candidate (BLOCK_ROWS, BLOCK_COLS, NUM_BLOCKS,
+num_warps) is checked against `chronicals.reference.rms_norm` (at least 99% of outputs bit-equal, as
+bench_rms_norm.py requires of the op) and then timed as a CUDA-graph replay, beside
+`torch.compile` of the reference in the same run. The configuration the op picks today is marked.
+Use it to choose `chronicals/ops/rms_norm.py`'s heuristics; it changes nothing itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+from _timing import time_graph_and_call
+
+import chronicals.ops.rms_norm as rms
+from chronicals import reference
+
+
+def candidates(hidden: int) -> list[tuple[int, int, int, int]]:
+    block_cols = min(rms.next_power_of_2(hidden), rms._MAX_BLOCK_COLS)
+    out = []
+    for rows in (1, 2, 4, 8):
+        for warps in (1, 2, 4, 8, 16, 32):
+            per_thread = rows * block_cols // (32 * warps)
+            if 4 <= per_thread <= 64:
+                out.append((rows, block_cols, 1, warps))
+    if hidden > 2048:  # column-looped variants: two passes over the row, smaller register tiles
+        out += [(1, 2048, -(-hidden // 2048), 8), (1, 4096, -(-hidden // 4096), 8)]
+    return out
+
+
+def sweep(hidden: int, rows: int, eps: float) -> None:
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(torch.bfloat16)
+    want = reference.rms_norm(x, w, eps)
+    torch.compiler.reset()
+    compiled = torch.compile(functools.partial(reference.rms_norm, eps=eps), dynamic=False)
+    with torch.no_grad():
+        base = time_graph_and_call(lambda: compiled(x, w)).graph_ms
+    current = rms._config(rows, hidden, rms._MAX_BLOCK_COLS)
+    print(f"\nhidden {hidden}: torch.compile {1e3 * base:.1f} us; op's config {current}")
+    print("| BLOCK_ROWS | BLOCK_COLS | NUM_BLOCKS | warps | us | vs compile | equal |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    original = rms._config
+    try:
+        for cfg in candidates(hidden):
+            rms._config = lambda *_, cfg=cfg: cfg
+            got = rms._rms_norm_fwd(x, w, eps, False)
+            equal = (got == want).double().mean().item()
+            if equal < 0.99:
+                raise AssertionError(f"config {cfg}: only {equal:.4f} of outputs equal eager's")
+            ms = time_graph_and_call(lambda: rms._rms_norm_fwd(x, w, eps, False)).graph_ms
+            mark = " (op)" if cfg == current else ""
+            print(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]}{mark} | {1e3 * ms:.1f} "
+                  f"| {base / ms:.3f}x | {equal:.4f} |")
+    finally:
+        rms._config = original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[896, 2048, 4096, 8192])
+    parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--eps", type=float, default=1e-6)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sweep_rms_norm_fwd: needs a CUDA GPU.")
+    for hidden in args.hidden:
+        sweep(hidden, args.rows, args.eps)
+
+
+if __name__ == "__main__":
+    main()
