@@ -9,7 +9,8 @@ Workload (DESIGN.md's baseline setup): a Qwen2.5-0.5B-shaped model (Qwen2Config:
 bf16 weights, fused AdamW, no gradient checkpointing, batches of 8 full rows x 2048 tokens whose
 ids are Zipf-distributed over the first 5000 ids (so the loss has something to learn; every token
 is real, no padding). Modes: full fine-tune, and LoRA r=32 (alpha 32, all linear layers, PEFT's
-default fp32 adapters).
+default fp32 adapters; `--lora-dtype model` keeps them in bf16). `--tf32` runs fp32 matmuls
+on TF32 tensor cores in every stack (recorded in the JSON setup).
 
 Stacks share everything but the compiler: the same batches, the same initial weights, and the same
 loop, `chronicals.train_step` around a loss-returning function:
@@ -71,6 +72,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4, help="full fine-tune learning rate")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate (of A)")
     p.add_argument("--lora-r", type=int, default=32)
+    p.add_argument("--lora-dtype", choices=("fp32", "model"), default="fp32",
+                   help="LoRA adapter weights: fp32 (PEFT's default) or the model's dtype (bf16)")
+    p.add_argument("--tf32", action="store_true",
+                   help="fp32 matmuls (LoRA's fp32 adapters) on TF32 tensor cores, every stack")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="2-layer model, CPU smoke test")
     args = p.parse_args()
@@ -124,7 +129,7 @@ def build(stack: str, mode: str, args: argparse.Namespace, device: torch.device,
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=args.lora_r, lora_alpha=args.lora_r, target_modules="all-linear",
             task_type="CAUSAL_LM",
-        ))
+        ), autocast_adapter_dtype=args.lora_dtype == "fp32")
     model.train()
     if mode == "lora" and stack == "chronicals":
         groups = lora_plus_param_groups(model, lr=lr)
@@ -241,6 +246,9 @@ def main() -> None:
         sys.exit("bench_train: needs a CUDA GPU (or --tiny for a CPU smoke test).")
     import chronicals  # noqa: F401  (registers backend="chronicals" in a source checkout)
 
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
+
     results = []
     for mode in args.modes:
         for stack in args.stacks:
@@ -274,7 +282,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in vars(args).items() if k != "out"}
     setup.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                 torch=torch.__version__, dtype=str(dtype))
+                 torch=torch.__version__, dtype=str(dtype),
+                 float32_matmul_precision=torch.get_float32_matmul_precision())
     (out / "bench_train.json").write_text(json.dumps(
         {"setup": setup, "results": results, "table": table}, indent=2
     ))

@@ -435,17 +435,18 @@ def _token_weight(
     return grad / _valid_count(labels2d, ignore_index, shift).clamp(min=1)
 
 
+def _as_kernel_operands(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
+    """hidden as [N, H] rows, weight contiguous, labels as [B, seq] (views where possible)."""
+    return hidden.reshape(-1, hidden.shape[-1]), weight.contiguous(), _labels_2d(labels)
+
+
 def _lce_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, num_items, ignore_index: int, reduction: str,
     shift: bool, softcap: Optional[float], z_loss: float, label_smoothing: float,
 ) -> tuple[Tensor, Tensor]:
     """(loss, lse [N] fp32) with the Triton kernels."""
-    H = hidden.shape[-1]
-    V = weight.shape[0]
-    h2 = hidden.reshape(-1, H)
-    weight = weight.contiguous()
-    labels2d = _labels_2d(labels)
-    N = h2.shape[0]
+    h2, weight, labels2d = _as_kernel_operands(hidden, weight, labels)
+    (N, H), V = h2.shape, weight.shape[0]
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
     token_loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
     if N == 0:
@@ -499,12 +500,8 @@ def _lce_bwd(
 ) -> tuple[Tensor, Tensor]:
     """(d_hidden, d_weight) with the Triton dlogits kernel and cuBLAS; empty tensors for the
     gradients not asked for."""
-    H = hidden.shape[-1]
-    V = weight.shape[0]
-    h2 = hidden.reshape(-1, H)
-    weight = weight.contiguous()
-    labels2d = _labels_2d(labels)
-    N = h2.shape[0]
+    h2, weight, labels2d = _as_kernel_operands(hidden, weight, labels)
+    (N, H), V = h2.shape, weight.shape[0]
     dtype = hidden.dtype
     empty = hidden.new_empty(0)
     d_weight = torch.zeros_like(weight) if need_d_weight else empty

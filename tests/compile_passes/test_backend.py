@@ -21,6 +21,13 @@ def _norm(x, w):
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
 
 
+def test_option_names_are_the_registered_fusions_in_order():
+    # BackendOptions validates names without importing the kernels; the two lists must agree.
+    from compile_passes import backend
+
+    assert backend.FUSION_NAMES == tuple(backend._all_fusions())
+
+
 def test_report_is_data_and_goes_to_a_file_or_callable(tmp_path):
     x, w = torch.randn(4, 24), torch.randn(24)
     seen = []
