@@ -24,6 +24,15 @@ class Timing(NamedTuple):
     call_ms: float  # median of a plain Python call of the step: mostly CPU dispatch when small
 
 
+def copy_tbps(nbytes: int, device: torch.device | str = "cuda") -> float:
+    """TB/s of a device-to-device copy of `nbytes` of random bf16, counting bytes read plus
+    written: the bandwidth ceiling the op benchmarks compare against, measured in their run."""
+    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e12
+
+
 def time_graph_and_call(fn: Callable[[], object], warmup: int = 25, rep: int = 200) -> Timing:
     """Median ms of a Python call of `fn` and of a CUDA-graph replay of it.
 

@@ -33,8 +33,7 @@ from pathlib import Path
 
 import torch
 import triton
-from _timing import time_graph_and_call
-from triton.testing import do_bench
+from _timing import copy_tbps, time_graph_and_call
 
 from chronicals import reference
 from chronicals.ops.rms_norm import rms_norm
@@ -51,14 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eps", type=float, default=1e-6)
     parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the copy probe")
     return parser.parse_args(argv)
-
-
-def copy_bandwidth(gib: float) -> float:
-    """TB/s of a device-to-device copy, counting bytes read and written."""
-    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3) / 1e12
 
 
 def check_against_hf(x: torch.Tensor, w: torch.Tensor, eps: float) -> None:
@@ -163,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("bench_rms_norm: needs a CUDA GPU (times Triton kernels on the device).")
     torch.manual_seed(0)
     eager = functools.partial(reference.rms_norm, eps=args.eps)
-    copy_tbps = copy_bandwidth(args.copy_gib)
+    ceiling = copy_tbps(int(args.copy_gib * 2**30))
     results = []
     for hidden in args.hidden:
         # Dynamo's recompile limit (8) counts per code object across torch.compile wrappers; each
@@ -176,14 +167,14 @@ def main(argv: list[str] | None = None) -> None:
             # A fresh static-shape compile per size, so no variant times a dynamic-shape kernel.
             "compile": torch.compile(eager, dynamic=False),
         }
-        results += bench_case(args, hidden, variants, copy_tbps)
-    print_table(results, copy_tbps)
+        results += bench_case(args, hidden, variants, ceiling)
+    print_table(results, ceiling)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_rms_norm.json"
     path.write_text(json.dumps({
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": triton.__version__, "python": platform.python_version(),
-        "copy_tbps": copy_tbps,
+        "copy_tbps": ceiling,
         "timing": "triton.testing.do_bench medians (warmup 25 ms, rep 200 ms, L2 flushed): "
                   "ms_graph = CUDA-graph replay of the step (GPU time), ms_call = Python call",
         "results": results,

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
-from _timing import time_graph_and_call
+import triton
+from _timing import copy_tbps, time_graph_and_call
 
 from chronicals import reference
 from chronicals.ops import implementation
@@ -50,19 +50,6 @@ ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
 }
 TENSORS_MOVED = {"fwd": 3, "fwd+bwd": 8}
 WARMUP_MS, REP_MS = 50, 300  # do_bench's warm-up and measuring time per timing
-
-
-def _bench(fn: Callable[[], object]) -> float:
-    """Median milliseconds of `fn`, after do_bench's warm-up."""
-    return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
-
-
-def copy_bandwidth_tbs(device: torch.device) -> float:
-    """Device-to-device copy of 2 GiB, counting bytes read plus written."""
-    src = torch.randn(2**29, device=device)  # 2 GiB of fp32
-    dst = torch.empty_like(src)
-    ms = _bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e12
 
 
 def _inputs(tokens: int, size: int, chunked: bool, device: torch.device):
@@ -126,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
         raise RuntimeError(f"chronicals runs {implementation(device)} on {device}, not Triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 would time the interpreter; unset it")
-    copy_tbs = copy_bandwidth_tbs(device)
+    copy_tbs = copy_tbps(2 * 2**30, device)
     cases = [(act, size, False) for act in args.activations for size in args.sizes]
     if args.phi3_size:
         cases.append(("swiglu", args.phi3_size, True))
