@@ -73,6 +73,21 @@ def _assert_token_major(name, t):
     assert t.stride() == expected, f"{name}: strides {t.stride()} != token-major {expected}"
 
 
+def _check_rope_against_truth(q, k, cos, sin):
+    """rope's outputs and (dq, dk): q's dtype, token-major strides, and no worse than eager
+    against the fp64 truth."""
+    q, k = q.requires_grad_(), k.requires_grad_()
+    q_out, k_out = rope(q, k, cos, sin)
+    gq, gk = torch.randn_like(q_out), torch.randn_like(k_out)
+    dq, dk = torch.autograd.grad((q_out, k_out), (q, k), (gq, gk))
+    truth, eager = _truth_and_eager(q, k, cos, sin, gq, gk)
+    for name, out, e, t in zip(("q_out", "k_out", "dq", "dk"), (q_out, k_out, dq, dk), eager,
+                               truth):
+        assert out.dtype == q.dtype
+        _assert_token_major(name, out)
+        assert_no_worse_than_eager(name, out, e, t, atol=ATOL[q.dtype])
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("layout", ["hf", "contiguous"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -81,17 +96,7 @@ def test_forward_backward_vs_fp64(batch, heads_q, heads_k, seq, head_dim, rot, c
                                   layout, device):
     q, k = _qk(batch, heads_q, heads_k, seq, head_dim, dtype, device, layout)
     cos, sin = _random_cos_sin(1 if cos1 else batch, seq, rot, dtype, device)
-    q.requires_grad_()
-    k.requires_grad_()
-    q_out, k_out = rope(q, k, cos, sin)
-    gq, gk = torch.randn_like(q_out), torch.randn_like(k_out)
-    dq, dk = torch.autograd.grad((q_out, k_out), (q, k), (gq, gk))
-    truth, eager = _truth_and_eager(q, k, cos, sin, gq, gk)
-    for name, out, e, t in zip(("q_out", "k_out", "dq", "dk"), (q_out, k_out, dq, dk), eager,
-                               truth):
-        assert out.dtype == dtype
-        _assert_token_major(name, out)
-        assert_no_worse_than_eager(name, out, e, t, atol=ATOL[dtype])
+    _check_rope_against_truth(q, k, cos, sin)
 
 
 @pytest.mark.parametrize("heads_k", [2, 1])
@@ -102,16 +107,7 @@ def test_reference_path_when_interpreter_off(dtype, heads_k, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k = _qk(2, 4, heads_k, 7, 32, dtype, "cpu", "hf")
     cos, sin = _random_cos_sin(2, 7, 16, dtype, "cpu")
-    q.requires_grad_()
-    k.requires_grad_()
-    q_out, k_out = rope(q, k, cos, sin)
-    gq, gk = torch.randn_like(q_out), torch.randn_like(k_out)
-    dq, dk = torch.autograd.grad((q_out, k_out), (q, k), (gq, gk))
-    truth, eager = _truth_and_eager(q, k, cos, sin, gq, gk)
-    for name, out, e, t in zip(("q_out", "k_out", "dq", "dk"), (q_out, k_out, dq, dk), eager,
-                               truth):
-        _assert_token_major(name, out)
-        assert_no_worse_than_eager(name, out, e, t, atol=ATOL[dtype])
+    _check_rope_against_truth(q, k, cos, sin)
 
 
 @pytest.mark.parametrize("device", devices())
