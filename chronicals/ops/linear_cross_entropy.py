@@ -13,16 +13,19 @@ returns them per token. Counts stay on the device: nothing syncs with the host.
 Forward (Triton): programs tile (token blocks) x (vocab splits). Each loops over its vocab range in
 BLOCK_V tiles; a tile is a `tl.dot` over H (bf16/fp16 operands on tensor cores, fp32 accumulator),
 then an online log-sum-exp per token, the label's logit and, for label smoothing, the sum of the
-logits. A second small kernel merges the [4, splits, N] fp32 partials into lse [N] and the token
-losses. Only lse is saved for the backward.
+logits. The (tile, k step) loops are one flattened loop, so the software pipeline keeps loading
+while a finished tile is reduced. Operands come through TMA descriptors where the hardware and
+the tensors' alignment allow (`_tma_ok`), through pointers otherwise. A second small kernel merges
+the [4, splits, N] fp32 partials into lse [N] and the token losses. Only lse is saved for the
+backward.
 
-Backward: the vocabulary is walked in chunks of C columns. A Triton kernel recomputes the chunk's
-logits tile by tile from hidden and weight and writes dlogits [N, C] in the input dtype (eager
-PyTorch also feeds bf16 logit gradients to its GEMMs); cuBLAS then writes dW[chunk] = dlogits^T @ h
-in one GEMM (the reduction over all tokens is complete, so every dW element is rounded once) and
-adds dlogits @ W[chunk] into an fp32 [N, H] accumulator for dh, rounded once at the end. dW is
-skipped entirely when weight needs no gradient (frozen LM head under LoRA), dh when hidden needs
-none.
+Backward: the vocabulary is walked in chunks of C columns. A persistent Triton kernel (one program
+per SM, same main loop) recomputes the chunk's logits tile by tile from hidden and weight and
+writes dlogits [N, C] in the input dtype (eager PyTorch also feeds bf16 logit gradients to its
+GEMMs); cuBLAS then writes dW[chunk] = dlogits^T @ h in one GEMM (the reduction over all tokens is
+complete, so every dW element is rounded once) and adds dlogits @ W[chunk] into an fp32 [N, H]
+accumulator for dh, rounded once at the end. dW is skipped entirely when weight needs no gradient
+(frozen LM head under LoRA), dh when hidden needs none.
 
 Numerics contract: logits, lse, token losses and the reduction are fp32; the loss comes back fp32,
 gradients in the input dtype. The logits are not rounded to bf16 before the softmax (eager
@@ -34,10 +37,12 @@ dlogits chunk (`_DLOGITS_CHUNK_ELEMENTS` elements at most, 64 MiB in bf16, indep
 the fp32 dh accumulator [N, H] (none for fp32 inputs, which accumulate in dh itself).
 
 Cost: four GEMM-sized passes (forward, recompute, dW, dh) where eager runs three plus ~6 passes
-over [N, V] fp32 logits. On an H200 with 16k tokens, H=896, V=151936 (bf16): forward 7.8 ms,
-backward 25.1 ms (dlogits kernel ~9.7, dW 6.9, dh 8.6), against 6.9 ms for one cuBLAS GEMM of
-that size. The recompute is why an op that never holds the logits trails a compiled graph that
-does once H is large: recomputing a logit costs 2H FLOPs, storing and re-reading it ~8 bytes.
+over [N, V] fp32 logits. On an H200 with 16k tokens, H=896, V=151936 (bf16): forward 7.5 ms and
+forward + backward 32.6 ms, against 6.9 ms for one cuBLAS GEMM of that size (the backward's fp32
+dh accumulator adds ~2 ms of traffic: 117 MB read and written per 2048-column chunk). The
+recompute is why an op that never holds the logits trails a compiled graph that does (26.7 ms
+here, with 4.6 GiB of logits): recomputing a logit costs 2H FLOPs, storing and re-reading it
+~8 bytes, so the gap widens with H.
 
 Labels outside [0, V) that are not `ignore_index`: never read out of bounds. On CPU tensors the op
 raises IndexError("... Target 7 is out of bounds.") as PyTorch's CPU cross-entropy does (a host
@@ -118,31 +123,38 @@ def _load_labels(
 
 
 @triton.jit
-def _logits_tile(
-    h_ptr, w_ptr, rows, cols, stride_h_n, stride_w_v, softcap,
+def _operands(
+    h_ptr, w_ptr, h_desc, w_desc, row0, col0, k0, stride_h_n, stride_w_v, N, V,
     H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """fp32 logits [BLOCK_N, BLOCK_V] of token `rows` x vocab `cols` (both clamped in bounds)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h_n + offs_k[None, :]
-    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_w_v + offs_k[:, None]
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    """The k-th slices of hidden rows [row0, row0 + BLOCK_N) and weight rows [col0, col0 +
+    BLOCK_V), as dot operands [BLOCK_N, BLOCK_K] and [BLOCK_K, BLOCK_V]. Rows past N or V and
+    columns past H read as 0: TMA fills them; the pointer path clamps rows and masks columns."""
+    if TMA:
+        h = h_desc.load([row0, k0])
+        w = w_desc.load([col0, k0]).T
+    else:
+        rows = tl.minimum(row0 + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+        cols = tl.minimum(col0 + tl.arange(0, BLOCK_V), V - 1).to(tl.int64)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        h_ptrs = h_ptr + rows[:, None] * stride_h_n + offs_k[None, :]
+        w_ptrs = w_ptr + cols[None, :] * stride_w_v + offs_k[:, None]
         if H % BLOCK_K == 0:
             h = tl.load(h_ptrs)
             w = tl.load(w_ptrs)
         else:
-            k_mask = (k0 + offs_k) < H
-            h = tl.load(h_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        if INTERPRET:
-            # bf16 tl.dot is wrong in the interpreter; the upcast is exact.
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-        h_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+            h = tl.load(h_ptrs, mask=(offs_k < H)[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=(offs_k < H)[:, None], other=0.0)
+    if INTERPRET:
+        # bf16 tl.dot is wrong in the interpreter; the upcast is exact.
+        h = h.to(tl.float32)
+        w = w.to(tl.float32)
+    return h, w
+
+
+@triton.jit
+def _softcapped(acc, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
         acc = softcap * _tanh(acc / softcap)
     return acc
@@ -150,44 +162,55 @@ def _logits_tile(
 
 @triton.jit
 def _lce_fwd_kernel(
-    h_ptr, w_ptr, labels_ptr, part_ptr,
+    h_ptr, w_ptr, h_desc, w_desc, labels_ptr, part_ptr,
     N, seq_len, stride_h_n, stride_w_v, stride_labels_b, stride_labels_s, ignore_index, softcap,
     V: tl.constexpr, H: tl.constexpr, SPLITS: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SHIFT: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Partials of one token block over one vocab split: running max, sum of exp(l - max), the
-    label's logit (0 if the label is elsewhere) and the sum of logits, into part[4, SPLITS, N]."""
+    label's logit (0 if the label is elsewhere) and the sum of logits, into part[4, SPLITS, N].
+
+    The (vocab tile, k step) loops are one flattened loop, so the pipeline loads the next tile's
+    operands while a finished tile is reduced (a nested k loop drains and refills it per tile)."""
+    K_TILES: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_n * BLOCK_N
+    offs_n = row0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    rows = tl.minimum(offs_n, N - 1)
     label, valid, bad = _load_labels(
-        labels_ptr, rows, n_mask, seq_len, stride_labels_b, stride_labels_s, ignore_index, V, SHIFT
+        labels_ptr, tl.minimum(offs_n, N - 1), n_mask, seq_len, stride_labels_b,
+        stride_labels_s, ignore_index, V, SHIFT,
     )
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target = tl.zeros((BLOCK_N,), dtype=tl.float32)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for t in range(TILES_PER_SPLIT):
-        offs_v = (split * TILES_PER_SPLIT + t) * BLOCK_V + tl.arange(0, BLOCK_V)
-        v_mask = offs_v < V
-        cols = tl.minimum(offs_v, V - 1)
-        logits = _logits_tile(
-            h_ptr, w_ptr, rows, cols, stride_h_n, stride_w_v, softcap,
-            H, BLOCK_N, BLOCK_V, BLOCK_K, HAS_SOFTCAP, INTERPRET, DOT_PRECISION,
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for i in tl.range(0, TILES_PER_SPLIT * K_TILES, num_stages=STAGES):
+        col0 = (split * TILES_PER_SPLIT + i // K_TILES) * BLOCK_V
+        k = i % K_TILES
+        h, w = _operands(
+            h_ptr, w_ptr, h_desc, w_desc, row0, col0, k * BLOCK_K, stride_h_n, stride_w_v, N, V,
+            H, BLOCK_N, BLOCK_V, BLOCK_K, TMA, INTERPRET,
         )
-        logits = tl.where(v_mask[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        # A split whose tiles all lie past V keeps m = -inf; subtract 0 there instead (no NaN).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
-        m = m_new
-        target += tl.sum(tl.where(offs_v[None, :] == label[:, None], logits, 0.0), axis=1)
-        if HAS_SMOOTHING:
-            total += tl.sum(tl.where(v_mask[None, :], logits, 0.0), axis=1)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        if k == K_TILES - 1:
+            offs_v = col0 + tl.arange(0, BLOCK_V)
+            v_mask = offs_v < V
+            logits = tl.where(v_mask[None, :], _softcapped(acc, softcap, HAS_SOFTCAP),
+                              float("-inf"))
+            m_new = tl.maximum(m, tl.max(logits, axis=1))
+            # A split whose tiles all lie past V keeps m = -inf; subtract 0 there (no NaN).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
+            m = m_new
+            target += tl.sum(tl.where(offs_v[None, :] == label[:, None], logits, 0.0), axis=1)
+            if HAS_SMOOTHING:
+                total += tl.sum(tl.where(v_mask[None, :], logits, 0.0), axis=1)
+            acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     out = part_ptr + split * N + offs_n
     tl.store(out, m, mask=n_mask)
     tl.store(out + SPLITS * N, s, mask=n_mask)
@@ -238,57 +261,74 @@ def _lce_merge_kernel(
 
 @triton.jit
 def _lce_bwd_dlogits_kernel(
-    h_ptr, w_ptr, labels_ptr, lse_ptr, g_ptr, dl_ptr,
+    h_ptr, w_ptr, h_desc, w_desc, dl_desc, labels_ptr, lse_ptr, g_ptr, dl_ptr,
     N, seq_len, v_start, chunk_cols,
     stride_h_n, stride_w_v, stride_labels_b, stride_labels_s, stride_g, stride_dl_n,
     ignore_index, softcap, z_loss, label_smoothing,
     V: tl.constexpr, H: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    SHIFT: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    SHIFT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """dlogits of one [BLOCK_N, BLOCK_V] tile of the vocab chunk starting at v_start, scaled by
-    each token's weight g (d total / d loss_n: upstream grad x 1/count, 0 where ignored)."""
+    """dlogits of the vocab chunk starting at v_start, [N, chunk_cols], each token's row scaled by
+    its weight g (d total / d loss_n: upstream grad x 1/count, 0 where ignored).
+
+    Persistent: program p takes tiles p, p + P, ... (P programs), vocab tiles varying fastest, so
+    programs running together share token blocks and the chunk's weight rows stay in L2. The
+    (tile, k step) loops are flattened as in the forward."""
+    K_TILES: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K
     tiles_v = tl.cdiv(chunk_cols, BLOCK_V)
+    tiles = tl.cdiv(N, BLOCK_N) * tiles_v
     pid = tl.program_id(0)
-    # Vocab tiles vary fastest: neighbours share the token block, and the chunk's weight rows
-    # (<= 32 MiB for the shapes we tune for) stay in L2.
-    pid_n = pid // tiles_v
-    pid_v = pid % tiles_v
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    rows = tl.minimum(offs_n, N - 1)
-    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    c_mask = offs_c < chunk_cols
-    offs_v = v_start + offs_c
-    cols = tl.minimum(offs_v, V - 1)
-    logits = _logits_tile(
-        h_ptr, w_ptr, rows, cols, stride_h_n, stride_w_v, softcap,
-        H, BLOCK_N, BLOCK_V, BLOCK_K, HAS_SOFTCAP, INTERPRET, DOT_PRECISION,
-    )
-    label, valid, bad = _load_labels(
-        labels_ptr, rows, n_mask, seq_len, stride_labels_b, stride_labels_s, ignore_index, V, SHIFT
-    )
-    lse = tl.load(lse_ptr + rows)
-    g = tl.load(g_ptr + rows * stride_g).to(tl.float32)
-    g = tl.where(bad, float("nan"), tl.where(valid, g, 0.0))
-    p = tl.exp(logits - lse[:, None])
-    if HAS_Z:
-        p = p * (1.0 + 2.0 * z_loss * lse)[:, None]
-    if HAS_SMOOTHING:
-        dl = p - tl.where(offs_v[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
-        dl = dl - label_smoothing / V
-    else:
-        dl = p - tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0)
-    if HAS_SOFTCAP:
-        capped = logits / softcap
-        dl = dl * (1.0 - capped * capped)
-    dl = dl * g[:, None]
-    if INTERPRET:
-        if dl_ptr.dtype.element_ty == tl.bfloat16:
-            dl = _round_to_bf16_nearest(dl)
-    out = dl_ptr + offs_n.to(tl.int64)[:, None] * stride_dl_n + offs_c[None, :]
-    tl.store(out, dl.to(dl_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
+    programs = tl.num_programs(0)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for i in tl.range(0, tl.cdiv(tiles - pid, programs) * K_TILES, num_stages=STAGES):
+        tile = pid + (i // K_TILES) * programs
+        row0 = (tile // tiles_v) * BLOCK_N
+        c0 = (tile % tiles_v) * BLOCK_V
+        k = i % K_TILES
+        h, w = _operands(
+            h_ptr, w_ptr, h_desc, w_desc, row0, v_start + c0, k * BLOCK_K, stride_h_n,
+            stride_w_v, N, V, H, BLOCK_N, BLOCK_V, BLOCK_K, TMA, INTERPRET,
+        )
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        if k == K_TILES - 1:
+            offs_n = row0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            rows = tl.minimum(offs_n, N - 1)
+            offs_c = c0 + tl.arange(0, BLOCK_V)
+            offs_v = v_start + offs_c
+            logits = _softcapped(acc, softcap, HAS_SOFTCAP)
+            label, valid, bad = _load_labels(
+                labels_ptr, rows, n_mask, seq_len, stride_labels_b, stride_labels_s,
+                ignore_index, V, SHIFT,
+            )
+            lse = tl.load(lse_ptr + rows)
+            g = tl.load(g_ptr + rows * stride_g).to(tl.float32)
+            g = tl.where(bad, float("nan"), tl.where(valid, g, 0.0))
+            p = tl.exp(logits - lse[:, None])
+            if HAS_Z:
+                p = p * (1.0 + 2.0 * z_loss * lse)[:, None]
+            if HAS_SMOOTHING:
+                dl = p - tl.where(offs_v[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
+                dl = dl - label_smoothing / V
+            else:
+                dl = p - tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0)
+            if HAS_SOFTCAP:
+                capped = logits / softcap
+                dl = dl * (1.0 - capped * capped)
+            dl = dl * g[:, None]
+            if INTERPRET:
+                if dl_ptr.dtype.element_ty == tl.bfloat16:
+                    dl = _round_to_bf16_nearest(dl)
+            dl = dl.to(dl_ptr.dtype.element_ty)
+            if TMA:
+                dl_desc.store([row0, c0], dl)  # rows past N, columns past the chunk: clipped
+            else:
+                out = dl_ptr + offs_n.to(tl.int64)[:, None] * stride_dl_n + offs_c[None, :]
+                tl.store(out, dl, mask=n_mask[:, None] & (offs_c < chunk_cols)[None, :])
+            acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,15 +346,35 @@ class _Tiles(NamedTuple):
 
 def _tiles(dtype: torch.dtype) -> _Tiles:
     """Tile sizes of the forward and the dlogits kernels. 16-bit operands: 128 x 256 x 64, 8 warps,
-    3 stages was the fastest of 4 configs on an H200 for both kernels at H=896 and H=4096 (the
-    forward ran at 1.13x and 1.21x the time of a cuBLAS GEMM of the same size; 128 x 128 tiles
-    were 15-20% slower). fp32 operands take ieee dots, whose tiles must be smaller to fit shared
-    memory. Tiny tiles in the interpreter, where every program costs ~0.4 ms."""
+    3 stages. On an H200 (`benchmarks/sweep_lce_tiles.py`, bf16) the forward with TMA loads and the
+    flattened loop took 1.07x (16384 x 896 x 151936) and 1.09x (8192 x 4096 x 128256) the time of a
+    cuBLAS GEMM of the same size; 4 stages tied, 256 x 128 was 2-3% slower, 128 x 128 6-10%
+    slower. fp32 operands take ieee dots, whose tiles must be smaller to fit shared memory. Tiny
+    tiles in the interpreter, where every program costs ~0.4 ms."""
     if interpreter_on():
         return _Tiles(32, 64, 16, 1, 1)
     if dtype == torch.float32:
         return _Tiles(64, 64, 32, 4, 2)
     return _Tiles(128, 256, 64, 8, 3)
+
+
+def _tma_ok(*tensors: Tensor) -> bool:
+    """Whether the kernels may load these 2-D tensors through TMA descriptors: a Hopper or newer
+    GPU (or the interpreter), unit stride along the last dim, and 16-byte aligned base and row
+    stride, which TMA requires. Otherwise the kernels take their pointer path (same tiles and
+    arithmetic; about 15% slower on an H200)."""
+    for t in tensors:
+        if t.is_cuda and torch.cuda.get_device_capability(t.device) < (9, 0):
+            return False
+        if t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _descriptor(t: Tensor, block: list[int], tma: bool):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, block) if tma else None
 
 
 @functools.cache
@@ -436,8 +496,12 @@ def _token_weight(
 
 
 def _as_kernel_operands(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
-    """hidden as [N, H] rows, weight contiguous, labels as [B, seq] (views where possible)."""
-    return hidden.reshape(-1, hidden.shape[-1]), weight.contiguous(), _labels_2d(labels)
+    """hidden as [N, H] rows with a unit last-dim stride, weight contiguous, labels as [B, seq]
+    (views where possible)."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    return h2, weight.contiguous(), _labels_2d(labels)
 
 
 def _lce_fwd(
@@ -460,15 +524,17 @@ def _lce_fwd(
     splits = triton.cdiv(tiles_v, tiles_per_split)
     part = torch.empty((4, splits, N), dtype=torch.float32, device=hidden.device)
     has_smoothing = label_smoothing != 0.0
+    tma = _tma_ok(h2, weight)
     _lce_fwd_kernel[(blocks_n, splits)](
-        h2, weight, labels2d, part,
+        h2, weight, _descriptor(h2, [tiles.block_n, tiles.block_k], tma),
+        _descriptor(weight, [tiles.block_v, tiles.block_k], tma), labels2d, part,
         N, labels2d.shape[1], h2.stride(0), weight.stride(0),
         labels2d.stride(0), labels2d.stride(1), ignore_index, float(softcap or 1.0),
         V=V, H=H, SPLITS=splits, TILES_PER_SPLIT=tiles_per_split,
-        HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=has_smoothing, SHIFT=shift,
+        HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=has_smoothing, SHIFT=shift, TMA=tma,
         INTERPRET=interpreter_on(), DOT_PRECISION=_dot_precision(hidden.dtype),
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        STAGES=tiles.num_stages, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     merge_block = 1024 if hidden.is_cuda else 64
     _lce_merge_kernel[(triton.cdiv(N, merge_block),)](
@@ -513,20 +579,26 @@ def _lce_bwd(
         chunk = min(chunk, triton.cdiv(V, tiles.block_v) * tiles.block_v)
         g = _token_weight(grad_loss, labels2d, ignore_index, reduction, shift, num_items)
         dl_buf = torch.empty((N, chunk), dtype=dtype, device=hidden.device)
+        tma = _tma_ok(h2, weight, dl_buf)
+        h_desc = _descriptor(h2, [tiles.block_n, tiles.block_k], tma)
+        w_desc = _descriptor(weight, [tiles.block_v, tiles.block_k], tma)
         blocks_n = triton.cdiv(N, tiles.block_n)
         for v0 in range(0, V, chunk):
             cols = min(chunk, V - v0)
-            _lce_bwd_dlogits_kernel[(blocks_n * triton.cdiv(cols, tiles.block_v),)](
-                h2, weight, labels2d, lse, g, dl_buf,
+            programs = min(blocks_n * triton.cdiv(cols, tiles.block_v), _sm_count(hidden.device))
+            _lce_bwd_dlogits_kernel[(programs,)](
+                h2, weight, h_desc, w_desc,
+                _descriptor(dl_buf[:, :cols], [tiles.block_n, tiles.block_v], tma),
+                labels2d, lse, g, dl_buf,
                 N, labels2d.shape[1], v0, cols,
                 h2.stride(0), weight.stride(0), labels2d.stride(0), labels2d.stride(1),
                 0 if g.dim() == 0 else 1, dl_buf.stride(0),
                 ignore_index, float(softcap or 1.0), float(z_loss), float(label_smoothing),
                 V=V, H=H, HAS_SOFTCAP=softcap is not None, HAS_Z=z_loss != 0.0,
-                HAS_SMOOTHING=label_smoothing != 0.0, SHIFT=shift, INTERPRET=interpreter_on(),
-                DOT_PRECISION=_dot_precision(dtype),
+                HAS_SMOOTHING=label_smoothing != 0.0, SHIFT=shift, TMA=tma,
+                INTERPRET=interpreter_on(), DOT_PRECISION=_dot_precision(dtype),
                 BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                STAGES=tiles.num_stages, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             )
             dl = dl_buf[:, :cols]
             if need_d_weight:

@@ -124,6 +124,23 @@ def test_all_options_many_chunks_and_splits(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("hidden_size, tma", [(24, True), (20, False)])
+def test_tma_and_pointer_loads(device, hidden_size, tma):
+    """Operands load through TMA descriptors when their rows are 16-byte aligned (H=24 in bf16:
+    48 bytes) and through pointers otherwise (H=20: 40 bytes); both paths match the truth."""
+    hidden, weight, labels = _inputs((2, 19), hidden_size, 131, torch.bfloat16, device, scale=4.0)
+    on_hopper = device == "cpu" or torch.cuda.get_device_capability() >= (9, 0)
+    assert lce._tma_ok(hidden.view(-1, hidden_size), weight) == (tma and on_hopper)
+    _check(hidden, weight, labels, shift=True, softcap=3.0, label_smoothing=0.05)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_hidden_strided_in_its_last_dim(device):
+    hidden, weight, labels = _inputs((2, 19), 48, 131, torch.bfloat16, device)
+    _check(hidden[..., ::2], weight[:, ::2].contiguous(), labels)
+
+
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_fully_ignored_batch_is_zero_not_nan(device, reduction):
     hidden, weight, labels = _inputs((3, 4), 24, 131, torch.bfloat16, device, ignored=1.0)
