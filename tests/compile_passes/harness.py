@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+import chronicals  # noqa: F401  (registers backend="chronicals" where no entry point is installed)
 import compile_passes
 from tests.helpers import ULP
 from tests.models import tiny_batch, tiny_model
