@@ -5,8 +5,9 @@
 For each hidden size (bf16, 16384 rows), every candidate (BLOCK_ROWS, BLOCK_COLS, NUM_BLOCKS,
 num_warps) is checked against `chronicals.reference.rms_norm` (at least 99% of outputs bit-equal, as
 bench_rms_norm.py requires of the op) and then timed as a CUDA-graph replay, beside
-`torch.compile` of the reference in the same run. The configuration the op picks today is marked.
-Use it to choose `chronicals/ops/rms_norm.py`'s heuristics; it changes nothing itself.
+`torch.compile` of the reference and a plain copy of the same bytes in the same run. The
+configuration the op picks today is marked. Use it to choose `chronicals/ops/rms_norm.py`'s
+heuristics; it changes nothing itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import functools
 
 import torch
-from _timing import time_graph_and_call
+from _timing import copy_tbps, time_graph_and_call
 
 import chronicals.ops.rms_norm as rms
 from chronicals import reference
@@ -24,17 +25,18 @@ from chronicals import reference
 def candidates(hidden: int) -> list[tuple[int, int, int, int]]:
     block_cols = min(rms.next_power_of_2(hidden), rms._MAX_BLOCK_COLS)
     out = []
-    for rows in (1, 2, 4, 8):
+    for rows in (1, 2, 4, 8, 16, 32):
         for warps in (1, 2, 4, 8, 16, 32):
             per_thread = rows * block_cols // (32 * warps)
             if 4 <= per_thread <= 64:
                 out.append((rows, block_cols, 1, warps))
     if hidden > 2048:  # column-looped variants: two passes over the row, smaller register tiles
-        out += [(1, 2048, -(-hidden // 2048), 8), (1, 4096, -(-hidden // 4096), 8)]
+        for cols, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8)):
+            out.append((1, cols, -(-hidden // cols), warps))
     return out
 
 
-def sweep(hidden: int, rows: int, eps: float) -> None:
+def sweep(hidden: int, rows: int, eps: float, ceiling: float) -> None:
     x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
     w = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(torch.bfloat16)
     want = reference.rms_norm(x, w, eps)
@@ -42,10 +44,19 @@ def sweep(hidden: int, rows: int, eps: float) -> None:
     compiled = torch.compile(functools.partial(reference.rms_norm, eps=eps), dynamic=False)
     with torch.no_grad():
         base = time_graph_and_call(lambda: compiled(x, w)).graph_ms
+    # The same bytes moved by a plain copy (x read, y written), graph-timed like the kernels: at
+    # small sizes no kernel reaches the large-copy ceiling, and this says how close one can get.
+    y = torch.empty_like(x)
+    copy = time_graph_and_call(lambda: y.copy_(x)).graph_ms
+    nbytes = 2 * x.numel() * x.element_size()
     current = rms._config(rows, hidden, rms._MAX_BLOCK_COLS)
-    print(f"\nhidden {hidden}: torch.compile {1e3 * base:.1f} us; op's config {current}")
-    print("| BLOCK_ROWS | BLOCK_COLS | NUM_BLOCKS | warps | us | vs compile | equal |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\nhidden {hidden}: torch.compile {1e3 * base:.1f} us; same-size copy "
+          f"{1e3 * copy:.1f} us ({nbytes / copy / 1e9:.2f} TB/s, "
+          f"{100 * nbytes / copy / 1e9 / ceiling:.0f}% of the {ceiling:.2f} TB/s 2 GiB copy); "
+          f"op's config {current}")
+    print("| BLOCK_ROWS | BLOCK_COLS | NUM_BLOCKS | warps | us | vs compile | % of ceiling "
+          "| equal |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     original = rms._config
     try:
         for cfg in candidates(hidden):
@@ -57,7 +68,7 @@ def sweep(hidden: int, rows: int, eps: float) -> None:
             ms = time_graph_and_call(lambda: rms._rms_norm_fwd(x, w, eps, False)).graph_ms
             mark = " (op)" if cfg == current else ""
             print(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]}{mark} | {1e3 * ms:.1f} "
-                  f"| {base / ms:.3f}x | {equal:.4f} |")
+                  f"| {base / ms:.3f}x | {100 * nbytes / ms / 1e9 / ceiling:.0f}% | {equal:.4f} |")
     finally:
         rms._config = original
 
@@ -70,8 +81,9 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("sweep_rms_norm_fwd: needs a CUDA GPU.")
+    ceiling = copy_tbps(2 * 2**30)
     for hidden in args.hidden:
-        sweep(hidden, args.rows, args.eps)
+        sweep(hidden, args.rows, args.eps, ceiling)
 
 
 if __name__ == "__main__":

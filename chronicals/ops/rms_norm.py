@@ -104,7 +104,9 @@ def _rms_norm_fwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        # Every program reads all of w: keep it in L2.
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")
+        w = w.to(tl.float32)
         normed = x * rstd[:, None]
         # The variant's cast order: Gemma scales by (1 + w) in fp32 before the final cast; Llama
         # rounds the normalised value to x's dtype first, then scales by w in fp32.
@@ -118,15 +120,19 @@ def _rms_norm_fwd_kernel(
         for block in range(NUM_BLOCKS):
             c = block * BLOCK_COLS + cols
             mask = row_mask[:, None] & (c < n_cols)[None, :]
-            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            # Keep the row in L2 for the second pass, which reads it for the last time.
+            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0, eviction_policy="evict_last")
+            x = x.to(tl.float32)
             sum_sq += x * x
         rstd = tl.math.rsqrt(tl.sum(sum_sq, axis=1) / n_cols + eps)
         for block in range(NUM_BLOCKS):
             c = block * BLOCK_COLS + cols
             col_mask = c < n_cols
             mask = row_mask[:, None] & col_mask[None, :]
-            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + c, mask=col_mask, other=0.0).to(tl.float32)
+            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            x = x.to(tl.float32)
+            w = tl.load(w_ptr + c, mask=col_mask, other=0.0, eviction_policy="evict_last")
+            w = w.to(tl.float32)
             normed = x * rstd[:, None]
             if GEMMA:
                 y = normed * (1.0 + w[None, :])
