@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_suite.sh loss        # linear_cross_entropy benchmark (4 shapes)              ~4 min
 #   bash benchmarks/gpu_suite.sh train       # packing + end-to-end train_step benchmarks             ~9.5 min
 #   bash benchmarks/gpu_suite.sh job         # the finetune job, Qwen2.5-0.5B shape, LoRA r=32       ~2 min
-#   bash benchmarks/gpu_suite.sh sweep       # RMSNorm forward launch configs vs torch.compile        ~1 min
+#   bash benchmarks/gpu_suite.sh sweep       # RMSNorm fwd launch configs; LCE tile configs vs cuBLAS ~2 min
 # (Times measured on an H200, 2026-11-29. `train` is close to a 10-minute call limit: run it alone.)
 # Peer LCE implementations are timed when importable: `pip download --no-deps -d .whl liger-kernel
 # cut-cross-entropy` here, carry .whl, and `python3 -m pip install --no-deps .whl/*.whl` there.
@@ -37,6 +37,7 @@ train)
     ;;
 sweep)
     python3 benchmarks/sweep_rms_norm_fwd.py 2>&1 | tee "$OUT/sweep_rms_norm_fwd.log" || status=1
+    python3 benchmarks/sweep_lce_tiles.py 2>&1 | tee "$OUT/sweep_lce_tiles.log" || status=1
     ;;
 job)
     python3 -c "import transformers; transformers.Qwen2Config(hidden_size=896, \
