@@ -78,6 +78,17 @@ def _round(v, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _normalize(x, rstd, w, x_dtype: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 output tile from fp32 x, rstd per row and fp32 w, in the variant's cast order: Gemma
+    scales by (1 + w) in fp32 before the final cast; Llama rounds the normalised value to x's
+    dtype first, then scales by w in fp32."""
+    normed = x * rstd[:, None]
+    if GEMMA:
+        return normed * (1.0 + w[None, :])
+    return _round(normed, x_dtype, INTERPRETED).to(tl.float32) * w[None, :]
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -106,14 +117,7 @@ def _rms_norm_fwd_kernel(
         rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
         # Every program reads all of w: keep it in L2.
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")
-        w = w.to(tl.float32)
-        normed = x * rstd[:, None]
-        # The variant's cast order: Gemma scales by (1 + w) in fp32 before the final cast; Llama
-        # rounds the normalised value to x's dtype first, then scales by w in fp32.
-        if GEMMA:
-            y = normed * (1.0 + w[None, :])
-        else:
-            y = _round(normed, x_ptr.dtype.element_ty, INTERPRETED).to(tl.float32) * w[None, :]
+        y = _normalize(x, rstd, w.to(tl.float32), x_ptr.dtype.element_ty, GEMMA, INTERPRETED)
         tl.store(y_rows + cols[None, :], _round(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
     else:
         sum_sq = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
@@ -132,12 +136,7 @@ def _rms_norm_fwd_kernel(
             x = tl.load(x_rows + c[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
             x = x.to(tl.float32)
             w = tl.load(w_ptr + c, mask=col_mask, other=0.0, eviction_policy="evict_last")
-            w = w.to(tl.float32)
-            normed = x * rstd[:, None]
-            if GEMMA:
-                y = normed * (1.0 + w[None, :])
-            else:
-                y = _round(normed, x_ptr.dtype.element_ty, INTERPRETED).to(tl.float32) * w[None, :]
+            y = _normalize(x, rstd, w.to(tl.float32), x_ptr.dtype.element_ty, GEMMA, INTERPRETED)
             tl.store(y_rows + c[None, :], _round(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 

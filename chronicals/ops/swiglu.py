@@ -78,6 +78,21 @@ def _sigmoid_and_complement(z):
 
 
 @triton.jit
+def _program_block(n_cols, blocks_per_row, BLOCK_SIZE: tl.constexpr):
+    """(row, columns, mask) of this program. The 1D grid runs over (row, column block); a
+    contiguous launch is one row of all elements. int64 offsets: a Phi-3 gate_up of 65536 tokens x
+    2 x 17920 already spans 2.3e9 > 2**31 elements."""
+    pid = tl.program_id(0).to(tl.int64)
+    cols = (pid % blocks_per_row) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    return pid // blocks_per_row, cols, cols < n_cols
+
+
+@triton.jit
+def _load_fp32(ptr, row, stride_row, cols, mask):
+    return tl.load(ptr + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gated_act_fwd_kernel(
     gate_ptr,
     up_ptr,
@@ -90,14 +105,9 @@ def _gated_act_fwd_kernel(
     ACTIVATION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    # 1D grid over (row, column block); a contiguous launch is one row of all elements. int64
-    # offsets: a Phi-3 gate_up of 65536 tokens x 2 x 17920 already spans 2.3e9 > 2**31 elements.
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // blocks_per_row
-    cols = (pid % blocks_per_row) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    gate = tl.load(gate_ptr + row * stride_gate_row + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + row * stride_up_row + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask = _program_block(n_cols, blocks_per_row, BLOCK_SIZE)
+    gate = _load_fp32(gate_ptr, row, stride_gate_row, cols, mask)
+    up = _load_fp32(up_ptr, row, stride_up_row, cols, mask)
     z, _ = _activation_arg(gate, ACTIVATION)
     sig, _ = _sigmoid_and_complement(z)
     out = gate * sig * up
@@ -121,14 +131,10 @@ def _gated_act_bwd_kernel(
     ACTIVATION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // blocks_per_row
-    cols = (pid % blocks_per_row) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    dy = tl.load(grad_out_ptr + row * stride_grad_out_row + cols, mask=mask, other=0.0)
-    dy = dy.to(tl.float32)
-    gate = tl.load(gate_ptr + row * stride_gate_row + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + row * stride_up_row + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask = _program_block(n_cols, blocks_per_row, BLOCK_SIZE)
+    dy = _load_fp32(grad_out_ptr, row, stride_grad_out_row, cols, mask)
+    gate = _load_fp32(gate_ptr, row, stride_gate_row, cols, mask)
+    up = _load_fp32(up_ptr, row, stride_up_row, cols, mask)
     z, dz = _activation_arg(gate, ACTIVATION)
     sig, sig_complement = _sigmoid_and_complement(z)
     act = gate * sig
