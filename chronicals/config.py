@@ -12,6 +12,7 @@ COMPILE_BACKENDS = ("chronicals", "inductor", "aot_eager", "none")
 DTYPES = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "constant")
 OVERLONG = ("error", "truncate", "split")
+LORA_DTYPES = ("fp32", "model")
 
 # Settings a resumed run may change: where and how often it reports and saves, and how it
 # compiles (compiled and eager steps compute the same thing). Every other field must equal the
@@ -59,6 +60,10 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_target: str = "all-linear"
     lora_plus_ratio: float = 16.0
+    lora_dtype: str = "fp32"
+    """Adapter weights' dtype: 'fp32' (PEFT's default: each adapted linear casts its input to fp32
+    and runs fp32 GEMMs) or 'model' (the weights' dtype, e.g. bf16: 43% more LoRA r=32 tokens/s on
+    an H200 in benchmarks/bench_train.py, at bf16 precision for the adapters and their updates)."""
     eval_fraction: float = 0.05
     eval_every: int = 10
     """Steps between evaluations (and one at the end); 0: only at the end."""
@@ -102,6 +107,8 @@ class FinetuneConfig:
             (self.compile in COMPILE_BACKENDS,
              f"compile must be one of {COMPILE_BACKENDS}. Got {self.compile!r}."),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}. Got {self.dtype!r}."),
+            (self.lora_dtype in LORA_DTYPES,
+             f"lora_dtype must be one of {LORA_DTYPES}. Got {self.lora_dtype!r}."),
             (self.lr_schedule in SCHEDULES,
              f"lr_schedule must be one of {SCHEDULES}. Got {self.lr_schedule!r}."),
             (self.overlong in OVERLONG,

@@ -93,6 +93,23 @@ def test_lora_adapter_reloads_through_peft_with_same_logits(tmp_path):
         assert not torch.allclose(reloaded(input_ids=ids).logits, got)
 
 
+@pytest.mark.parametrize("lora_dtype, adapter_dtype", [("fp32", torch.float32),
+                                                       ("model", torch.bfloat16)])
+def test_lora_dtype_sets_the_adapters_dtype(tmp_path, lora_dtype, adapter_dtype):
+    config = _small(tmp_path, lora_r=4, steps=2, dtype="bf16", lora_dtype=lora_dtype)
+    model = cli.finetune(config).model
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert adapters and all(p.dtype == adapter_dtype for p in adapters)
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "lora_" not in n)
+    train = _log(Path(config.output_dir), "train")
+    assert len(train) == 2 and all(r["grad_norm"] > 0 for r in train)
+
+
+def test_unknown_lora_dtype_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"lora_dtype must be one of \('fp32', 'model'\)"):
+        _small(tmp_path, lora_r=4, lora_dtype="fp16")
+
+
 @pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
 def test_stopped_and_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch, lora_r):
     whole = _small(tmp_path, "whole", lora_r=lora_r, save_every=3)
