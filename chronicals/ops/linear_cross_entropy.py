@@ -346,10 +346,10 @@ class _Tiles(NamedTuple):
 
 def _tiles(dtype: torch.dtype) -> _Tiles:
     """Tile sizes of the forward and the dlogits kernels. 16-bit operands: 128 x 256 x 64, 8 warps,
-    3 stages. On an H200 (`benchmarks/sweep_lce_tiles.py`, bf16) the forward with TMA loads and the
-    flattened loop took 1.07x (16384 x 896 x 151936) and 1.09x (8192 x 4096 x 128256) the time of a
-    cuBLAS GEMM of the same size; 4 stages tied, 256 x 128 was 2-3% slower, 128 x 128 6-10%
-    slower. fp32 operands take ieee dots, whose tiles must be smaller to fit shared memory. Tiny
+    3 stages. On an H200 (`benchmarks/sweep_lce_tiles.py`, bf16) the forward took 1.08x
+    (16384 x 896 x 151936) and 1.10x (8192 x 4096 x 128256) the time of a cuBLAS GEMM of the same
+    size; 256 x 128 was up to 3% slower, 128 x 128 5-10% slower, and 4 stages do not fit in shared
+    memory. fp32 operands take ieee dots, whose tiles must be smaller to fit shared memory. Tiny
     tiles in the interpreter, where every program costs ~0.4 ms."""
     if interpreter_on():
         return _Tiles(32, 64, 16, 1, 1)
@@ -362,7 +362,7 @@ def _tma_ok(*tensors: Tensor) -> bool:
     """Whether the kernels may load these 2-D tensors through TMA descriptors: a Hopper or newer
     GPU (or the interpreter), unit stride along the last dim, and 16-byte aligned base and row
     stride, which TMA requires. Otherwise the kernels take their pointer path (same tiles and
-    arithmetic; about 15% slower on an H200)."""
+    arithmetic; its forward was about 18% slower on an H200)."""
     for t in tensors:
         if t.is_cuda and torch.cuda.get_device_capability(t.device) < (9, 0):
             return False
