@@ -269,7 +269,7 @@ def _lce_bwd_dlogits_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     SHIFT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_K: tl.constexpr, STAGES: tl.constexpr, INTERPRETER_TILES: tl.constexpr,
 ):
     """dlogits of the vocab chunk starting at v_start, [N, chunk_cols], each token's row scaled by
     its weight g (d total / d loss_n: upstream grad x 1/count, 0 where ignored).
@@ -282,8 +282,14 @@ def _lce_bwd_dlogits_kernel(
     tiles = tl.cdiv(N, BLOCK_N) * tiles_v
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
+    if INTERPRET:
+        # triton 3.6's interpreter loops only to a constexpr bound; it runs one program, which
+        # takes every tile (INTERPRETER_TILES of them).
+        steps: tl.constexpr = INTERPRETER_TILES * K_TILES
+    else:
+        steps = tl.cdiv(tiles - pid, programs) * K_TILES
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for i in tl.range(0, tl.cdiv(tiles - pid, programs) * K_TILES, num_stages=STAGES):
+    for i in tl.range(0, steps, num_stages=STAGES):
         tile = pid + (i // K_TILES) * programs
         row0 = (tile // tiles_v) * BLOCK_N
         c0 = (tile % tiles_v) * BLOCK_V
@@ -585,7 +591,8 @@ def _lce_bwd(
         blocks_n = triton.cdiv(N, tiles.block_n)
         for v0 in range(0, V, chunk):
             cols = min(chunk, V - v0)
-            programs = min(blocks_n * triton.cdiv(cols, tiles.block_v), _sm_count(hidden.device))
+            chunk_tiles = blocks_n * triton.cdiv(cols, tiles.block_v)
+            programs = 1 if interpreter_on() else min(chunk_tiles, _sm_count(hidden.device))
             _lce_bwd_dlogits_kernel[(programs,)](
                 h2, weight, h_desc, w_desc,
                 _descriptor(dl_buf[:, :cols], [tiles.block_n, tiles.block_v], tma),
@@ -598,7 +605,8 @@ def _lce_bwd(
                 HAS_SMOOTHING=label_smoothing != 0.0, SHIFT=shift, TMA=tma,
                 INTERPRET=interpreter_on(), DOT_PRECISION=_dot_precision(dtype),
                 BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k,
-                STAGES=tiles.num_stages, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                STAGES=tiles.num_stages, INTERPRETER_TILES=chunk_tiles if interpreter_on() else 0,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             )
             dl = dl_buf[:, :cols]
             if need_d_weight:
