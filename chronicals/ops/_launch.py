@@ -45,5 +45,15 @@ def check_float(op: str, **tensors: torch.Tensor) -> None:
             raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16. Got {t.dtype}.")
 
 
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., C) as (rows, C) with unit column stride: a view (any row stride) when the leading dims
+    collapse, as for a head view, a `chunk(2, -1)` half or a slice of a fused projection; a copy
+    otherwise. A 0-dim tensor is one row of one element."""
+    rows = t.reshape(-1, t.shape[-1] if t.dim() else 1)
+    if rows.stride(1) != 1 and rows.shape[1] > 1:
+        rows = rows.contiguous()
+    return rows
+
+
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(n)

@@ -62,7 +62,13 @@ import triton.language as tl
 from torch import Tensor
 
 from chronicals import reference
-from chronicals.ops._launch import check_float, check_same_device, interpreter_on, use_triton
+from chronicals.ops._launch import (
+    as_rows,
+    check_float,
+    check_same_device,
+    interpreter_on,
+    use_triton,
+)
 
 # Upper bound on the dlogits chunk of the backward, in elements (64 MiB in bf16). With 16k tokens
 # it is 2048 vocab columns: the dh update is then a K=2048 GEMM that stays compute-bound although
@@ -504,10 +510,7 @@ def _token_weight(
 def _as_kernel_operands(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
     """hidden as [N, H] rows with a unit last-dim stride, weight contiguous, labels as [B, seq]
     (views where possible)."""
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    if h2.stride(-1) != 1:
-        h2 = h2.contiguous()
-    return h2, weight.contiguous(), _labels_2d(labels)
+    return as_rows(hidden), weight.contiguous(), _labels_2d(labels)
 
 
 def _lce_fwd(

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from chronicals import reference
 from chronicals.ops._launch import (
+    as_rows,
     check_float,
     check_same_device,
     interpreter_on,
@@ -287,15 +288,6 @@ def _out_dtype(x: Tensor, weight: Tensor, gemma: bool) -> torch.dtype:
     return x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
 
 
-def _as_rows(t: Tensor) -> Tensor:
-    """(..., H) -> (rows, H) with unit column stride: a view (any row stride) when the leading dims
-    collapse, as for Qwen3's q_norm on a head view or a slice of a fused projection; else a copy."""
-    rows = t.reshape(-1, t.shape[-1])
-    if rows.stride(1) != 1 and rows.shape[1] > 1:
-        rows = rows.contiguous()
-    return rows
-
-
 def _config(n_rows: int, n_cols: int, max_block_cols: int) -> tuple[int, int, int, int]:
     """(BLOCK_ROWS, BLOCK_COLS, NUM_BLOCKS, num_warps) for a [n_rows, n_cols] problem."""
     block_cols = min(next_power_of_2(n_cols), max_block_cols)
@@ -316,7 +308,7 @@ def _sm_count(device_index: int) -> int:
 def _rms_norm_fwd(
     x: Tensor, weight: Tensor, eps: float, gemma: bool, *, max_block_cols: int = _MAX_BLOCK_COLS
 ) -> Tensor:
-    x_rows = _as_rows(x)
+    x_rows = as_rows(x)
     n_rows, n_cols = x_rows.shape
     y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, weight, gemma), device=x.device)
     if y.numel() == 0:
@@ -338,7 +330,7 @@ def _rms_norm_bwd(
         raise ValueError(
             f"rms_norm_backward: dy must have x's shape {tuple(x.shape)}. Got {tuple(dy.shape)}."
         )
-    x_rows, dy_rows = _as_rows(x), _as_rows(dy)
+    x_rows, dy_rows = as_rows(x), as_rows(dy)
     n_rows, n_cols = x_rows.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if dx.numel() == 0:

@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from chronicals import reference
-from chronicals.ops._launch import check_float, check_same_device, use_triton
+from chronicals.ops._launch import as_rows, check_float, check_same_device, use_triton
 
 # Elements per program: 2048 over 4 warps is 16 elements (two 16-byte bf16 loads) per thread per
 # tensor. Swept on an H200 (bf16, 16384 x {4864, 8192, 14336}, blocks 1024-8192, 4-16 warps): 1024
@@ -161,16 +161,6 @@ def _check_inputs(op: str, gate: Tensor, up: Tensor, grad_out: Tensor | None = N
     check_same_device(op, **tensors)
 
 
-def _as_rows(t: Tensor) -> Tensor:
-    """`t` as (rows, cols) with unit column stride: a view when t's leading dims collapse into one
-    (as for a `chunk(2, -1)` of a contiguous tensor), a contiguous copy otherwise."""
-    if t.dim() == 0:
-        t = t.reshape(1)
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])  # reshape copies only when the dims do not collapse
-
-
 def _rows_view(out: Tensor) -> Tensor:
     """An output as (rows, cols): always a view (`view` raises where `reshape` would copy)."""
     return out.view(-1, out.shape[-1] if out.dim() else 1)
@@ -197,7 +187,7 @@ def _gated_act_fwd(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if out.numel() == 0:
         return out
-    gate2, up2, out2 = _as_rows(gate), _as_rows(up), _rows_view(out)
+    gate2, up2, out2 = as_rows(gate), as_rows(up), _rows_view(out)
     strides, n_rows, n_cols, blocks_per_row, block = _launch_layout(gate2, up2, out2)
     _gated_act_fwd_kernel[(n_rows * blocks_per_row,)](
         gate2, up2, out2, *strides, n_cols, blocks_per_row,
@@ -213,7 +203,7 @@ def _gated_act_bwd(
     """Writes into grad_gate and grad_up, which may be row-strided views (halves of d(gate_up))."""
     if grad_gate.numel() == 0:
         return
-    tensors = [_as_rows(t) for t in (grad_out, gate, up)]
+    tensors = [as_rows(t) for t in (grad_out, gate, up)]
     tensors += [_rows_view(grad_gate), _rows_view(grad_up)]
     strides, n_rows, n_cols, blocks_per_row, block = _launch_layout(*tensors)
     _gated_act_bwd_kernel[(n_rows * blocks_per_row,)](

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chronicals import reference
-from chronicals.ops._launch import use_triton
+from chronicals.ops._launch import as_rows, use_triton
 from chronicals.ops import rms_norm as rms_norm_module
 from chronicals.ops.rms_norm import rms_norm
 from tests.helpers import ULP, assert_no_worse_than_eager, devices
@@ -201,7 +201,7 @@ def test_non_contiguous_inputs(device, kind):
 
 def test_sliced_rows_are_read_in_place():
     x = _non_contiguous_views("cpu")["sliced"]
-    rows = rms_norm_module._as_rows(x)
+    rows = as_rows(x)
     assert rows.data_ptr() == x.data_ptr() and rows.stride() == (100, 1)
 
 
