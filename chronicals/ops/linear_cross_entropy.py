@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from chronicals import reference
 from chronicals.ops._launch import (
@@ -383,9 +384,7 @@ def _tma_ok(*tensors: Tensor) -> bool:
     return True
 
 
-def _descriptor(t: Tensor, block: list[int], tma: bool):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+def _descriptor(t: Tensor, block: list[int], tma: bool) -> Optional[TensorDescriptor]:
     return TensorDescriptor.from_tensor(t, block) if tma else None
 
 
