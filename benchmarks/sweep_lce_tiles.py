@@ -14,6 +14,7 @@ how `_tiles` is picked.
 from __future__ import annotations
 
 import argparse
+from unittest import mock
 
 import torch
 from _timing import time_graph_and_call
@@ -53,10 +54,8 @@ def sweep(N: int, H: int, V: int) -> None:
     print("| config | fwd ms | fwd / GEMM | fwd+bwd ms | fwd+bwd / GEMM | max abs lse diff |")
     print("|---|---:|---:|---:|---:|---:|")
     _, want = _fwd(h, w, labels)
-    original = lce._tiles
-    try:
-        for cfg in CONFIGS:
-            lce._tiles = lambda *_, cfg=cfg: lce._Tiles(*cfg)
+    for cfg in CONFIGS:
+        with mock.patch.object(lce, "_tiles", lambda *_, cfg=cfg: lce._Tiles(*cfg)):
             try:
                 diff = (_fwd(h, w, labels)[1] - want).abs().max().item()
             except OutOfResources as err:
@@ -66,10 +65,8 @@ def sweep(N: int, H: int, V: int) -> None:
                 raise AssertionError(f"{cfg}: lse differs from the default config's by {diff:.3e}")
             fwd = time_graph_and_call(lambda: _fwd(h, w, labels)).graph_ms
             both = time_graph_and_call(lambda: _fwd_bwd(h, w, labels)).graph_ms
-            print(f"| {cfg} | {fwd:.3f} | {fwd / gemm:.2f} | {both:.3f} | {both / gemm:.2f} "
-                  f"| {diff:.2e} |")
-    finally:
-        lce._tiles = original
+        print(f"| {cfg} | {fwd:.3f} | {fwd / gemm:.2f} | {both:.3f} | {both / gemm:.2f} "
+              f"| {diff:.2e} |")
 
 
 def main() -> None:

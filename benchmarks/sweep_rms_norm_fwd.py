@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from unittest import mock
 
 import torch
 from _timing import copy_tbps, time_graph_and_call
@@ -57,20 +58,16 @@ def sweep(hidden: int, rows: int, eps: float, ceiling: float) -> None:
     print("| BLOCK_ROWS | BLOCK_COLS | NUM_BLOCKS | warps | us | vs compile | % of ceiling "
           "| equal |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    original = rms._config
-    try:
-        for cfg in candidates(hidden):
-            rms._config = lambda *_, cfg=cfg: cfg
+    for cfg in candidates(hidden):
+        with mock.patch.object(rms, "_config", lambda *_, cfg=cfg: cfg):
             got = rms._rms_norm_fwd(x, w, eps, False)
             equal = (got == want).double().mean().item()
             if equal < 0.99:
                 raise AssertionError(f"config {cfg}: only {equal:.4f} of outputs equal eager's")
             ms = time_graph_and_call(lambda: rms._rms_norm_fwd(x, w, eps, False)).graph_ms
-            mark = " (op)" if cfg == current else ""
-            print(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]}{mark} | {1e3 * ms:.1f} "
-                  f"| {base / ms:.3f}x | {100 * nbytes / ms / 1e9 / ceiling:.0f}% | {equal:.4f} |")
-    finally:
-        rms._config = original
+        mark = " (op)" if cfg == current else ""
+        print(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]}{mark} | {1e3 * ms:.1f} "
+              f"| {base / ms:.3f}x | {100 * nbytes / ms / 1e9 / ceiling:.0f}% | {equal:.4f} |")
 
 
 def main() -> None:
