@@ -90,6 +90,35 @@ def _normalize(x, rstd, w, x_dtype: tl.constexpr, GEMMA: tl.constexpr, INTERPRET
 
 
 @triton.jit
+def _dx(x, dy, w, rstd, mean_gn):
+    """fp32 dx from fp32 x, dy, effective weight w (1 + w for Gemma), per-row rstd and mean(g * n)."""
+    normed = x * rstd[:, None]
+    return rstd[:, None] * (dy * w[None, :] - normed * mean_gn[:, None])
+
+
+@triton.jit
+def _dw_normed(x, rstd, x_dtype: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr):
+    """n as dW = sum(dy * n) sees it: rounded to x's dtype for Llama (the forward's cast)."""
+    normed = x * rstd[:, None]
+    if not GEMMA:
+        normed = _round(normed, x_dtype, INTERPRETED).to(tl.float32)
+    return normed
+
+
+@triton.jit
+def _load_bwd_block(x_rows, dy_rows, w_ptr, c, row_mask, n_cols, GEMMA: tl.constexpr):
+    """fp32 x, dy and effective weight for column block c of the looped backward, and its masks."""
+    col_mask = c < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + c, mask=col_mask, other=0.0).to(tl.float32)
+    if GEMMA:
+        w = w + 1.0
+    return x, dy, w, col_mask, mask
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -202,18 +231,15 @@ def _rms_norm_bwd_kernel(
             dyf = dy.to(tl.float32)
             rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
             normed = xf * rstd[:, None]
-            g = dyf * w[None, :]
-            mean_gn = tl.sum(g * normed, axis=1) / n_cols
-            dx = rstd[:, None] * (g - normed * mean_gn[:, None])
+            mean_gn = tl.sum(dyf * w[None, :] * normed, axis=1) / n_cols
+            dx = _dx(xf, dyf, w, rstd, mean_gn)
             tl.store(
                 dx_ptr + rows[:, None] * stride_dx_row + cols[None, :],
                 _round(dx, dx_ptr.dtype.element_ty, INTERPRETED),
                 mask=mask,
             )
             if HAS_DW:
-                if not GEMMA:
-                    normed = _round(normed, x_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
-                dw_acc += dyf * normed
+                dw_acc += dyf * _dw_normed(xf, rstd, x_ptr.dtype.element_ty, GEMMA, INTERPRETED)
             rows, mask, x, dy = next_rows, next_mask, x_next, dy_next
         if HAS_DW:
             tl.store(dw_partial_row + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
@@ -229,13 +255,7 @@ def _rms_norm_bwd_kernel(
             sum_gx = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
             for block in range(NUM_BLOCKS):
                 c = block * BLOCK_COLS + cols
-                col_mask = c < n_cols
-                mask = row_mask[:, None] & col_mask[None, :]
-                x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + c, mask=col_mask, other=0.0).to(tl.float32)
-                if GEMMA:
-                    w = w + 1.0
+                x, dy, w, _, _ = _load_bwd_block(x_rows, dy_rows, w_ptr, c, row_mask, n_cols, GEMMA)
                 sum_sq += x * x
                 sum_gx += dy * w[None, :] * x
             rstd = tl.math.rsqrt(tl.sum(sum_sq, axis=1) / n_cols + eps)
@@ -243,20 +263,13 @@ def _rms_norm_bwd_kernel(
             # Pass 2: dx, and dW accumulated into this program's own row of the partial buffer.
             for block in range(NUM_BLOCKS):
                 c = block * BLOCK_COLS + cols
-                col_mask = c < n_cols
-                mask = row_mask[:, None] & col_mask[None, :]
-                x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + c, mask=col_mask, other=0.0).to(tl.float32)
-                if GEMMA:
-                    w = w + 1.0
-                normed = x * rstd[:, None]
-                dx = rstd[:, None] * (dy * w[None, :] - normed * mean_gn[:, None])
-                dx = _round(dx, dx_ptr.dtype.element_ty, INTERPRETED)
+                x, dy, w, col_mask, mask = _load_bwd_block(
+                    x_rows, dy_rows, w_ptr, c, row_mask, n_cols, GEMMA
+                )
+                dx = _round(_dx(x, dy, w, rstd, mean_gn), dx_ptr.dtype.element_ty, INTERPRETED)
                 tl.store(dx_rows + c[None, :], dx, mask=mask)
                 if HAS_DW:
-                    if not GEMMA:
-                        normed = _round(normed, x_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
+                    normed = _dw_normed(x, rstd, x_ptr.dtype.element_ty, GEMMA, INTERPRETED)
                     # The row is private to this program, so the adds never contend; an atomic
                     # keeps the read-modify-write ordered across loop iterations without a barrier.
                     tl.atomic_add(
