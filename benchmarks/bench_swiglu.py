@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 import triton
-import triton
 from _timing import copy_tbps, time_graph_and_call
 
 from chronicals import reference

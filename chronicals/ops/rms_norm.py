@@ -91,7 +91,8 @@ def _normalize(x, rstd, w, x_dtype: tl.constexpr, GEMMA: tl.constexpr, INTERPRET
 
 @triton.jit
 def _dx(x, dy, w, rstd, mean_gn):
-    """fp32 dx from fp32 x, dy, effective weight w (1 + w for Gemma), per-row rstd and mean(g * n)."""
+    """fp32 dx from fp32 x and dy, the effective weight w (1 + w for Gemma), and per-row rstd
+    and mean(g * n)."""
     normed = x * rstd[:, None]
     return rstd[:, None] * (dy * w[None, :] - normed * mean_gn[:, None])
 
