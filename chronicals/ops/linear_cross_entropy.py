@@ -187,7 +187,7 @@ def _lce_fwd_kernel(
     row0 = pid_n * BLOCK_N
     offs_n = row0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    label, valid, bad = _load_labels(
+    label, _, _ = _load_labels(
         labels_ptr, tl.minimum(offs_n, N - 1), n_mask, seq_len, stride_labels_b,
         stride_labels_s, ignore_index, V, SHIFT,
     )
