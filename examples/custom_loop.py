@@ -3,7 +3,7 @@
     python examples/custom_loop.py
 
 A tiny randomly initialised Qwen2-shaped model, the bundled HumanEval data and tokenizer, so it
-runs anywhere (about 35 s on a 2-core CPU); with a real model from `from_pretrained` the same
+runs anywhere (under a minute on a 2-core CPU); with a real model from `from_pretrained` the same
 loop fine-tunes it. (Adapters on a random base learn little: the loss moves slowly here.)
 """
 
@@ -20,6 +20,7 @@ from chronicals.data import (
     tokenize_records,
 )
 
+torch.manual_seed(0)
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 tokenizer = AutoTokenizer.from_pretrained(default_tokenizer_path())
 examples = tokenize_records(load_records(default_data_path()), tokenizer)  # loss on completions
