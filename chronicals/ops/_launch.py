@@ -9,6 +9,7 @@ a kernel fails.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -48,8 +49,9 @@ def check_float(op: str, **tensors: torch.Tensor) -> None:
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """(..., C) as (rows, C) with unit column stride: a view (any row stride) when the leading dims
     collapse, as for a head view, a `chunk(2, -1)` half or a slice of a fused projection; a copy
-    otherwise. A 0-dim tensor is one row of one element."""
-    rows = t.reshape(-1, t.shape[-1] if t.dim() else 1)
+    otherwise. A 0-dim tensor is one row of one element. The row count is given, not inferred, so
+    zero-size dims work (reshape cannot infer -1 when C is 0)."""
+    rows = t.reshape(math.prod(t.shape[:-1]), t.shape[-1] if t.dim() else 1)
     if rows.stride(1) != 1 and rows.shape[1] > 1:
         rows = rows.contiguous()
     return rows

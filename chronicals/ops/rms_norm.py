@@ -28,6 +28,7 @@ Rows longer than `_MAX_BLOCK_COLS` are processed in column blocks (two passes ov
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -294,8 +295,8 @@ def _check_inputs(x: Tensor, weight: Tensor, eps: float) -> None:
             f"rms_norm: weight must have shape ({x.shape[-1]},) to match x's last dim. "
             f"Got {tuple(weight.shape)}."
         )
-    if not eps > 0:
-        raise ValueError(f"rms_norm: eps must be > 0. Got {eps}.")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"rms_norm: eps must be finite and > 0. Got {eps}.")
 
 
 def _out_dtype(x: Tensor, weight: Tensor, gemma: bool) -> torch.dtype:
@@ -322,7 +323,7 @@ def _sm_count(device_index: int) -> int:
 def _rms_norm_fwd(
     x: Tensor, weight: Tensor, eps: float, gemma: bool, *, max_block_cols: int = _MAX_BLOCK_COLS
 ) -> Tensor:
-    x_rows = as_rows(x)
+    x_rows, weight = as_rows(x), weight.contiguous()  # the kernels read w with unit stride
     n_rows, n_cols = x_rows.shape
     y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, weight, gemma), device=x.device)
     if y.numel() == 0:
@@ -344,7 +345,7 @@ def _rms_norm_bwd(
         raise ValueError(
             f"rms_norm_backward: dy must have x's shape {tuple(x.shape)}. Got {tuple(dy.shape)}."
         )
-    x_rows, dy_rows = as_rows(x), as_rows(dy)
+    x_rows, dy_rows, weight = as_rows(x), as_rows(dy), weight.contiguous()
     n_rows, n_cols = x_rows.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if dx.numel() == 0:

@@ -199,6 +199,25 @@ def test_non_contiguous_inputs(device, kind):
     torch.testing.assert_close(dx_op, dx, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("kind", ["strided", "expanded", "column"])
+def test_non_contiguous_weight(device, kind, gemma):
+    """The kernels read w with unit stride: a strided, expanded (stride 0) or column view of a
+    parameter must give the same y, dx and dW as its contiguous copy."""
+    x = torch.randn(5, 24, device=device)
+    base = 0.5 * torch.randn(48, device=device) + (0.0 if gemma else 1.0)
+    w = {
+        "strided": base[::2],
+        "expanded": base[:1].expand(24),
+        "column": base.view(24, 2)[:, 1],
+    }[kind]
+    assert not w.is_contiguous()
+    dy = torch.randn(x.shape, device=device)
+    y, dx, dw = _grads(lambda a, b: rms_norm(a, b, EPS, gemma), x, w, dy)
+    _check_all(f"rms_norm weight {kind}", x, w.contiguous(), gemma, y, dx, dw, dy)
+
+
 def test_sliced_rows_are_read_in_place():
     x = _non_contiguous_views("cpu")["sliced"]
     rows = as_rows(x)
@@ -214,6 +233,16 @@ def test_empty_rows(device):
     y.sum().backward()
     assert x.grad.shape == x.shape
     torch.testing.assert_close(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_zero_hidden(device):
+    x = torch.randn(3, 0, device=device, requires_grad=True)
+    w = torch.ones(0, device=device, requires_grad=True)
+    y = rms_norm(x, w, EPS)
+    assert y.shape == (3, 0)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
 
 
 @pytest.mark.parametrize("device", devices())
@@ -259,15 +288,18 @@ def test_opcheck_backward(device, gemma, compute_dw):
         (torch.randn(4, 8), torch.ones(6), EPS, ValueError, r"shape \(8,\) to match .* Got \(6,\)"),
         (torch.randn(4, 8), torch.ones(2, 8), EPS, ValueError, r"1-D .* Got shape \(2, 8\)"),
         (torch.tensor(1.0), torch.ones(1), EPS, ValueError, "at least 1 dimension"),
-        (torch.randn(4, 8), torch.ones(8), 0.0, ValueError, "eps must be > 0. Got 0.0"),
-        (torch.randn(4, 8), torch.ones(8), -1e-6, ValueError, "eps must be > 0"),
+        (torch.randn(4, 8), torch.ones(8), 0.0, ValueError, "eps must be finite and > 0. Got 0.0"),
+        (torch.randn(4, 8), torch.ones(8), -1e-6, ValueError, "eps must be finite and > 0"),
+        (torch.randn(4, 8), torch.ones(8), float("inf"), ValueError, "finite and > 0. Got inf"),
+        (torch.randn(4, 8), torch.ones(8), float("nan"), ValueError, "finite and > 0. Got nan"),
         (torch.ones(4, 8, dtype=torch.int32), torch.ones(8), EPS, TypeError,
          "x must be float32, bfloat16 or float16. Got torch.int32"),
         (torch.randn(4, 8), torch.ones(8, dtype=torch.float64), EPS, TypeError,
          "weight must be .* Got torch.float64"),
         (torch.randn(4, 8), torch.ones(8, device="meta"), EPS, ValueError, "one device"),
     ],
-    ids=["shape", "weight-2d", "x-0d", "eps-0", "eps-neg", "x-int", "w-fp64", "devices"],
+    ids=["shape", "weight-2d", "x-0d", "eps-0", "eps-neg", "eps-inf", "eps-nan", "x-int", "w-fp64",
+         "devices"],
 )
 def test_bad_inputs_raise(x, w, eps, error, match):
     with pytest.raises(error, match=match):
