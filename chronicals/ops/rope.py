@@ -185,7 +185,12 @@ def _check_inputs(op: str, names: tuple[str, str], q: Tensor, k: Tensor, cos: Te
                 f"{op}: {name} must be 4-D (batch, heads, seq, head_dim). Got shape "
                 f"{tuple(t.shape)}."
             )
-    (batch, _, seq, head_dim), (kb, _, ks, kd) = q.shape, k.shape
+    (batch, hq, seq, head_dim), (kb, hk, ks, kd) = q.shape, k.shape
+    if hq < 1 or hk < 1:
+        raise ValueError(
+            f"{op}: {nq} and {nk} must each have at least one head. Got {nq} {tuple(q.shape)} "
+            f"and {nk} {tuple(k.shape)}."
+        )
     if (kb, ks) != (batch, seq):
         raise ValueError(
             f"{op}: {nq} and {nk} must have the same batch and seq sizes. Got {nq} "
@@ -351,6 +356,13 @@ def _rope_backward_fake(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor
 
 def _setup_context(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
     _, _, cos, sin = inputs
+    if cos.requires_grad or sin.requires_grad:
+        # Refused rather than silently returning no gradient for them.
+        raise ValueError(
+            "rope: cos and sin require grad, but rope computes gradients for q and k only (HF "
+            "builds cos/sin from position ids without one). Detach them, or use "
+            "chronicals.reference.rope to differentiate through them."
+        )
     ctx.save_for_backward(cos, sin)
 
 
@@ -371,6 +383,6 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     `view(B, S, H, D).transpose(1, 2)`), cos, sin: (B or 1, S, R) with R even, R <= D; channels
     R.. pass through. All four share one dtype (fp32, bf16 or fp16) and device. Returns
     (q_rotated, k_rotated), shaped like q and k, stored token-major (strides (S*H*D, D, H*D, 1)).
-    Differentiable in q and k; cos and sin get no gradient.
+    Differentiable in q and k; cos and sin must not require grad (a ValueError says so).
     """
     return torch.ops.chronicals.rope(q, k, cos, sin)

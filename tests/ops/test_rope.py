@@ -211,6 +211,14 @@ BAD_INPUTS = [
                  id="fp64"),
     pytest.param({"cos": torch.randn(2, 5, 8, device="meta")}, r"all inputs must be on one device",
                  id="device-mismatch"),
+    pytest.param({"q": torch.randn(2, 0, 5, 8)},
+                 r"q and k must each have at least one head. Got q \(2, 0, 5, 8\)", id="q-no-heads"),
+    pytest.param({"k": torch.randn(2, 0, 5, 8)}, r"at least one head", id="k-no-heads"),
+    pytest.param({"cos": torch.randn(2, 5, 8, requires_grad=True)},
+                 r"cos and sin require grad, but rope computes gradients for q and k only",
+                 id="cos-requires-grad"),
+    pytest.param({"sin": torch.randn(2, 5, 8, requires_grad=True)}, r"cos and sin require grad",
+                 id="sin-requires-grad"),
 ]
 
 
