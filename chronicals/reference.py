@@ -107,6 +107,8 @@ def linear_cross_entropy(
     if reduction == "none":
         return loss.view(out_shape)
     total = loss.sum()
+    if isinstance(num_items_in_batch, Tensor):
+        return total / num_items_in_batch.reshape(())  # one element: a 0-d loss, as the op gives
     if num_items_in_batch is not None:
         return total / num_items_in_batch
     if reduction == "sum":

@@ -54,6 +54,7 @@ and gradient NaN, so the loss, grad norm and weights show it instead of training
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -404,7 +405,7 @@ def _labels_2d(labels: Tensor) -> Tensor:
     """labels as [B, S] (S = the dim `shift` works along); a view whenever reshape can give one."""
     if labels.dim() == 1:
         return labels.unsqueeze(0)
-    return labels.reshape(-1, labels.shape[-1])
+    return labels.reshape(math.prod(labels.shape[:-1]), labels.shape[-1])  # no -1: S may be 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,7 +415,8 @@ def _labels_2d(labels: Tensor) -> Tensor:
 
 def _check_inputs(
     hidden: Tensor, weight: Tensor, labels: Tensor, num_items_tensor: Optional[Tensor],
-    reduction: str, softcap: Optional[float], z_loss: float, label_smoothing: float,
+    num_items_int: Optional[int], ignore_index: int, reduction: str, softcap: Optional[float],
+    z_loss: float, label_smoothing: float,
 ) -> None:
     op = "linear_cross_entropy"
     check_float(op, hidden=hidden, weight=weight)
@@ -431,12 +433,20 @@ def _check_inputs(
             f"{op}: weight must have shape (V, {hidden.shape[-1]}) to match hidden's last dim. "
             f"Got {tuple(weight.shape)}."
         )
-    if weight.shape[0] == 0:
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(
-            f"{op}: weight must have at least one vocab row. Got {tuple(weight.shape)}."
+            f"{op}: weight must have at least one vocab row and hidden column. Got "
+            f"{tuple(weight.shape)}."
         )
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: labels must be int64 or int32. Got {labels.dtype}.")
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        # Compared in the labels' dtype it would wrap and ignore some other label.
+        raise ValueError(
+            f"{op}: ignore_index must fit the labels' dtype {labels.dtype} "
+            f"([{info.min}, {info.max}]). Got {ignore_index}."
+        )
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(
             f"{op}: labels must have shape {tuple(hidden.shape[:-1])} (hidden's shape without its "
@@ -447,12 +457,14 @@ def _check_inputs(
         raise ValueError(
             f"{op}: reduction must be one of {reference.REDUCTIONS}. Got {reduction!r}."
         )
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"{op}: softcap must be None or > 0. Got {softcap}.")
+    if softcap is not None and not 0 < softcap < math.inf:
+        raise ValueError(f"{op}: softcap must be None or finite and > 0. Got {softcap}.")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1]. Got {label_smoothing}.")
-    if not z_loss >= 0.0:
-        raise ValueError(f"{op}: z_loss must be >= 0. Got {z_loss}.")
+    if not 0.0 <= z_loss < math.inf:
+        raise ValueError(f"{op}: z_loss must be finite and >= 0. Got {z_loss}.")
+    if num_items_int is not None and num_items_int < 1:
+        raise ValueError(f"{op}: num_items_in_batch must be >= 1. Got {num_items_int}.")
     if num_items_tensor is not None and num_items_tensor.numel() != 1:
         raise ValueError(
             f"{op}: num_items_in_batch must be a number or a one-element tensor. Got shape "
@@ -652,10 +664,11 @@ def _linear_cross_entropy_op(
     num_items_int: Optional[int], ignore_index: int, reduction: str, shift: bool,
     softcap: Optional[float], z_loss: float, label_smoothing: float,
 ) -> tuple[Tensor, Tensor]:
-    _check_inputs(hidden, weight, labels, num_items_tensor, reduction, softcap, z_loss,
-                  label_smoothing)
+    _check_inputs(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index,
+                  reduction, softcap, z_loss, label_smoothing)
     if labels.device.type == "cpu":
-        _check_label_range(labels, ignore_index, weight.shape[0])
+        # With shift, each row's first label is never scored (as in HF's shifted labels).
+        _check_label_range(labels[..., 1:] if shift else labels, ignore_index, weight.shape[0])
     num_items = _num_items(num_items_tensor, num_items_int)
     if use_triton(hidden):
         return _lce_fwd(hidden, weight, labels, num_items, ignore_index, reduction, shift,
@@ -671,8 +684,8 @@ def _linear_cross_entropy_op(
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index, reduction, shift,
       softcap, z_loss, label_smoothing):
-    _check_inputs(hidden, weight, labels, num_items_tensor, reduction, softcap, z_loss,
-                  label_smoothing)
+    _check_inputs(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index,
+                  reduction, softcap, z_loss, label_smoothing)
     loss_shape = labels.shape if reduction == "none" else ()
     loss = hidden.new_empty(loss_shape, dtype=torch.float32)
     return loss, hidden.new_empty((labels.numel(),), dtype=torch.float32)

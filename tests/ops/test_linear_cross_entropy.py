@@ -220,7 +220,16 @@ BAD_INPUTS = [
     (dict(hidden=torch.zeros(2, 3, 16, dtype=torch.int32)), TypeError, "hidden must be float32"),
     (dict(labels=torch.zeros(2, 3, dtype=torch.long, device="meta")), ValueError, "one device"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
-    (dict(softcap=0.0), ValueError, "softcap must be None or > 0"),
+    (dict(softcap=0.0), ValueError, "softcap must be None or finite and > 0. Got 0.0"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be None or finite and > 0. Got inf"),
+    (dict(z_loss=float("inf")), ValueError, "z_loss must be finite and >= 0. Got inf"),
+    (dict(z_loss=-1e-4), ValueError, "z_loss must be finite and >= 0"),
+    (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be >= 1. Got 0"),
+    (dict(num_items_in_batch=-3), ValueError, "num_items_in_batch must be >= 1. Got -3"),
+    (dict(hidden=torch.zeros(2, 3, 0), weight=torch.zeros(11, 0)), ValueError,
+     r"at least one vocab row and hidden column. Got \(11, 0\)"),
+    (dict(labels=torch.zeros(2, 3, dtype=torch.int32), ignore_index=2**32 + 3), ValueError,
+     r"ignore_index must fit the labels' dtype torch.int32 \(\[-2147483648, 2147483647\]\)"),
     (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\]"),
     (dict(num_items_in_batch=torch.ones(2)), ValueError, "one-element tensor"),
     (dict(num_items_in_batch=2.5), TypeError, "num_items_in_batch must be an int"),
@@ -240,6 +249,30 @@ def test_bad_inputs(change, error, match):
     hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
     with pytest.raises(error, match=match):
         linear_cross_entropy(hidden, weight, labels, **args)
+
+
+def test_shift_never_checks_the_unscored_first_label():
+    """With shift, each row's first label is scored against nothing, so an out-of-range value
+    there is not an error (HF's shifted labels drop it); the same value further on is."""
+    hidden, weight, labels = _inputs((2, 5), 16, 11, torch.float32, "cpu", ignored=0.0)
+    labels[:, 0] = 99
+    _check(hidden, weight, labels, shift=True)
+    labels[1, 2] = 99
+    with pytest.raises(IndexError, match="Target 99 is out of bounds"):
+        linear_cross_entropy(hidden, weight, labels, shift=True)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_empty_token_dims(device):
+    hidden = torch.zeros(2, 0, 16, device=device, requires_grad=True)
+    weight = torch.randn(11, 16, device=device, requires_grad=True)
+    labels = torch.zeros(2, 0, dtype=torch.long, device=device)
+    loss = linear_cross_entropy(hidden, weight, labels)
+    assert loss.shape == () and loss.item() == 0.0
+    loss.backward()
+    assert hidden.grad.shape == hidden.shape
+    torch.testing.assert_close(weight.grad, torch.zeros_like(weight))
+    assert linear_cross_entropy(hidden, weight, labels, reduction="none").shape == (2, 0)
 
 
 @pytest.mark.cuda
