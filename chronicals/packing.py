@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ OVERLONG_POLICIES = ("error", "truncate", "split")
 # Longest pad segment. 128 matches the query tile of the flash kernels, so a pad segment costs at
 # most one tile per key tile it covers; any value keeps correctness.
 PAD_SEGMENT = 128
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class Document(NamedTuple):
@@ -158,11 +161,13 @@ class PackedBatch:
         """Split into batches of `rows` rows each (the last may have fewer; none is dropped). With
         `seed`, rows are permuted first (deterministically): BFD opens rows in order of decreasing
         document length, so unshuffled batches would run from long documents to short ones."""
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-            raise ValueError(f"batches: rows must be a positive int. Got {rows!r}.")
+        rows = _check_int("batches", "rows", rows, low=1)
         order = list(range(len(self.documents)))
         if seed is not None:
-            gen = torch.Generator().manual_seed(seed)
+            # manual_seed takes [-2**63, 2**64 - 1]; anything else is refused here, not by torch.
+            gen = torch.Generator().manual_seed(
+                _check_int("batches", "seed", seed, high=2**64 - 1)
+            )
             order = torch.randperm(len(order), generator=gen).tolist()
         out = []
         for begin in range(0, len(order), rows):
@@ -194,19 +199,29 @@ def pack(
 ) -> PackedBatch:
     """Pack tokenised examples into rows of `max_len` slots with best-fit decreasing.
 
-    examples: each a mapping with "input_ids" and optionally "labels" (same length; default: the
-    input ids; ignore_index entries such as a masked prompt are kept), or a bare sequence/tensor of
-    ids. Other keys are ignored, except an "attention_mask" with zeros, which means the example is
-    padded and is refused. Lengths are sorted in decreasing order (ties by example index), and each
-    document goes into the fullest row that still has room: O(n log n) and deterministic.
+    examples: a sequence or iterable with one item per example (not a batched, columnar dict such
+    as a Hugging Face batch). Each is a mapping with "input_ids" and optionally "labels" (same
+    length; default: the input ids; ignore_index entries such as a masked prompt are kept), or a
+    bare sequence/tensor of ids. Token ids and labels other than ignore_index must be in
+    [0, 2**63 - 1] (int64); pad_id too. Other keys are ignored, except "attention_mask": it must
+    have the example's length, and one with zeros means the example is padded and is refused.
+    Lengths are sorted in decreasing order (ties by example index), and each document goes into
+    the fullest row that still has room: O(n log n) and deterministic.
     Returns `PackedBatch` (see the module docstring for the row layout).
     """
-    _check_settings(max_len, overlong, pad_id, ignore_index)
+    max_len, pad_id, ignore_index = _check_settings(max_len, overlong, pad_id, ignore_index)
+    if isinstance(examples, Mapping):
+        raise TypeError(
+            f"pack: examples must be a sequence of example dicts, one per example. Got a "
+            f"{type(examples).__name__} with keys {list(examples)}, i.e. a batched (columnar) "
+            f"dict such as a Hugging Face batch; pass its rows: "
+            f"[dict(zip(batch, row)) for row in zip(*batch.values())]."
+        )
 
     ids_list: list[np.ndarray] = []
     labels_list: list[np.ndarray] = []
     for i, example in enumerate(examples):
-        ids, labels = _read_example(i, example)
+        ids, labels = _read_example(i, example, ignore_index)
         ids_list.append(ids)
         labels_list.append(labels)
     if not ids_list:
@@ -277,11 +292,10 @@ class PackingCollator:
         self, *, max_len: int, overlong: str = "error", pad_id: int = 0, ignore_index: int = -100
     ) -> None:
         # Checked here so a bad setting fails when the pipeline is built, not in a loader worker.
-        _check_settings(max_len, overlong, pad_id, ignore_index)
-        self.max_len = max_len
+        self.max_len, self.pad_id, self.ignore_index = _check_settings(
+            max_len, overlong, pad_id, ignore_index
+        )
         self.overlong = overlong
-        self.pad_id = pad_id
-        self.ignore_index = ignore_index
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         packed = pack(
@@ -355,20 +369,38 @@ def _segments(
     return torch.tensor(bounds, dtype=torch.int32), longest
 
 
-def _check_settings(max_len: int, overlong: str, pad_id: int, ignore_index: int) -> None:
-    for name, value in (("max_len", max_len), ("pad_id", pad_id), ("ignore_index", ignore_index)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"pack: {name} must be an int. Got {type(value).__name__}.")
-    if max_len < 2:
-        raise ValueError(
-            f"pack: max_len must be >= 2 (a row needs a token and a next token to predict). "
-            f"Got {max_len}."
-        )
+def _check_int(
+    where: str, name: str, value: Any, *, low: int = _INT64_MIN, high: int = _INT64_MAX,
+    why: str = "",
+) -> int:
+    """`value` as an int: any integral number but a bool (np.int64 too), in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {name} must be an int. Got {type(value).__name__}.")
+    value = int(value)
+    if value < low:
+        raise ValueError(f"{where}: {name} must be >= {low}{why}. Got {value}.")
+    if value > high:
+        raise ValueError(f"{where}: {name} must be <= {high}{why}. Got {value}.")
+    return value
+
+
+def _check_settings(
+    max_len: int, overlong: str, pad_id: int, ignore_index: int
+) -> tuple[int, int, int]:
+    """max_len, pad_id, ignore_index as ints, after checking them and `overlong`."""
+    max_len = _check_int(
+        "pack", "max_len", max_len, low=2,
+        why=" (a row needs a token and a next token to predict)",
+    )
+    pad_id = _check_int("pack", "pad_id", pad_id, low=0, why=" (a token id, stored as int64)")
+    ignore_index = _check_int("pack", "ignore_index", ignore_index, why=" (labels are int64)")
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"pack: overlong must be one of {OVERLONG_POLICIES}. Got {overlong!r}.")
+    return max_len, pad_id, ignore_index
 
 
-def _read_example(i: int, example: Any) -> tuple[np.ndarray, np.ndarray]:
+def _read_example(i: int, example: Any, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+    mask = None
     if isinstance(example, Mapping):
         if "input_ids" not in example:
             raise ValueError(
@@ -376,31 +408,57 @@ def _read_example(i: int, example: Any) -> tuple[np.ndarray, np.ndarray]:
             )
         ids = _as_ids(i, "input_ids", example["input_ids"])
         raw_labels = example.get("labels")
-        labels = ids if raw_labels is None else _as_ids(i, "labels", raw_labels)
-        mask = example.get("attention_mask")
-        if mask is not None and not np.asarray(mask).all():
-            raise ValueError(
-                f"pack: example {i} has an attention_mask with zeros, i.e. it is padded. Pass "
-                f"unpadded examples; packing adds its own padding."
-            )
+        labels = ids if raw_labels is None else _as_ids(i, "labels", raw_labels, ignore_index)
+        if example.get("attention_mask") is not None:
+            mask = _as_array(i, "attention_mask", example["attention_mask"], kinds="biu")
     else:
         ids = _as_ids(i, "input_ids", example)
         labels = ids
     if ids.size == 0:
         raise ValueError(f"pack: example {i} has no tokens. Remove empty examples before packing.")
-    if labels.size != ids.size:
+    for name, other in (("labels", labels), ("attention_mask", mask)):
+        if other is not None and other.size != ids.size:
+            raise ValueError(
+                f"pack: example {i} has {ids.size} input_ids but {other.size} {name}; they "
+                f"must have the same length."
+            )
+    if mask is not None and not mask.all():
         raise ValueError(
-            f"pack: example {i} has {ids.size} input_ids but {labels.size} labels; they "
-            f"must have the same length."
+            f"pack: example {i} has an attention_mask with zeros, i.e. it is padded. Pass "
+            f"unpadded examples; packing adds its own padding."
         )
     return ids, labels
 
 
-def _as_ids(i: int, name: str, value: Any) -> np.ndarray:
+def _as_ids(i: int, name: str, value: Any, ignore_index: int | None = None) -> np.ndarray:
+    """Token ids as int64, each in [0, 2**63 - 1] (or equal to `ignore_index`, for labels)."""
+    arr = _as_array(i, name, value, kinds="iu")
+    ids = arr.astype(np.int64, copy=False)
+    if arr.dtype.kind == "u":  # never negative, but uint64 ids >= 2**63 would wrap in the cast
+        bad = arr > np.uint64(_INT64_MAX)
+    else:
+        bad = ids < 0
+        if ignore_index is not None:
+            bad &= ids != ignore_index
+    if bad.any():
+        j = int(bad.argmax())
+        allowed = "" if ignore_index is None else f" or ignore_index={ignore_index}"
+        raise ValueError(
+            f"pack: example {i}: {name}[{j}] is {int(arr[j])}; expected token ids in "
+            f"[0, {_INT64_MAX}] (int64){allowed}."
+        )
+    return ids
+
+
+def _as_array(i: int, name: str, value: Any, *, kinds: str) -> np.ndarray:
+    """`value`, a sequence or tensor, as a 1-D numpy array whose dtype kind is in `kinds`."""
     # numpy converts a list of ints about 6x faster than torch.as_tensor (0.12 s vs 0.72 s for
     # 2000 lists of 500 ids), and its slice assignments in `pack` cost a fraction of torch's.
     if isinstance(value, Tensor):
-        arr = value.detach().cpu().numpy()
+        shape, dtype = tuple(value.shape), value.dtype
+        # numpy has no bfloat16 or float8: float tensors are refused before the conversion.
+        floating = value.is_floating_point() or value.is_complex()
+        arr = None if floating else value.detach().cpu().numpy()
     elif isinstance(value, (str, bytes)) or not (
         isinstance(value, Sequence) or hasattr(value, "__array__")
     ):
@@ -412,9 +470,10 @@ def _as_ids(i: int, name: str, value: Any) -> np.ndarray:
         arr = np.asarray(value)
         if arr.size == 0:  # an empty list comes back as float64; it is refused as empty later
             arr = arr.astype(np.int64)
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        shape, dtype = arr.shape, arr.dtype
+    if arr is None or arr.ndim != 1 or arr.dtype.kind not in kinds:
         raise TypeError(
-            f"pack: example {i}: {name} must be a 1-D sequence of ints. Got shape "
-            f"{tuple(arr.shape)} of {arr.dtype}."
+            f"pack: example {i}: {name} must be a 1-D sequence of ints. Got shape {shape} of "
+            f"{dtype}."
         )
-    return arr.astype(np.int64, copy=False)
+    return arr

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import re
+from collections import UserDict
 
 import numpy as np
 import pytest
@@ -283,8 +285,33 @@ def test_batches_split_rows_with_their_own_boundaries_and_drop_nothing():
             assert p.cu_seqlens[-1].item() == p.stats.rows * 64
             assert set(lengths_here) <= set(torch.diff(p.cu_seqlens).tolist())
     assert packed.batches(3, seed=1)[0].documents == packed.batches(3, seed=1)[0].documents
-    with pytest.raises(ValueError, match="rows must be a positive int"):
+    with pytest.raises(ValueError, match=r"rows must be >= 1. Got 0"):
         packed.batches(0)
+
+
+def test_batches_take_any_integral_rows_and_seed():
+    packed = pack([[1, 2], [3, 4, 5], [6]], max_len=3)
+    for got, want in ((packed.batches(np.int64(2), seed=np.int32(1)), packed.batches(2, seed=1)),
+                      (packed.batches(np.uint8(1)), packed.batches(1))):
+        assert [b.documents for b in got] == [b.documents for b in want]
+        assert all(torch.equal(g.input_ids, w.input_ids) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"rows": True}, TypeError, "rows must be an int. Got bool"),
+        ({"rows": 2.0}, TypeError, "rows must be an int. Got float"),
+        ({"rows": np.int64(-1)}, ValueError, r"rows must be >= 1. Got -1"),
+        ({"rows": 2, "seed": "a"}, TypeError, "seed must be an int. Got str"),
+        ({"rows": 2, "seed": 1.5}, TypeError, "seed must be an int. Got float"),
+        ({"rows": 2, "seed": 2**64}, ValueError, rf"seed must be <= {2**64 - 1}"),
+    ],
+)
+def test_batches_refuse_bad_rows_and_seed(kwargs, error, match):
+    packed = pack([[1, 2], [3]], max_len=4)
+    with pytest.raises(error, match=match):
+        packed.batches(**kwargs)
 
 
 def test_model_inputs_share_one_boundary_tensor():
@@ -319,6 +346,111 @@ def test_collator_checks_its_settings_up_front():
         PackingCollator(max_len=1)
     with pytest.raises(ValueError, match="overlong must be one of"):
         PackingCollator(max_len=8, overlong="drop")
+    with pytest.raises(ValueError, match=r"pad_id must be >= 0 \(a token id.*Got -1"):
+        PackingCollator(max_len=8, pad_id=-1)
+
+
+def test_collator_validates_examples_like_pack():
+    collate = PackingCollator(max_len=8)
+    with pytest.raises(TypeError, match="examples must be a sequence of example dicts"):
+        collate({"input_ids": [[1, 2], [3]]})
+    with pytest.raises(TypeError, match=r"input_ids must be a 1-D sequence of ints.*bfloat16"):
+        collate([{"input_ids": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}])
+    with pytest.raises(ValueError, match=r"example 0: input_ids\[1\] is -3"):
+        collate([{"input_ids": [1, -3]}])
+    with pytest.raises(ValueError, match="example 0 has 2 input_ids but 1 attention_mask"):
+        collate([{"input_ids": [1, 2], "attention_mask": [1]}])
+
+
+def test_integral_settings_are_taken_as_ints():
+    packed = pack([[1, 2, 3]], max_len=np.int64(5), pad_id=np.int32(7), ignore_index=np.int16(-1))
+    assert packed.input_ids.tolist() == [[1, 2, 3, 7, 7]]
+    assert packed.labels.tolist() == [[-1, 2, 3, -1, -1]]
+    assert type(packed.documents[0][0].length) is int
+    collate = PackingCollator(max_len=np.int64(5))
+    assert type(collate.max_len) is int
+
+
+@pytest.mark.parametrize("batch", [{"input_ids": [[1, 2], [3]]}, UserDict(input_ids=[[1, 2]])])
+def test_batched_columnar_dict_is_refused(batch):
+    """HF's batched format (a dict of columns) iterates over its keys, so each "example" would be
+    a column name; it is refused as a whole instead."""
+    with pytest.raises(TypeError, match=r"examples must be a sequence of example dicts, one per "
+                                        r"example\. Got a \w+ with keys \['input_ids'\], i\.e\. a "
+                                        r"batched \(columnar\) dict"):
+        pack(batch, max_len=4)
+
+
+NON_INTEGER_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64,
+                      torch.complex64, torch.bool, torch.float8_e4m3fn]
+
+
+@pytest.mark.parametrize("dtype", NON_INTEGER_DTYPES, ids=str)
+@pytest.mark.parametrize("where", ["bare", "input_ids", "labels"])
+def test_non_integer_tensors_are_refused_by_dtype(dtype, where):
+    bad = torch.ones(2).to(dtype)
+    example = {"bare": bad, "input_ids": {"input_ids": bad},
+               "labels": {"input_ids": [1, 2], "labels": bad}}[where]
+    name = "labels" if where == "labels" else "input_ids"
+    message = f"example 0: {name} must be a 1-D sequence of ints. Got shape (2,) of {dtype}."
+    with pytest.raises(TypeError, match=re.escape(message) + "$"):
+        pack([example], max_len=4)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.bool_, object])
+def test_non_integer_arrays_are_refused_by_dtype(dtype):
+    with pytest.raises(TypeError, match=rf"input_ids must be a 1-D sequence of ints. Got shape "
+                                        rf"\(2,\) of {np.dtype(dtype)}"):
+        pack([np.array([1, 2], dtype=dtype)], max_len=4)
+
+
+def test_unsigned_and_narrow_integer_ids_are_packed_exactly():
+    top = 2**63 - 1  # the largest id int64 holds
+    examples = [np.array([top, 0], dtype=np.uint64), torch.tensor([5, 6], dtype=torch.uint64),
+                np.array([127, 1], dtype=np.int8), torch.tensor([255], dtype=torch.uint8)]
+    packed = pack(examples, max_len=2)
+    placed = {d.example: packed.input_ids[r, :d.length].tolist()
+              for r, row in enumerate(packed.documents) for d in row}
+    assert placed == {0: [top, 0], 1: [5, 6], 2: [127, 1], 3: [255]}
+
+
+@pytest.mark.parametrize(
+    "example, match",
+    [
+        ([3, -5], rf"input_ids\[1\] is -5; expected token ids in \[0, {2**63 - 1}\] \(int64\)\.$"),
+        (np.array([1, -128], dtype=np.int8), r"input_ids\[1\] is -128"),
+        (np.array([1, 2**63 + 5], dtype=np.uint64), r"input_ids\[1\] is 9223372036854775813"),
+        (torch.tensor([2**63 + 5], dtype=torch.uint64), r"input_ids\[0\] is 9223372036854775813"),
+        ([2**63], r"input_ids\[0\] is 9223372036854775808"),  # numpy reads it as uint64
+        ({"input_ids": [1, 2], "labels": [-100, -1]},
+         r"labels\[1\] is -1; expected token ids in .* or ignore_index=-100\.$"),
+        ({"input_ids": [1, 2], "labels": np.array([2, 2**64 - 100], dtype=np.uint64)},
+         r"labels\[1\] is 18446744073709551516"),  # would wrap to -100 in a plain int64 cast
+    ],
+)
+def test_token_ids_outside_int64_or_negative_are_refused(example, match):
+    with pytest.raises(ValueError, match=r"pack: example 0: " + match):
+        pack([example], max_len=4)
+
+
+def test_labels_may_hold_the_ignore_index_they_are_packed_with():
+    packed = pack([{"input_ids": [1, 2, 3], "labels": [-1, -1, 3]}], max_len=4, ignore_index=-1)
+    assert packed.labels.tolist() == [[-1, -1, 3, -1]]
+
+
+@pytest.mark.parametrize("mask", [[1], [], [1, 1, 1, 1], torch.ones(4, dtype=torch.long)])
+def test_attention_mask_of_another_length_is_refused(mask):
+    n = len(mask)
+    with pytest.raises(ValueError, match=rf"pack: example 1 has 3 input_ids but {n} "
+                                         rf"attention_mask; they must have the same length"):
+        pack([[1], {"input_ids": [1, 2, 3], "attention_mask": mask}], max_len=4)
+
+
+@pytest.mark.parametrize("mask", [[1, 1, 1], torch.ones(3, dtype=torch.bool), np.ones(3, np.int8)])
+def test_attention_mask_of_ones_is_accepted(mask):
+    packed = pack([{"input_ids": [4, 5, 6], "attention_mask": mask}], max_len=4)
+    assert packed.input_ids.tolist() == [[4, 5, 6, 0]]
+    assert packed.labels.tolist() == [[IGNORE, 5, 6, IGNORE]]
 
 
 @pytest.mark.parametrize(
@@ -340,6 +472,12 @@ def test_collator_checks_its_settings_up_front():
         ([{"input_ids": [1, 2], "attention_mask": [1, 0]}], {}, ValueError,
          "attention_mask with zeros"),
         ([[1, 2]], {"pad_id": None}, TypeError, "pad_id must be an int"),
+        ([[1, 2]], {"pad_id": -1}, ValueError, r"pad_id must be >= 0 \(a token id.*Got -1\."),
+        ([[1, 2]], {"pad_id": 2**63}, ValueError, rf"pad_id must be <= {2**63 - 1}.*Got {2**63}"),
+        ([[1, 2]], {"ignore_index": -(2**63) - 1}, ValueError, "ignore_index must be >= "),
+        ([[1, 2]], {"max_len": True}, TypeError, "max_len must be an int. Got bool"),
+        ([{"input_ids": [1, 2], "attention_mask": [1, None]}], {}, TypeError,
+         r"attention_mask must be a 1-D sequence of ints. Got shape \(2,\) of object"),
     ],
 )
 def test_bad_input_raises_clear_errors(examples, kwargs, error, match):
