@@ -21,6 +21,8 @@ so any torch optimizer takes them.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Any
 
 from torch import nn
@@ -53,6 +55,22 @@ def _factor(name: str) -> tuple[str | None, str]:
     return part[-1], key
 
 
+def _check_rate(name: str, value: object, *, zero_ok: bool = False) -> float:
+    """`value` as a float if it is a finite real number > 0 (>= 0 with `zero_ok`), else a clear
+    error: a NaN or infinite rate or decay turns the weights into NaN at the first step."""
+    bound = ">= 0" if zero_ok else "> 0"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(
+            f"lora_plus_param_groups: {name} must be a finite real number {bound}. Got "
+            f"{value!r} ({type(value).__name__})."
+        )
+    if not math.isfinite(value) or not (value >= 0 if zero_ok else value > 0):
+        raise ValueError(
+            f"lora_plus_param_groups: {name} must be a finite real number {bound}. Got {value}."
+        )
+    return float(value)
+
+
 def lora_plus_param_groups(
     model: nn.Module,
     *,
@@ -77,16 +95,20 @@ def lora_plus_param_groups(
         for any `torch.optim` optimizer; LR schedulers scale every group, keeping the ratio.
 
     Raises:
+        TypeError: `model` is not a `torch.nn.Module`; a rate or `weight_decay` is not a real
+            number (a bool, a string, None).
         ValueError: no trainable LoRA parameters; an A factor without its B (or the reverse); a
-            name that names two factors or an unknown `lora_*` component; non-positive lr/ratio.
+            name that names two factors or an unknown `lora_*` component; lr, ratio or
+            embedding_lr not finite and > 0; weight_decay not finite and >= 0.
     """
-    if not lr > 0 or not ratio > 0 or not embedding_lr > 0:
-        raise ValueError(
-            f"lora_plus_param_groups: lr, ratio and embedding_lr must be > 0. Got lr={lr}, "
-            f"ratio={ratio}, embedding_lr={embedding_lr}."
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"lora_plus_param_groups: model must be a torch.nn.Module. Got {type(model).__name__}."
         )
-    if weight_decay < 0:
-        raise ValueError(f"lora_plus_param_groups: weight_decay must be >= 0. Got {weight_decay}.")
+    lr = _check_rate("lr", lr)
+    ratio = _check_rate("ratio", ratio)
+    embedding_lr = _check_rate("embedding_lr", embedding_lr)
+    weight_decay = _check_rate("weight_decay", weight_decay, zero_ok=True)
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups: dict[str, list[nn.Parameter]] = {
         "lora_A": [], "lora_B": [], "embedding": [], "no_decay": [], "other": []

@@ -2,9 +2,10 @@
 
 `train_step` takes one optimizer step from one or more micro-batches and keeps no state of its own:
 the model, optimizer and scheduler carry all of it, so checkpointing them is checkpointing the run.
-The loss of a step is the mean over every real (non-ignored) label token of all its micro-batches,
-so accumulating 4 micro-batches gives the gradients of one batch holding the same tokens. It never
-reads a value back from the device; `StepMetrics` does that when asked.
+The loss of a step is the mean over every real label token of all its micro-batches, so
+accumulating 4 micro-batches gives the gradients of one batch holding the same tokens. A label equal
+to `IGNORE_INDEX` (-100, the ignore index of Hugging Face's causal-LM loss) is not a real token.
+It never reads a value back from the device; `StepMetrics` does that when asked.
 
 The loss comes from `compile_loss(model)`, which compiles a function returning only the loss with
 `torch.compile(backend="chronicals")`. Returning only the loss matters: a compiled graph that
@@ -23,12 +24,13 @@ A custom loop:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
+"""Label of a position the loss skips (prompt, padding): -100, as Hugging Face's causal-LM loss."""
 # Document boundaries of packed rows (chronicals.packing), named as HF forwards them to attention.
 _VARIABLE_LENGTH_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k")
 
@@ -46,9 +48,9 @@ class StepMetrics:
     grad_norm: Tensor
     """0-d fp32: L2 norm of all gradients before clipping."""
     num_tokens: Tensor
-    """0-d int64: label tokens the loss is averaged over (labels != -100 after the causal shift),
-    summed over the micro-batches. Input tokens per second are for the caller to count on the
-    host, where it knows which slots of its rows are padding."""
+    """0-d int64: label tokens the loss is averaged over (labels != IGNORE_INDEX after the causal
+    shift), summed over the micro-batches. Input tokens per second are for the caller to count on
+    the host, where it knows which slots of its rows are padding."""
     lr: float
     """Learning rate this step used, of the optimizer's first parameter group."""
 
@@ -104,40 +106,68 @@ def count_label_tokens(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tens
     return (labels[..., 1:] != ignore_index).sum()
 
 
+def _check_batches(
+    where: str, batches: Iterable[Mapping[str, Tensor]]
+) -> list[Mapping[str, Tensor]]:
+    """`batches` as a list (an iterator is read once), each a mapping with `input_ids` and
+    `labels`; `where` ("train_step: micro_batches") starts the error messages."""
+    if isinstance(batches, Mapping):
+        raise TypeError(
+            f"{where} must be a sequence of micro-batch dicts. Got one dict (keys "
+            f"{sorted(batches)}); pass [batch] for a single micro-batch."
+        )
+    if not isinstance(batches, Iterable):
+        raise TypeError(
+            f"{where} must be a sequence of micro-batch dicts. Got {type(batches).__name__}."
+        )
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"{where} must hold at least one batch. Got none.")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"{where}[{i}] must be a dict of model inputs. Got {type(batch).__name__}."
+            )
+        if "labels" not in batch or "input_ids" not in batch:
+            raise ValueError(
+                f"{where}[{i}] must have 'input_ids' and 'labels'. Got keys {sorted(batch)}."
+            )
+    return batches
+
+
 def train_step(
     loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[Mapping[str, Tensor]],
+    micro_batches: Iterable[Mapping[str, Tensor]],
     *,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     max_grad_norm: float | None = None,
 ) -> StepMetrics:
     """One optimizer step from `micro_batches`, with no host sync.
 
-    Every micro-batch's summed token loss is divided by the label-token count of all micro-batches
-    together (counted on the device), so the gradients equal those of one batch holding the same
-    tokens. Then: gradient norm (clipped to `max_grad_norm` if given), `optimizer.step()`,
-    `optimizer.zero_grad(set_to_none=True)`, `scheduler.step()`.
+    The step starts from zero gradients: `optimizer.zero_grad(set_to_none=True)` drops whatever
+    sits on the optimizer's parameters (a stray `.backward()`, the partial gradients of a call
+    that raised), so no step mixes in another's. Every micro-batch's summed token loss is divided
+    by the label-token count of all micro-batches together (labels != `IGNORE_INDEX`, -100 as in
+    Hugging Face; counted on the device), so the gradients equal those of one batch holding the
+    same tokens. Then: gradient norm (clipped to `max_grad_norm` if given), `optimizer.step()`,
+    `optimizer.zero_grad(set_to_none=True)` again so the gradients' memory is free between steps,
+    `scheduler.step()`.
 
     Args:
         loss_fn: from `compile_loss(model)`, made once.
         optimizer: any torch optimizer over the trainable parameters.
-        micro_batches: one or more dicts of model inputs with `input_ids` and `labels`, on the
-            model's device.
+        micro_batches: a list (or any iterable, read once) of one or more dicts of model inputs
+            with `input_ids` and `labels`, on the model's device; one dict alone is an error.
         scheduler: stepped once after the optimizer.
         max_grad_norm: clip the total L2 gradient norm to this (> 0); None: no clipping.
     """
-    if len(micro_batches) == 0:
-        raise ValueError("train_step: micro_batches must hold at least one batch. Got none.")
-    for i, mb in enumerate(micro_batches):
-        if "labels" not in mb or "input_ids" not in mb:
-            raise ValueError(
-                f"train_step: micro-batch {i} must have 'input_ids' and 'labels'. Got keys "
-                f"{sorted(mb)}."
-            )
+    micro_batches = _check_batches("train_step: micro_batches", micro_batches)
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"train_step: max_grad_norm must be > 0 or None. Got {max_grad_norm}.")
 
+    # Setting grads to None costs nothing (no kernel), unlike zeroing them in place.
+    optimizer.zero_grad(set_to_none=True)
     num_tokens = torch.stack([count_label_tokens(mb["labels"]) for mb in micro_batches]).sum()
     # A step whose labels are all ignored gets loss 0 and zero gradients, not 0/0 = NaN.
     denominator = num_tokens.clamp(min=1)
@@ -168,12 +198,12 @@ def train_step(
 
 
 def evaluate_loss(
-    loss_fn: LossFn, model: nn.Module, batches: Sequence[Mapping[str, Tensor]]
+    loss_fn: LossFn, model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
 ) -> Tensor:
-    """Mean loss per label token over `batches`, in eval mode without gradients: a 0-d tensor on
-    the device (no host sync). The model's train/eval mode is restored afterwards."""
-    if len(batches) == 0:
-        raise ValueError("evaluate_loss: batches must hold at least one batch. Got none.")
+    """Mean loss per label token (labels != `IGNORE_INDEX`) over `batches`, in eval mode without
+    gradients: a 0-d tensor on the device (no host sync). `batches` are as `train_step`'s
+    micro-batches. The model's train/eval mode is restored afterwards."""
+    batches = _check_batches("evaluate_loss: batches", batches)
     was_training = model.training
     model.eval()
     try:

@@ -125,9 +125,35 @@ def test_ambiguous_names_are_an_error(names, match):
         lora_plus_param_groups(_Named(names), lr=1e-3)
 
 
-def test_bad_rates_are_an_error():
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"ratio": 0.0}, ValueError, r"ratio must be a finite real number > 0. Got 0.0."),
+        ({"ratio": float("inf")}, ValueError, r"ratio must be .* Got inf."),
+        ({"lr": float("nan")}, ValueError, r"lr must be a finite real number > 0. Got nan."),
+        ({"embedding_lr": -1e-6}, ValueError, r"embedding_lr must be .* > 0. Got -1e-06."),
+        ({"weight_decay": -1.0}, ValueError, r"weight_decay must be .* >= 0. Got -1.0."),
+        ({"weight_decay": float("nan")}, ValueError, r"weight_decay must be .* Got nan."),
+        ({"lr": "1e-3"}, TypeError, r"lr must be a finite real number > 0. Got '1e-3' \(str\)."),
+        ({"lr": None}, TypeError, r"lr must be .* Got None \(NoneType\)."),
+        ({"ratio": "16"}, TypeError, r"ratio must be .* Got '16' \(str\)."),
+        ({"weight_decay": None}, TypeError, r"weight_decay must be .* >= 0. Got None"),
+        ({"weight_decay": True}, TypeError, r"weight_decay must be .* Got True \(bool\)."),
+    ],
+)
+def test_bad_rates_are_an_error(kwargs, error, match):
     model = _peft(target_modules=["q_proj"])
-    with pytest.raises(ValueError, match="must be > 0"):
-        lora_plus_param_groups(model, lr=1e-3, ratio=0.0)
-    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
-        lora_plus_param_groups(model, lr=1e-3, weight_decay=-1.0)
+    with pytest.raises(error, match=match):
+        lora_plus_param_groups(model, **{"lr": 1e-3, **kwargs})
+
+
+def test_zero_weight_decay_and_integer_rates_are_fine():
+    model = _peft(target_modules=["q_proj"])
+    groups = lora_plus_param_groups(model, lr=1, ratio=16, weight_decay=0)
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1.0, 0.0), (16.0, 0.0)]
+
+
+def test_model_must_be_a_module():
+    model = _peft(target_modules=["q_proj"])
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module. Got list."):
+        lora_plus_param_groups(list(model.parameters()), lr=1e-3)

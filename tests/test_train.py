@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from chronicals.train import (
+    IGNORE_INDEX,
     StepMetrics,
     compile_loss,
     count_label_tokens,
@@ -140,13 +143,71 @@ def test_bad_input_errors():
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     with pytest.raises(ValueError, match="at least one batch"):
         train_step(loss_fn, optimizer, [])
-    with pytest.raises(ValueError, match="must have 'input_ids' and 'labels'"):
+    with pytest.raises(ValueError, match=r"micro_batches\[0\] must have 'input_ids' and 'labels'"):
         train_step(loss_fn, optimizer, [{"input_ids": _batch()["input_ids"]}])
+    with pytest.raises(TypeError, match=r"sequence of micro-batch dicts. Got one dict \(keys "
+                                        r"\['input_ids', 'labels'\]\)"):
+        train_step(loss_fn, optimizer, _batch())
+    with pytest.raises(TypeError, match=r"micro_batches\[1\] must be a dict .* Got Tensor"):
+        train_step(loss_fn, optimizer, [_batch(), _batch()["labels"]])
     with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
         train_step(loss_fn, optimizer, [_batch()], max_grad_norm=0.0)
     frozen = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
     with pytest.raises(ValueError, match="no parameter of the optimizer received a gradient"):
         train_step(loss_fn, frozen, [_batch()])
+
+
+def test_evaluate_loss_checks_batches_like_train_step():
+    model = tiny_model("qwen2")
+    loss_fn = compile_loss(model, backend=None)
+    with pytest.raises(ValueError, match=r"evaluate_loss: batches\[1\] must have 'input_ids' "
+                                         r"and 'labels'. Got keys \['input_ids'\]"):
+        evaluate_loss(loss_fn, model, [_batch(), {"input_ids": _batch()["input_ids"]}])
+    with pytest.raises(TypeError, match="evaluate_loss: batches must be a sequence"):
+        evaluate_loss(loss_fn, model, _batch())
+
+
+def test_micro_batches_may_be_any_iterable():
+    batches = _split(_batch(), 2)
+    _, from_list = _gradient_step(None, batches)
+    _, from_generator = _gradient_step(None, (b for b in batches))
+    assert from_generator.item() == from_list.item()
+
+
+def _out_of_range_call(loss_fn, optimizer, batch):
+    """A train_step whose second micro-batch fails after the first one's backward ran."""
+    bad = {**batch, "labels": torch.full_like(batch["labels"], VOCAB)}
+    with pytest.raises(IndexError, match="out of bounds"):
+        train_step(loss_fn, optimizer, [batch, bad])
+
+
+def _stray_backward(loss_fn, optimizer, batch):
+    loss_fn(batch, torch.tensor(1)).backward()
+
+
+@pytest.mark.parametrize("leave_grads", [_out_of_range_call, _stray_backward])
+def test_step_starts_from_zero_gradients(leave_grads):
+    batch = _batch(rows=2)
+    fresh, fresh_metrics = _gradient_step(None, [batch])
+
+    model = tiny_model("qwen2")
+    before = copy.deepcopy(model.state_dict())
+    loss_fn = compile_loss(model, backend=None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    leave_grads(loss_fn, optimizer, batch)
+    assert any(p.grad is not None for p in model.parameters())  # the scenario holds
+
+    metrics = train_step(loss_fn, optimizer, [batch])
+    assert metrics.item() == fresh_metrics.item()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(before[name] - value, fresh[name], rtol=0, atol=0, msg=name)
+
+
+def test_ignore_index_is_hugging_faces():
+    hf_default = inspect.signature(ForCausalLMLoss).parameters["ignore_index"].default
+    assert IGNORE_INDEX == hf_default == -100
+    labels = torch.tensor([[7, IGNORE_INDEX, 5, IGNORE_INDEX]])  # the first is never scored
+    assert int(count_label_tokens(labels)) == 1
 
 
 def test_packed_batches_with_different_document_counts_compile_once():
