@@ -467,7 +467,13 @@ def _as_array(i: int, name: str, value: Any, *, kinds: str) -> np.ndarray:
             f"{type(value).__name__}."
         )
     else:
-        arr = np.asarray(value)
+        try:
+            arr = np.asarray(value)
+        except ValueError as e:  # ragged nesting, e.g. a batch of examples given as one
+            raise TypeError(
+                f"pack: example {i}: {name} must be a 1-D sequence of ints. Got a ragged nested "
+                f"sequence ({e})."
+            ) from None
         if arr.size == 0:  # an empty list comes back as float64; it is refused as empty later
             arr = arr.astype(np.int64)
         shape, dtype = arr.shape, arr.dtype

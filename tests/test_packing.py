@@ -468,6 +468,8 @@ def test_attention_mask_of_ones_is_accepted(mask):
         ([{"labels": [1, 2]}], {}, ValueError, "example 0 has no 'input_ids'"),
         ([[1.5, 2.0]], {}, TypeError, "example 0: input_ids must be a 1-D sequence of ints"),
         ([[[1, 2]]], {}, TypeError, r"must be a 1-D sequence of ints. Got shape \(1, 2\)"),
+        ([{"input_ids": [[1, 2], [3]]}], {}, TypeError,
+         "example 0: input_ids must be a 1-D sequence of ints. Got a ragged nested sequence"),
         (["hello"], {}, TypeError, "input_ids must be a sequence of ints.*Got str"),
         ([{"input_ids": [1, 2], "attention_mask": [1, 0]}], {}, ValueError,
          "attention_mask with zeros"),
