@@ -45,7 +45,13 @@ from chronicals import data as data_lib
 from chronicals.attention import PACKED_ATTENTION, register_packed_attention
 from chronicals.config import COMPILE_BACKENDS, LORA_DTYPES, RESUME_MAY_CHANGE, FinetuneConfig
 from chronicals.lora_plus import lora_plus_param_groups
-from chronicals.train import StepMetrics, compile_loss, evaluate_loss, train_step
+from chronicals.train import (
+    StepMetrics,
+    compile_loss,
+    count_label_tokens,
+    evaluate_loss,
+    train_step,
+)
 
 logger = logging.getLogger("chronicals.finetune")
 
@@ -456,6 +462,12 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     dtype = _dtype(config, device)
     backend = None if config.compile == "none" else config.compile
     resume_from = _resolve_resume(config)
+    if resume_from is None and (Path(config.output_dir) / CONFIG_FILE).is_file():
+        # A fresh run on top of another would mix their checkpoints, logs and LoRA base model.
+        raise ValueError(
+            f"output dir {config.output_dir} already holds a run ({CONFIG_FILE}). Continue it "
+            "with --resume auto, or give another --output-dir (or delete this one)."
+        )
 
     # Inputs first: every check that can fail runs before anything is written.
     if config.model is not None:
@@ -470,6 +482,11 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     row_args = dict(max_len=config.max_len, pad_id=tokenizer.pad_token_id,
                     packing=config.packing, overlong=config.overlong)
     train_rows = data_lib.make_rows(train_examples, **row_args)
+    if count_label_tokens(train_rows.labels) == 0:
+        raise ValueError(
+            "data: the training split has no label tokens to learn from (every label is masked: "
+            "no assistant reply or completion, or --overlong truncate cut them all off)."
+        )
     eval_rows = data_lib.make_rows(eval_examples, **row_args) if eval_examples else None
     model = _load_model(config, tokenizer, dtype, None if config.lora_r else resume_from)
 
@@ -723,8 +740,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chronicals finetune: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("chronicals finetune: interrupted; continue with --resume auto (from the newest "
-              "checkpoint).", file=sys.stderr)
+        saved = any((d / STATE_FILE).is_file() for d in Path(args.output_dir).glob("checkpoint-*"))
+        hint = (
+            "continue with --resume auto (from the newest checkpoint)" if saved else
+            "no checkpoint was saved, so there is nothing to resume (--save-every N saves one "
+            "every N steps)"
+        )
+        print(f"chronicals finetune: interrupted; {hint}.", file=sys.stderr)
         return 130
     logger.info("done: %d steps; model in %s", result.step, result.final_dir)
     return 0

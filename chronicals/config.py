@@ -7,6 +7,7 @@ built from a config, the bundled tokenizer and the bundled HumanEval data (chron
 from __future__ import annotations
 
 import dataclasses
+import math
 
 COMPILE_BACKENDS = ("chronicals", "inductor", "aot_eager", "none")
 DTYPES = ("auto", "bf16", "fp32")
@@ -90,9 +91,10 @@ class FinetuneConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1. Got {self.batch_size}."),
             (self.grad_accum >= 1, f"grad_accum must be >= 1. Got {self.grad_accum}."),
             (self.steps >= 1, f"steps must be >= 1. Got {self.steps}."),
-            (self.lr is None or self.lr > 0, f"lr must be > 0. Got {self.lr}."),
+            (self.lr is None or 0 < self.lr < math.inf,
+             f"lr must be finite and > 0. Got {self.lr}."),
             (self.lora_r >= 0, f"lora_r must be >= 0 (0: full fine-tune). Got {self.lora_r}."),
-            (self.lora_plus_ratio > 0, f"lora_plus_ratio must be > 0. Got "
+            (0 < self.lora_plus_ratio < math.inf, f"lora_plus_ratio must be finite and > 0. Got "
              f"{self.lora_plus_ratio}."),
             (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1). Got "
              f"{self.eval_fraction}."),
@@ -101,9 +103,10 @@ class FinetuneConfig:
              f"{self.eval_every}, {self.save_every}, {self.log_every}."),
             (self.warmup_steps is None or 0 <= self.warmup_steps <= self.steps,
              f"warmup_steps must be in [0, steps={self.steps}]. Got {self.warmup_steps}."),
-            (self.max_grad_norm is None or self.max_grad_norm > 0,
-             f"max_grad_norm must be > 0 or None. Got {self.max_grad_norm}."),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0. Got {self.weight_decay}."),
+            (self.max_grad_norm is None or 0 < self.max_grad_norm < math.inf,
+             f"max_grad_norm must be finite and > 0, or None. Got {self.max_grad_norm}."),
+            (0 <= self.weight_decay < math.inf,
+             f"weight_decay must be finite and >= 0. Got {self.weight_decay}."),
             (self.compile in COMPILE_BACKENDS,
              f"compile must be one of {COMPILE_BACKENDS}. Got {self.compile!r}."),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}. Got {self.dtype!r}."),

@@ -199,11 +199,15 @@ def _write(path: Path, text: str) -> str:
         (lambda d: ["--max-len", "64"],
          "example .* has .* tokens, more than max_len=64.*overlong"),
         (lambda d: ["--max-len", "1"], "max_len must be >= 2"),
+        (lambda d: ["--lr", "inf"], "lr must be finite and > 0. Got inf"),
+        (lambda d: ["--max-len", "8", "--overlong", "truncate"],
+         "training split has no label tokens to learn from"),
+        (lambda d: ["--weight-decay", "inf"], "weight_decay must be finite and >= 0. Got inf"),
         (lambda d: ["--model", str(d / "no-such-model")], "model: no such file or directory"),
         (lambda d: ["--model", str(d)], "has no config.json"),
     ],
-    ids=["missing-file", "empty", "missing-columns", "max-len-too-small", "max-len-1",
-         "unknown-model", "model-dir-without-config"],
+    ids=["missing-file", "empty", "missing-columns", "max-len-too-small", "max-len-1", "lr-inf",
+         "no-label-tokens", "weight-decay-inf", "unknown-model", "model-dir-without-config"],
 )
 def test_errors_are_one_line_and_write_nothing(tmp_path, capsys, make_args, message):
     out = tmp_path / "out"
@@ -214,6 +218,34 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, capsys, make_args, mess
     assert err[-1].startswith("chronicals finetune: error: ")
     assert re.search(message, err[-1]), err[-1]
     assert not out.exists()
+
+
+def test_fresh_run_into_another_runs_dir_is_an_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / cli.CONFIG_FILE).write_text("{}")
+    before = sorted(out.iterdir())
+    rc = cli.main(["finetune", "--output-dir", str(out), "--compile", "none", "--no-progress"])
+    assert rc == 1
+    assert "already holds a run (run_config.json). Continue it with --resume auto" in (
+        capsys.readouterr().err
+    )
+    assert sorted(out.iterdir()) == before and (out / cli.CONFIG_FILE).read_text() == "{}"
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_interrupt_says_whether_there_is_a_checkpoint(tmp_path, capsys, monkeypatch, saved):
+    def interrupted(config):
+        if saved:
+            (tmp_path / "checkpoint-2").mkdir()
+            (tmp_path / "checkpoint-2" / cli.STATE_FILE).write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "finetune", interrupted)
+    assert cli.main(["finetune", "--output-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    expected = "continue with --resume auto" if saved else "no checkpoint was saved"
+    assert expected in err, err
 
 
 def test_no_command_prints_help(capsys):
