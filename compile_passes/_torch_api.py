@@ -132,6 +132,20 @@ def register_replacement(
     )
 
 
+def runs_under_autocast(gm: torch.fx.GraphModule) -> bool:
+    """Whether a Dynamo graph enters torch.autocast, or is being compiled while autocast is on
+    (the graph then runs under it without saying so)."""
+    enter = torch.amp.autocast_mode._enter_autocast
+    if any(n.op == "call_function" and n.target is enter for n in gm.graph.nodes):
+        return True
+    return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+
+
+def match_outputs(match: Match) -> list[torch.fx.Node]:
+    """The graph nodes bound to a pattern's outputs (one per output, in order)."""
+    return [n for n in match.output_nodes() if n is not None]
+
+
 def match_value(match: Match, name: str) -> Any:
     """The fake value of a matched argument (a tensor's shape, dtype and device), or the literal.
 

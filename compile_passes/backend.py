@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
+import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,8 +57,8 @@ class BackendOptions:
     """Raise when a candidate of an enabled fusion is left unfused, or the pattern stage fails,
     instead of reporting it and compiling the graph as it is."""
     report: ReportSink = "log"
-    """Where each graph's FusionReport goes: 'log', 'none', a file path (JSON lines appended)
-    or a callable taking the report."""
+    """Where each graph's FusionReport goes: 'log', 'none', the path of a `.jsonl` file in an
+    existing folder (one JSON line appended per graph) or a callable taking the report."""
     compiler: str = "auto"
     """'inductor', 'aot_eager', or 'auto': Inductor when the graph's tensors are on CUDA,
     AOTAutograd with eager graphs otherwise."""
@@ -72,14 +74,16 @@ class BackendOptions:
             raise ValueError(
                 f"chronicals: compiler must be one of {COMPILERS}. Got {self.compiler!r}."
             )
-        if not (isinstance(self.report, str) or callable(self.report)):
-            raise TypeError(
-                "chronicals: report must be 'log', 'none', a file path or a callable. "
-                f"Got {type(self.report).__name__}."
-            )
+        if not isinstance(self.strict, bool):
+            raise TypeError(f"chronicals: strict must be True or False. Got {self.strict!r}.")
+        _check_report(self.report)
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> BackendOptions:
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(
+                f"chronicals: options must be a dict. Got {type(options).__name__}: {options!r}."
+            )
         options = dict(options or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(options) - names
@@ -88,10 +92,29 @@ class BackendOptions:
                 f"chronicals: unknown options {sorted(unknown)}; expected some of {sorted(names)}."
             )
         if "fusions" in options:
-            if isinstance(options["fusions"], str):
-                raise TypeError("chronicals: fusions must be a list of names, not a string.")
-            options["fusions"] = tuple(options["fusions"])
+            fusions = options["fusions"]
+            if isinstance(fusions, str) or not isinstance(fusions, (list, tuple, set, frozenset)):
+                raise TypeError(
+                    f"chronicals: fusions must be a list of names from {list(FUSION_NAMES)}. Got "
+                    f"{fusions!r}."
+                )
+            options["fusions"] = tuple(fusions)
         return cls(**options)
+
+
+def _check_report(report: Any) -> None:
+    expected = "'log', 'none', the path of a .jsonl file or a callable"
+    if callable(report) or report in ("log", "none"):
+        return
+    if not isinstance(report, (str, os.PathLike)):
+        raise TypeError(f"chronicals: report must be {expected}. Got {type(report).__name__}.")
+    path = pathlib.Path(report)
+    if path.suffix != ".jsonl":
+        raise ValueError(f"chronicals: report must be {expected}. Got {str(report)!r}.")
+    if not path.absolute().parent.is_dir():
+        raise ValueError(
+            f"chronicals: report file {str(report)!r} is in a folder that does not exist."
+        )
 
 
 _PASSES: dict[tuple[str, ...], _torch_api.PatternMatcherPass] = {}
@@ -161,9 +184,18 @@ def chronicals_backend(
     opts = BackendOptions.from_options(options)
     all_fusions = _all_fusions()
     fusions = [all_fusions[name] for name in FUSION_NAMES if name in opts.fusions]
-    error = None
+    error = skipped = None
     try:
-        compiled_gm, fired, rejected = rewrite(gm, example_inputs, fusions)
+        if fusions and _torch_api.runs_under_autocast(gm):
+            # The patterns match before autocast casts anything, so every dtype looks like the
+            # weights' and a fused op would run where autocast runs another dtype.
+            skipped = (
+                "the graph runs under torch.autocast, whose casts the patterns cannot see; no "
+                "fusion applied (cast the model to bf16/fp16 instead of autocasting to get them)"
+            )
+            compiled_gm, fired, rejected = gm, {f.name: 0 for f in fusions}, []
+        else:
+            compiled_gm, fired, rejected = rewrite(gm, example_inputs, fusions)
     except Exception as exc:
         if opts.strict:
             raise
@@ -181,8 +213,11 @@ def chronicals_backend(
         implementation=_implementation(example_inputs),
         compiler=compiler,
         error=error,
+        skipped=skipped,
     )
     publish(report, opts.report)
+    if opts.strict and skipped:
+        raise RuntimeError("chronicals (strict): " + report.summary())
     if opts.strict and rejected:
         raise RuntimeError(
             "chronicals (strict): candidates left unfused:\n" + report.summary()

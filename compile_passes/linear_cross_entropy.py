@@ -114,8 +114,9 @@ def _extra_check(match) -> bool:
         return reject(match, f"dtypes hidden {hidden.dtype}, weight {weight.dtype}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         return reject(match, f"weight {tuple(weight.shape)} vs hidden {tuple(hidden.shape)}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        return reject(match, f"labels dtype {labels.dtype}")
+    if labels.dtype != torch.int64:
+        # cross_entropy refuses other target dtypes; fused, the graph would return a loss instead.
+        return reject(match, f"labels dtype {labels.dtype} (cross_entropy takes int64 targets)")
     if labels.numel() * hidden.shape[-1] != hidden.numel():
         return reject(match, f"labels {tuple(labels.shape)} vs hidden {tuple(hidden.shape)}")
     if len({hidden.device, weight.device, labels.device}) != 1:

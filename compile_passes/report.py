@@ -42,17 +42,24 @@ class FusionReport:
     """What compiled the rewritten graph: 'inductor' or 'aot_eager'."""
     error: str | None = None
     """Set when the pattern stage failed and the graph was compiled unchanged (non-strict)."""
+    skipped: str | None = None
+    """Set when no fusion was tried on the graph, with the reason (e.g. torch.autocast)."""
 
     def summary(self) -> str:
         fused = ", ".join(f"{n} {name}" for name, n in self.fired.items())
-        text = f"chronicals graph {self.graph}: fused {fused}; rejected {len(self.rejected)}"
+        text = (
+            f"chronicals graph {self.graph}: fused {fused}; rejected {len(self.rejected)} "
+            f"[ops: {self.implementation}, compiler: {self.compiler}]"
+        )
         for r in self.rejected:
             text += f"\n  rejected {r.fusion} at {r.node}: {r.reason}"
             if r.source:
                 text += f" ({r.source})"
         if self.error:
             text += f"\n  pattern stage failed, graph compiled unchanged: {self.error}"
-        return text + f" [ops: {self.implementation}, compiler: {self.compiler}]"
+        if self.skipped:
+            text += f"\n  not fused: {self.skipped}"
+        return text
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -69,7 +76,8 @@ def publish(report: FusionReport, sink: ReportSink) -> None:
     if sink == "none":
         return
     if sink == "log":
-        level = logging.WARNING if report.rejected or report.error else logging.INFO
+        noteworthy = report.rejected or report.error or report.skipped
+        level = logging.WARNING if noteworthy else logging.INFO
         logger.log(level, "%s", report.summary())
     elif callable(sink):
         sink(report)

@@ -52,6 +52,11 @@ def _rope_replacement(q, k, cos, sin):
 
 
 def _extra_check(match) -> bool:
+    outputs = _torch_api.match_outputs(match)
+    if len(set(outputs)) != len(outputs):
+        # The matcher can bind both halves of the (q, k) pattern to one tensor's subgraph when the
+        # other half differs from the pattern (seen on torch 2.13: q's rotate_half split elsewhere).
+        return reject(match, "q and k matched the same subgraph")
     q, k, cos, sin = (_torch_api.match_value(match, n) for n in ("q", "k", "cos", "sin"))
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
         return reject(match, f"ranks q {q.dim()}, k {k.dim()}, cos {cos.dim()} (need 4, 4, 3)")

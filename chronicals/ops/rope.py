@@ -361,7 +361,8 @@ def _setup_context(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor
         raise ValueError(
             "rope: cos and sin require grad, but rope computes gradients for q and k only (HF "
             "builds cos/sin from position ids without one). Detach them, or use "
-            "chronicals.reference.rope to differentiate through them."
+            "chronicals.reference.rope to differentiate through them; under "
+            "torch.compile(backend='chronicals'), leave 'rope' out of options['fusions']."
         )
     ctx.save_for_backward(cos, sin)
 

@@ -57,11 +57,45 @@ def test_report_is_logged_once_per_graph(caplog):
         ({"compiler": "tvm"}, "compiler must be one of"),
         ({"stict": True}, "unknown options"),
         ({"report": 3}, "report must be"),
+        ({"report": "logs"}, r"report must be 'log', 'none', the path of a .jsonl file"),
+        ({"report": "/no/such/folder/r.jsonl"}, "in a folder that does not exist"),
+        ({"strict": "false"}, "strict must be True or False. Got 'false'"),
+        ({"fusions": None}, "fusions must be a list of names"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(Exception, match=message):
         compile_fn(_norm, torch.randn(4, 24), torch.randn(24), **options)
+
+
+def test_options_must_be_a_dict():
+    with pytest.raises(Exception, match=r"options must be a dict. Got list"):
+        torch.compile(_norm, backend="chronicals", options=["strict"])(
+            torch.randn(4, 24), torch.randn(24)
+        )
+
+
+def _autocast_norm(x, w):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return _norm(x @ w.diag(), w)
+
+
+@pytest.mark.parametrize("where", ["inside", "outside"])
+def test_autocast_graphs_are_left_unfused_and_say_why(where):
+    """The patterns see dtypes before autocast casts them: a fused op would run in the weights'
+    dtype where autocast runs bf16 (or fail on mixed dtypes). Such graphs are compiled unfused."""
+    x, w = torch.randn(4, 24), torch.randn(24)
+    if where == "inside":
+        out, report = compile_fn(_autocast_norm, x, w)
+        expected = _autocast_norm(x, w)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, report = compile_fn(lambda a, b: _norm(a @ b.diag(), b), x, w)
+            expected = _norm(x @ w.diag(), w)
+    assert report.fired["rms_norm"] == 0 and "torch.autocast" in report.skipped
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with pytest.raises(Exception, match=r"(?s)strict.*torch.autocast"):
+        compile_fn(_autocast_norm, x, w, strict=True)
 
 
 def test_failed_pattern_stage_compiles_the_graph_unchanged_and_says_so(monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from chronicals import reference
@@ -51,6 +52,46 @@ def test_rotation_of_q_alone_is_left_alone():
     (rejection,) = report.rejected
     assert rejection.fusion == "rope" and "(q, k) pair" in rejection.reason
     torch.testing.assert_close(out, only_q(q, cos, sin))
+
+
+@pytest.mark.parametrize("q_split, k_split", [(4, 12), (12, 4), (4, 4)])
+def test_rotate_half_split_elsewhere_is_left_alone(q_split, k_split):
+    """rotate_half split anywhere but the middle is not a rotary embedding. The matcher once bound
+    both halves of the (q, k) pattern to k's subgraph when only q's split differed, and the fused
+    op then rotated q wrongly."""
+
+    def split_at(x, s):
+        return torch.cat((-x[..., s:], x[..., :s]), dim=-1)
+
+    def rope_like(q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + split_at(q, q_split) * sin, k * cos + split_at(k, k_split) * sin
+
+    args = _inputs(head_dim=24)
+    (q_out, k_out), report = compile_fn(rope_like, *args)
+    assert report.fired["rope"] == 0
+    q_ref, k_ref = rope_like(*args)
+    torch.testing.assert_close(q_out, q_ref)
+    torch.testing.assert_close(k_out, k_ref)
+
+
+def test_cos_sin_that_require_grad_are_an_error_not_lost_gradients():
+    """The fused op gives cos/sin no gradient. The pattern cannot see requires_grad (the traced
+    graph's values do not carry it), so the op refuses at compile time, naming the way out,
+    rather than dropping their gradients; without the rope fusion the graph differentiates them."""
+    q, k, cos, sin = _inputs()
+    cos, sin = cos.requires_grad_(), sin.requires_grad_()
+    with pytest.raises(Exception, match=r"leave 'rope' out of options\['fusions'\]"):
+        compile_fn(_apply_rotary_pos_emb, q, k, cos, sin)
+    (q_out, k_out), _ = compile_fn(
+        _apply_rotary_pos_emb, q, k, cos, sin, fusions=["rms_norm", "swiglu"]
+    )
+    (q_out.sum() + k_out.sum()).backward()
+    got = cos.grad.clone(), sin.grad.clone()
+    cos.grad = sin.grad = None
+    q_ref, k_ref = _apply_rotary_pos_emb(q, k, cos, sin)
+    (q_ref.sum() + k_ref.sum()).backward()
+    torch.testing.assert_close(got, (cos.grad, sin.grad))
 
 
 def test_packed_positions_match_documents_run_alone():
