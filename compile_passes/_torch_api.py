@@ -136,8 +136,11 @@ def runs_under_autocast(gm: torch.fx.GraphModule) -> bool:
     """Whether a Dynamo graph enters torch.autocast, or is being compiled while autocast is on
     (the graph then runs under it without saying so)."""
     enter = torch.amp.autocast_mode._enter_autocast
-    if any(n.op == "call_function" and n.target is enter for n in gm.graph.nodes):
-        return True
+    for n in gm.graph.nodes:
+        # _enter_autocast(device_type, dtype, enabled, cache_enabled); a region that turns
+        # autocast off (HF's rotary embeddings do, under an outer autocast) casts nothing.
+        if n.op == "call_function" and n.target is enter and (n.args[2:3] or (True,))[0]:
+            return True
     return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
 
 

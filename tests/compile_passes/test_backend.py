@@ -98,6 +98,17 @@ def test_autocast_graphs_are_left_unfused_and_say_why(where):
         compile_fn(_autocast_norm, x, w, strict=True)
 
 
+def test_a_region_that_turns_autocast_off_still_fuses():
+    def norm_with_autocast_off(x, w):
+        with torch.autocast("cpu", enabled=False):
+            return _norm(x, w)
+
+    x, w = torch.randn(4, 24), torch.randn(24)
+    out, report = compile_fn(norm_with_autocast_off, x, w)
+    assert report.fired["rms_norm"] == 1 and report.skipped is None
+    torch.testing.assert_close(out, _norm(x, w))
+
+
 def test_failed_pattern_stage_compiles_the_graph_unchanged_and_says_so(monkeypatch):
     def broken(gm, example_inputs):
         raise RuntimeError("tracer exploded")
