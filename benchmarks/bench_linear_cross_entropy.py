@@ -1,15 +1,18 @@
 """LM head + cross-entropy, forward + backward: Chronicals vs eager vs torch.compile vs peers.
 
     python benchmarks/bench_linear_cross_entropy.py --out DIR [--shapes 0,2] [--variants ...]
+        [--head trainable|frozen]
 
-For each (tokens, hidden, vocab) shape, in bf16, with hidden and weight requiring grad and 10% of
-the labels ignored, every variant is first checked against eager (loss and both gradients, max
+For each (tokens, hidden, vocab) shape, in bf16, with hidden requiring grad, the weight too
+(`--head trainable`) or not (`--head frozen`: LoRA's LM head, no dW), and 10% of the labels
+ignored, every variant is first checked against eager (loss and both gradients, max
 error relative to eager's largest value), then timed with `triton.testing.do_bench` (median, grads
 reset to None before each run so no accumulation kernel is timed) and measured for peak memory
 beyond its inputs and gradients (`max_memory_allocated` after a reset, minus what was allocated
 before the call, minus the gradients). The extra memory is also given as a share of the bf16
-logits [tokens, vocab] that the fused variants avoid. TFLOP/s counts the 6 * tokens * hidden *
-vocab FLOPs of the three GEMMs eager runs, so recompute shows up as a lower rate.
+logits [tokens, vocab] that the fused variants avoid. TFLOP/s counts the FLOPs of the GEMMs eager
+runs, 6 * tokens * hidden * vocab (three GEMMs; two and 4 * ... for a frozen head), so recompute
+shows up as a lower rate.
 
 Peers are optional: Liger's LigerFusedLinearCrossEntropyLoss and Apple's cut_cross_entropy are
 used when importable (otherwise the table says why the import failed).
@@ -78,14 +81,14 @@ def _make_variant(name: str) -> LossFn | str:
     raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
 
 
-def _inputs(tokens: int, hidden: int, vocab: int, seed: int = 0):
+def _inputs(tokens: int, hidden: int, vocab: int, head: str, seed: int = 0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     h = torch.randn(tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)
     w = (torch.randn(vocab, hidden, device="cuda", generator=gen) / math.sqrt(hidden))
     w = w.to(torch.bfloat16)
     y = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
     y[torch.rand(tokens, device="cuda", generator=gen) < IGNORED] = -100
-    return h.requires_grad_(), w.requires_grad_(), y
+    return h.requires_grad_(), w.requires_grad_(head == "trainable"), y
 
 
 def _run(fn: LossFn, h, w, y):
@@ -96,7 +99,9 @@ def _run(fn: LossFn, h, w, y):
     return loss.detach().float(), h.grad, w.grad
 
 
-def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+def _rel_err(x: torch.Tensor | None, ref: torch.Tensor | None) -> float | None:
+    if ref is None:
+        return None
     return float((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
 
 
@@ -109,20 +114,22 @@ def _extra_memory(fn: LossFn, h, w, y) -> int:
     before = torch.cuda.memory_allocated()
     fn(h, w, y).backward()
     torch.cuda.synchronize()
-    grads = h.grad.numel() * h.grad.element_size() + w.grad.numel() * w.grad.element_size()
+    grads = sum(g.numel() * g.element_size() for g in (h.grad, w.grad) if g is not None)
     return torch.cuda.max_memory_allocated() - before - grads
 
 
-def bench_shape(tokens: int, hidden: int, vocab: int, variants: list[str]) -> list[dict]:
+def bench_shape(
+    tokens: int, hidden: int, vocab: int, variants: list[str], head: str
+) -> list[dict]:
     from triton.testing import do_bench
 
-    h, w, y = _inputs(tokens, hidden, vocab)
+    h, w, y = _inputs(tokens, hidden, vocab, head)
     ref = _run(_eager, h, w, y)
     logits_bytes = tokens * vocab * 2
-    flops = 6 * tokens * hidden * vocab
+    flops = (6 if head == "trainable" else 4) * tokens * hidden * vocab
     rows = []
     for name in variants:
-        row = dict(tokens=tokens, hidden=hidden, vocab=vocab, variant=name)
+        row = dict(tokens=tokens, hidden=hidden, vocab=vocab, head=head, variant=name)
         fn = _make_variant(name)
         if isinstance(fn, str):
             rows.append(dict(row, status=fn))
@@ -134,7 +141,8 @@ def bench_shape(tokens: int, hidden: int, vocab: int, variants: list[str]) -> li
             del loss, dh, dw
             extra = _extra_memory(fn, h, w, y)
             ms = do_bench(lambda: fn(h, w, y).backward(), warmup=25, rep=200,
-                          grad_to_none=[h, w], return_mode="median")
+                          grad_to_none=[t for t in (h, w) if t.requires_grad],
+                          return_mode="median")
         except torch.cuda.OutOfMemoryError as error:
             rows.append(dict(row, status=f"out of memory: {str(error).splitlines()[0]}"))
             continue
@@ -151,30 +159,33 @@ def bench_shape(tokens: int, hidden: int, vocab: int, variants: list[str]) -> li
 
 def _table(rows: list[dict]) -> str:
     lines = [
-        "| tokens | hidden | vocab | variant | ms | TFLOP/s | extra GiB | % of logits | "
+        "| tokens | hidden | vocab | head | variant | ms | TFLOP/s | extra GiB | % of logits | "
         "err loss | err dh | err dw |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        head = f"| {r['tokens']} | {r['hidden']} | {r['vocab']} | {r['variant']} |"
+        first = f"| {r['tokens']} | {r['hidden']} | {r['vocab']} | {r['head']} | {r['variant']} |"
         if r["status"] != "ok":
-            lines.append(f"{head} {r['status']} | | | | | | |")
+            lines.append(f"{first} {r['status']} | | | | | | |")
             continue
         lines.append(
-            f"{head} {r['ms']:.2f} | {r['tflops']:.0f} | {r['extra_gib']:.3f} | "
+            f"{first} {r['ms']:.2f} | {r['tflops']:.0f} | {r['extra_gib']:.3f} | "
             f"{r['extra_pct_logits']:.2f}% | {r['err_loss']:.1e} | {r['err_dh']:.1e} | "
-            f"{r['err_dw']:.1e} |"
+            f"{'-' if r['err_dw'] is None else format(r['err_dw'], '.1e')} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="directory for linear_cross_entropy.json")
+    parser.add_argument("--out", required=True,
+                        help="directory for linear_cross_entropy_<head>.json")
     parser.add_argument("--shapes", default=",".join(map(str, range(len(SHAPES)))),
                         help=f"comma-separated indices into {SHAPES}")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--head", choices=("trainable", "frozen"), default="trainable",
+                        help="whether the LM head weight requires grad (default: trainable)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -184,14 +195,14 @@ def main() -> None:
             parser.error(f"unknown variant {name!r}; choose from {VARIANTS}")
     rows = []
     for index in map(int, args.shapes.split(",")):
-        rows += bench_shape(*SHAPES[index], variants)
+        rows += bench_shape(*SHAPES[index], variants, args.head)
         print(_table(rows), flush=True)
     import triton
 
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, python=platform.python_version(), ignored=IGNORED)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "linear_cross_entropy.json"), "w") as f:
+    with open(os.path.join(args.out, f"linear_cross_entropy_{args.head}.json"), "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)
 
 

@@ -3,10 +3,11 @@
 # logs and JSON under $OUT. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh tests       # CUDA tests (ops, backend through Inductor, attention)  ~3.5 min
 #   bash benchmarks/gpu_suite.sh ops         # rms_norm, swiglu, rope benchmarks                      ~2.5 min
-#   bash benchmarks/gpu_suite.sh loss        # linear_cross_entropy benchmark (4 shapes)              ~4 min
+#   bash benchmarks/gpu_suite.sh loss        # linear_cross_entropy, trainable and frozen head, 4 shapes ~8 min
 #   bash benchmarks/gpu_suite.sh train       # packing + end-to-end train_step benchmarks             ~9.5 min
 #   bash benchmarks/gpu_suite.sh job         # the finetune job, Qwen2.5-0.5B shape, LoRA r=32       ~2 min
-#   bash benchmarks/gpu_suite.sh sweep       # RMSNorm fwd launch configs; LCE tile configs vs cuBLAS ~2 min
+#   bash benchmarks/gpu_suite.sh sweep       # RMSNorm fwd launch configs; LCE tiles vs cuBLAS; LCE
+#                                            # frozen-head chunk budgets                              ~4 min
 # (Times measured on an H200, 2026-11-29. `train` is close to a 10-minute call limit: run it alone.)
 # Peer LCE implementations are timed when importable: `pip download --no-deps -d .whl liger-kernel
 # cut-cross-entropy` here, carry .whl, and `python3 -m pip install --no-deps .whl/*.whl` there.
@@ -29,7 +30,10 @@ ops)
     done
     ;;
 loss)
-    python3 benchmarks/bench_linear_cross_entropy.py --out "$OUT" 2>&1 | tee "$OUT/bench_lce.log" || status=1
+    for head in trainable frozen; do
+        python3 benchmarks/bench_linear_cross_entropy.py --out "$OUT" --head $head 2>&1 \
+            | tee "$OUT/bench_lce_$head.log" || status=1
+    done
     ;;
 train)
     python3 benchmarks/bench_packing.py --out "$OUT" 2>&1 | tee "$OUT/bench_packing.log" || status=1
@@ -38,6 +42,7 @@ train)
 sweep)
     python3 benchmarks/sweep_rms_norm_fwd.py 2>&1 | tee "$OUT/sweep_rms_norm_fwd.log" || status=1
     python3 benchmarks/sweep_lce_tiles.py 2>&1 | tee "$OUT/sweep_lce_tiles.log" || status=1
+    python3 benchmarks/sweep_lce_frozen_chunk.py 2>&1 | tee "$OUT/sweep_lce_frozen.log" || status=1
     ;;
 job)
     python3 -c "import transformers; transformers.Qwen2Config(hidden_size=896, \

@@ -21,7 +21,13 @@ import torch
 
 from compile_passes import _torch_api
 from compile_passes.canonicalize import graph_modules, strip_noop_casts
-from compile_passes.fusion import Fusion, collecting_reasons, recorded_reason, source_line
+from compile_passes.fusion import (
+    Fusion,
+    GraphFacts,
+    collecting_reasons,
+    recorded_reason,
+    source_line,
+)
 from compile_passes.report import FusionReport, Rejection, ReportSink, publish
 
 logger = logging.getLogger("chronicals.compile")
@@ -153,6 +159,11 @@ def rewrite(
             strip_noop_casts(module)
             pattern_pass.apply(module.graph)
             module.graph.eliminate_dead_code()
+        facts = _graph_facts(agm, example_inputs)
+        for fusion in fusions:
+            if fusion.finalize is not None:
+                fusion.finalize(agm.graph, facts)
+        for module in modules:
             module.recompile()
         fired = {f.name: 0 for f in fusions}
         rejected = []
@@ -172,6 +183,23 @@ def rewrite(
                             )
                         )
     return agm, fired, rejected
+
+
+def _graph_facts(agm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> GraphFacts:
+    placeholders = [n for n in agm.graph.nodes if n.op == "placeholder"]
+    tensors = [t if isinstance(t, torch.Tensor) else None for t in example_inputs]
+    if len(placeholders) != len(tensors):
+        raise RuntimeError(
+            f"chronicals: the traced graph has {len(placeholders)} inputs where Dynamo gave "
+            f"{len(tensors)}."
+        )
+    return GraphFacts(
+        training=torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in tensors),
+        frozen_inputs=frozenset(
+            p.name for p, t in zip(placeholders, tensors) if t is not None and not t.requires_grad
+        ),
+    )
 
 
 def chronicals_backend(

@@ -25,6 +25,20 @@ class Fusion:
     """True for a node left in the graph that marks a subgraph this fusion could have fused."""
     diagnose: Callable[[Node], str]
     """Why a candidate left in the graph was not fused, as far as the graph shows."""
+    finalize: Callable[[torch.fx.Graph, GraphFacts], None] | None = None
+    """Adjusts the fused nodes to facts of the graph that patterns cannot see (run after the
+    pattern pass on the top-level graph)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GraphFacts:
+    """What the backend knows of a graph beyond its nodes' fake values, which carry no
+    requires_grad."""
+
+    training: bool
+    """Grad mode is on and an input requires grad: a backward will follow."""
+    frozen_inputs: frozenset[str]
+    """Names of the top-level placeholders whose tensors require no grad (a frozen weight)."""
 
 
 # Reasons given by extra checks during one pattern pass, keyed by the name of the matched

@@ -21,7 +21,14 @@ from torch.fx import Node
 
 from chronicals.ops import linear_cross_entropy as ops
 from compile_passes import _torch_api
-from compile_passes.fusion import FLOAT_DTYPES, Fusion, literal_float, register_pattern, reject
+from compile_passes.fusion import (
+    FLOAT_DTYPES,
+    Fusion,
+    GraphFacts,
+    literal_float,
+    register_pattern,
+    reject,
+)
 
 aten = torch.ops.aten
 _SOFTCAP = 17.25  # placeholder value the pattern tracer turns into a "softcap" argument
@@ -190,10 +197,29 @@ def _diagnose(node: Node) -> str:
     return "the labels are not prepared as HF's causal-LM loss does (pad + shift, or shift_labels)"
 
 
+def _finalize(graph: torch.fx.Graph, facts: GraphFacts) -> None:
+    """Choose, per fused loss, whether the op computes hidden's gradient in its forward: when a
+    backward follows and the weight is a frozen graph input (LoRA's LM head). The pattern's
+    replacement cannot tell, since the graph's values carry no requires_grad."""
+    op = torch.ops.chronicals.linear_cross_entropy.default
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not op:
+            continue
+        weight = node.args[1]
+        frozen = weight.op == "placeholder" and weight.name in facts.frozen_inputs
+        reduction = node.args[6]
+        wanted = (
+            facts.training and frozen and reduction != "none"
+            and weight.meta["val"].dtype != torch.float16
+        )
+        node.args = (*node.args[:-1], wanted)
+
+
 FUSION = Fusion(
     name="linear_cross_entropy",
     register=register,
     fused_ops=lambda: (torch.ops.chronicals.linear_cross_entropy.default,),
     is_candidate=_is_candidate,
     diagnose=_diagnose,
+    finalize=_finalize,
 )

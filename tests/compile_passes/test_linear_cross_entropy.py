@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+import chronicals.ops.linear_cross_entropy as lce_ops
 from tests.compile_passes.harness import compile_fn
 from tests.models import tiny_batch, tiny_model
 
@@ -75,3 +77,37 @@ def test_other_ignore_index_is_left_alone():
     (rejection,) = report.rejected
     assert "ignore_index" in rejection.reason
     torch.testing.assert_close(loss, loss_fn(hidden, weight, labels))
+
+
+@pytest.mark.parametrize("head, grad_mode", [("frozen", True), ("trainable", True),
+                                             ("frozen", False)])
+def test_frozen_head_gets_its_gradient_in_the_forward(head, grad_mode, monkeypatch):
+    """LoRA's case: with the LM head (here tied to the embeddings) frozen and a backward to
+    follow, the fused op computes hidden's gradient in its forward; a trainable head, or a graph
+    compiled under no_grad, keeps the forward-only kernels. Loss and gradients match eager."""
+    calls = []
+    real = lce_ops._lce_fwd_d_hidden
+    monkeypatch.setattr(lce_ops, "_lce_fwd_d_hidden",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_model("llama")
+    for name, p in model.named_parameters():
+        p.requires_grad_(head == "trainable" or ".mlp." in name)
+    eager = copy.deepcopy(model)
+    ids, labels = tiny_batch()
+
+    def loss_fn(model, ids, labels):
+        return model(input_ids=ids, labels=labels, use_cache=False).loss
+
+    with torch.set_grad_enabled(grad_mode):
+        loss, report = compile_fn(lambda *a: loss_fn(model, *a), ids, labels)
+        expected = loss_fn(eager, ids, labels)
+    assert report.fired["linear_cross_entropy"] == 1
+    assert len(calls) == (head == "frozen" and grad_mode)
+    torch.testing.assert_close(loss, expected)
+    if grad_mode:
+        loss.backward()
+        expected.backward()
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -75,13 +75,15 @@ def _check(hidden, weight, labels, grad_hidden=True, grad_weight=True, **kwargs)
     return out
 
 
-def test_opcheck():
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_opcheck(grad_in_forward):
     hidden, weight, labels = _inputs((2, 3), 16, 40, torch.float32, "cpu")
     hidden.requires_grad_()
-    weight.requires_grad_()
-    args = (hidden, weight, labels, None, None, -100, "mean", True, None, 0.0, 0.0)
+    weight.requires_grad_(not grad_in_forward)
+    args = (hidden, weight, labels, None, None, -100, "mean", True, None, 0.0, 0.0,
+            grad_in_forward)
     torch.library.opcheck(torch.ops.chronicals.linear_cross_entropy.default, args)
-    loss, lse = torch.ops.chronicals.linear_cross_entropy(*args)
+    loss, lse, _ = torch.ops.chronicals.linear_cross_entropy(*args)
     bwd_args = (torch.ones(()), hidden.detach(), weight.detach(), labels, lse, None, None, -100,
                 "mean", True, None, 0.0, 0.0, True, False)
     torch.library.opcheck(torch.ops.chronicals.linear_cross_entropy_backward.default, bwd_args)
@@ -151,13 +153,76 @@ def test_fully_ignored_batch_is_zero_not_nan(device, reduction):
 
 @pytest.mark.parametrize("device", devices())
 def test_frozen_weight_gets_no_weight_gradient_work(device, monkeypatch):
-    """LoRA's frozen LM head: d_weight is neither returned nor computed (no dW GEMM runs)."""
+    """LoRA's frozen LM head: d_weight is neither returned nor computed (no GEMM writes a
+    [V, H] result)."""
     d_weight_gemms = []
     mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda *a, **k: d_weight_gemms.append(1) or mm(*a, **k))
+
+    def counting_mm(a, b, **kwargs):
+        out = mm(a, b, **kwargs)
+        d_weight_gemms.extend([1] if out.shape == weight.shape else [])
+        return out
+
+    monkeypatch.setattr(torch, "mm", counting_mm)
     hidden, weight, labels = _inputs((37,), 24, 131, torch.bfloat16, device)
-    _check(hidden, weight, labels, grad_weight=False)
+    for reduction in ("mean", "none"):  # hidden's gradient in the forward, and in the backward
+        _check(hidden, weight, labels, grad_weight=False, reduction=reduction)
     assert not d_weight_gemms
+
+
+FROZEN_CASES = ["mean", "sum", "shift", "softcap_sum_shift", "z_loss", "num_items_int"]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("options", FROZEN_CASES)
+def test_frozen_weight_gradient_in_the_forward(device, dtype, options, monkeypatch):
+    """A frozen weight and a scalar loss: the forward computes d_hidden (for an upstream
+    gradient of 1, scaled in the backward by the test's random one) over logits chunks of whole
+    vocab rows, here 5 chunks of 8 tokens (the last one short)."""
+    calls = []
+    real = lce._lce_fwd_d_hidden
+    monkeypatch.setattr(lce, "_lce_fwd_d_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(lce, "_LOGITS_CHUNK_ELEMENTS", 8 * 131)
+    hidden, weight, labels = _inputs((2, 19), 24, 131, dtype, device, scale=4.0)
+    _check(hidden, weight, labels, grad_weight=False, **OPTIONS[options])
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("device", devices())
+def test_frozen_weight_all_options_and_ignored_rows(device, monkeypatch):
+    monkeypatch.setattr(lce, "_LOGITS_CHUNK_ELEMENTS", 3 * 1000)
+    hidden, weight, labels = _inputs((2, 5), 24, 1000, torch.bfloat16, device, scale=4.0)
+    labels[1] = -100
+    _check(hidden, weight, labels, grad_weight=False, shift=True, softcap=3.0, z_loss=1e-3,
+           label_smoothing=0.05, num_items_in_batch=torch.tensor(7, device=device))
+
+
+def test_gradient_in_the_forward_only_when_a_backward_wants_hidden_alone():
+    h = torch.zeros(3, 4, requires_grad=True)
+    w = torch.zeros(5, 4)
+    assert lce.grads_in_forward(h, w, "mean") and lce.grads_in_forward(h, w, "sum")
+    assert not lce.grads_in_forward(h, w, "none")  # per-token upstream gradients
+    assert not lce.grads_in_forward(h, w.requires_grad_(), "mean")  # dW needs the backward
+    assert not lce.grads_in_forward(h.detach(), w.detach(), "mean")
+    assert not lce.grads_in_forward(h.half(), w.detach().half(), "mean")  # fp16 loss scaling
+    with torch.no_grad():
+        assert not lce.grads_in_forward(h, w.detach(), "mean")
+
+
+def test_gradient_in_the_forward_refuses_a_weight_that_needs_grad():
+    hidden, weight, labels = _inputs((2, 3), 16, 40, torch.float32, "cpu")
+    args = (hidden.requires_grad_(), weight.requires_grad_(), labels, None, None, -100, "mean",
+            False, None, 0.0, 0.0, True)
+    loss, _, _ = torch.ops.chronicals.linear_cross_entropy(*args)
+    with pytest.raises(RuntimeError, match="grad_in_forward=True, which computes hidden's alone"):
+        loss.backward()
+    for reduction, dtype in (("none", torch.float32), ("mean", torch.float16)):
+        args = (hidden.detach().to(dtype), weight.detach().to(dtype), labels, None, None, -100,
+                reduction, False, None, 0.0, 0.0, True)
+        with pytest.raises(ValueError, match=f"grad_in_forward needs a scalar loss .* Got "
+                                             f"reduction='{reduction}', dtype {dtype}"):
+            torch.ops.chronicals.linear_cross_entropy(*args)
 
 
 @pytest.mark.parametrize("device", devices())
