@@ -76,6 +76,17 @@ def _checkpoint_bodies_traceable(gm: torch.fx.GraphModule) -> Iterator[None]:
             module.meta.pop("_checkpoint_context_fn", None)
 
 
+def _fake_inputs(example_inputs: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """Dynamo's fake mode (or a new one) and the example inputs as its fake tensors."""
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
+    inputs = [
+        fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs
+    ]
+    return fake_mode, inputs
+
+
 def trace_pre_dispatch(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
 ) -> torch.fx.GraphModule:
@@ -85,12 +96,7 @@ def trace_pre_dispatch(
     single nodes and autograd has not been traced, so a custom op swapped in here brings its own
     registered backward.
     """
-    fake_mode = detect_fake_mode(example_inputs)
-    if fake_mode is None:
-        fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
-    inputs = [
-        fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs
-    ]
+    fake_mode, inputs = _fake_inputs(example_inputs)
     with _checkpoint_bodies_traceable(gm), fake_mode:
         return make_fx(gm, pre_dispatch=True)(*inputs)
 
@@ -132,16 +138,83 @@ def register_replacement(
     )
 
 
-def runs_under_autocast(gm: torch.fx.GraphModule) -> bool:
-    """Whether a Dynamo graph enters torch.autocast, or is being compiled while autocast is on
-    (the graph then runs under it without saying so)."""
+def _autocast_regions(gm: torch.fx.GraphModule) -> bool:
     enter = torch.amp.autocast_mode._enter_autocast
-    for n in gm.graph.nodes:
-        # _enter_autocast(device_type, dtype, enabled, cache_enabled); a region that turns
-        # autocast off (HF's rotary embeddings do, under an outer autocast) casts nothing.
-        if n.op == "call_function" and n.target is enter and (n.args[2:3] or (True,))[0]:
-            return True
-    return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+    return any(
+        n.op == "call_function" and n.target is enter
+        for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
+        for n in m.graph.nodes
+    )
+
+
+class _UncheckedBody(Exception):
+    pass
+
+
+class _DtypeRecorder(torch.fx.Interpreter):
+    """Runs a Dynamo graph on fake tensors and records each node's output dtypes, with its
+    autocast regions as written or turned off; the bodies of checkpointed layers are walked the
+    same way."""
+
+    def __init__(self, gm: torch.fx.GraphModule, autocast: bool, record: dict) -> None:
+        super().__init__(gm)
+        self.autocast = autocast
+        self.record = record
+
+    def call_function(self, target, args, kwargs):
+        if target is torch.amp.autocast_mode._enter_autocast and not self.autocast:
+            args = (args[0], args[1] if len(args) > 1 else None, False, *args[3:])
+        if target is torch.ops.higher_order.tag_activation_checkpoint:
+            body, *body_args = args
+            return _DtypeRecorder(body, self.autocast, self.record).run(*body_args)
+        if isinstance(target, torch._ops.HigherOrderOperator) and any(
+            isinstance(a, torch.fx.GraphModule) for a in args
+        ):
+            raise _UncheckedBody(f"the body of {target.name()} is not checked")
+        return super().call_function(target, args, kwargs)
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        leaves = torch.utils._pytree.tree_leaves(out)
+        self.record[n] = tuple(t.dtype for t in leaves if isinstance(t, torch.Tensor))
+        return out
+
+
+def autocast_changes_dtypes(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
+) -> str | None:
+    """Whether torch.autocast changes any dtype in a Dynamo graph: the graph's torch.autocast
+    regions, and autocast itself when the graph is compiled while it is on (it then runs under it
+    without saying so). The graph is run twice on fake tensors, with its autocast and without;
+    None when every node (checkpointed bodies included) gets the same dtypes, as for a model
+    already in the autocast dtype, else the first node whose dtype changes, described."""
+    ambient = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    if not ambient and not _autocast_regions(gm):
+        return None
+    fake_mode, inputs = _fake_inputs(example_inputs)
+    with_autocast: dict[torch.fx.Node, tuple] = {}
+    without: dict[torch.fx.Node, tuple] = {}
+    try:
+        with fake_mode, torch.no_grad():
+            _DtypeRecorder(gm, True, with_autocast).run(*inputs)
+            with contextlib.ExitStack() as stack:
+                for device in ambient:
+                    stack.enter_context(torch.autocast(device, enabled=False))
+                _DtypeRecorder(gm, False, without).run(*inputs)
+    except _UncheckedBody as unchecked:
+        return str(unchecked)
+    for node, dtypes in with_autocast.items():
+        if without.get(node) != dtypes:
+            lines = [
+                line.strip() for line in node.meta.get("stack_trace", "").splitlines()
+                if line.strip().strip("^~")
+            ]
+            source = lines[-1] if lines else ""
+            return (
+                f"{node.name} is {', '.join(map(str, dtypes))} under autocast and "
+                f"{', '.join(map(str, without.get(node, ())))} without: {source}"
+            ).rstrip(": ")
+    return None
 
 
 def match_outputs(match: Match) -> list[torch.fx.Node]:

@@ -214,12 +214,14 @@ def chronicals_backend(
     fusions = [all_fusions[name] for name in FUSION_NAMES if name in opts.fusions]
     error = skipped = None
     try:
-        if fusions and _torch_api.runs_under_autocast(gm):
-            # The patterns match before autocast casts anything, so every dtype looks like the
-            # weights' and a fused op would run where autocast runs another dtype.
+        cast = _torch_api.autocast_changes_dtypes(gm, example_inputs) if fusions else None
+        if cast:
+            # The pattern stage sees the dtypes from before autocast's casts; where those casts
+            # change anything, a fused op would compute in other dtypes than the graph.
             skipped = (
-                "the graph runs under torch.autocast, whose casts the patterns cannot see; no "
-                "fusion applied (cast the model to bf16/fp16 instead of autocasting to get them)"
+                f"torch.autocast changes dtypes in this graph ({cast}), and the patterns see the "
+                "dtypes from before its casts; no fusion applied (load the model in the "
+                "autocast dtype, e.g. bf16, and autocast casts nothing)"
             )
             compiled_gm, fired, rejected = gm, {f.name: 0 for f in fusions}, []
         else:

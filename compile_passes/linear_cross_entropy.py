@@ -207,10 +207,9 @@ def _finalize(graph: torch.fx.Graph, facts: GraphFacts) -> None:
             continue
         weight = node.args[1]
         frozen = weight.op == "placeholder" and weight.name in facts.frozen_inputs
-        reduction = node.args[6]
         wanted = (
-            facts.training and frozen and reduction != "none"
-            and weight.meta["val"].dtype != torch.float16
+            facts.training and frozen
+            and ops.can_take_grad_in_forward(weight.meta["val"], reduction=node.args[6])
         )
         node.args = (*node.args[:-1], wanted)
 

@@ -81,6 +81,7 @@ from chronicals.ops._launch import (
     as_rows,
     check_float,
     check_same_device,
+    implementation,
     interpreter_on,
     use_triton,
 )
@@ -548,10 +549,11 @@ def _check_inputs(
         raise ValueError(f"{op}: z_loss must be finite and >= 0. Got {z_loss}.")
     if num_items_int is not None and num_items_int < 1:
         raise ValueError(f"{op}: num_items_in_batch must be >= 1. Got {num_items_int}.")
-    if grad_in_forward and (reduction == "none" or hidden.dtype == torch.float16):
+    if grad_in_forward and not can_take_grad_in_forward(hidden, reduction):
         raise ValueError(
-            f"{op}: grad_in_forward needs a scalar loss (reduction 'mean' or 'sum') and bf16 or "
-            f"fp32 inputs. Got reduction={reduction!r}, dtype {hidden.dtype}."
+            f"{op}: grad_in_forward needs a scalar loss (reduction 'mean' or 'sum'), bf16 or fp32 "
+            f"inputs and the Triton path. Got reduction={reduction!r}, dtype {hidden.dtype}, "
+            f"implementation {implementation(hidden.device)!r}."
         )
     if num_items_tensor is not None and num_items_tensor.numel() != 1:
         raise ValueError(
@@ -804,13 +806,9 @@ def _linear_cross_entropy_op(
             return _lce_fwd_d_hidden(hidden, weight, labels, num_items, *options)
         loss, lse = _lce_fwd(hidden, weight, labels, num_items, *options)
         return loss, lse, hidden.new_empty(0)
-    kwargs = _reference_kwargs(*options, num_items)
-    loss = reference.linear_cross_entropy(hidden, weight, labels, **kwargs)
-    d_hidden = hidden.new_empty(0)
-    if grad_in_forward:
-        d_hidden, _ = _reference_grads(torch.ones_like(loss), hidden, weight, labels, kwargs,
-                                       need_d_hidden=True, need_d_weight=False)
-    return loss.contiguous(), _reference_lse(hidden, weight, softcap), d_hidden
+    loss = reference.linear_cross_entropy(hidden, weight, labels,
+                                          **_reference_kwargs(*options, num_items))
+    return loss.contiguous(), _reference_lse(hidden, weight, softcap), hidden.new_empty(0)
 
 
 @_linear_cross_entropy_op.register_fake
@@ -964,9 +962,14 @@ def grads_in_forward(hidden: Tensor, weight: Tensor, reduction: str) -> bool:
     and the loss is a scalar, whose upstream gradient the backward applies. Not for fp16, whose
     dlogits need the upstream gradient (a loss scale) before rounding, or they underflow."""
     return (
-        reduction != "none"
-        and hidden.dtype != torch.float16
-        and torch.is_grad_enabled()
+        torch.is_grad_enabled()
         and hidden.requires_grad
         and not weight.requires_grad
+        and can_take_grad_in_forward(hidden, reduction)
     )
+
+
+def can_take_grad_in_forward(hidden: Tensor, reduction: str) -> bool:
+    """A scalar loss, bf16/fp32, and the Triton kernels (the reference path, plain PyTorch on
+    CPU, computes gradients in the backward only)."""
+    return reduction != "none" and hidden.dtype != torch.float16 and use_triton(hidden)

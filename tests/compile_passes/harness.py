@@ -61,7 +61,11 @@ def compile_and_compare(
     checkpointing: bool = False,
     dynamic: bool | None = None,
     device: str = "cpu",
+    autocast: bool = False,
 ) -> Comparison:
+    """`autocast`: the compiled forward runs under torch.autocast to the model's dtype (as HF
+    Trainer's bf16=True does around a bf16 model); eager and the truth run without it, which
+    changes nothing for such a model (autocast's casts are no-ops)."""
     torch.compiler.reset()
     model = tiny_model(family, dtype).to(device)
     eager = copy.deepcopy(model)
@@ -77,7 +81,8 @@ def compile_and_compare(
         options={"report": "none", **(options or {})},
     )
     compile_passes.clear_fusion_reports()
-    loss = compiled(ids, labels)
+    with torch.autocast(device, dtype=dtype, enabled=autocast):
+        loss = compiled(ids, labels)
     loss.backward()
     # Under dynamic=True Dynamo may trace twice (it restarts once a float such as eps is
     # specialised); the graph that runs is the last one compiled.

@@ -81,10 +81,14 @@ def _autocast_norm(x, w):
 
 
 @pytest.mark.parametrize("where", ["inside", "outside"])
-def test_autocast_graphs_are_left_unfused_and_say_why(where):
-    """The patterns see dtypes before autocast casts them: a fused op would run in the weights'
-    dtype where autocast runs bf16 (or fail on mixed dtypes). Such graphs are compiled unfused."""
-    x, w = torch.randn(4, 24), torch.randn(24)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autocast_fuses_only_where_it_casts_nothing(where, dtype):
+    """The pattern stage sees the dtypes from before autocast's casts. With fp32 inputs autocast
+    to bf16 runs the matmul in bf16, so the norm after it would run in other dtypes than eager:
+    the graph is compiled unfused, with the reason. With bf16 inputs autocast casts nothing:
+    fused. Either way the result is eager's under autocast, whether the region is in the
+    compiled function or around its call."""
+    x, w = torch.randn(4, 24).to(dtype), torch.randn(24).to(dtype)
     if where == "inside":
         out, report = compile_fn(_autocast_norm, x, w)
         expected = _autocast_norm(x, w)
@@ -92,10 +96,32 @@ def test_autocast_graphs_are_left_unfused_and_say_why(where):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, report = compile_fn(lambda a, b: _norm(a @ b.diag(), b), x, w)
             expected = _norm(x @ w.diag(), w)
-    assert report.fired["rms_norm"] == 0 and "torch.autocast" in report.skipped
+    if dtype == torch.bfloat16:
+        assert report.fired["rms_norm"] == 1 and report.skipped is None
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        return
+    assert report.fired["rms_norm"] == 0
+    assert "torch.autocast changes dtypes in this graph (matmul" in report.skipped
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    with pytest.raises(Exception, match=r"(?s)strict.*torch.autocast"):
+    with pytest.raises(Exception, match=r"(?s)strict.*torch.autocast changes dtypes"):
         compile_fn(_autocast_norm, x, w, strict=True)
+
+
+def test_autocast_inside_a_checkpointed_body_is_checked():
+    """A change of dtype that stays inside a checkpointed layer (its output is promoted back to
+    fp32) still keeps the graph unfused: the bodies are run too."""
+
+    def layer(x, w):
+        return x + _norm(x @ w.diag(), w).float()
+
+    def fn(x, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.utils.checkpoint.checkpoint(layer, x, w, use_reentrant=False)
+
+    x, w = torch.randn(4, 24), torch.randn(24)
+    out, report = compile_fn(fn, x, w)
+    assert report.fired["rms_norm"] == 0 and "torch.autocast changes dtypes" in report.skipped
+    torch.testing.assert_close(out, fn(x, w), rtol=0, atol=0)
 
 
 def test_a_region_that_turns_autocast_off_still_fuses():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.compile_passes.harness import compile_and_compare
-from tests.models import EXPECTED, FAMILIES
+from tests.models import EXPECTED, FAMILIES, tiny_batch, tiny_model
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,6 +43,22 @@ def test_dynamic_sequence_length(family):
     result.assert_matches_eager(torch.float32)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_model_in_the_autocast_dtype_fuses_under_autocast(family):
+    """HF Trainer's bf16=True runs the forward under torch.autocast; for a model already in bf16
+    autocast casts nothing, so every fusion still applies and the result is eager's."""
+    model = tiny_model(family, torch.bfloat16)
+    ids, labels = tiny_batch()
+    plain = model(input_ids=ids, labels=labels, use_cache=False).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = model(input_ids=ids, labels=labels, use_cache=False).loss
+    torch.testing.assert_close(under, plain, rtol=0, atol=0)  # the premise: no cast changes it
+    result = compile_and_compare(family, torch.bfloat16, autocast=True)
+    assert result.fired == EXPECTED[family]
+    assert result.rejected == ()
+    result.assert_matches_eager(torch.bfloat16)
+
+
 def test_fusions_option_limits_what_is_rewritten():
     result = compile_and_compare("llama", torch.float32, options={"fusions": ["rms_norm"]})
     assert result.fired == {"rms_norm": EXPECTED["llama"]["rms_norm"]}
@@ -59,3 +75,14 @@ def test_cuda_inductor_every_fusion_fires_and_matches_eager(family, dtype):
     assert result.fired == EXPECTED[family]
     assert result.rejected == ()
     result.assert_matches_eager(dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_cuda_model_in_the_autocast_dtype_fuses_under_autocast(family):
+    """CUDA's autocast lists differ from the CPU's; a bf16 model under autocast to bf16 still
+    fuses everything and matches eager through Inductor."""
+    result = compile_and_compare(family, torch.bfloat16, device="cuda", autocast=True)
+    assert result.fired == EXPECTED[family]
+    assert result.rejected == ()
+    result.assert_matches_eager(torch.bfloat16)

@@ -198,7 +198,7 @@ def test_frozen_weight_all_options_and_ignored_rows(device, monkeypatch):
            label_smoothing=0.05, num_items_in_batch=torch.tensor(7, device=device))
 
 
-def test_gradient_in_the_forward_only_when_a_backward_wants_hidden_alone():
+def test_gradient_in_the_forward_only_when_a_backward_wants_hidden_alone(monkeypatch):
     h = torch.zeros(3, 4, requires_grad=True)
     w = torch.zeros(5, 4)
     assert lce.grads_in_forward(h, w, "mean") and lce.grads_in_forward(h, w, "sum")
@@ -208,6 +208,8 @@ def test_gradient_in_the_forward_only_when_a_backward_wants_hidden_alone():
     assert not lce.grads_in_forward(h.half(), w.detach().half(), "mean")  # fp16 loss scaling
     with torch.no_grad():
         assert not lce.grads_in_forward(h, w.detach(), "mean")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference path: gradients in the backward
+    assert not lce.grads_in_forward(h, w.detach(), "mean")
 
 
 def test_gradient_in_the_forward_refuses_a_weight_that_needs_grad():
