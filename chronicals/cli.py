@@ -7,8 +7,9 @@ With no arguments it fine-tunes a tiny Qwen2-shaped model (built from a config) 
 HumanEval prompt/completion data with the bundled tokenizer, in about a minute on a laptop CPU.
 
 Output directory:
-    log.jsonl            one line per step ({"kind": "train", ...}), per evaluation ("eval") and
-                         per compiled graph's fusion report ("compile")
+    log.jsonl            one line per step ({"kind": "train", ...}; "skip" for a step whose
+                         micro-batches hold no label token, where the optimizer does not step),
+                         per evaluation ("eval") and per compiled graph's fusion report ("compile")
     checkpoint-<step>/   model (safetensors; a PEFT adapter or the full model) + tokenizer, loadable
                          with `from_pretrained`, and training_state.pt for --resume
     final/               model + tokenizer of the last step
@@ -30,10 +31,13 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +62,7 @@ logger = logging.getLogger("chronicals.finetune")
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "run_config.json"
 LOG_FILE = "log.jsonl"
+_STATE_KEYS = ("step", "cursor", "optimizer", "scheduler", "rng")
 
 # The built-in model: Qwen2-shaped (the GPU benchmark's family), 0.7 M parameters with the
 # 2,048-token bundled tokenizer, so the default 40 steps of 2 x 1024 tokens take about a minute
@@ -71,8 +76,8 @@ _TINY_MODEL = dict(
 @dataclasses.dataclass(frozen=True)
 class FinetuneResult:
     """What a run did: per-step train losses and (step, loss) evaluations of this process (a
-    resumed run's start at the checkpoint), the last step, the trained model, and where the
-    outputs are."""
+    resumed run's start at the checkpoint), the last step, the trained model, where the outputs
+    are, and what was left out of training."""
 
     model: nn.Module
     losses: list[float]
@@ -80,6 +85,10 @@ class FinetuneResult:
     step: int
     output_dir: Path
     final_dir: Path
+    skipped_steps: list[int]
+    """Steps of this process whose micro-batches held no label token: the optimizer did not step."""
+    examples_without_labels: int
+    """Examples that lost every label token to overlong='truncate' (trained on nothing)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,9 +96,23 @@ class FinetuneResult:
 
 
 def _device(config: FinetuneConfig) -> torch.device:
-    if config.device != "auto":
-        return torch.device(config.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+    try:
+        device = torch.device(config.device)
+    except RuntimeError as e:
+        raise ValueError(f"device: {config.device!r} is not a device; {expected}.") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: the job runs on a CPU or a CUDA GPU; {expected}. Got "
+                         f"{config.device!r}.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device: {config.device!r} is not available: this machine has "
+            f"{torch.cuda.device_count()} usable CUDA GPU(s) (torch {torch.__version__}, CUDA "
+            f"{torch.version.cuda or 'not built'}). Use --device cpu or auto."
+        )
+    return device
 
 
 def _dtype(config: FinetuneConfig, device: torch.device) -> torch.dtype:
@@ -208,14 +231,55 @@ def _add_lora(model: nn.Module, config: FinetuneConfig, checkpoint: Path | None)
     if checkpoint is not None:
         return peft.PeftModel.from_pretrained(
             model, str(checkpoint), is_trainable=True, autocast_adapter_dtype=fp32_adapters)
-    targets = config.lora_target if config.lora_target == "all-linear" else [
-        t.strip() for t in config.lora_target.split(",")
-    ]
     lora = peft.LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha or config.lora_r,
-        lora_dropout=config.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
+        lora_dropout=config.lora_dropout, target_modules=_lora_targets(config),
+        task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, lora, autocast_adapter_dtype=fp32_adapters)
+
+
+def _lora_targets(config: FinetuneConfig) -> str | list[str]:
+    if config.lora_target == "all-linear":
+        return config.lora_target
+    return [t.strip() for t in config.lora_target.split(",") if t.strip()]
+
+
+def _check_lora_target(model: nn.Module, config: FinetuneConfig) -> None:
+    """Refuse --lora-target names that match no layer LoRA can adapt, before anything is written.
+    PEFT raises only when no name matches at all, after the base model is saved, and passes over
+    a name that matches nothing when another one matches."""
+    targets = _lora_targets(config)
+    if targets == "all-linear":
+        return
+    from transformers.pytorch_utils import Conv1D
+
+    adaptable = [
+        name for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D))
+    ]
+    # PEFT's rule for a list of names: the module's full name, or its last dotted parts.
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in adaptable)]
+    if unmatched or not targets:
+        names = sorted({n.rsplit(".", 1)[-1] for n in adaptable})
+        problem = (
+            f"{', '.join(unmatched)} matches no linear, embedding or convolution layer of the model"
+            if targets else "names no layer"
+        )
+        raise ValueError(
+            f"lora: --lora-target {config.lora_target!r}: {problem}; expected 'all-linear' or "
+            f"comma-separated names of its layers: {', '.join(names)}."
+        )
+
+
+def _require_labels(rows: data_lib.Rows, split: str, n_examples: int) -> None:
+    if count_label_tokens(rows.labels) == 0:
+        lost = rows.overlong.truncated_to_no_labels
+        raise ValueError(
+            f"data: the {split} split has no label tokens to learn from (every label is masked: "
+            f"{lost} of its {n_examples} examples lost theirs to --overlong truncate, the others "
+            "have no assistant reply or completion). Raise --max-len or use --overlong split."
+        )
 
 
 def _optimizer(model: nn.Module, config: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
@@ -268,7 +332,9 @@ def _latest_checkpoint(output_dir: Path) -> Path:
     return found[-1][1]
 
 
-def _resolve_resume(config: FinetuneConfig) -> Path | None:
+def _resolve_resume(config: FinetuneConfig) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from and its training state, None for a fresh run. Checked here,
+    before anything is written: its settings equal `config`'s and its files are complete."""
     if config.resume is None:
         return None
     path = _latest_checkpoint(Path(config.output_dir)) if config.resume == "auto" else Path(
@@ -278,7 +344,12 @@ def _resolve_resume(config: FinetuneConfig) -> Path | None:
         raise ValueError(
             f"resume: {path} is not a checkpoint of this job (no {STATE_FILE} / {CONFIG_FILE})."
         )
-    saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    damaged = f"resume: {path} is damaged or incomplete"
+    another = "resume from another checkpoint (its directory as --resume) or start a new run"
+    try:
+        saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{damaged}: {CONFIG_FILE} is not valid JSON ({e}); {another}.") from e
     current = config.to_dict()
     differ = sorted(
         k for k in current if k not in RESUME_MAY_CHANGE and saved.get(k) != current[k]
@@ -289,7 +360,52 @@ def _resolve_resume(config: FinetuneConfig) -> Path | None:
             f"resume: {path} was made with other settings ({details}). Resume with the same "
             "settings to continue the same run."
         )
-    return path
+    model_config = "adapter_config.json" if config.lora_r else "config.json"
+    weight_files = sorted(path.glob("*.safetensors"))  # one file, or the shards of a large model
+    if not (path / model_config).is_file() or not weight_files:
+        raise ValueError(
+            f"{damaged}: it needs {model_config} and .safetensors weights; {another}."
+        )
+    from safetensors import SafetensorError, safe_open
+
+    for weights in weight_files:
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()  # reading the header checks that its tensors lie within the file
+        except SafetensorError as e:
+            raise ValueError(f"{damaged}: {weights.name} cannot be read ({e}); {another}.") from e
+    try:
+        # On the CPU: the RNG state must stay there, and the optimizer moves its state to the
+        # parameters' device when it loads it.
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(
+            f"{damaged}: {STATE_FILE} cannot be loaded ({_first_line(e)}); {another}."
+        ) from e
+    lacking = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if lacking:
+        raise ValueError(f"{damaged}: {STATE_FILE} lacks {lacking}; {another}.")
+    return path, state
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse an --output-dir that cannot be created or written, before any input is loaded."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(
+            f"output dir: {output_dir} exists and is not a directory; --output-dir names a "
+            "directory (new, or one of this job's runs)."
+        )
+    existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents)
+                    if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output dir: cannot create {output_dir}: {existing} is a file.")
+    try:
+        # A real write, not os.access: permission bits say nothing for root or a read-only mount.
+        os.rmdir(tempfile.mkdtemp(prefix=".chronicals-probe-", dir=existing))
+    except OSError as e:
+        raise ValueError(
+            f"output dir: cannot write in {existing} ({e.strerror}); give another --output-dir."
+        ) from e
 
 
 def _write_atomically(final: Path, write: Callable[[Path], None]) -> None:
@@ -364,17 +480,23 @@ class _RunLog:
             f.write(json.dumps(record) + "\n")
 
     def steps(self, records: list[dict[str, Any]], n_steps: int) -> None:
+        """Log steps' records: "train" ones, and "skip" ones of steps that did not train."""
         for r in records:
             self.write(r)
-            self.losses.append(r["loss"])
-        last = records[-1]
-        postfix = {"loss": f"{last['loss']:.4f}", "tok/s": f"{last['tokens_per_s']:,.0f}",
-                   "mem": f"{last['mem_gib']:.2f}GiB"}
+            if r["kind"] == "train":
+                self.losses.append(r["loss"])
+            else:
+                self.note(f"step {r['step']}: skipped ({r['reason']})")
+        trained = [r for r in records if r["kind"] == "train"]
+        postfix = {} if not trained else {
+            "loss": f"{trained[-1]['loss']:.4f}", "tok/s": f"{trained[-1]['tokens_per_s']:,.0f}",
+            "mem": f"{trained[-1]['mem_gib']:.2f}GiB",
+        }
         if self.bar is not None:
             self.bar.update(n_steps)
             self.bar.set_postfix(postfix)
-        else:
-            logger.info("step %d: %s", last["step"], postfix)
+        elif trained:
+            logger.info("step %d: %s", trained[-1]["step"], postfix)
 
     def eval(self, step: int, loss: float) -> None:
         self.write({"kind": "eval", "step": step, "eval_loss": loss})
@@ -452,17 +574,26 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Run the fine-tuning job described by `config` (see the module docstring for the outputs).
 
+    A step whose micro-batches hold no label token is skipped: the optimizer does not step
+    (AdamW would still decay the weights with a zero gradient), the log gets a "skip" record,
+    and `FinetuneResult.skipped_steps` lists it.
+
     Raises:
         FileNotFoundError: the data file does not exist.
-        ValueError: anything else wrong with the inputs (empty data, missing columns, examples
-            longer than max_len, a model path that does not load, a checkpoint of other
-            settings). All of these are raised before the output directory is written.
+        ValueError: anything else wrong with the inputs (empty data, missing columns, bad chat
+            records, examples longer than max_len, a split without label tokens, a model path
+            that does not load, --lora-target names that match no layer, a device that does not
+            exist, an output dir that cannot be written, a checkpoint of other settings or a
+            damaged one). All of these are raised before the output directory is written.
     """
     device = _device(config)
     dtype = _dtype(config, device)
     backend = None if config.compile == "none" else config.compile
-    resume_from = _resolve_resume(config)
-    if resume_from is None and (Path(config.output_dir) / CONFIG_FILE).is_file():
+    output_dir = Path(config.output_dir)
+    _check_output_dir(output_dir)
+    resume = _resolve_resume(config)
+    resume_from = None if resume is None else resume[0]
+    if resume_from is None and (output_dir / CONFIG_FILE).is_file():
         # A fresh run on top of another would mix their checkpoints, logs and LoRA base model.
         raise ValueError(
             f"output dir {config.output_dir} already holds a run ({CONFIG_FILE}). Continue it "
@@ -476,21 +607,33 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     source = config.data if config.data is not None else str(data_lib.default_data_path())
     records = data_lib.load_records(source, split=config.data_split)
     examples = data_lib.tokenize_records(records, tokenizer)
+    if config.overlong == "error":
+        # Before the split, so the error counts all examples and names the record's own index.
+        data_lib.check_lengths(examples, config.max_len)
     train_examples, eval_examples = data_lib.split_eval(
         examples, eval_fraction=config.eval_fraction, seed=config.seed
     )
     row_args = dict(max_len=config.max_len, pad_id=tokenizer.pad_token_id,
                     packing=config.packing, overlong=config.overlong)
     train_rows = data_lib.make_rows(train_examples, **row_args)
-    if count_label_tokens(train_rows.labels) == 0:
-        raise ValueError(
-            "data: the training split has no label tokens to learn from (every label is masked: "
-            "no assistant reply or completion, or --overlong truncate cut them all off)."
+    _require_labels(train_rows, "training", len(train_examples))
+    eval_rows = None
+    if eval_examples:
+        eval_rows = data_lib.make_rows(eval_examples, **row_args)
+        _require_labels(eval_rows, "evaluation", len(eval_examples))
+    unlabeled = train_rows.overlong.truncated_to_no_labels + (
+        eval_rows.overlong.truncated_to_no_labels if eval_rows is not None else 0
+    )
+    if unlabeled:
+        logger.warning(
+            "data: %d of %d examples lost every label token to --overlong truncate (their "
+            "labels lie beyond --max-len %d); they are trained on nothing. Raise --max-len or "
+            "use --overlong split to keep them.", unlabeled, len(examples), config.max_len,
         )
-    eval_rows = data_lib.make_rows(eval_examples, **row_args) if eval_examples else None
     model = _load_model(config, tokenizer, dtype, None if config.lora_r else resume_from)
+    if config.lora_r:
+        _check_lora_target(model, config)
 
-    output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*output_dir.glob(".tmp-*"), *output_dir.glob(".old-*")]:
         shutil.rmtree(stale)  # left by a run killed while saving
@@ -509,8 +652,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     optimizer = _optimizer(model, config, device)
     scheduler = _scheduler(optimizer, config)
     step = cursor = 0  # optimizer steps taken; rows of the training stream consumed
-    if resume_from is not None:
-        state = torch.load(resume_from / STATE_FILE, map_location=device, weights_only=True)
+    if resume is not None:
+        state = resume[1]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, cursor = state["step"], state["cursor"]
@@ -554,19 +697,33 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         if eval_batches is not None:
             run_log.eval(at_step, evaluate_loss(loss_fn, model, eval_batches).item())
 
-    pending: list[tuple[int, StepMetrics, int]] = []
+    pending: list[tuple[int, StepMetrics | None, int]] = []  # None: a skipped step
+    skipped: list[int] = []
     window_start = time.perf_counter()
     try:
         while step < config.steps:
-            micro_batches, real_tokens = [], 0
+            micro_batches, real_tokens, label_tokens = [], 0, 0
             for _ in range(config.grad_accum):
                 batch, n = data_lib.batch_at(train_rows, cursor, config.batch_size,
                                              seed=config.seed)
                 cursor += config.batch_size
+                label_tokens += int(count_label_tokens(batch["labels"]))  # on the host: no sync
                 micro_batches.append(_to_device(batch, device))
                 real_tokens += n
-            metrics = train_step(loss_fn, optimizer, micro_batches, scheduler=scheduler,
-                                 max_grad_norm=config.max_grad_norm)
+            if label_tokens:
+                metrics = train_step(loss_fn, optimizer, micro_batches, scheduler=scheduler,
+                                     max_grad_norm=config.max_grad_norm)
+            else:
+                # Nothing to learn from (rows of prompt only, e.g. split or truncated pieces):
+                # AdamW would still decay the weights and move its moments with a zero gradient,
+                # so the optimizer does not step. The schedule does, to stay a function of the
+                # step number.
+                metrics = None
+                skipped.append(step + 1)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step",
+                                            UserWarning)
+                    scheduler.step()
             step += 1
             pending.append((step, metrics, real_tokens))
             evaluate = config.eval_every and step % config.eval_every == 0 or step == config.steps
@@ -596,22 +753,27 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         plot_losses(output_dir / "loss.svg", history["train"], history["eval"])
     return FinetuneResult(
         model=model, losses=run_log.losses, eval_losses=run_log.eval_losses, step=step,
-        output_dir=output_dir, final_dir=final_dir,
+        output_dir=output_dir, final_dir=final_dir, skipped_steps=skipped,
+        examples_without_labels=unlabeled,
     )
 
 
 def _flush(
-    pending: list[tuple[int, StepMetrics, int]], run_log: _RunLog, window_start: float,
+    pending: list[tuple[int, StepMetrics | None, int]], run_log: _RunLog, window_start: float,
     device: torch.device,
 ) -> float:
     """Read the pending steps' metrics from the device (one sync per step's values) and log them;
-    tokens/s is the window's real tokens over its wall time. Returns the new window start."""
-    values = [m.item() for _, m, _ in pending]
+    tokens/s is the window's real tokens over its wall time (a skipped step's are not trained
+    on and not counted). Returns the new window start."""
+    values = [None if m is None else m.item() for _, m, _ in pending]
     now = time.perf_counter()
-    tokens = sum(n for _, _, n in pending)
+    tokens = sum(n for _, m, n in pending if m is not None)
     rate = tokens / max(now - window_start, 1e-9)
     memory = _memory_gib(device)
     records = [
+        {"kind": "skip", "step": s, "tokens": n, "label_tokens": 0,
+         "reason": "no label tokens in the step's micro-batches: the optimizer did not step"}
+        if v is None else
         {"kind": "train", "step": s, "loss": v["loss"], "grad_norm": v["grad_norm"], "lr": v["lr"],
          "tokens": n, "label_tokens": v["num_tokens"], "tokens_per_s": rate, "mem_gib": memory}
         for (s, _, n), v in zip(pending, values)
@@ -642,79 +804,113 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chronicals", description="Fine-tune decoder LLMs with Chronicals."
     )
     commands = parser.add_subparsers(dest="command")
+    # Every help says its default (and unit) itself: argparse's ArgumentDefaultsHelpFormatter
+    # printed "(default: None)" after a None's meaning and "(default: True)" for --no-packing.
     p = commands.add_parser(
         "finetune",
         help="fine-tune a causal LM (no arguments: a built-in one-minute demo on CPU)",
         description="Fine-tune a causal LM on chat or prompt/completion data, loss on the "
         "completions only. With no arguments: a tiny model from a config on the bundled "
         "HumanEval data with the bundled tokenizer (about a minute on a laptop CPU).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="Hugging Face model id or local directory (default: the "
                    "built-in tiny Qwen2-shaped model)")
     g.add_argument("--from-config", action="store_true",
                    help="build --model (a config.json or a directory holding one) with random "
-                   "weights")
+                   "weights (default: off, load its weights)")
     g.add_argument("--tokenizer", help="tokenizer id or directory (default: the model's, or the "
                    "bundled one for the built-in model)")
-    g.add_argument("--data", help="local .json/.jsonl/.parquet file or a `datasets` name with "
-                   "'messages' (chat) or 'prompt'/'completion' columns (default: bundled "
-                   "HumanEval)")
-    g.add_argument("--data-split", default=defaults.data_split)
+    g.add_argument("--data", help="a local file: .json (a JSON array of records, or JSON lines), "
+                   ".jsonl or .parquet; or a `datasets` name. Records have 'messages' (chat: "
+                   f"roles {', '.join(data_lib.CHAT_ROLES)}; at least one assistant reply) or "
+                   "'prompt'/'completion' (default: the bundled HumanEval)")
+    g.add_argument("--data-split", default=defaults.data_split,
+                   help="split of a `datasets` name (default: %(default)s)")
     g.add_argument("--attn-implementation", default=defaults.attn_implementation,
-                   help="transformers attention (auto: chronicals_varlen for packed rows, sdpa "
-                   "for padded rows)")
-    g.add_argument("--max-len", type=int, default=defaults.max_len, help="tokens per row")
+                   help="transformers attention; auto: chronicals_varlen for packed rows, sdpa "
+                   "for padded rows (default: %(default)s)")
+    g.add_argument("--max-len", type=int, default=defaults.max_len,
+                   help="row length in tokens (default: %(default)s)")
     g.add_argument("--no-packing", dest="packing", action="store_false",
-                   help="one example per row, padded, instead of packed rows")
+                   help="one example per row, padded (default: off, several examples packed "
+                   "per row)")
     g.add_argument("--overlong", choices=("error", "truncate", "split"),
-                   default=defaults.overlong, help="examples longer than --max-len")
+                   default=defaults.overlong,
+                   help="examples longer than --max-len tokens: error, truncate (keep the first "
+                   "--max-len tokens; examples left without labels are counted), or split (into "
+                   "pieces of --max-len tokens overlapping by one, so every label is trained on) "
+                   "(default: %(default)s)")
     g.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,
-                   help="share of the examples held out for the evaluation loss")
+                   help="fraction of the examples held out for the evaluation loss, in [0, 1) "
+                   "(default: %(default)s)")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=defaults.steps)
+    g.add_argument("--steps", type=int, default=defaults.steps,
+                   help="optimizer steps (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                   help="rows per micro-batch")
+                   help="rows per micro-batch (default: %(default)s)")
     g.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
-                   help="micro-batches per optimizer step")
+                   help="micro-batches per optimizer step (default: %(default)s)")
     g.add_argument("--lr", type=float, help="peak learning rate (default: 2e-4 with LoRA, 2e-5 "
                    "full fine-tune, 2e-3 for the built-in model)")
-    g.add_argument("--lr-schedule", choices=("cosine", "constant"), default=defaults.lr_schedule)
-    g.add_argument("--warmup-steps", type=int, help="(default: 5%% of --steps)")
-    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    g.add_argument("--lr-schedule", choices=("cosine", "constant"), default=defaults.lr_schedule,
+                   help="after warm-up: cosine down to 10%% of --lr at the last step, or constant "
+                   "(default: %(default)s)")
+    g.add_argument("--warmup-steps", type=int,
+                   help="steps of linear warm-up to --lr (default: 5%% of --steps)")
+    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                   help="AdamW decoupled weight decay of the weight matrices: each step scales "
+                   "them by 1 - lr x this (default: %(default)s)")
     g.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm,
-                   help="clip the gradient norm (0: no clipping)")
-    g.add_argument("--seed", type=int, default=defaults.seed)
+                   help="clip the L2 norm of all gradients to this; 0: no clipping "
+                   "(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=defaults.seed,
+                   help="seed of the initialisation, eval split and row order "
+                   "(default: %(default)s)")
     g.add_argument("--compile", default=defaults.compile, choices=COMPILE_BACKENDS,
-                   help="torch.compile backend of the loss function ('none': eager)")
+                   help="torch.compile backend of the loss function; none: eager "
+                   "(default: %(default)s)")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=defaults.dtype,
-                   help="weights' dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--device", default=defaults.device)
+                   help="weights' dtype; auto: bf16 on CUDA, fp32 on CPU (default: %(default)s)")
+    g.add_argument("--device", default=defaults.device,
+                   help="auto, cpu, cuda or cuda:N; auto: cuda if a GPU is available, else cpu "
+                   "(default: %(default)s)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-r", type=int, default=defaults.lora_r,
-                   help="LoRA rank (0: full fine-tune)")
-    g.add_argument("--lora-alpha", type=float, help="(default: the rank)")
-    g.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)
+                   help="LoRA rank; 0: full fine-tune (default: %(default)s)")
+    g.add_argument("--lora-alpha", type=float,
+                   help="LoRA scale numerator: the update is scaled by alpha / rank (default: "
+                   "the rank, a scale of 1)")
+    g.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout,
+                   help="dropout probability on the LoRA input, in [0, 1) (default: %(default)s)")
     g.add_argument("--lora-target", default=defaults.lora_target,
-                   help="'all-linear' or comma-separated module names")
+                   help="all-linear, or comma-separated names of the model's layers "
+                   "(e.g. q_proj,v_proj) (default: %(default)s)")
     g.add_argument("--lora-plus-ratio", type=float, default=defaults.lora_plus_ratio,
-                   help="LoRA+: learning rate of B over that of A")
+                   help="LoRA+: learning rate of B over that of A (default: %(default)s)")
     g.add_argument("--lora-dtype", choices=LORA_DTYPES, default=defaults.lora_dtype,
                    help="adapter weights' dtype: fp32 (PEFT's default) or the model's (faster "
-                   "in bf16)")
+                   "in bf16) (default: %(default)s)")
     g = p.add_argument_group("output")
-    g.add_argument("--output-dir", default=defaults.output_dir)
+    g.add_argument("--output-dir", default=defaults.output_dir,
+                   help="directory of the log, checkpoints and final model (default: "
+                   "%(default)s)")
     g.add_argument("--eval-every", type=int, default=defaults.eval_every,
-                   help="steps between evaluations (0: only at the end)")
+                   help="steps between evaluations, and one at the end; 0: only at the end "
+                   "(default: %(default)s)")
     g.add_argument("--save-every", type=int, default=defaults.save_every,
-                   help="steps between checkpoints (0: only at the end)")
+                   help="steps between checkpoints, and one at the end; 0: only at the end "
+                   "(default: %(default)s)")
     g.add_argument("--log-every", type=int, default=defaults.log_every,
-                   help="steps between reading metrics from the device (all steps are logged)")
+                   help="steps between reading metrics from the device; every step is logged "
+                   "(default: %(default)s)")
     g.add_argument("--resume", help="checkpoint directory to continue from, or 'auto' for the "
-                   "newest in --output-dir")
-    g.add_argument("--no-plot", dest="plot", action="store_false")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+                   "newest in --output-dir (default: none, a fresh run)")
+    g.add_argument("--no-plot", dest="plot", action="store_false",
+                   help="do not write loss.svg (default: off, it is written)")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="log a line per --log-every steps instead of a progress bar (default: "
+                   "off, a progress bar)")
     return parser
 
 
@@ -748,5 +944,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"chronicals finetune: interrupted; {hint}.", file=sys.stderr)
         return 130
-    logger.info("done: %d steps; model in %s", result.step, result.final_dir)
+    summary = f"done: {result.step} steps"
+    if result.skipped_steps:
+        summary += (f" ({len(result.skipped_steps)} skipped: no label tokens in their "
+                    "micro-batches, the optimizer did not step)")
+    if result.examples_without_labels:
+        summary += (f"; {result.examples_without_labels} examples lost every label token to "
+                    "--overlong truncate")
+    logger.info("%s; model in %s", summary, result.final_dir)
     return 0

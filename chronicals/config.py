@@ -42,6 +42,8 @@ class FinetuneConfig:
     max_len: int = 1024
     packing: bool = True
     overlong: str = "error"
+    """Examples longer than max_len: 'error', 'truncate' or 'split' (into pieces that overlap by
+    one token, so every label is trained on); see `chronicals.data.make_rows`."""
     batch_size: int = 2
     """Rows per micro-batch."""
     grad_accum: int = 1
@@ -94,6 +96,10 @@ class FinetuneConfig:
             (self.lr is None or 0 < self.lr < math.inf,
              f"lr must be finite and > 0. Got {self.lr}."),
             (self.lora_r >= 0, f"lora_r must be >= 0 (0: full fine-tune). Got {self.lora_r}."),
+            (self.lora_alpha is None or 0 < self.lora_alpha < math.inf,
+             f"lora_alpha must be finite and > 0, or None. Got {self.lora_alpha}."),
+            (0 <= self.lora_dropout < 1,
+             f"lora_dropout must be in [0, 1). Got {self.lora_dropout}."),
             (0 < self.lora_plus_ratio < math.inf, f"lora_plus_ratio must be finite and > 0. Got "
              f"{self.lora_plus_ratio}."),
             (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1). Got "

@@ -32,12 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from chronicals.packing import OVERLONG_POLICIES, pack
 from chronicals.train import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 FORMATS = ("chat", "prompt_completion")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+"""Roles a chat record's messages may have; the loss is taken on the 'assistant' messages."""
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 _SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
 _CHATML_TEMPLATE = (
@@ -108,10 +111,29 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _read_json_records(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        data = json.loads(text)
-    else:
+    """The records of a .json file (one JSON array of objects, or JSON lines) or a .jsonl file
+    (JSON lines: one object per line)."""
+    # utf-8-sig: a byte-order mark (as some Windows editors write) is not part of the JSON.
+    text = path.read_text(encoding="utf-8-sig")
+    data = None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # not one JSON document: JSON lines, read below
+        if isinstance(data, dict) and "\n" in text.strip():
+            # One line holding one object is JSON lines with one record; an object spread over
+            # lines is neither format, and guessing where its records are would be a guess.
+            raise ValueError(
+                f"data: {path} holds one JSON object spread over several lines (keys "
+                f"{sorted(data)}); expected a JSON array of record objects ([{{...}}, {{...}}]) "
+                "or JSON lines (one record object per line)."
+            )
+    if not isinstance(data, list):
+        expected = (
+            "a JSON array of record objects or JSON lines (one record object per line)"
+            if path.suffix == ".json" else "JSON lines (one record object per line)"
+        )
         data = []
         for line_no, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -119,7 +141,9 @@ def _read_json_records(path: Path) -> list[dict[str, Any]]:
             try:
                 data.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"data: {path} line {line_no} is not valid JSON: {e}.") from e
+                raise ValueError(
+                    f"data: {path} line {line_no} is not valid JSON ({e}); expected {expected}."
+                ) from e
     bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
     if bad is not None:
         raise ValueError(
@@ -130,13 +154,15 @@ def _read_json_records(path: Path) -> list[dict[str, Any]]:
 
 
 def load_records(source: str | Path, *, split: str = "train") -> list[dict[str, Any]]:
-    """Records (dicts) from a local .json (a list of objects, or JSON lines) / .jsonl / .parquet
-    file, or from a `datasets` name (its `split`).
+    """Records (dicts) from a local .json (one JSON array of objects, or JSON lines) / .jsonl
+    (JSON lines) / .parquet file, or from a `datasets` name (its `split`).
 
     Raises:
         FileNotFoundError: `source` looks like a path (has a data-file suffix or starts with
             '.', '/' or '~') and does not exist.
-        ValueError: the file holds no records, or is not in a supported format.
+        ValueError: the file holds no records, or is not in a supported format; or `source` is
+            not a file and `datasets` cannot load it (unknown, offline and not cached, no such
+            split).
     """
     source = str(source)
     if _looks_like_path(source):
@@ -162,7 +188,16 @@ def load_records(source: str | Path, *, split: str = "train") -> list[dict[str, 
                 f"data: {source!r} is not a local file, and loading a dataset by name needs the "
                 "`datasets` package, which is not installed."
             ) from e
-        records = datasets.load_dataset(source, split=split).to_list()
+        try:
+            records = datasets.load_dataset(source, split=split).to_list()
+        except (OSError, ValueError) as e:
+            # Not found, not reachable (offline: ConnectionError is an OSError), no such split.
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"data: {source!r} is neither a local file nor a dataset `datasets` can load "
+                f"(split {split!r}): {reason}. Give a .json/.jsonl/.parquet file, or a dataset "
+                "name that is cached or reachable on the Hub."
+            ) from e
     if not records:
         raise ValueError(f"data: {source} holds no records (the dataset is empty).")
     return records
@@ -218,13 +253,39 @@ def _prompt_completion(tokenizer: Any, record: Mapping[str, Any], index: int) ->
     )
 
 
+def _message_problem(message: Any) -> str | None:
+    """What is wrong with one message of a chat record, None if nothing."""
+    if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+        got = f"keys {sorted(message)}" if isinstance(message, Mapping) else type(message).__name__
+        return f"must be an object with 'role' and 'content'. Got {got}."
+    if message["role"] not in CHAT_ROLES:
+        return f"has role {message['role']!r}; expected one of {CHAT_ROLES}."
+    if not isinstance(message["content"], str):
+        return (
+            f"({message['role']}) must have a string 'content'. Got "
+            f"{type(message['content']).__name__}."
+        )
+    return None
+
+
 def _chat(tokenizer: Any, record: Mapping[str, Any], index: int) -> Example:
     messages = _field(record, "messages", index)
-    if not isinstance(messages, list) or not all(
-        isinstance(m, Mapping) and "role" in m and "content" in m for m in messages
-    ):
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if messages == [] else type(messages).__name__
         raise ValueError(
-            f"data: record {index}: 'messages' must be a list of {{'role', 'content'}} objects."
+            f"data: record {index}: 'messages' must be a non-empty list of {{'role', 'content'}} "
+            f"objects. Got {got}."
+        )
+    for j, message in enumerate(messages):
+        problem = _message_problem(message)
+        if problem is not None:
+            raise ValueError(f"data: record {index}: message {j} {problem}")
+    if not any(m["role"] == "assistant" for m in messages):
+        # The loss is taken on assistant replies only: such a record would train on nothing.
+        raise ValueError(
+            f"data: record {index} has no 'assistant' message, so it has nothing to train on; "
+            f"every chat record needs at least one assistant reply. Got roles "
+            f"{[m['role'] for m in messages]}."
         )
     if tokenizer.chat_template is None:
         raise ValueError("data: chat records need a tokenizer with a chat template; it has none.")
@@ -259,21 +320,22 @@ def _chat(tokenizer: Any, record: Mapping[str, Any], index: int) -> Example:
 def tokenize_records(
     records: Sequence[Mapping[str, Any]], tokenizer: Any, *, fmt: str | None = None
 ) -> list[Example]:
-    """Token ids and loss labels for each record.
+    """Token ids and loss labels for each record: one `Example` per record, in order.
 
     fmt 'prompt_completion': prompt ids (with the tokenizer's special tokens) + completion ids +
     eos; the loss is on the completion and eos. fmt 'chat': the conversation through the
     tokenizer's chat template; the loss is on the assistant replies. None: `detect_format`.
 
     Raises:
-        ValueError: missing or mistyped fields, or no record with any label token.
+        ValueError: missing or mistyped fields, a chat message with a role not in `CHAT_ROLES`,
+            a chat record without an assistant message, or no record with any label token.
     """
     fmt = detect_format(records) if fmt is None else fmt
     if fmt not in FORMATS:
         raise ValueError(f"data: format must be one of {FORMATS}. Got {fmt!r}.")
     make = _chat if fmt == "chat" else _prompt_completion
     examples = [make(tokenizer, r, i) for i, r in enumerate(records)]
-    if not any(label != IGNORE_INDEX for ex in examples for label in ex.labels[1:]):
+    if not any(_has_labels(ex.labels) for ex in examples):
         raise ValueError(
             f"data: none of the {len(examples)} records has a token to train on (every "
             "completion / assistant reply is empty)."
@@ -305,12 +367,25 @@ def split_eval(
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class OverlongCounts:
+    """What `make_rows` did to the examples longer than max_len."""
+
+    truncated: int = 0
+    """Examples cut to their first max_len tokens (overlong='truncate')."""
+    truncated_to_no_labels: int = 0
+    """Of the truncated examples, those that had label tokens and lost every one: they are in the
+    rows, but train on nothing."""
+    split: int = 0
+    """Examples cut into pieces (overlong='split')."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Rows:
     """Fixed-length rows of token ids on the host, shape (rows, max_len) each.
 
     Packed rows carry `position_ids` (restarting at 0 per document) and no attention mask;
     padded rows carry `attention_mask` and no position ids. `real_tokens[r]` counts row r's
-    non-pad tokens.
+    non-pad tokens; `overlong` counts the examples cut to fit.
     """
 
     input_ids: Tensor
@@ -318,6 +393,7 @@ class Rows:
     real_tokens: Tensor
     position_ids: Tensor | None = None
     attention_mask: Tensor | None = None
+    overlong: OverlongCounts = OverlongCounts()
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -331,59 +407,103 @@ def make_rows(
     example per row, right-padded with `pad_id`.
 
     overlong: what to do with an example longer than max_len: 'error' (default; nothing is cut
-    without being asked), 'truncate' (keep its first max_len tokens), 'split' (packed only: cut it
-    into max_len pieces).
+    without being asked: `check_lengths`), 'truncate' (keep its first max_len tokens), 'split'
+    (cut it into pieces of at most max_len tokens, each a document or row of its own). A piece's
+    first label is never scored (no token before it in the piece predicts it), so consecutive
+    pieces overlap by one token: the label the next piece cannot score is the last one of the
+    piece before, and every label of the example is scored exactly once. `Rows.overlong` counts
+    both, and the truncated examples that lost all their label tokens.
     """
     if max_len < 2:
         raise ValueError(f"data: max_len must be >= 2 (one input and one label). Got {max_len}.")
     if not examples:
         raise ValueError("data: no examples to make rows from.")
-    if packing:
-        return _packed_rows(examples, max_len=max_len, pad_id=pad_id, overlong=overlong)
-    if overlong not in ("error", "truncate"):
-        raise ValueError(
-            f"data: without packing, overlong must be 'error' or 'truncate'. Got {overlong!r}."
-        )
+    if overlong not in OVERLONG_POLICIES:
+        raise ValueError(f"data: overlong must be one of {OVERLONG_POLICIES}. Got {overlong!r}.")
+    if overlong == "error":
+        check_lengths(examples, max_len)
+    fitted, counts = _fit(examples, max_len, overlong)
+    rows = (_packed_rows if packing else _padded_rows)(fitted, max_len=max_len, pad_id=pad_id)
+    cut = {
+        "error": "",
+        "truncate": f"; {counts.truncated} truncated to max_len, "
+        f"{counts.truncated_to_no_labels} of them losing every label token",
+        "split": f"; {counts.split} split into pieces of max_len",
+    }[overlong]
+    logger.info(
+        "%d examples in %d %s rows of %d tokens (%.1f%% of slots are real tokens)%s",
+        len(examples), len(rows), "packed" if packing else "padded", max_len,
+        100 * rows.real_tokens.sum().item() / rows.input_ids.numel(), cut,
+    )
+    return dataclasses.replace(rows, overlong=counts)
+
+
+def check_lengths(examples: Sequence[Example], max_len: int) -> None:
+    """A ValueError if any example is longer than `max_len` tokens, with how many are and which
+    is the longest (by its index in `examples`: the record's index for the output of
+    `tokenize_records`)."""
     lengths = [len(ex.input_ids) for ex in examples]
-    if overlong == "error" and max(lengths) > max_len:
-        _raise_overlong(lengths, max_len)
+    over = [i for i, n in enumerate(lengths) if n > max_len]
+    if over:
+        longest = max(over, key=lengths.__getitem__)
+        raise ValueError(
+            f"data: {len(over)} of {len(lengths)} examples are longer than max_len={max_len} "
+            f"tokens (the longest, record {longest}, has {lengths[longest]}). Raise --max-len, "
+            "or pass --overlong truncate / split to cut them."
+        )
+
+
+def _has_labels(labels: Sequence[int]) -> bool:
+    """Whether a causal-LM loss scores any of `labels` (the first is never scored)."""
+    return any(label != IGNORE_INDEX for label in labels[1:])
+
+
+def _fit(
+    examples: Sequence[Example], max_len: int, overlong: str
+) -> tuple[list[Example], OverlongCounts]:
+    """`examples` with each one longer than max_len truncated or split (see `make_rows`)."""
+    fitted: list[Example] = []
+    truncated = truncated_to_no_labels = split = 0
+    for ex in examples:
+        n = len(ex.input_ids)
+        if n <= max_len:
+            fitted.append(ex)
+        elif overlong == "truncate":
+            fitted.append(Example(input_ids=ex.input_ids[:max_len], labels=ex.labels[:max_len]))
+            truncated += 1
+            truncated_to_no_labels += _has_labels(ex.labels) and not _has_labels(fitted[-1].labels)
+        else:
+            # Starts every max_len - 1 tokens: a piece begins with the last token of the one
+            # before. They stop before n - 1, since a 1-token piece would have no label to score.
+            fitted += [
+                Example(input_ids=ex.input_ids[s : s + max_len], labels=ex.labels[s : s + max_len])
+                for s in range(0, n - 1, max_len - 1)
+            ]
+            split += 1
+    return fitted, OverlongCounts(
+        truncated=truncated, truncated_to_no_labels=truncated_to_no_labels, split=split
+    )
+
+
+def _padded_rows(examples: Sequence[Example], *, max_len: int, pad_id: int) -> Rows:
     n = len(examples)
     input_ids = torch.full((n, max_len), pad_id, dtype=torch.int64)
     labels = torch.full((n, max_len), IGNORE_INDEX, dtype=torch.int64)
     attention_mask = torch.zeros((n, max_len), dtype=torch.int64)
     for r, ex in enumerate(examples):
-        k = min(len(ex.input_ids), max_len)
-        input_ids[r, :k] = torch.tensor(ex.input_ids[:k])
-        labels[r, :k] = torch.tensor(ex.labels[:k])
+        k = len(ex.input_ids)
+        input_ids[r, :k] = torch.tensor(ex.input_ids)
+        labels[r, :k] = torch.tensor(ex.labels)
         attention_mask[r, :k] = 1
     return Rows(input_ids=input_ids, labels=labels, real_tokens=attention_mask.sum(1),
                 attention_mask=attention_mask)
 
 
-def _raise_overlong(lengths: Sequence[int], max_len: int) -> None:
-    longest = max(range(len(lengths)), key=lengths.__getitem__)
-    n_over = sum(n > max_len for n in lengths)
-    raise ValueError(
-        f"data: {n_over} example(s) are longer than max_len={max_len} tokens (the longest, "
-        f"example {longest}, has {lengths[longest]}). Raise --max-len, or pass "
-        "--overlong truncate / split to cut them."
-    )
-
-
-def _packed_rows(
-    examples: Sequence[Example], *, max_len: int, pad_id: int, overlong: str
-) -> Rows:
-    from chronicals.packing import pack
-
+def _packed_rows(examples: Sequence[Example], *, max_len: int, pad_id: int) -> Rows:
+    # The examples fit already (`_fit`), so pack's own overlong policy never applies.
     packed = pack(
         [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples],
-        max_len=max_len, overlong=overlong, pad_id=pad_id, ignore_index=IGNORE_INDEX,
-    )
-    stats = packed.stats
-    logger.info(
-        "packed %d examples into %d rows of %d (%.1f%% of slots are real tokens; %d truncated, "
-        "%d split)", stats.examples, stats.rows, max_len, 100 * stats.efficiency,
-        stats.truncated_examples, stats.split_examples,
+        max_len=max_len, pad_id=pad_id, ignore_index=IGNORE_INDEX,
     )
     real_tokens = torch.tensor([sum(d.length for d in row) for row in packed.documents])
     return Rows(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import shutil
 from pathlib import Path
 
 import peft
@@ -27,6 +29,19 @@ def _small(tmp_path: Path, name: str = "out", **overrides) -> FinetuneConfig:
         eval_every=2, compile="none", progress=False,
     )
     return FinetuneConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test here reaches the Hub: a request is refused before it is sent."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    try:
+        import datasets
+    except ImportError:
+        return
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
 
 def _log(output_dir: Path, kind: str) -> list[dict]:
@@ -96,7 +111,9 @@ def test_lora_adapter_reloads_through_peft_with_same_logits(tmp_path):
 @pytest.mark.parametrize("lora_dtype, adapter_dtype", [("fp32", torch.float32),
                                                        ("model", torch.bfloat16)])
 def test_lora_dtype_sets_the_adapters_dtype(tmp_path, lora_dtype, adapter_dtype):
-    config = _small(tmp_path, lora_r=4, steps=2, dtype="bf16", lora_dtype=lora_dtype)
+    # Rows of 256: at 128, step 2's rows hold only prompt pieces, and such a step is skipped.
+    config = _small(tmp_path, lora_r=4, steps=2, dtype="bf16", lora_dtype=lora_dtype,
+                    max_len=256)
     model = cli.finetune(config).model
     adapters = [p for n, p in model.named_parameters() if "lora_" in n]
     assert adapters and all(p.dtype == adapter_dtype for p in adapters)
@@ -189,6 +206,21 @@ def _write(path: Path, text: str) -> str:
     return str(path)
 
 
+def _records(n: int, long: tuple[int, ...] = ()) -> str:
+    """n prompt/completion records as JSON lines; those in `long` have a 300-token prompt."""
+    return "".join(
+        json.dumps({"prompt": "x " * 300 if i in long else f"p{i}", "completion": f"c{i}"}) + "\n"
+        for i in range(n)
+    )
+
+
+def _chat_lines(bad: dict) -> str:
+    """Chat records as JSON lines: three good ones, then `bad`."""
+    good = {"messages": [{"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": "Hello"}]}
+    return "".join(json.dumps(r) + "\n" for r in [good, good, good, bad])
+
+
 @pytest.mark.parametrize(
     ("make_args", "message"),
     [
@@ -197,7 +229,37 @@ def _write(path: Path, text: str) -> str:
         (lambda d: ["--data", _write(d / "text.jsonl", '{"text": "hello"}\n')],
          r"expected a 'messages' column .* Got columns \['text'\]"),
         (lambda d: ["--max-len", "64"],
-         "example .* has .* tokens, more than max_len=64.*overlong"),
+         r"examples are longer than max_len=64 tokens \(the longest, record \d+, .*overlong"),
+        # Record 7 is the one too long; with 4 of 20 records held out it is the 6th of the
+        # training split, which the error named before.
+        (lambda d: ["--data", _write(d / "long.jsonl", _records(20, long=(7,))), "--max-len",
+                    "64", "--eval-fraction", "0.2"],
+         r"1 of 20 examples are longer than max_len=64 tokens \(the longest, record 7, has"),
+        (lambda d: ["--data", _write(d / "chat.jsonl", _chat_lines(
+            {"messages": [{"role": "user", "content": "Hi"}]}))],
+         r"data: record 3 has no 'assistant' message"),
+        (lambda d: ["--data", _write(d / "chat.jsonl", _chat_lines(
+            {"messages": [{"role": "bot", "content": "Hi"}]}))],
+         r"data: record 3: message 0 has role 'bot'; expected one of"),
+        (lambda d: ["--data", _write(d / "chat.jsonl", _chat_lines(
+            {"messages": [{"role": "user", "content": ["Hi"]},
+                          {"role": "assistant", "content": "Hello"}]}))],
+         r"data: record 3: message 0 \(user\) must have a string 'content'. Got list"),
+        (lambda d: ["--data", _write(d / "data.json", json.dumps({"data": []}, indent=1))],
+         "holds one JSON object spread over several lines"),
+        (lambda d: ["--data", "chronicals-test/no-such-data"],
+         "'chronicals-test/no-such-data' is neither a local file nor a dataset"),
+        (lambda d: ["--output-dir", _write(d / "file", "")], "exists and is not a directory"),
+        (lambda d: ["--output-dir", str(Path(_write(d / "file", "")) / "out")],
+         r"cannot create .*out: .*file is a file"),
+        # /sys refuses new entries to everyone, root included (permission bits do not).
+        (lambda d: ["--output-dir", "/sys/chronicals-test-out"], "cannot write in /sys"),
+        (lambda d: ["--device", "foo"], "device: 'foo' is not a device; expected 'auto', 'cpu'"),
+        (lambda d: ["--device", "cuda:99"], "device: 'cuda:99' is not available"),
+        (lambda d: ["--lora-r", "4", "--lora-target", "q_proj,qproj"],
+         "lora: --lora-target 'q_proj,qproj': qproj matches no linear, .* q_proj, up_proj"),
+        (lambda d: ["--lora-r", "4", "--lora-dropout", "1"],
+         r"lora_dropout must be in \[0, 1\). Got 1.0"),
         (lambda d: ["--max-len", "1"], "max_len must be >= 2"),
         (lambda d: ["--lr", "inf"], "lr must be finite and > 0. Got inf"),
         (lambda d: ["--max-len", "8", "--overlong", "truncate"],
@@ -206,8 +268,12 @@ def _write(path: Path, text: str) -> str:
         (lambda d: ["--model", str(d / "no-such-model")], "model: no such file or directory"),
         (lambda d: ["--model", str(d)], "has no config.json"),
     ],
-    ids=["missing-file", "empty", "missing-columns", "max-len-too-small", "max-len-1", "lr-inf",
-         "no-label-tokens", "weight-decay-inf", "unknown-model", "model-dir-without-config"],
+    ids=["missing-file", "empty", "missing-columns", "max-len-too-small",
+         "overlong-names-file-record", "chat-no-assistant", "chat-unknown-role",
+         "chat-content-not-str", "json-object", "unknown-dataset", "output-dir-is-file",
+         "output-dir-under-file", "output-dir-not-writable", "device-unknown", "device-absent",
+         "lora-target-unknown", "lora-dropout-1", "max-len-1", "lr-inf", "no-label-tokens",
+         "weight-decay-inf", "unknown-model", "model-dir-without-config"],
 )
 def test_errors_are_one_line_and_write_nothing(tmp_path, capsys, make_args, message):
     out = tmp_path / "out"
@@ -231,6 +297,92 @@ def test_fresh_run_into_another_runs_dir_is_an_error(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert sorted(out.iterdir()) == before and (out / cli.CONFIG_FILE).read_text() == "{}"
+
+
+def test_damaged_checkpoint_is_refused_before_anything_is_written(tmp_path, capsys):
+    cli.finetune(_small(tmp_path, "run", steps=2, eval_every=0))
+    args = ["finetune", "--max-len", "128", "--overlong", "split", "--steps", "2",
+            "--compile", "none", "--no-progress", "--resume", "auto"]
+
+    def cut_short(path: Path) -> None:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    damages = {
+        "training_state.pt cannot be loaded": lambda c: cut_short(c / cli.STATE_FILE),
+        "model.safetensors cannot be read": lambda c: cut_short(c / "model.safetensors"),
+        "it needs config.json and .safetensors weights": lambda c: (
+            c / "model.safetensors").unlink(),
+        "run_config.json is not valid JSON": lambda c: (c / cli.CONFIG_FILE).write_text("{"),
+    }
+    for i, (message, damage) in enumerate(damages.items()):
+        out = tmp_path / f"damaged-{i}"
+        shutil.copytree(tmp_path / "run", out)
+        damage(out / "checkpoint-2")
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert cli.main([*args, "--output-dir", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(
+            f"chronicals finetune: error: resume: {out}/checkpoint-2 is damaged or incomplete: "
+            f"{message}"), err[-1]
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_steps_without_label_tokens_do_not_step_the_optimizer(tmp_path, monkeypatch, caplog):
+    # Records 1, 3 and 5 lose their completions to truncation: one row each, one row a step,
+    # so 3 of the 6 steps have no label token. AdamW with weight decay would still change the
+    # weights (and its moments) on them.
+    data = _write(tmp_path / "data.jsonl", _records(6, long=(1, 3, 5)))
+    label_counts = []
+    real_step = cli.train_step
+
+    def counting_step(loss_fn, optimizer, micro_batches, **kwargs):
+        label_counts.append(sum(int(cli.count_label_tokens(b["labels"])) for b in micro_batches))
+        return real_step(loss_fn, optimizer, micro_batches, **kwargs)
+
+    monkeypatch.setattr(cli, "train_step", counting_step)
+    caplog.set_level(logging.INFO, logger="chronicals.finetune")
+    out = tmp_path / "out"
+    assert cli.main(["finetune", "--output-dir", str(out), "--data", data, "--no-packing",
+                     "--max-len", "16", "--overlong", "truncate", "--batch-size", "1",
+                     "--steps", "6", "--eval-fraction", "0", "--weight-decay", "0.1",
+                     "--compile", "none", "--no-progress"]) == 0
+    assert len(label_counts) == 3 and all(label_counts)
+    skips, trains = _log(out, "skip"), _log(out, "train")
+    assert len(skips) == 3 and all(r["label_tokens"] == 0 for r in skips)
+    assert sorted(r["step"] for r in skips + trains) == [1, 2, 3, 4, 5, 6]
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
+    assert done == [(
+        "done: 6 steps (3 skipped: no label tokens in their micro-batches, the optimizer did "
+        "not step); 3 examples lost every label token to --overlong truncate; model in "
+        f"{out / 'final'}"
+    )]
+
+
+def test_evaluation_split_without_label_tokens_is_an_error(tmp_path, capsys):
+    # Its loss would read 0 (0 tokens, clamped to 1), as if the model were perfect.
+    examples = [data_lib.Example(input_ids=[i], labels=[i]) for i in range(4)]
+    held_out = data_lib.split_eval(examples, eval_fraction=0.25, seed=0)[1][0].input_ids[0]
+    data = _write(tmp_path / "data.jsonl", _records(4, long=(held_out,)))
+    out = tmp_path / "out"
+    rc = cli.main(["finetune", "--output-dir", str(out), "--data", data, "--max-len", "16",
+                   "--overlong", "truncate", "--eval-fraction", "0.25", "--compile", "none",
+                   "--no-progress"])
+    assert rc == 1
+    assert "error: data: the evaluation split has no label tokens to learn from" in (
+        capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_every_option_says_its_default():
+    finetune = cli.build_parser()._subparsers._group_actions[0].choices["finetune"]
+    for action in finetune._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and "default" in action.help, action.option_strings
+    text = finetune.format_help()
+    # Before, argparse appended "(default: None)" to a None's own meaning, and "(default:
+    # True)" to --no-packing.
+    assert "(default: None)" not in text and "(default: True)" not in text
 
 
 @pytest.mark.parametrize("saved", [False, True])
