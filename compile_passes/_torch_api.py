@@ -97,8 +97,22 @@ def trace_pre_dispatch(
     registered backward.
     """
     fake_mode, inputs = _fake_inputs(example_inputs)
-    with _checkpoint_bodies_traceable(gm), fake_mode:
+    with _checkpoint_bodies_traceable(gm), fake_mode, _ambient_autocast_off():
         return make_fx(gm, pre_dispatch=True)(*inputs)
+
+
+@contextlib.contextmanager
+def _ambient_autocast_off() -> Iterator[None]:
+    """Autocast off around pre-dispatch tracing. The tracer records the graph's own autocast
+    regions without entering them, so an ambient autocast would cast every value, even inside a
+    region that turns it off, and the values would carry dtypes that occur nowhere at run time
+    (a cast the graph needs would then look like a no-op). The backend traces only graphs whose
+    dtypes autocast does not change (`autocast_changes_dtypes`), so without it they are exact."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def trace_pattern(fn: Callable[..., Any], args: Sequence[Any], **_: Any) -> torch.fx.GraphModule:
@@ -197,9 +211,7 @@ def autocast_changes_dtypes(
     try:
         with fake_mode, torch.no_grad():
             _DtypeRecorder(gm, True, with_autocast).run(*inputs)
-            with contextlib.ExitStack() as stack:
-                for device in ambient:
-                    stack.enter_context(torch.autocast(device, enabled=False))
+            with _ambient_autocast_off():
                 _DtypeRecorder(gm, False, without).run(*inputs)
     except _UncheckedBody as unchecked:
         return str(unchecked)

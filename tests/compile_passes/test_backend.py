@@ -124,6 +124,32 @@ def test_autocast_inside_a_checkpointed_body_is_checked():
     torch.testing.assert_close(out, fn(x, w), rtol=0, atol=0)
 
 
+def test_tracing_under_autocast_keeps_the_dtypes_of_a_region_that_turns_it_off():
+    """Inside an autocast(enabled=False) region the matmul runs in fp32. Traced under an outer
+    autocast its value must not look bf16, or the cast back to bf16 after it looks like a no-op
+    and is dropped (the CUDA run of HF's rotary embeddings then fed fp32 cos/sin to rope)."""
+
+    def fn(x, w):
+        with torch.autocast("cpu", enabled=False):
+            y = x.float() @ w.float()
+        return y.to(x.dtype) * 2
+
+    dtypes = {}
+
+    def backend(gm, example_inputs):
+        traced = _torch_api.trace_pre_dispatch(gm, example_inputs)
+        for n in traced.graph.nodes:
+            if isinstance(n.meta.get("val"), torch.Tensor):
+                dtypes[str(n.target)] = n.meta["val"].dtype
+        return gm
+
+    torch.compiler.reset()
+    x, w = torch.randn(4, 4, dtype=torch.bfloat16), torch.randn(4, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.compile(fn, backend=backend)(x, w)
+    assert dtypes["aten.matmul.default"] == torch.float32
+
+
 def test_a_region_that_turns_autocast_off_still_fuses():
     def norm_with_autocast_off(x, w):
         with torch.autocast("cpu", enabled=False):
