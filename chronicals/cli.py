@@ -669,6 +669,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             run_log.note(fusion_report.summary())
             run_log.write({"kind": "compile", "step": step, "fired": fusion_report.fired,
                            "rejected": len(fusion_report.rejected),
+                           "declined": len(fusion_report.declined),
                            "summary": fusion_report.summary()})
 
         options = {"report": report}

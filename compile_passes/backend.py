@@ -149,8 +149,9 @@ def _implementation(example_inputs: Sequence[Any]) -> str:
 
 def rewrite(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fusions: Sequence[Fusion]
-) -> tuple[torch.fx.GraphModule, dict[str, int], list[Rejection]]:
-    """Trace to pre-dispatch ATen, canonicalise and apply the fusions' patterns."""
+) -> tuple[torch.fx.GraphModule, dict[str, int], list[Rejection], list[Rejection]]:
+    """Trace to pre-dispatch ATen, canonicalise and apply the fusions' patterns. Returns the
+    graph, the fired counts, and the candidates rejected and declined."""
     agm = _torch_api.trace_pre_dispatch(gm, example_inputs)
     pattern_pass = _pattern_pass(fusions)
     modules = graph_modules(agm)
@@ -166,15 +167,16 @@ def rewrite(
         for module in modules:
             module.recompile()
         fired = {f.name: 0 for f in fusions}
-        rejected = []
+        rejected, declined = [], []
         for module in modules:
             for node in module.graph.nodes:
                 for fusion in fusions:
                     if node.op == "call_function" and node.target in fusion.fused_ops():
                         fired[fusion.name] += 1
                     elif fusion.is_candidate(node):
-                        reason = recorded_reason(node) or fusion.diagnose(node)
-                        rejected.append(
+                        recorded = recorded_reason(node)
+                        reason = recorded.text if recorded else fusion.diagnose(node)
+                        (declined if recorded and recorded.declined else rejected).append(
                             Rejection(
                                 fusion=fusion.name,
                                 node=node.name,
@@ -182,7 +184,7 @@ def rewrite(
                                 source=source_line(node),
                             )
                         )
-    return agm, fired, rejected
+    return agm, fired, rejected, declined
 
 
 def _graph_facts(agm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> GraphFacts:
@@ -213,6 +215,7 @@ def chronicals_backend(
     all_fusions = _all_fusions()
     fusions = [all_fusions[name] for name in FUSION_NAMES if name in opts.fusions]
     error = skipped = None
+    declined: list[Rejection] = []
     try:
         cast = _torch_api.autocast_changes_dtypes(gm, example_inputs) if fusions else None
         if cast:
@@ -225,7 +228,7 @@ def chronicals_backend(
             )
             compiled_gm, fired, rejected = gm, {f.name: 0 for f in fusions}, []
         else:
-            compiled_gm, fired, rejected = rewrite(gm, example_inputs, fusions)
+            compiled_gm, fired, rejected, declined = rewrite(gm, example_inputs, fusions)
     except Exception as exc:
         if opts.strict:
             raise
@@ -240,6 +243,7 @@ def chronicals_backend(
         graph=next(_GRAPH_IDS),
         fired=fired,
         rejected=tuple(rejected),
+        declined=tuple(declined),
         implementation=_implementation(example_inputs),
         compiler=compiler,
         error=error,

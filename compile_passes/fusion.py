@@ -41,16 +41,24 @@ class GraphFacts:
     """Names of the top-level placeholders whose tensors require no grad (a frozen weight)."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reason:
+    text: str
+    declined: bool
+    """True when the subgraph is left to the compiler on purpose, because the compiler does it
+    better there (`decline`); False when it could not be fused safely (`reject`)."""
+
+
 # Reasons given by extra checks during one pattern pass, keyed by the name of the matched
 # subgraph's output node.
-_REASONS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+_REASONS: contextvars.ContextVar[dict[str, Reason] | None] = contextvars.ContextVar(
     "chronicals_rejection_reasons", default=None
 )
 
 
 @contextlib.contextmanager
-def collecting_reasons() -> Iterator[dict[str, str]]:
-    reasons: dict[str, str] = {}
+def collecting_reasons() -> Iterator[dict[str, Reason]]:
+    reasons: dict[str, Reason] = {}
     token = _REASONS.set(reasons)
     try:
         yield reasons
@@ -58,8 +66,7 @@ def collecting_reasons() -> Iterator[dict[str, str]]:
         _REASONS.reset(token)
 
 
-def reject(match: _torch_api.Match, reason: str) -> bool:
-    """Record why a structurally matching subgraph is not fused; returns False for extra_check."""
+def _record(match: _torch_api.Match, reason: Reason) -> bool:
     reasons = _REASONS.get()
     if reasons is not None:
         for node in match.nodes:
@@ -67,7 +74,18 @@ def reject(match: _torch_api.Match, reason: str) -> bool:
     return False
 
 
-def recorded_reason(node: Node) -> str | None:
+def reject(match: _torch_api.Match, reason: str) -> bool:
+    """Record why a structurally matching subgraph is not fused; returns False for extra_check."""
+    return _record(match, Reason(reason, declined=False))
+
+
+def decline(match: _torch_api.Match, reason: str) -> bool:
+    """Record that a matching subgraph is left to the compiler, which does better with it there
+    (reported as declined, not rejected: strict mode accepts it); returns False."""
+    return _record(match, Reason(reason, declined=True))
+
+
+def recorded_reason(node: Node) -> Reason | None:
     reasons = _REASONS.get()
     return None if reasons is None else reasons.get(node.name)
 

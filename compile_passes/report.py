@@ -1,7 +1,8 @@
 """What the backend did to each graph: fusions fired, candidates rejected and why.
 
 One `FusionReport` per compiled graph is kept in memory (the newest 64) and logged once, as
-"chronicals: fused 5 rms_norm, 2 swiglu, 2 rope, 1 linear_cross_entropy; rejected 0".
+"chronicals: fused 5 rms_norm, 2 swiglu, 2 rope, 1 linear_cross_entropy; rejected 0", with
+"; declined ..." when candidates were left to the compiler on purpose.
 `fusion_reports()` returns them as data.
 """
 
@@ -36,6 +37,7 @@ class FusionReport:
     fired: dict[str, int]
     """Fusion name -> number of replacements, for every enabled fusion (0 included)."""
     rejected: tuple[Rejection, ...]
+    """Candidates that could not be fused safely (strict mode raises on them)."""
     implementation: str
     """Where the Chronicals ops of this graph run: 'triton', 'triton-interpreter' or 'reference'."""
     compiler: str
@@ -44,17 +46,23 @@ class FusionReport:
     """Set when the pattern stage failed and the graph was compiled unchanged (non-strict)."""
     skipped: str | None = None
     """Set when no fusion was tried on the graph, with the reason (e.g. torch.autocast)."""
+    declined: tuple[Rejection, ...] = ()
+    """Candidates left to the compiler on purpose, because it does better with them there (e.g.
+    a SwiGLU whose operands are LoRA's sums, which Inductor fuses into the activation)."""
 
     def summary(self) -> str:
         fused = ", ".join(f"{n} {name}" for name, n in self.fired.items())
-        text = (
-            f"chronicals graph {self.graph}: fused {fused}; rejected {len(self.rejected)} "
-            f"[ops: {self.implementation}, compiler: {self.compiler}]"
-        )
+        text = f"chronicals graph {self.graph}: fused {fused}; rejected {len(self.rejected)}"
+        if self.declined:
+            names = collections.Counter(r.fusion for r in self.declined)
+            text += "; declined " + ", ".join(f"{n} {name}" for name, n in names.items())
+        text += f" [ops: {self.implementation}, compiler: {self.compiler}]"
         for r in self.rejected:
             text += f"\n  rejected {r.fusion} at {r.node}: {r.reason}"
             if r.source:
                 text += f" ({r.source})"
+        for reason in sorted({r.reason for r in self.declined}):
+            text += f"\n  declined: {reason}"
         if self.error:
             text += f"\n  pattern stage failed, graph compiled unchanged: {self.error}"
         if self.skipped:

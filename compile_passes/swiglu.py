@@ -22,6 +22,7 @@ from compile_passes import _torch_api
 from compile_passes.fusion import (
     FLOAT_DTYPES,
     Fusion,
+    decline,
     register_pattern,
     reject,
     shared_intermediate,
@@ -68,7 +69,26 @@ def _geglu_replacement(gate, up):
     return ops.geglu(gate, up)
 
 
+def _summed_operand(match, *names: str) -> bool:
+    """Declines a match whose operand is computed by a point-wise op, as LoRA's `base(x) +
+    lora_B(lora_A(x)) * scaling` is: Inductor fuses that op into its own activation kernel,
+    while the fused op needs the operand written to memory first. Measured on an H200 (Qwen2.5
+    0.5B shape, LoRA r=32 on every linear, bf16): 142.3 ms a step with the fusion, 137.8
+    without, against 139.0 for plain Inductor."""
+    for name in names:
+        target = getattr(match.kwargs.get(name), "target", None)
+        if torch.Tag.pointwise in getattr(target, "tags", ()):
+            return decline(
+                match,
+                f"{name} is computed by {target} (e.g. LoRA's base + adapter sum), which "
+                "Inductor fuses into the activation; the fused op would need it in memory first",
+            )
+    return True
+
+
 def _extra_check(match) -> bool:
+    if not _summed_operand(match, "gate", "up"):
+        return False
     gate = _torch_api.match_value(match, "gate")
     up = _torch_api.match_value(match, "up")
     if gate.dtype not in FLOAT_DTYPES or gate.dtype != up.dtype:
@@ -92,6 +112,8 @@ def _only(match, target) -> Node:
 def _gate_up_check(match) -> bool:
     """The pattern matcher matches integer arguments as wildcards: the chunk must be into 2 along
     the last dim, and the activation must read the first half."""
+    if not _summed_operand(match, "gate_up"):
+        return False
     gate_up = _torch_api.match_value(match, "gate_up")
     if gate_up.dtype not in FLOAT_DTYPES:
         return reject(match, f"dtype {gate_up.dtype} (need a float dtype)")

@@ -115,3 +115,51 @@ def test_broadcasting_product_is_rejected_with_reason():
     (rejection,) = report.rejected
     assert "broadcast" in rejection.reason
     torch.testing.assert_close(out, F.silu(gate) * up)
+
+
+def test_pointwise_operands_are_declined_not_rejected(forward_ops):
+    """An operand computed by a point-wise op (here a sum, as LoRA's base + adapter) is left to
+    Inductor, which fuses the sum into its activation kernel; the report lists the product as
+    declined, which strict mode accepts."""
+
+    def mlp(gate, up, bias):
+        return F.silu(gate + bias) * up, F.silu(gate) * (up * 2.0)
+
+    gate, up, bias = torch.randn(3, 5, 24), torch.randn(3, 5, 24), torch.randn(24)
+    outs, report = compile_fn(mlp, gate, up, bias, strict=True)
+    assert report.fired["swiglu"] == 0 and forward_ops == [] and report.rejected == ()
+    assert [r.fusion for r in report.declined] == ["swiglu", "swiglu"]
+    assert "Inductor fuses into the activation" in report.declined[0].reason
+    assert "rejected 0; declined 2 swiglu [ops:" in report.summary()
+    for out, expected in zip(outs, mlp(gate, up, bias)):
+        torch.testing.assert_close(out, expected)
+
+
+def test_lora_mlp_is_left_to_inductor(forward_ops):
+    """PEFT LoRA on every linear: gate and up are sums, so SwiGLU is declined in each layer while
+    the other fusions fire; loss and gradients match eager."""
+    import copy
+
+    import peft
+
+    from tests.models import tiny_batch, tiny_model
+
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(
+        r=4, target_modules="all-linear", init_lora_weights=False))
+    eager = copy.deepcopy(model)
+    ids, labels = tiny_batch()
+
+    def loss_fn(model, ids, labels):
+        return model(input_ids=ids, labels=labels, use_cache=False).loss
+
+    loss, report = compile_fn(lambda *a: loss_fn(model, *a), ids, labels, strict=True)
+    expected = EXPECTED["llama"]
+    assert report.fired == {**expected, "swiglu": 0} and forward_ops == []
+    assert len(report.declined) == expected["swiglu"] and report.rejected == ()
+    reference = loss_fn(eager, ids, labels)
+    torch.testing.assert_close(loss, reference)
+    loss.backward()
+    reference.backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
