@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch._dynamo.backends.common import aot_autograd
@@ -194,14 +194,23 @@ class _DtypeRecorder(torch.fx.Interpreter):
         return out
 
 
+class AutocastChange(NamedTuple):
+    """A node of a Dynamo graph whose output dtypes torch.autocast changes."""
+
+    node: torch.fx.Node
+    under: tuple[torch.dtype, ...]
+    without: tuple[torch.dtype, ...]
+
+
 def autocast_changes_dtypes(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
-) -> str | None:
+) -> AutocastChange | str | None:
     """Whether torch.autocast changes any dtype in a Dynamo graph: the graph's torch.autocast
     regions, and autocast itself when the graph is compiled while it is on (it then runs under it
-    without saying so). The graph is run twice on fake tensors, with its autocast and without;
+    without saying so). The graph is run twice on fake tensors, with its autocast and without.
     None when every node (checkpointed bodies included) gets the same dtypes, as for a model
-    already in the autocast dtype, else the first node whose dtype changes, described."""
+    already in the autocast dtype; else the first node whose dtypes change, or why the graph
+    could not be checked."""
     ambient = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
     if not ambient and not _autocast_regions(gm):
         return None
@@ -217,15 +226,7 @@ def autocast_changes_dtypes(
         return str(unchecked)
     for node, dtypes in with_autocast.items():
         if without.get(node) != dtypes:
-            lines = [
-                line.strip() for line in node.meta.get("stack_trace", "").splitlines()
-                if line.strip().strip("^~")
-            ]
-            source = lines[-1] if lines else ""
-            return (
-                f"{node.name} is {', '.join(map(str, dtypes))} under autocast and "
-                f"{', '.join(map(str, without.get(node, ())))} without: {source}"
-            ).rstrip(": ")
+            return AutocastChange(node, dtypes, without.get(node, ()))
     return None
 
 

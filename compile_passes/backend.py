@@ -218,6 +218,11 @@ def chronicals_backend(
     declined: list[Rejection] = []
     try:
         cast = _torch_api.autocast_changes_dtypes(gm, example_inputs) if fusions else None
+        if isinstance(cast, _torch_api.AutocastChange):
+            cast = (
+                f"{cast.node.name} is {', '.join(map(str, cast.under))} under autocast and "
+                f"{', '.join(map(str, cast.without))} without: {source_line(cast.node)}"
+            ).rstrip(": ")
         if cast:
             # The pattern stage sees the dtypes from before autocast's casts; where those casts
             # change anything, a fused op would compute in other dtypes than the graph.

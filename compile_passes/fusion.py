@@ -113,8 +113,10 @@ def shared_intermediate(output: Node, depth: int = 8) -> Node | None:
 
 
 def source_line(node: Node) -> str:
+    """The last source line of the node's stack trace (not the ^~~ markers Python 3.11 puts
+    under it)."""
     trace = node.meta.get("stack_trace") or ""
-    lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
+    lines = [line.strip() for line in trace.splitlines() if line.strip().strip("^~")]
     return lines[-1] if lines else ""
 
 

@@ -822,28 +822,6 @@ def _(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index, red
     return loss, hidden.new_empty((labels.numel(),), dtype=torch.float32), d_hidden
 
 
-def _reference_grads(
-    grad_loss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, kwargs: dict,
-    need_d_hidden: bool, need_d_weight: bool,
-) -> tuple[Tensor, Tensor]:
-    """(d_hidden, d_weight) of chronicals.reference; empty tensors for those not asked for."""
-
-    def loss_of(*wrt: Tensor) -> Tensor:
-        given = iter(wrt)
-        h = next(given) if need_d_hidden else hidden
-        w = next(given) if need_d_weight else weight
-        return reference.linear_cross_entropy(h, w, labels, **kwargs)
-
-    # torch.func, not autograd.grad: autograd does not record inside a custom op's kernel.
-    primals = [t for t, need in ((hidden, need_d_hidden), (weight, need_d_weight)) if need]
-    _, vjp = torch.func.vjp(loss_of, *primals)
-    grads = iter(vjp(grad_loss))
-    empty = hidden.new_empty(0)
-    d_hidden = next(grads).contiguous() if need_d_hidden else empty
-    d_weight = next(grads).contiguous() if need_d_weight else empty
-    return d_hidden, d_weight
-
-
 @torch.library.custom_op("chronicals::linear_cross_entropy_backward", mutates_args=())
 def _linear_cross_entropy_backward_op(
     grad_loss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
@@ -860,8 +838,21 @@ def _linear_cross_entropy_backward_op(
                         need_d_weight)
     kwargs = _reference_kwargs(ignore_index, reduction, shift, softcap, z_loss, label_smoothing,
                                num_items)
-    return _reference_grads(grad_loss, hidden, weight, labels, kwargs, need_d_hidden,
-                            need_d_weight)
+
+    def loss_of(*wrt: Tensor) -> Tensor:
+        given = iter(wrt)
+        h = next(given) if need_d_hidden else hidden
+        w = next(given) if need_d_weight else weight
+        return reference.linear_cross_entropy(h, w, labels, **kwargs)
+
+    # torch.func, not autograd.grad: autograd does not record inside a custom op's kernel.
+    primals = [t for t, need in ((hidden, need_d_hidden), (weight, need_d_weight)) if need]
+    _, vjp = torch.func.vjp(loss_of, *primals)
+    grads = iter(vjp(grad_loss))
+    empty = hidden.new_empty(0)
+    d_hidden = next(grads).contiguous() if need_d_hidden else empty
+    d_weight = next(grads).contiguous() if need_d_weight else empty
+    return d_hidden, d_weight
 
 
 @_linear_cross_entropy_backward_op.register_fake
