@@ -39,6 +39,7 @@ import math
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,9 +59,13 @@ BASELINES = {"hf_eager": (85_173, 56.4, 56_937, 63.8), "hf_compile": (111_050, 3
 TARGETS = {"full": (150_000, 18.0), "lora": (180_000, 15.0)}
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="directory for bench_train.json")
+def parse_args(
+    description: str = __doc__.split("\n")[0],
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The benchmark's options; `extra` adds a caller's own (profile_train.py)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", required=True, help="directory for the results")
     p.add_argument("--stacks", default=",".join(STACKS), help="comma-separated subset of "
                    f"{','.join(STACKS)}")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of full,lora")
@@ -79,6 +84,8 @@ def parse_args() -> argparse.Namespace:
                    help="fp32 matmuls (LoRA's fp32 adapters) on TF32 tensor cores, every stack")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="2-layer model, CPU smoke test")
+    if extra is not None:
+        extra(p)
     args = p.parse_args()
     for name, allowed in (("stacks", STACKS), ("modes", MODES)):
         chosen = getattr(args, name).split(",")

@@ -1,14 +1,14 @@
 """Where a training step's GPU time goes, per stack: kernel time summed by kernel name.
 
-    python benchmarks/profile_train.py --out DIR [--stacks hf_compile,chronicals] [--modes lora]
-        [--lora-dtype model] [--top 30]
+    python benchmarks/profile_train.py --out DIR --stacks hf_compile,chronicals --modes lora \
+        --lora-dtype model --steps 3 [--top 30]
 
-Builds the same model, batches and step as `bench_train.py` (its `build`, `make_batches`,
-`compile_loss` and `train_step`), runs the warm-up steps, then profiles `--steps` steps with
-`torch.profiler` (CUDA activity only) and prints, per stack, the total kernel time per step and
-the `--top` kernels by time, each with its share. Kernels are grouped by name with digits
-removed, so Inductor's numbered fused kernels of one kind add up. It times nothing for a target:
-`bench_train.py` is the benchmark; this says where a gap between stacks lies.
+Takes `bench_train.py`'s options and builds the same model, batches and step (its `build`,
+`make_batches`, `compile_loss` and `train_step`), runs the warm-up steps, then profiles `--steps`
+steps with `torch.profiler` (CUDA activity only) and prints, per stack, the total kernel time per
+step and the `--top` kernels by time, each with its share. Kernels are grouped by name with
+digits removed, so Inductor's numbered fused kernels of one kind add up. It times nothing for a
+target: `bench_train.py` is the benchmark; this says where a gap between stacks lies.
 """
 
 from __future__ import annotations
@@ -19,27 +19,17 @@ import os
 import re
 
 import torch
-from bench_train import STACKS, build, make_batches
+from bench_train import STACKS, build, make_batches, parse_args
 
 from chronicals.train import compile_loss, train_step
 
 
-def _args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="directory for profile_<stack>_<mode>.txt")
-    p.add_argument("--stacks", default="hf_compile,chronicals",
-                   help=f"comma-separated subset of {list(STACKS)} (default hf_compile,chronicals)")
-    p.add_argument("--modes", default="lora", help="comma-separated subset of full,lora")
-    p.add_argument("--lora-dtype", choices=("fp32", "model"), default="model",
-                   help="LoRA adapter dtype, as in bench_train (default: model)")
-    p.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
-    p.add_argument("--warmup", type=int, default=3, help="steps before profiling (default 3)")
-    p.add_argument("--top", type=int, default=30, help="kernels listed per stack (default 30)")
-    args = p.parse_args()
-    # What bench_train's build and make_batches read, at bench_train's defaults.
-    args.rows, args.seq, args.seed, args.tiny = 8, 2048, 0, False
-    args.lr, args.lora_lr, args.lora_r = 3e-4, 1e-3, 32
-    return args
+def _args():
+    return parse_args(
+        __doc__.split("\n\n")[0],
+        lambda p: p.add_argument("--top", type=int, default=30,
+                                 help="kernels listed per stack (default 30)"),
+    )
 
 
 def _kernel_times(prof) -> dict[str, float]:
@@ -81,9 +71,11 @@ def main() -> None:
     args = _args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_train: needs a CUDA GPU.")
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     os.makedirs(args.out, exist_ok=True)
-    for mode in args.modes.split(","):
-        for stack in args.stacks.split(","):
+    for mode in args.modes:
+        for stack in args.stacks:
             text = profile(stack, mode, args)
             print(text + "\n", flush=True)
             with open(os.path.join(args.out, f"profile_{stack}_{mode}.txt"), "w") as f:
