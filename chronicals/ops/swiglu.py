@@ -109,7 +109,11 @@ def _gated_act_fwd_kernel(
     gate = _load_fp32(gate_ptr, row, stride_gate_row, cols, mask)
     up = _load_fp32(up_ptr, row, stride_up_row, cols, mask)
     z, _ = _activation_arg(gate, ACTIVATION)
-    sig, _ = _sigmoid_and_complement(z)
+    # The forward needs no `1 - s`: 1 / (1 + e^-z) is accurate to fp32 for every z (e^-z = inf
+    # gives 0, as eager's silu does). The branch-free form keeps GeGLU at copy speed on an H200
+    # (bf16, 16384 x 4864-14336: 115-326 us, as torch.compile), where `_sigmoid_and_complement`'s
+    # extra work made it 3% slower.
+    sig = 1.0 / (1.0 + tl.exp(-z))
     out = gate * sig * up
     tl.store(out_ptr + row * stride_out_row + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
