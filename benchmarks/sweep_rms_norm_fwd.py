@@ -32,7 +32,8 @@ def candidates(hidden: int) -> list[tuple[int, int, int, int]]:
             if 4 <= per_thread <= 64:
                 out.append((rows, block_cols, 1, warps))
     if hidden > 2048:  # column-looped variants: two passes over the row, smaller register tiles
-        for cols, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8)):
+        for cols, warps in ((1024, 4), (1024, 8), (2048, 4), (2048, 8), (2048, 16), (4096, 8),
+                            (4096, 16)):
             out.append((1, cols, -(-hidden // cols), warps))
     return out
 
@@ -50,7 +51,7 @@ def sweep(hidden: int, rows: int, eps: float, ceiling: float) -> None:
     y = torch.empty_like(x)
     copy = time_graph_and_call(lambda: y.copy_(x)).graph_ms
     nbytes = 2 * x.numel() * x.element_size()
-    current = rms._config(rows, hidden, rms._MAX_BLOCK_COLS)
+    current = rms._fwd_config(rows, hidden, rms._FWD_MAX_BLOCK_COLS)
     print(f"\nhidden {hidden}: torch.compile {1e3 * base:.1f} us; same-size copy "
           f"{1e3 * copy:.1f} us ({nbytes / copy / 1e9:.2f} TB/s, "
           f"{100 * nbytes / copy / 1e9 / ceiling:.0f}% of the {ceiling:.2f} TB/s 2 GiB copy); "

@@ -57,6 +57,12 @@ _MAX_BLOCK_COLS = 8192
 _TILE_ELEMS = 2048
 _MAX_BLOCK_ROWS = 64
 _ELEMS_PER_THREAD = 16
+# The forward streams rows wider than this through column blocks of this size (a first pass for
+# the sum of squares, a second that rereads the row from L2), at 8 elements per thread. At hidden
+# 8192 (bf16, 16384 rows, H200, benchmarks/sweep_rms_norm_fwd.py) that took 129.5 us with 16
+# warps, against 133.2 us for the row held whole in registers and 129.2 us for torch.compile.
+_FWD_MAX_BLOCK_COLS = 4096
+_FWD_LOOPED_ELEMS_PER_THREAD = 8
 # Backward programs loop over row tiles, so latency is hidden by the warps resident per SM rather
 # than by fresh programs. Measured before next-tile prefetching was added, the best of 48
 # tile / warp / grid configs reached 0.44 / 0.55 / 0.60 of copy bandwidth at hidden 896 / 2048 /
@@ -315,20 +321,29 @@ def _config(n_rows: int, n_cols: int, max_block_cols: int) -> tuple[int, int, in
     return block_rows, block_cols, num_blocks, num_warps
 
 
+def _fwd_config(n_rows: int, n_cols: int, max_block_cols: int) -> tuple[int, int, int, int]:
+    """`_config` for the forward: looped rows get more warps (`_FWD_LOOPED_ELEMS_PER_THREAD`)."""
+    block_rows, block_cols, num_blocks, num_warps = _config(n_rows, n_cols, max_block_cols)
+    if num_blocks > 1:
+        num_warps = min(max(block_cols // (32 * _FWD_LOOPED_ELEMS_PER_THREAD), 1), 16)
+    return block_rows, block_cols, num_blocks, num_warps
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _rms_norm_fwd(
-    x: Tensor, weight: Tensor, eps: float, gemma: bool, *, max_block_cols: int = _MAX_BLOCK_COLS
+    x: Tensor, weight: Tensor, eps: float, gemma: bool, *,
+    max_block_cols: int = _FWD_MAX_BLOCK_COLS,
 ) -> Tensor:
     x_rows, weight = as_rows(x), weight.contiguous()  # the kernels read w with unit stride
     n_rows, n_cols = x_rows.shape
     y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, weight, gemma), device=x.device)
     if y.numel() == 0:
         return y.view(x.shape)
-    block_rows, block_cols, num_blocks, num_warps = _config(n_rows, n_cols, max_block_cols)
+    block_rows, block_cols, num_blocks, num_warps = _fwd_config(n_rows, n_cols, max_block_cols)
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
         x_rows, weight, y, n_rows, n_cols, x_rows.stride(0), y.stride(0), float(eps),
         GEMMA=gemma, INTERPRETED=interpreter_on(), BLOCK_ROWS=block_rows,
