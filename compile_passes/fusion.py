@@ -85,6 +85,18 @@ def decline(match: _torch_api.Match, reason: str) -> bool:
     return _record(match, Reason(reason, declined=True))
 
 
+def pointwise_producer(match: _torch_api.Match, *names: str) -> tuple[str, object] | None:
+    """(name, op) of the first matched operand among `names` that a point-wise op computes, or
+    None. Inductor fuses such an op into its own kernel for the subgraph (LoRA's base + adapter
+    sum into the activation, the residual add into the norm), while a fused op needs the operand
+    written to memory first: the fusions decline these matches."""
+    for name in names:
+        target = getattr(match.kwargs.get(name), "target", None)
+        if torch.Tag.pointwise in getattr(target, "tags", ()):
+            return name, target
+    return None
+
+
 def recorded_reason(node: Node) -> Reason | None:
     reasons = _REASONS.get()
     return None if reasons is None else reasons.get(node.name)

@@ -1,7 +1,8 @@
 """Tiny Hugging Face decoders of each family, built from configs (no downloads).
 
 Every family shares the same small shape: hidden 64, 2 layers, 4 query heads and 2 KV heads of
-head_dim 16, vocab 128. `EXPECTED` says how many of each fusion a model's graph must contain.
+head_dim 16, vocab 128. `EXPECTED` says how many of each fusion a model's graph must fire, `DECLINED` how many it must leave to
+Inductor on purpose.
 """
 
 from __future__ import annotations
@@ -53,9 +54,15 @@ _NORMS = {
     "gemma2": 4 * LAYERS + 1,
     "gemma3": 6 * LAYERS + 1,
 }
+# A norm whose input a point-wise op computes is declined (left to Inductor, which fuses that op
+# into its norm kernels): 2 per layer in every family follow a residual add (the input norms
+# after layer 0, the post-attention norms or, in Gemma2/3, the pre-feed-forward norms, and the
+# final norm), and the Gemmas' layer-0 input norm follows the embedding scale. The norms fed by
+# the embedding lookup or straight by a projection fire.
+DECLINED = {family: {"rms_norm": 2 * LAYERS + family.startswith("gemma")} for family in FAMILIES}
 EXPECTED = {
     family: {
-        "rms_norm": _NORMS.get(family, 2 * LAYERS + 1),
+        "rms_norm": _NORMS.get(family, 2 * LAYERS + 1) - DECLINED[family]["rms_norm"],
         "swiglu": 0 if family.startswith("gemma") else LAYERS,
         "geglu": LAYERS if family.startswith("gemma") else 0,
         "rope": LAYERS,
@@ -63,6 +70,15 @@ EXPECTED = {
     }
     for family in FAMILIES
 }
+
+
+def checkpointed_counts(family: str) -> tuple[dict[str, int], dict[str, int]]:
+    """EXPECTED and DECLINED of the model under gradient checkpointing. Each layer's input norm
+    reads the layer's input, a placeholder of the checkpointed body, and the final norm reads
+    the last body's output: these fire."""
+    moved = LAYERS + family.startswith("gemma")
+    fired = {**EXPECTED[family], "rms_norm": EXPECTED[family]["rms_norm"] + moved}
+    return fired, {"rms_norm": DECLINED[family]["rms_norm"] - moved}
 
 
 def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):

@@ -8,6 +8,7 @@ against the fp32 truth must be no worse than eager's in the same dtype, by the n
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 
@@ -16,12 +17,13 @@ import torch
 import chronicals  # noqa: F401  (registers backend="chronicals" where no entry point is installed)
 import compile_passes
 from tests.helpers import ULP
-from tests.models import tiny_batch, tiny_model
+from tests.models import DECLINED, EXPECTED, checkpointed_counts, tiny_batch, tiny_model
 
 
 @dataclasses.dataclass
 class Comparison:
     fired: dict[str, int]
+    declined: dict[str, int]
     rejected: tuple
     loss: float
     loss_eager: float
@@ -30,6 +32,14 @@ class Comparison:
     """max over parameters of ||g - g_truth|| / ||g_truth||, compiled model"""
     grad_err_eager: float
     """the same for eager in the same dtype"""
+
+    def assert_counts(self, family: str, checkpointed: bool = False) -> None:
+        """Exactly the family's fusions fired and declined (tests/models.py), none rejected."""
+        expected = (
+            checkpointed_counts(family) if checkpointed else (EXPECTED[family], DECLINED[family])
+        )
+        assert (self.fired, self.declined) == expected, self
+        assert self.rejected == (), self.rejected
 
     def assert_matches_eager(self, dtype: torch.dtype) -> None:
         if dtype == torch.float32:
@@ -99,6 +109,7 @@ def compile_and_compare(
     g, g_eager, g_truth = _grads(model), _grads(eager), _grads(truth)
     return Comparison(
         fired=report.fired,
+        declined=dict(collections.Counter(r.fusion for r in report.declined)),
         rejected=report.rejected,
         loss=loss.item(),
         loss_eager=losses[0],

@@ -204,8 +204,7 @@ def test_inductor_compiles_the_rewritten_graph():
     """Inductor asserts each custom op's real strides against its fake; aot_eager does not.
     One small model through Inductor on CPU keeps the fakes honest."""
     from tests.compile_passes.harness import compile_and_compare
-    from tests.models import EXPECTED
 
     result = compile_and_compare("qwen3", torch.float32, options={"compiler": "inductor"})
-    assert result.fired == EXPECTED["qwen3"]
+    result.assert_counts("qwen3")
     result.assert_matches_eager(torch.float32)

@@ -69,3 +69,24 @@ def test_mismatched_weight_is_rejected_with_reason():
     (rejection,) = report.rejected
     assert "weight shape (1,)" in rejection.reason
     torch.testing.assert_close(out, _llama_norm(x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_norm_of_a_pointwise_result_is_declined_not_rejected(dtype):
+    """A decoder's residual add feeding its norm: Inductor fuses the add into its own norm
+    kernels, so the norm is left to it (declined, which strict mode accepts). The same norm of
+    a matmul's result fires."""
+
+    def block(h, delta, w, proj):
+        h = h + delta
+        return _llama_norm(h, w), h, _llama_norm(h @ proj, w)
+
+    h, delta = torch.randn(3, 5, 40, dtype=dtype), torch.randn(3, 5, 40, dtype=dtype)
+    w, proj = torch.randn(40, dtype=dtype), torch.randn(40, 40, dtype=dtype)
+    outs, report = compile_fn(block, h, delta, w, proj, strict=True)
+    assert report.fired["rms_norm"] == 1 and report.rejected == ()
+    (declined,) = report.declined
+    assert declined.fusion == "rms_norm" and "residual add" in declined.reason
+    assert "declined 1 rms_norm" in report.summary()
+    for out, expected in zip(outs, block(h, delta, w, proj)):
+        torch.testing.assert_close(out, expected, atol=0, rtol=2**-7)
