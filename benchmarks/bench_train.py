@@ -27,7 +27,8 @@ A run fails unless every grad norm is finite and > 0, the loss on batch 0 (batch
 between its first and last visit, no graph
 is compiled during the timed steps, and (chronicals) rms_norm, swiglu, rope and
 linear_cross_entropy all fired or were declined (left to Inductor on purpose: SwiGLU on LoRA's
-sums) and none was rejected.
+sums) and none was rejected. `--fusions` turns some off (what one fusion is worth end to end);
+only those left on are required.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from compile_passes._torch_api import unique_graphs_compiled  # noqa: E402
+from compile_passes.backend import FUSION_NAMES  # noqa: E402
 
 from chronicals.lora_plus import lora_plus_param_groups  # noqa: E402
 from chronicals.train import compile_loss, train_step  # noqa: E402
@@ -82,12 +84,15 @@ def parse_args(
                    help="LoRA adapter weights: fp32 (PEFT's default) or the model's dtype (bf16)")
     p.add_argument("--tf32", action="store_true",
                    help="fp32 matmuls (LoRA's fp32 adapters) on TF32 tensor cores, every stack")
+    p.add_argument("--fusions", default=",".join(FUSION_NAMES),
+                   help="the chronicals stack's fusions, a comma-separated subset of "
+                   f"{','.join(FUSION_NAMES)} (default: all); the others are left to Inductor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="2-layer model, CPU smoke test")
     if extra is not None:
         extra(p)
     args = p.parse_args()
-    for name, allowed in (("stacks", STACKS), ("modes", MODES)):
+    for name, allowed in (("stacks", STACKS), ("modes", MODES), ("fusions", FUSION_NAMES)):
         chosen = getattr(args, name).split(",")
         unknown = set(chosen) - set(allowed)
         if unknown:
@@ -147,6 +152,13 @@ def build(stack: str, mode: str, args: argparse.Namespace, device: torch.device,
     return model, optimizer
 
 
+def chronicals_options(stack: str, args: argparse.Namespace, report) -> dict | None:
+    """The backend options of `stack` (None for the others): `--fusions`, and the report sink."""
+    if stack != "chronicals":
+        return None
+    return {"report": report, "fusions": list(args.fusions)}
+
+
 def unique_graphs() -> int:
     return unique_graphs_compiled()
 
@@ -160,8 +172,8 @@ def run(stack: str, mode: str, args: argparse.Namespace, device: torch.device, d
     batches = make_batches(args, device)
     model, optimizer = build(stack, mode, args, device, dtype)
     reports = []
-    options = {"report": reports.append} if stack == "chronicals" else None
-    loss_fn = compile_loss(model, backend=STACKS[stack], options=options)
+    loss_fn = compile_loss(model, backend=STACKS[stack], options=chronicals_options(
+        stack, args, reports.append))
 
     metrics = []
     for i in range(args.warmup):
@@ -214,7 +226,8 @@ def run(stack: str, mode: str, args: argparse.Namespace, device: torch.device, d
     if recompiles:
         problems.append(f"{recompiles} graph(s) compiled during the timed steps")
     if stack == "chronicals":
-        missing = [f for f in REQUIRED_FUSIONS if not fired.get(f) and f not in declined]
+        missing = [f for f in REQUIRED_FUSIONS
+                   if f in args.fusions and not fired.get(f) and f not in declined]
         if missing:
             problems.append(f"fusions did not fire: {missing}")
         if any(report.rejected for report in reports):

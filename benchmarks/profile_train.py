@@ -19,7 +19,7 @@ import os
 import re
 
 import torch
-from bench_train import STACKS, build, make_batches, parse_args
+from bench_train import STACKS, build, chronicals_options, make_batches, parse_args
 
 from chronicals.train import compile_loss, train_step
 
@@ -46,8 +46,8 @@ def profile(stack: str, mode: str, args: argparse.Namespace) -> str:
     device = torch.device("cuda")
     batches = make_batches(args, device)
     model, optimizer = build(stack, mode, args, device, torch.bfloat16)
-    loss_fn = compile_loss(model, backend=STACKS[stack], options=(
-        {"report": "none"} if stack == "chronicals" else None))
+    loss_fn = compile_loss(model, backend=STACKS[stack],
+                           options=chronicals_options(stack, args, "none"))
     for i in range(args.warmup):
         train_step(loss_fn, optimizer, [batches[i % len(batches)]])
     torch.cuda.synchronize()
