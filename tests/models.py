@@ -1,8 +1,8 @@
 """Tiny Hugging Face decoders of each family, built from configs (no downloads).
 
 Every family shares the same small shape: hidden 64, 2 layers, 4 query heads and 2 KV heads of
-head_dim 16, vocab 128. `EXPECTED` says how many of each fusion a model's graph must fire, `DECLINED` how many it must leave to
-Inductor on purpose.
+head_dim 16, vocab 128. `EXPECTED` says how many of each fusion a model's graph must fire,
+`DECLINED` how many it must leave to Inductor on purpose.
 """
 
 from __future__ import annotations

@@ -186,6 +186,39 @@ def _softcapped(acc, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _token_loss(lse, target, total, valid, bad, z_loss, label_smoothing, V: tl.constexpr,
+                HAS_Z: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """A token's loss from its lse, label logit and (smoothing) sum of logits: 0 where ignored,
+    NaN where the label is out of range."""
+    loss = lse - target
+    if HAS_SMOOTHING:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - total / V)
+    if HAS_Z:
+        loss += z_loss * lse * lse
+    return tl.where(bad, float("nan"), tl.where(valid, loss, 0.0))
+
+
+@triton.jit
+def _dlogits(logits, vocab, label, lse, g, softcap, z_loss, label_smoothing, V: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """d loss / d logits times g (the token's weight in the returned loss), for softcapped
+    `logits` at vocab ids `vocab` (each operand broadcasts against them): softmax (times
+    1 + 2 z lse with z-loss) minus the smoothed one-hot, through the softcap's derivative."""
+    p = tl.exp(logits - lse)
+    if HAS_Z:
+        p = p * (1.0 + 2.0 * z_loss * lse)
+    if HAS_SMOOTHING:
+        dl = p - tl.where(vocab == label, 1.0 - label_smoothing, 0.0)
+        dl = dl - label_smoothing / V
+    else:
+        dl = p - tl.where(vocab == label, 1.0, 0.0)
+    if HAS_SOFTCAP:
+        capped = logits / softcap
+        dl = dl * (1.0 - capped * capped)
+    return dl * g
+
+
+@triton.jit
 def _lce_fwd_kernel(
     h_ptr, w_ptr, h_desc, w_desc, labels_ptr, part_ptr,
     N, seq_len, stride_h_n, stride_w_v, stride_labels_b, stride_labels_s, ignore_index, softcap,
@@ -274,12 +307,8 @@ def _lce_merge_kernel(
         labels_ptr, rows, n_mask, seq_len, stride_labels_b, stride_labels_s, ignore_index, V, SHIFT
     )
     tl.device_assert(~bad, "linear_cross_entropy: label out of bounds [0, V)")
-    loss = lse - target
-    if HAS_SMOOTHING:
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - total / V)
-    if HAS_Z:
-        loss += z_loss * lse * lse
-    loss = tl.where(bad, float("nan"), tl.where(valid, loss, 0.0))
+    loss = _token_loss(lse, target, total, valid, bad, z_loss, label_smoothing, V, HAS_Z,
+                       HAS_SMOOTHING)
     tl.store(lse_ptr + offs_n, lse, mask=n_mask)
     tl.store(loss_ptr + offs_n, loss, mask=n_mask)
 
@@ -338,18 +367,10 @@ def _lce_bwd_dlogits_kernel(
             lse = tl.load(lse_ptr + rows)
             g = tl.load(g_ptr + rows * stride_g).to(tl.float32)
             g = tl.where(bad, float("nan"), tl.where(valid, g, 0.0))
-            p = tl.exp(logits - lse[:, None])
-            if HAS_Z:
-                p = p * (1.0 + 2.0 * z_loss * lse)[:, None]
-            if HAS_SMOOTHING:
-                dl = p - tl.where(offs_v[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
-                dl = dl - label_smoothing / V
-            else:
-                dl = p - tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0)
-            if HAS_SOFTCAP:
-                capped = logits / softcap
-                dl = dl * (1.0 - capped * capped)
-            dl = dl * g[:, None]
+            dl = _dlogits(
+                logits, offs_v[None, :], label[:, None], lse[:, None], g[:, None], softcap,
+                z_loss, label_smoothing, V, HAS_SOFTCAP, HAS_Z, HAS_SMOOTHING,
+            )
             if INTERPRET:
                 if dl_ptr.dtype.element_ty == tl.bfloat16:
                     dl = _round_to_bf16_nearest(dl)
@@ -398,31 +419,21 @@ def _lce_rows_kernel(
         if HAS_SMOOTHING:
             total += tl.where(mask, x, 0.0)
     lse = m + tl.log(s)
-    loss = lse - tl.sum(target, axis=0)
-    if HAS_SMOOTHING:
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - tl.sum(total, axis=0) / V)
-    if HAS_Z:
-        loss += z_loss * lse * lse
     tl.device_assert(~bad, "linear_cross_entropy: label out of bounds [0, V)")
     tl.store(lse_ptr + token, lse)
-    tl.store(loss_ptr + token, tl.where(bad, float("nan"), tl.where(valid, loss, 0.0)))
+    tl.store(loss_ptr + token, _token_loss(
+        lse, tl.sum(target, axis=0), tl.sum(total, axis=0), valid, bad, z_loss, label_smoothing,
+        V, HAS_Z, HAS_SMOOTHING,
+    ))
     g = tl.load(g_ptr).to(tl.float32)
     g = tl.where(bad, float("nan"), tl.where(valid, g, 0.0))
-    p_scale = 1.0
-    if HAS_Z:
-        p_scale = 1.0 + 2.0 * z_loss * lse
     for v0 in range(0, V, BLOCK):
         offs = v0 + tl.arange(0, BLOCK)
         mask = offs < V
         x = _softcapped(tl.load(row + offs, mask=mask, other=0.0).to(tl.float32), softcap,
                         HAS_SOFTCAP)
-        dl = tl.exp(x - lse) * p_scale - tl.where(offs == label, 1.0 - label_smoothing, 0.0)
-        if HAS_SMOOTHING:
-            dl = dl - label_smoothing / V
-        if HAS_SOFTCAP:
-            capped = x / softcap
-            dl = dl * (1.0 - capped * capped)
-        dl = dl * g
+        dl = _dlogits(x, offs, label, lse, g, softcap, z_loss, label_smoothing, V,
+                      HAS_SOFTCAP, HAS_Z, HAS_SMOOTHING)
         if INTERPRET:
             if logits_ptr.dtype.element_ty == tl.bfloat16:
                 dl = _round_to_bf16_nearest(dl)
