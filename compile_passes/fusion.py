@@ -89,12 +89,27 @@ def pointwise_producer(match: _torch_api.Match, *names: str) -> tuple[str, objec
     """(name, op) of the first matched operand among `names` that a point-wise op computes, or
     None. Inductor fuses such an op into its own kernel for the subgraph (LoRA's base + adapter
     sum into the activation, the residual add into the norm), while a fused op needs the operand
-    written to memory first: the fusions decline these matches."""
+    written to memory first: the fusions decline these matches. A dtype cast on one device counts
+    (PEFT casts its fp32 adapters' sum back to the model's dtype), though ATen does not tag it."""
     for name in names:
-        target = getattr(match.kwargs.get(name), "target", None)
-        if torch.Tag.pointwise in getattr(target, "tags", ()):
+        node = match.kwargs.get(name)
+        target = getattr(node, "target", None)
+        if torch.Tag.pointwise in getattr(target, "tags", ()) or _is_cast(node):
             return name, target
     return None
+
+
+_CASTS = (torch.ops.aten.to, torch.ops.aten._to_copy)
+
+
+def _is_cast(node: object) -> bool:
+    """A tensor's conversion on its own device (`x.to(dtype)`; pre-dispatch ATen keeps
+    `aten.to`)."""
+    if not isinstance(node, Node) or getattr(node.target, "overloadpacket", None) not in _CASTS:
+        return False
+    source, out = val(node.args[0]), val(node)
+    return isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor) and (
+        source.device == out.device)
 
 
 def recorded_reason(node: Node) -> Reason | None:

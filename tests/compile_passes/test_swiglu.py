@@ -167,3 +167,43 @@ def test_lora_mlp_is_left_to_inductor(forward_ops):
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_cast_operand_is_declined(forward_ops):
+    """A dtype cast of a sum (PEFT's fp32 adapters' sum cast back to the model's dtype) counts as
+    point-wise: Inductor fuses the cast and the sum into its activation kernel."""
+
+    def mlp(gate, bias, up):
+        return F.silu((gate + bias).to(torch.bfloat16)) * up
+
+    gate, bias = torch.randn(3, 5, 24), torch.randn(24)
+    up = torch.randn(3, 5, 24, dtype=torch.bfloat16)
+    out, report = compile_fn(mlp, gate, bias, up, strict=True)
+    assert report.fired["swiglu"] == 0 and forward_ops == [] and report.rejected == ()
+    (declined,) = report.declined
+    assert declined.fusion == "swiglu" and "aten.to" in declined.reason
+    torch.testing.assert_close(out, mlp(gate, bias, up), atol=0, rtol=0)
+
+
+def test_peft_fp32_adapters_on_a_bf16_model_are_declined(forward_ops):
+    """PEFT keeps adapters in fp32 by default and casts each adapted linear's sum back to bf16:
+    SwiGLU is declined on those casts, as on the sums of bf16 adapters."""
+    import peft
+
+    from tests.models import tiny_batch, tiny_model
+
+    model = peft.get_peft_model(tiny_model("llama", torch.bfloat16), peft.LoraConfig(
+        r=4, target_modules="all-linear", init_lora_weights=False))
+    assert model.base_model.model.model.layers[0].mlp.gate_proj.lora_A["default"].weight.dtype == (
+        torch.float32)
+    ids, labels = tiny_batch()
+
+    def loss_fn(ids, labels):
+        return model(input_ids=ids, labels=labels, use_cache=False).loss
+
+    loss, report = compile_fn(loss_fn, ids, labels, strict=True)
+    declined = collections.Counter(r.fusion for r in report.declined)
+    assert report.fired["swiglu"] == 0 and forward_ops == []
+    assert declined == {**DECLINED["llama"], "swiglu": EXPECTED["llama"]["swiglu"]}
+    # A bf16 model: the fused LM head + CE rounds differently from eager's, within a bf16 unit.
+    torch.testing.assert_close(loss, loss_fn(ids, labels), atol=0, rtol=2**-8)
