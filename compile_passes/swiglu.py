@@ -70,13 +70,13 @@ def _geglu_replacement(gate, up):
     return ops.geglu(gate, up)
 
 
-def _summed_operand(match, *names: str) -> bool:
-    """Declines a match whose operand is computed by a point-wise op, as LoRA's `base(x) +
-    lora_B(lora_A(x)) * scaling` is, or cast from it (`pointwise_producer`). Measured on an H200
-    (Qwen2.5 0.5B shape, LoRA r=32 on every linear): with bf16 adapters 142.3 ms a step with
-    the fusion, 137.8 without, against 139.0 for plain Inductor; with PEFT's fp32 adapters, whose
-    sum is cast back to bf16, 197.89 ms of kernels a step with the fusion and 190.13 without
-    (profile_train.py)."""
+def _accepts_operands(match, *names: str) -> bool:
+    """True, or False after declining a match whose operand is computed by a point-wise op (or
+    cast from one), as LoRA's `base(x) + lora_B(lora_A(x)) * scaling` is (`pointwise_producer`).
+    Measured on an H200 (Qwen2.5 0.5B shape, LoRA r=32 on every linear): with bf16 adapters
+    142.3 ms a step with the fusion, 137.8 without, against 139.0 for plain Inductor; with PEFT's
+    fp32 adapters, whose sum is cast back to bf16, 197.89 ms of kernels a step with the fusion
+    and 190.13 without (profile_train.py)."""
     found = pointwise_producer(match, *names)
     if found is None:
         return True
@@ -89,7 +89,7 @@ def _summed_operand(match, *names: str) -> bool:
 
 
 def _extra_check(match) -> bool:
-    if not _summed_operand(match, "gate", "up"):
+    if not _accepts_operands(match, "gate", "up"):
         return False
     gate = _torch_api.match_value(match, "gate")
     up = _torch_api.match_value(match, "up")
@@ -114,7 +114,7 @@ def _only(match, target) -> Node:
 def _gate_up_check(match) -> bool:
     """The pattern matcher matches integer arguments as wildcards: the chunk must be into 2 along
     the last dim, and the activation must read the first half."""
-    if not _summed_operand(match, "gate_up"):
+    if not _accepts_operands(match, "gate_up"):
         return False
     gate_up = _torch_api.match_value(match, "gate_up")
     if gate_up.dtype not in FLOAT_DTYPES:
