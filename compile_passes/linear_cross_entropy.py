@@ -194,7 +194,27 @@ def _diagnose(node: Node) -> str:
             f"cross_entropy arguments {node.args[2:]} {node.kwargs} differ from HF's causal-LM "
             "loss (class weights, ignore_index other than -100 or label smoothing)"
         )
+    if len(linear.args) > 2 and linear.args[2] is not None:
+        return "the LM head has a bias, which the fused op does not take"
+    between = [n.target for n in chain[:-1] if n.target not in _LOGITS_RESHAPES]
+    if aten.tanh.default in between:
+        return (
+            "the logits' soft-capping is not spelled as Gemma-2's tanh(logits / cap) * cap with "
+            "one cap"
+        )
+    if between:
+        return (
+            f"the logits pass through {', '.join(map(str, between))} between the LM head and the "
+            "loss, which HF's causal-LM loss does not"
+        )
     return "the labels are not prepared as HF's causal-LM loss does (pad + shift, or shift_labels)"
+
+
+# What HF's loss does to the logits besides an optional soft-cap: upcast and flatten.
+_LOGITS_RESHAPES = (
+    aten.to.dtype, aten._to_copy.default, aten.view.default, aten.reshape.default,
+    aten._unsafe_view.default,
+)
 
 
 def _finalize(graph: torch.fx.Graph, facts: GraphFacts) -> None:

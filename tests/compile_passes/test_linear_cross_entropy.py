@@ -113,3 +113,37 @@ def test_frozen_head_gets_its_gradient_in_the_forward(head, grad_mode, monkeypat
             assert (p.grad is None) == (q.grad is None), name
             if p.grad is not None:
                 torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _shifted_labels(labels):
+    return F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous().view(-1)
+
+
+def _head_with_bias(hidden, weight, bias, labels):
+    logits = F.linear(hidden, weight, bias).float().view(-1, 40)
+    return F.cross_entropy(logits, _shifted_labels(labels), ignore_index=-100)
+
+
+def _two_caps(hidden, weight, bias, labels):
+    logits = torch.tanh(F.linear(hidden, weight) / 30.0) * 20.0
+    return F.cross_entropy(logits.float().view(-1, 40), _shifted_labels(labels), ignore_index=-100)
+
+
+def _scaled_logits(hidden, weight, bias, labels):
+    logits = F.linear(hidden, weight) * 0.5
+    return F.cross_entropy(logits.float().view(-1, 40), _shifted_labels(labels), ignore_index=-100)
+
+
+@pytest.mark.parametrize("loss_fn, reason", [
+    (_head_with_bias, "the LM head has a bias"),
+    (_two_caps, "soft-capping is not spelled as Gemma-2's"),
+    (_scaled_logits, "the logits pass through aten.mul.Tensor between the LM head and the loss"),
+])
+def test_rejection_names_what_differs_from_hf_loss(loss_fn, reason):
+    hidden, weight, bias = torch.randn(2, 6, 16), torch.randn(40, 16), torch.randn(40)
+    labels = torch.randint(0, 40, (2, 6))
+    loss, report = compile_fn(loss_fn, hidden, weight, bias, labels)
+    assert report.fired["linear_cross_entropy"] == 0
+    (rejection,) = report.rejected
+    assert rejection.fusion == "linear_cross_entropy" and reason in rejection.reason
+    torch.testing.assert_close(loss, loss_fn(hidden, weight, bias, labels))
