@@ -88,10 +88,21 @@ def publish(report: FusionReport, sink: ReportSink) -> None:
         level = logging.WARNING if noteworthy else logging.INFO
         logger.log(level, "%s", report.summary())
     elif callable(sink):
-        sink(report)
+        try:
+            sink(report)
+        except Exception as e:
+            raise RuntimeError(
+                f"chronicals: the report callable {sink!r} (options['report']) raised "
+                f"{type(e).__name__}: {e}"
+            ) from e
     else:
-        with open(sink, "a", encoding="utf-8") as f:
-            f.write(report.to_json() + "\n")
+        try:
+            with open(sink, "a", encoding="utf-8") as f:
+                f.write(report.to_json() + "\n")
+        except OSError as e:
+            raise RuntimeError(
+                f"chronicals: could not append the report to {sink} (options['report']): {e}"
+            ) from e
 
 
 def fusion_reports() -> list[FusionReport]:

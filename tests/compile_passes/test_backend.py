@@ -41,6 +41,21 @@ def test_report_is_data_and_goes_to_a_file_or_callable(tmp_path):
     assert "fused 1 rms_norm" in seen[0].summary()
 
 
+def test_a_failing_report_sink_is_named(tmp_path):
+    x, w = torch.randn(4, 24), torch.randn(24)
+
+    def sink(report):
+        raise ValueError("disk full")
+
+    with pytest.raises(Exception, match=r"report callable .*options\['report'\]\) raised "
+                                        r"ValueError: disk full"):
+        compile_fn(_norm, x, w, report=sink)
+    path = tmp_path / "report.jsonl"
+    path.mkdir()  # a folder where the file should be: the append fails
+    with pytest.raises(Exception, match=r"could not append the report to .*report.jsonl"):
+        compile_fn(_norm, x, w, report=str(path))
+
+
 def test_report_is_logged_once_per_graph(caplog):
     x, w = torch.randn(4, 24), torch.randn(24)
     with caplog.at_level("INFO", logger="chronicals.compile"):
