@@ -15,6 +15,8 @@ from torch.fx import GraphModule, Node
 aten = torch.ops.aten
 
 _TO_OPS = (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other)
+# Every conversion of a tensor: `x.to(...)`, which pre-dispatch ATen keeps, and `_to_copy` below it.
+CASTS = (*_TO_OPS, aten._to_copy.default)
 
 
 def _returns_input(node: Node) -> bool:

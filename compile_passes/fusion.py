@@ -11,7 +11,7 @@ import torch
 from torch.fx import Node
 
 from compile_passes import _torch_api
-from compile_passes.canonicalize import strip_noop_casts
+from compile_passes.canonicalize import CASTS, strip_noop_casts
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,27 +85,27 @@ def decline(match: _torch_api.Match, reason: str) -> bool:
     return _record(match, Reason(reason, declined=True))
 
 
-def pointwise_producer(match: _torch_api.Match, *names: str) -> tuple[str, object] | None:
-    """(name, op) of the first matched operand among `names` that a point-wise op computes, or
-    None. Inductor fuses such an op into its own kernel for the subgraph (LoRA's base + adapter
-    sum into the activation, the residual add into the norm), while a fused op needs the operand
-    written to memory first: the fusions decline these matches. A dtype cast on one device counts
-    (PEFT casts its fp32 adapters' sum back to the model's dtype), though ATen does not tag it."""
+def accepts_operands(match: _torch_api.Match, *names: str, example: str, fused_into: str) -> bool:
+    """True, or False after declining the match when one of its operands `names` is computed by a
+    point-wise op (`example` says which, typically). Inductor fuses such an op into its own
+    kernel for the subgraph (`fused_into`), while a fused op needs the operand written to memory
+    first. A dtype cast on one device counts (PEFT casts its fp32 adapters' sum back to the
+    model's dtype), though ATen does not tag it."""
     for name in names:
         node = match.kwargs.get(name)
         target = getattr(node, "target", None)
         if torch.Tag.pointwise in getattr(target, "tags", ()) or _is_cast(node):
-            return name, target
-    return None
-
-
-_CASTS = (torch.ops.aten.to, torch.ops.aten._to_copy)
+            return decline(
+                match,
+                f"{name} is computed by {target} (e.g. {example}), which Inductor fuses into "
+                f"{fused_into}; the fused op would need it in memory first",
+            )
+    return True
 
 
 def _is_cast(node: object) -> bool:
-    """A tensor's conversion on its own device (`x.to(dtype)`; pre-dispatch ATen keeps
-    `aten.to`)."""
-    if not isinstance(node, Node) or getattr(node.target, "overloadpacket", None) not in _CASTS:
+    """A tensor's conversion on its own device."""
+    if not isinstance(node, Node) or node.target not in CASTS:
         return False
     source, out = val(node.args[0]), val(node)
     return isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor) and (

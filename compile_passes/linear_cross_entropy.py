@@ -21,6 +21,7 @@ from torch.fx import Node
 
 from chronicals.ops import linear_cross_entropy as ops
 from compile_passes import _torch_api
+from compile_passes.canonicalize import CASTS
 from compile_passes.fusion import (
     FLOAT_DTYPES,
     Fusion,
@@ -211,10 +212,7 @@ def _diagnose(node: Node) -> str:
 
 
 # What HF's loss does to the logits besides an optional soft-cap: upcast and flatten.
-_LOGITS_RESHAPES = (
-    aten.to.dtype, aten._to_copy.default, aten.view.default, aten.reshape.default,
-    aten._unsafe_view.default,
-)
+_LOGITS_RESHAPES = (*CASTS, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def _finalize(graph: torch.fx.Graph, facts: GraphFacts) -> None:
