@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_suite.sh loss        # linear_cross_entropy, trainable and frozen head, 4 shapes ~8 min
 #   bash benchmarks/gpu_suite.sh train       # packing + end-to-end train_step benchmarks             ~9.5 min
 #   bash benchmarks/gpu_suite.sh job         # the finetune job, Qwen2.5-0.5B shape, LoRA r=32       ~2 min
-#   bash benchmarks/gpu_suite.sh sweep       # RMSNorm fwd launch configs; LCE tiles vs cuBLAS; LCE
+#   bash benchmarks/gpu_suite.sh sweep       # RMSNorm fwd and dW-finish configs; LCE tiles vs cuBLAS; LCE
 #                                            # frozen-head chunk budgets                              ~4 min
 # (Times measured on an H200, 2026-11-29. `train` is close to a 10-minute call limit: run it alone.)
 # Peer LCE implementations are timed when importable: `pip download --no-deps -d .whl liger-kernel
@@ -40,7 +40,7 @@ train)
     python3 benchmarks/bench_train.py --out "$OUT" 2>&1 | tee "$OUT/bench_train.log" || status=1
     ;;
 sweep)
-    python3 benchmarks/sweep_rms_norm_fwd.py 2>&1 | tee "$OUT/sweep_rms_norm_fwd.log" || status=1
+    python3 benchmarks/sweep_rms_norm.py 2>&1 | tee "$OUT/sweep_rms_norm.log" || status=1
     python3 benchmarks/sweep_lce_tiles.py 2>&1 | tee "$OUT/sweep_lce_tiles.log" || status=1
     python3 benchmarks/sweep_lce_frozen_chunk.py 2>&1 | tee "$OUT/sweep_lce_frozen.log" || status=1
     ;;

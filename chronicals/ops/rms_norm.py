@@ -19,8 +19,8 @@ or g = dy * (1 + w) (Gemma), all in fp32:
 
 dW is reduced without a [rows, H] scratch buffer: each backward program walks a contiguous chunk
 of rows and keeps its partial dW in registers, writing one fp32 row of a [programs, H] buffer
-(a few programs per SM); `sum(0)` over that small buffer finishes the reduction. With a frozen
-weight the backward op is asked for dx only and neither computes nor allocates dW.
+(a few programs per SM); one more kernel sums that small buffer's columns and rounds once. With a
+frozen weight the backward op is asked for dx only and neither computes nor allocates dW.
 
 Rows longer than `_MAX_BLOCK_COLS` are processed in column blocks (two passes over the row).
 """
@@ -59,7 +59,7 @@ _MAX_BLOCK_ROWS = 64
 _ELEMS_PER_THREAD = 16
 # The forward streams rows wider than this through column blocks of this size (a first pass for
 # the sum of squares, a second that rereads the row from L2), at 8 elements per thread. At hidden
-# 8192 (bf16, 16384 rows, H200, benchmarks/sweep_rms_norm_fwd.py) that took 129.5 us with 16
+# 8192 (bf16, 16384 rows, H200, benchmarks/sweep_rms_norm.py) that took 129.5 us with 16
 # warps, against 133.2 us for the row held whole in registers and 129.2 us for torch.compile.
 _FWD_MAX_BLOCK_COLS = 4096
 _FWD_LOOPED_ELEMS_PER_THREAD = 8
@@ -68,6 +68,14 @@ _FWD_LOOPED_ELEMS_PER_THREAD = 8
 # tile / warp / grid configs reached 0.44 / 0.55 / 0.60 of copy bandwidth at hidden 896 / 2048 /
 # 4096, each with programs x warps of about 32 per SM.
 _BWD_WARPS_PER_SM = 32
+# dW's finishing sum over the backward's partial rows (`_rms_norm_dw_kernel`): a program per
+# column block of 8, looping over blocks of 128 partial rows at 8 warps. Whole backward at hidden
+# 896 / 2048 / 4096 / 8192 (bf16, 16384 rows, H200, benchmarks/sweep_rms_norm.py): 35.6 / 65.0 /
+# 115.7 / 218.6 us, against 42.8 / 71.6 / 129.6 / 225.8 us finishing with `sum(0).to(dtype)`; the
+# best of 40 configurations was within 0.8 us of it at every size.
+_DW_BLOCK_ROWS = 128
+_DW_BLOCK_COLS = 8
+_DW_WARPS = 8
 # The interpreter runs programs one after another (~0.4 ms each): keep the backward grid tiny.
 _INTERPRETER_BWD_PROGRAMS = 4
 
@@ -286,6 +294,36 @@ def _rms_norm_bwd_kernel(
                     )
 
 
+@triton.jit
+def _rms_norm_dw_kernel(
+    partial_ptr,
+    dw_ptr,
+    n_partials,
+    n_cols,
+    stride_partial_row,
+    INTERPRETED: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
+):
+    """dW = sum over the backward's fp32 partial rows, rounded once to the weight's dtype: one
+    launch where `partial.sum(0).to(dtype)` took two. Each program owns a column block, so the
+    sum's order is fixed (deterministic)."""
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_mask = cols < n_cols
+    rows = tl.arange(0, BLOCK_ROWS)
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    # A constexpr trip count: runtime-bounded loops break triton 3.6's interpreter. The backward
+    # launches at most a few thousand programs, so only a handful of counts ever compile.
+    for block in range(ROW_BLOCKS):
+        r = block * BLOCK_ROWS + rows
+        mask = (r < n_partials)[:, None] & col_mask[None, :]
+        acc += tl.load(partial_ptr + r[:, None] * stride_partial_row + cols[None, :], mask=mask,
+                       other=0.0)
+    dw = _round(tl.sum(acc, axis=0), dw_ptr.dtype.element_ty, INTERPRETED)
+    tl.store(dw_ptr + cols, dw, mask=col_mask)
+
+
 def _check_inputs(x: Tensor, weight: Tensor, eps: float) -> None:
     check_same_device("rms_norm", x=x, weight=weight)
     check_float("rms_norm", x=x, weight=weight)
@@ -390,8 +428,27 @@ def _rms_norm_bwd(
         BLOCK_COLS=block_cols, NUM_BLOCKS=num_blocks, TILES_PER_PROGRAM=tiles_per_program,
         num_warps=num_warps,
     )
-    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else weight.new_empty(0)
+    dw = _finish_dw(dw_partial, weight.dtype) if compute_dw else weight.new_empty(0)
     return dx.view(x.shape), dw
+
+
+def _dw_config() -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS, num_warps) for `_rms_norm_dw_kernel`."""
+    if interpreter_on():
+        return 16, 64, 4  # fewer, wider programs: the interpreter runs them one after another
+    return _DW_BLOCK_ROWS, _DW_BLOCK_COLS, _DW_WARPS
+
+
+def _finish_dw(partial: Tensor, dtype: torch.dtype) -> Tensor:
+    n_partials, n_cols = partial.shape
+    dw = torch.empty(n_cols, dtype=dtype, device=partial.device)
+    block_rows, block_cols, num_warps = _dw_config()
+    _rms_norm_dw_kernel[(triton.cdiv(n_cols, block_cols),)](
+        partial, dw, n_partials, n_cols, partial.stride(0), INTERPRETED=interpreter_on(),
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        ROW_BLOCKS=triton.cdiv(n_partials, block_rows), num_warps=num_warps,
+    )
+    return dw
 
 
 def _reference_backward(

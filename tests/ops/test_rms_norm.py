@@ -172,6 +172,23 @@ def test_frozen_weight_skips_dw(device, monkeypatch):
     torch.testing.assert_close(dx, dx_frozen, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dw_finish_sums_every_partial_row(device, dtype):
+    """The finishing kernel over more partial rows than one row block and a ragged last column
+    block. The partials are multiples of 1/64 small enough that every fp32 sum is exact in any
+    order, so the result must equal PyTorch's sum-then-cast bit for bit (rounding included)."""
+    if not use_triton(torch.empty(0, device=device)):
+        pytest.skip("the finishing kernel is Triton's (CPU needs the interpreter)")
+    block_rows, block_cols, _ = rms_norm_module._dw_config()
+    rows, cols = 2 * block_rows + 5, 3 * block_cols + 7
+    partial = torch.randint(-4096, 4096, (rows, cols), device=device).float() / 64
+    partial[:, 0] = 1 / 64 + 2.0**-20  # sums to a value between two bf16/fp16 neighbours
+    got = rms_norm_module._finish_dw(partial, dtype)
+    assert got.dtype == dtype and got.shape == (cols,)
+    torch.testing.assert_close(got, partial.sum(0).to(dtype), rtol=0, atol=0)
+
+
 def _non_contiguous_views(device):
     # A slice of a fused projection: leading dims collapse, so the kernel reads it in place with
     # row stride 100.
