@@ -10,7 +10,8 @@ bf16 weights, fused AdamW, no gradient checkpointing, batches of 8 full rows x 2
 ids are Zipf-distributed over the first 5000 ids (so the loss has something to learn; every token
 is real, no padding). Modes: full fine-tune, and LoRA r=32 (alpha 32, all linear layers, PEFT's
 default fp32 adapters; `--lora-dtype model` keeps them in bf16). `--tf32` runs fp32 matmuls
-on TF32 tensor cores in every stack (recorded in the JSON setup).
+on TF32 tensor cores in every stack (recorded in the JSON setup). `--amp` keeps the weights in
+fp32 and runs the loss function under torch.autocast to bf16 (HF Trainer's bf16=True).
 
 Stacks share everything but the compiler: the same batches, the same initial weights, and the same
 loop, `chronicals.train_step` around a loss-returning function:
@@ -82,6 +83,9 @@ def parse_args(
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--lora-dtype", choices=("fp32", "model"), default="fp32",
                    help="LoRA adapter weights: fp32 (PEFT's default) or the model's dtype (bf16)")
+    p.add_argument("--amp", action="store_true",
+                   help="fp32 weights, the loss function under torch.autocast to bf16 (HF "
+                   "Trainer's bf16=True with a model loaded in fp32), every stack")
     p.add_argument("--tf32", action="store_true",
                    help="fp32 matmuls (LoRA's fp32 adapters) on TF32 tensor cores, every stack")
     p.add_argument("--fusions", default=",".join(FUSION_NAMES),
@@ -163,6 +167,14 @@ def unique_graphs() -> int:
     return unique_graphs_compiled()
 
 
+def under_autocast(loss_fn, device: torch.device):
+    def amp_loss(*args, **kwargs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return loss_fn(*args, **kwargs)
+
+    return amp_loss
+
+
 def run(stack: str, mode: str, args: argparse.Namespace, device: torch.device, dtype) -> dict:
     torch.compiler.reset()
     gc.collect()
@@ -174,6 +186,8 @@ def run(stack: str, mode: str, args: argparse.Namespace, device: torch.device, d
     reports = []
     loss_fn = compile_loss(model, backend=STACKS[stack], options=chronicals_options(
         stack, args, reports.append))
+    if args.amp:
+        loss_fn = under_autocast(loss_fn, device)
 
     metrics = []
     for i in range(args.warmup):
@@ -265,7 +279,7 @@ def main() -> None:
         args.rows, args.seq = min(args.rows, 2), min(args.seq, 64)
         args.steps, args.warmup = min(args.steps, 4), min(args.warmup, 1)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" and not args.amp else torch.float32
     if device.type != "cuda" and not args.tiny:
         sys.exit("bench_train: needs a CUDA GPU (or --tiny for a CPU smoke test).")
     import chronicals  # noqa: F401  (registers backend="chronicals" in a source checkout)

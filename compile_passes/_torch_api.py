@@ -9,9 +9,13 @@ changes this file and no other. Checked on torch 2.11 and 2.13 in CI (research/c
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import inspect
+import logging
+import pathlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch._dynamo.backends.common import aot_autograd
@@ -19,6 +23,7 @@ from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._guards import detect_fake_mode
 from torch._inductor.compile_fx import compile_fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 from torch._inductor.pattern_matcher import register_replacement as _register_replacement
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -107,7 +112,7 @@ def _ambient_autocast_off() -> Iterator[None]:
     regions without entering them, so an ambient autocast would cast every value, even inside a
     region that turns it off, and the values would carry dtypes that occur nowhere at run time
     (a cast the graph needs would then look like a no-op). The backend traces only graphs whose
-    dtypes autocast does not change (`autocast_changes_dtypes`), so without it they are exact."""
+    casts autocast makes are written in (`make_autocast_explicit`), so without it they are exact."""
     with contextlib.ExitStack() as stack:
         for device in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device):
@@ -117,8 +122,11 @@ def _ambient_autocast_off() -> Iterator[None]:
 
 def trace_pattern(fn: Callable[..., Any], args: Sequence[Any], **_: Any) -> torch.fx.GraphModule:
     """The tracer `register_replacement` uses for search and replacement functions: the same
-    pre-dispatch level as the model graph. torch 2.13 passes `get_decomp_fn`, 2.11 does not."""
-    return make_fx(fn, pre_dispatch=True)(*args)
+    pre-dispatch level as the model graph, autocast off as there (patterns are registered on
+    first use, which may be inside the user's autocast). torch 2.13 passes `get_decomp_fn`, 2.11
+    does not."""
+    with _ambient_autocast_off():
+        return make_fx(fn, pre_dispatch=True)(*args)
 
 
 def register_replacement(
@@ -161,73 +169,145 @@ def _autocast_regions(gm: torch.fx.GraphModule) -> bool:
     )
 
 
-class _UncheckedBody(Exception):
-    pass
+class AutocastNotExplicit(Exception):
+    """A node whose autocast casts could not be written into the graph, and why."""
+
+    def __init__(self, node: torch.fx.Node | None, why: str) -> None:
+        super().__init__(why)
+        self.node = node
+        self.why = why  # str(self) may carry the notes fx's Interpreter adds to errors
 
 
-class _DtypeRecorder(torch.fx.Interpreter):
-    """Runs a Dynamo graph on fake tensors and records each node's output dtypes, with its
-    autocast regions as written or turned off; the bodies of checkpointed layers are walked the
-    same way."""
+def _dtypes(value: Any) -> tuple[torch.dtype, ...]:
+    leaves = torch.utils._pytree.tree_leaves(value)
+    return tuple(t.dtype for t in leaves if isinstance(t, torch.Tensor))
 
-    def __init__(self, gm: torch.fx.GraphModule, autocast: bool, record: dict) -> None:
+
+_FAILED = object()
+
+
+class _AutocastCasts(torch.fx.Interpreter):
+    """Runs a Dynamo graph on fake tensors twice over, node by node: as it runs (the ambient
+    autocast on, the graph's own autocast regions entered) and with autocast off. Where a node's
+    output dtypes differ, autocast cast its floating inputs inside the op (to the lower dtype for
+    matmul-like ops, to fp32 for the ops it keeps in fp32); that cast is inserted before the node
+    as `.to(dtype)`, and the node is run again without autocast to check that it now gets
+    autocast's dtypes. The environment holds the values without autocast, so each node sees the
+    inputs the rewritten graph gives it. The bodies of checkpointed layers are rewritten the same
+    way. Counts the casts it inserts in `counter[0]`."""
+
+    def __init__(self, gm: torch.fx.GraphModule, counter: list[int]) -> None:
         super().__init__(gm)
-        self.autocast = autocast
-        self.record = record
+        self.counter = counter
+        self.entered: list[Any] = []
+        self.made: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node] = {}
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().run(*args, **kwargs)
+        finally:
+            while self.entered:  # a failure inside a region must not leave autocast on
+                self.entered.pop().__exit__(None, None, None)
 
     def call_function(self, target, args, kwargs):
-        if target is torch.amp.autocast_mode._enter_autocast and not self.autocast:
-            args = (args[0], args[1] if len(args) > 1 else None, False, *args[3:])
+        if target is torch.amp.autocast_mode._enter_autocast:
+            ctx = super().call_function(target, args, kwargs)
+            self.entered.append(ctx)
+            return ctx
+        if target is torch.amp.autocast_mode._exit_autocast:
+            self.entered.remove(args[0])
+            return super().call_function(target, args, kwargs)
         if target is torch.ops.higher_order.tag_activation_checkpoint:
             body, *body_args = args
-            return _DtypeRecorder(body, self.autocast, self.record).run(*body_args)
+            return _AutocastCasts(body, self.counter).run(*body_args)
         if isinstance(target, torch._ops.HigherOrderOperator) and any(
             isinstance(a, torch.fx.GraphModule) for a in args
         ):
-            raise _UncheckedBody(f"the body of {target.name()} is not checked")
+            raise AutocastNotExplicit(None, f"the body of {target.name()} is not checked")
         return super().call_function(target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
-        leaves = torch.utils._pytree.tree_leaves(out)
-        self.record[n] = tuple(t.dtype for t in leaves if isinstance(t, torch.Tensor))
-        return out
+        if n.op not in ("call_function", "call_method", "call_module") or (
+            n.target is torch.amp.autocast_mode._enter_autocast
+            or n.target is torch.amp.autocast_mode._exit_autocast
+            or n.target is torch.ops.higher_order.tag_activation_checkpoint
+        ):
+            return super().run_node(n)
+        wanted = _dtypes(super().run_node(n))
+        plain = self._run_plain(n)
+        if plain is not _FAILED and _dtypes(plain) == wanted:
+            return plain
+        floating = {d for d in wanted if d.is_floating_point}
+        if len(floating) != 1:
+            raise AutocastNotExplicit(
+                n, f"{n.name} is {', '.join(map(str, wanted))} under autocast and "
+                f"{'an error' if plain is _FAILED else ', '.join(map(str, _dtypes(plain)))} without"
+            )
+        self._cast_inputs(n, floating.pop())
+        plain = self._run_plain(n)
+        if plain is _FAILED or _dtypes(plain) != wanted:
+            raise AutocastNotExplicit(
+                n, f"{n.name} is {', '.join(map(str, wanted))} under autocast, and casting its "
+                "inputs does not reproduce that"
+            )
+        return plain
+
+    def _run_plain(self, n: torch.fx.Node) -> Any:
+        # An op that fails on its uncast inputs (bmm of fp32 by bf16, which autocast's cast makes
+        # valid) is expected here; fake tensors would log each such failure as an error.
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        level = fake_log.level
+        fake_log.setLevel(logging.CRITICAL)
+        try:
+            with _ambient_autocast_off():
+                return super().run_node(n)
+        except Exception:
+            return _FAILED
+        finally:
+            fake_log.setLevel(level)
+
+    def _cast_inputs(self, n: torch.fx.Node, dtype: torch.dtype) -> None:
+        def cast(arg: torch.fx.Node) -> torch.fx.Node:
+            value = self.env.get(arg)
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()
+                    and value.dtype != dtype):
+                return arg
+            if (arg, dtype) not in self.made:
+                with n.graph.inserting_before(n):
+                    made = n.graph.call_method("to", (arg, dtype))
+                self.env[made] = value.to(dtype)
+                self.made[(arg, dtype)] = made
+                self.counter[0] += 1
+            return self.made[(arg, dtype)]
+
+        n.args = torch.fx.node.map_arg(n.args, cast)
+        n.kwargs = torch.fx.node.map_arg(n.kwargs, cast)
 
 
-class AutocastChange(NamedTuple):
-    """A node of a Dynamo graph whose output dtypes torch.autocast changes."""
-
-    node: torch.fx.Node
-    under: tuple[torch.dtype, ...]
-    without: tuple[torch.dtype, ...]
-
-
-def autocast_changes_dtypes(
+def make_autocast_explicit(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
-) -> AutocastChange | str | None:
-    """Whether torch.autocast changes any dtype in a Dynamo graph: the graph's torch.autocast
-    regions, and autocast itself when the graph is compiled while it is on (it then runs under it
-    without saying so). The graph is run twice on fake tensors, with its autocast and without.
-    None when every node (checkpointed bodies included) gets the same dtypes, as for a model
-    already in the autocast dtype; else the first node whose dtypes change, or why the graph
-    could not be checked."""
+) -> tuple[torch.fx.GraphModule, int]:
+    """(graph, casts): a copy of a Dynamo graph that computes without autocast what it computes
+    with it (the ambient autocast it is compiled under, and its own autocast regions), with the
+    casts autocast makes inside ops written in as `.to(dtype)` nodes, and how many. The pattern
+    stage traces with autocast off and sees the dtypes the graph really has. The graph itself when
+    autocast is off everywhere or casts nothing. Raises `AutocastNotExplicit` for a node whose
+    casts cannot be written in."""
     ambient = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
     if not ambient and not _autocast_regions(gm):
-        return None
+        return gm, 0
+    explicit = copy.deepcopy(gm)
+    counter = [0]
     fake_mode, inputs = _fake_inputs(example_inputs)
-    with_autocast: dict[torch.fx.Node, tuple] = {}
-    without: dict[torch.fx.Node, tuple] = {}
-    try:
-        with fake_mode, torch.no_grad():
-            _DtypeRecorder(gm, True, with_autocast).run(*inputs)
-            with _ambient_autocast_off():
-                _DtypeRecorder(gm, False, without).run(*inputs)
-    except _UncheckedBody as unchecked:
-        return str(unchecked)
-    for node, dtypes in with_autocast.items():
-        if without.get(node) != dtypes:
-            return AutocastChange(node, dtypes, without.get(node, ()))
-    return None
+    with fake_mode, torch.no_grad():
+        _AutocastCasts(explicit, counter).run(*inputs)
+    if counter[0] == 0:
+        return gm, 0
+    for module in explicit.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            module.graph.lint()
+            module.recompile()
+    return explicit, counter[0]
 
 
 def match_outputs(match: Match) -> list[torch.fx.Node]:
@@ -273,11 +353,45 @@ def compile_with_aot_eager(
     return aot_autograd(fw_compiler=_nop, bw_compiler=_nop)(gm, example_inputs)
 
 
+class _SourcesInCacheKey(CustomGraphPass):
+    """A post-grad pass that changes nothing, for its uuid: a hash of the fused ops' and the
+    backend's sources, which Inductor and AOTAutograd put in their cache keys. Those caches hash
+    the graph, and our ops' backward formulas and kernels live outside it, so without this a
+    compiled artifact cached on disk could outlive the code it was built against (a changed op
+    schema then fails at run time). A pass the user set already runs inside it, and its uuid
+    joins ours (None, which turns the caches off, where it has none)."""
+
+    def __init__(self, inner: Any, sources: bytes) -> None:
+        self.inner = inner
+        self.sources = sources
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.inner is not None:
+            self.inner(graph)
+
+    def uuid(self) -> Any:
+        if self.inner is None:
+            return self.sources
+        inner = self.inner.uuid() if isinstance(self.inner, CustomGraphPass) else None
+        return None if inner is None else (self.sources, inner)
+
+
+@functools.cache
+def _sources_hash() -> bytes:
+    roots = [pathlib.Path(__file__).parent, pathlib.Path(__file__).parent.parent / "chronicals"]
+    files = sorted(str(f) for root in roots for f in root.rglob("*.py"))
+    return get_hash_for_files(tuple(files))
+
+
 def compile_with_inductor(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
 ) -> Callable[..., Any]:
-    """AOTAutograd + Inductor, as plain `torch.compile` would run after our passes."""
-    return compile_fx(gm, example_inputs)
+    """AOTAutograd + Inductor, as plain `torch.compile` would run after our passes, with the
+    sources of our ops in the cache keys (`_SourcesInCacheKey`)."""
+    import torch._inductor.config as inductor_config
+
+    key = _SourcesInCacheKey(inductor_config.post_grad_custom_post_pass, _sources_hash())
+    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": key})
 
 
 def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:

@@ -217,23 +217,21 @@ def chronicals_backend(
     error = skipped = None
     declined: list[Rejection] = []
     try:
-        cast = _torch_api.autocast_changes_dtypes(gm, example_inputs) if fusions else None
-        if isinstance(cast, _torch_api.AutocastChange):
-            cast = (
-                f"{cast.node.name} is {', '.join(map(str, cast.under))} under autocast and "
-                f"{', '.join(map(str, cast.without))} without: {source_line(cast.node)}"
-            ).rstrip(": ")
-        if cast:
-            # The pattern stage sees the dtypes from before autocast's casts; where those casts
-            # change anything, a fused op would compute in other dtypes than the graph.
+        try:
+            # The pattern stage traces with autocast off: the casts autocast makes inside ops are
+            # written into the graph first, so the patterns see the dtypes it really computes in.
+            explicit = _torch_api.make_autocast_explicit(gm, example_inputs)[0] if fusions else gm
+        except _torch_api.AutocastNotExplicit as failed:
+            line = source_line(failed.node) if failed.node is not None else ""
+            where = f"{failed.why}: {line}" if line else failed.why
             skipped = (
-                f"torch.autocast changes dtypes in this graph ({cast}), and the patterns see the "
-                "dtypes from before its casts; no fusion applied (load the model in the "
-                "autocast dtype, e.g. bf16, and autocast casts nothing)"
+                f"torch.autocast changes dtypes in this graph ({where}) in a way the backend "
+                "cannot write out as casts; no fusion applied (load the model in the autocast "
+                "dtype, e.g. bf16, and autocast casts nothing)"
             )
             compiled_gm, fired, rejected = gm, {f.name: 0 for f in fusions}, []
         else:
-            compiled_gm, fired, rejected, declined = rewrite(gm, example_inputs, fusions)
+            compiled_gm, fired, rejected, declined = rewrite(explicit, example_inputs, fusions)
     except Exception as exc:
         if opts.strict:
             raise

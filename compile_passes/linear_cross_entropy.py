@@ -224,10 +224,12 @@ def _finalize(graph: torch.fx.Graph, facts: GraphFacts) -> None:
         if node.op != "call_function" or node.target is not op:
             continue
         weight = node.args[1]
+        while weight.op == "call_function" and weight.target in CASTS:
+            weight = weight.args[0]  # autocast's cast of an fp32 head is as frozen as the head
         frozen = weight.op == "placeholder" and weight.name in facts.frozen_inputs
         wanted = (
             facts.training and frozen
-            and ops.can_take_grad_in_forward(weight.meta["val"], reduction=node.args[6])
+            and ops.can_take_grad_in_forward(node.args[1].meta["val"], reduction=node.args[6])
         )
         node.args = (*node.args[:-1], wanted)
 

@@ -4,8 +4,8 @@ Two spellings cover the families in transformers 5.x:
 - Llama, Qwen2, Qwen3 (and its q/k norms), Mistral, Phi-3: normalise in fp32, cast to the input
   dtype, multiply by the weight.
 - Gemma, Gemma-2, Gemma-3: normalise in fp32, multiply by `(1 + weight)` in fp32, cast back.
-The eps literal is captured from the graph; the patterns are traced per dtype because in fp32
-the casts vanish (canonicalize.py) and the graph has a different shape.
+The eps literal is captured from the graph; the patterns are traced per pair of x and weight
+dtypes because in fp32 the casts vanish (canonicalize.py) and the graph has a different shape.
 
 A norm whose input a point-wise op computes (the residual add before a decoder norm) is
 declined: Inductor fuses that op into its own norm kernels, which beats writing the sum out for
@@ -15,6 +15,7 @@ the fused op (measured in `_rms_norm_extra_check`).
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 from torch.fx import Node
@@ -83,12 +84,14 @@ def _rms_norm_extra_check(match) -> bool:
 
 
 @functools.cache
-def _example_inputs(dtype: torch.dtype) -> list:
-    return [torch.empty(2, 8, 16, dtype=dtype), torch.empty(16, dtype=dtype), _EPS]
+def _example_inputs(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> list:
+    return [torch.empty(2, 8, 16, dtype=x_dtype), torch.empty(16, dtype=weight_dtype), _EPS]
 
 
 def register(pattern_pass) -> None:
-    for dtype in FLOAT_DTYPES:
+    # Every pair of x and weight dtypes: an fp32 model under autocast to bf16 feeds bf16
+    # projections to norms with fp32 weights, and which casts are no-ops shapes the graph.
+    for x_dtype, weight_dtype in itertools.product(FLOAT_DTYPES, FLOAT_DTYPES):
         for search, replace in (
             (_rms_norm_pattern_llama, _rms_norm_replacement_llama),
             (_rms_norm_pattern_gemma, _rms_norm_replacement_gemma),
@@ -96,7 +99,7 @@ def register(pattern_pass) -> None:
             register_pattern(
                 search,
                 replace,
-                _example_inputs(dtype),
+                _example_inputs(x_dtype, weight_dtype),
                 pattern_pass,
                 extra_check=_rms_norm_extra_check,
                 scalar_workaround={"eps": _EPS},

@@ -60,7 +60,10 @@ def _extra_check(match) -> bool:
     q, k, cos, sin = (_torch_api.match_value(match, n) for n in ("q", "k", "cos", "sin"))
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
         return reject(match, f"ranks q {q.dim()}, k {k.dim()}, cos {cos.dim()} (need 4, 4, 3)")
-    if q.dtype not in FLOAT_DTYPES or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
+    # cos/sin may be wider than q/k (autocast's bf16 projections, fp32 cos/sin): the op promotes
+    # as the graph's `q * cos` does.
+    paired = (k.dtype, sin.dtype) == (q.dtype, cos.dtype)
+    if not paired or not {q.dtype, cos.dtype} <= set(FLOAT_DTYPES):
         return reject(match, f"dtypes q {q.dtype}, k {k.dtype}, cos {cos.dtype}, sin {sin.dtype}")
     if cos.shape != sin.shape:
         return reject(match, f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ")

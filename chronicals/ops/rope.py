@@ -21,11 +21,13 @@ which is the rotation by -sin when the two halves of cos/sin are equal, as HF bu
 sin get no gradient: HF computes them under no_grad from position ids, so the backward returns
 None for them; do not pass cos/sin that need a gradient.
 
-Numerics: q, k, cos and sin share one floating dtype (fp32, bf16 or fp16; HF casts cos/sin to the
-activations' dtype before applying them); mixed dtypes raise TypeError rather than guess eager's
-type promotion. Every element is loaded, upcast to fp32, rotated with
-fp32 products and sums, and rounded once to the input dtype, so the result is at least as close
-to the exact value as eager PyTorch's three separately rounded ops.
+Numerics: q and k share one floating dtype (fp32, bf16 or fp16), cos and sin share one. HF casts
+cos/sin to the hidden states' dtype, which is also q's unless torch.autocast runs the projections
+in a lower one (an fp32 model under autocast to bf16: bf16 q, fp32 cos). The outputs then take
+PyTorch's promoted dtype, as `q * cos` does, and the backward returns dq and dk in q's and k's
+own dtype, as autograd does. Every element is loaded, upcast to fp32, rotated with fp32 products
+and sums, and rounded once to the output dtype, so the result is at least as close to the exact
+value as eager PyTorch's three separately rounded ops.
 
 Layout: q and k are read through their strides (HF passes `view(B, S, H, D).transpose(1, 2)`
 views, strides (S*H*D, D, H*D, 1)); only a last dimension with stride != 1 is copied first. The
@@ -223,25 +225,25 @@ def _check_inputs(op: str, names: tuple[str, str], q: Tensor, k: Tensor, cos: Te
             f"{op}: cos/sin must match {nq}'s positions: shape (1 or {batch}, {seq}, {rot}). "
             f"Got {tuple(cos.shape)}."
         )
-    check_float(op, **{nq: q})
-    dtypes = {nq: q.dtype, nk: k.dtype, "cos": cos.dtype, "sin": sin.dtype}
-    if len(set(dtypes.values())) > 1:
+    check_float(op, **{nq: q, "cos": cos})
+    if k.dtype != q.dtype or sin.dtype != cos.dtype:
         raise TypeError(
-            f"{op}: {nq}, {nk}, cos and sin must share one dtype (HF casts cos/sin to the "
-            f"activations' dtype). Got {dtypes}."
+            f"{op}: {nq} and {nk} must share one dtype, and cos and sin one. Got {nq} {q.dtype}, "
+            f"{nk} {k.dtype}, cos {cos.dtype}, sin {sin.dtype}."
         )
     check_same_device(op, **{nq: q, nk: k, "cos": cos, "sin": sin})
 
 
-def _empty_token_major(x: Tensor) -> Tensor:
-    """An uninitialised (B, H, S, D) tensor like x, stored as (B, S, H, D) (module docstring)."""
+def _empty_token_major(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialised (B, H, S, D) tensor shaped like x, stored as (B, S, H, D) (module
+    docstring)."""
     batch, heads, seq, head_dim = x.shape
-    return x.new_empty((batch, seq, heads, head_dim)).transpose(1, 2)
+    return x.new_empty((batch, seq, heads, head_dim), dtype=dtype).transpose(1, 2)
 
 
-def _token_major(x: Tensor) -> Tensor:
-    """A copy of x in the output layout (the plain-PyTorch path; strides exactly the fake's)."""
-    return _empty_token_major(x).copy_(x)
+def _token_major(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in the output layout and dtype (the plain-PyTorch path; strides exactly the fake's)."""
+    return _empty_token_major(x, dtype).copy_(x)
 
 
 def _launch_config(heads_q: int, heads_k: int, half: int) -> dict[str, int]:
@@ -266,11 +268,11 @@ def _launch_config(heads_q: int, heads_k: int, half: int) -> dict[str, int]:
     }
 
 
-def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool
-                 ) -> tuple[Tensor, Tensor]:
+def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool,
+                 out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     # The kernel needs unit stride only in the last dim; other strides are passed through.
     q, k, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
-    q_out, k_out = _empty_token_major(q), _empty_token_major(k)
+    q_out, k_out = _empty_token_major(q, out_dtype), _empty_token_major(k, out_dtype)
     batch, heads_q, seq, head_dim = q.shape
     heads_k = k.shape[1]
     rot = cos.shape[-1]
@@ -300,12 +302,8 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool
     return q_out, k_out
 
 
-def _rope_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return _rope_launch(q, k, cos, sin, backward=False)
-
-
-def _rope_bwd(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return _rope_launch(dq, dk, cos, sin, backward=True)
+def _out_dtype(q: Tensor, cos: Tensor) -> torch.dtype:
+    return torch.promote_types(q.dtype, cos.dtype)
 
 
 def _rope_backward_reference(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor
@@ -328,36 +326,39 @@ def _rope_backward_reference(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor
 def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     _check_inputs("rope", ("q", "k"), q, k, cos, sin)
     if use_triton(q):
-        return _rope_fwd(q, k, cos, sin)
+        return _rope_launch(q, k, cos, sin, backward=False, out_dtype=_out_dtype(q, cos))
     q_out, k_out = reference.rope(q, k, cos, sin)
-    return _token_major(q_out), _token_major(k_out)
+    return _token_major(q_out, q_out.dtype), _token_major(k_out, k_out.dtype)
 
 
 @_rope_op.register_fake
 def _rope_fake(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     _check_inputs("rope", ("q", "k"), q, k, cos, sin)
-    return _empty_token_major(q), _empty_token_major(k)
+    dtype = _out_dtype(q, cos)
+    return _empty_token_major(q, dtype), _empty_token_major(k, dtype)
 
 
 @torch.library.custom_op("chronicals::rope_backward", mutates_args=())
-def _rope_backward_op(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor
+def _rope_backward_op(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype
                       ) -> tuple[Tensor, Tensor]:
+    """(d q, d k) in `dtype`, the forward's q/k dtype, from the outputs' gradients."""
     _check_inputs("rope_backward", ("dq", "dk"), dq, dk, cos, sin)
     if use_triton(dq):
-        return _rope_bwd(dq, dk, cos, sin)
+        return _rope_launch(dq, dk, cos, sin, backward=True, out_dtype=dtype)
     dq_in, dk_in = _rope_backward_reference(dq, dk, cos, sin)
-    return _token_major(dq_in), _token_major(dk_in)
+    return _token_major(dq_in, dtype), _token_major(dk_in, dtype)
 
 
 @_rope_backward_op.register_fake
-def _rope_backward_fake(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor
+def _rope_backward_fake(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype
                         ) -> tuple[Tensor, Tensor]:
     _check_inputs("rope_backward", ("dq", "dk"), dq, dk, cos, sin)
-    return _empty_token_major(dq), _empty_token_major(dk)
+    return _empty_token_major(dq, dtype), _empty_token_major(dk, dtype)
 
 
 def _setup_context(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
-    _, _, cos, sin = inputs
+    q, _, cos, sin = inputs
+    ctx.dtype = q.dtype
     if cos.requires_grad or sin.requires_grad:
         # Refused rather than silently returning no gradient for them.
         raise ValueError(
@@ -371,7 +372,7 @@ def _setup_context(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor
 
 def _backward(ctx, dq: Tensor, dk: Tensor) -> tuple[Tensor, Tensor, None, None]:
     cos, sin = ctx.saved_tensors
-    dq_in, dk_in = _rope_backward_op(dq, dk, cos, sin)
+    dq_in, dk_in = _rope_backward_op(dq, dk, cos, sin, ctx.dtype)
     # No gradient for cos/sin: HF computes them from position ids under no_grad.
     return dq_in, dk_in, None, None
 
@@ -384,8 +385,9 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
 
     q: (B, Hq, S, D), k: (B, Hk, S, D) (any strides with a unit last-dim stride, e.g. HF's
     `view(B, S, H, D).transpose(1, 2)`), cos, sin: (B or 1, S, R) with R even, R <= D; channels
-    R.. pass through. All four share one dtype (fp32, bf16 or fp16) and device. Returns
-    (q_rotated, k_rotated), shaped like q and k, stored token-major (strides (S*H*D, D, H*D, 1)).
+    R.. pass through. q and k share one dtype (fp32, bf16 or fp16), cos and sin one, all four one
+    device. Returns (q_rotated, k_rotated), shaped like q and k in the dtype of `q * cos`, stored
+    token-major (strides (S*H*D, D, H*D, 1)).
     Differentiable in q and k; cos and sin must not require grad (a ValueError says so).
     """
     return torch.ops.chronicals.rope(q, k, cos, sin)

@@ -71,11 +71,10 @@ def compile_and_compare(
     checkpointing: bool = False,
     dynamic: bool | None = None,
     device: str = "cpu",
-    autocast: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> Comparison:
-    """`autocast`: the compiled forward runs under torch.autocast to the model's dtype (as HF
-    Trainer's bf16=True does around a bf16 model); eager and the truth run without it, which
-    changes nothing for such a model (autocast's casts are no-ops)."""
+    """`autocast`: the compiled and the eager forward run under torch.autocast to that dtype (as
+    HF Trainer's bf16=True does), the truth without it."""
     torch.compiler.reset()
     model = tiny_model(family, dtype).to(device)
     eager = copy.deepcopy(model)
@@ -91,15 +90,16 @@ def compile_and_compare(
         options={"report": "none", **(options or {})},
     )
     compile_passes.clear_fusion_reports()
-    with torch.autocast(device, dtype=dtype, enabled=autocast):
+    with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
         loss = compiled(ids, labels)
     loss.backward()
     # Under dynamic=True Dynamo may trace twice (it restarts once a float such as eps is
     # specialised); the graph that runs is the last one compiled.
     report = compile_passes.fusion_reports()[-1]
     losses = []
-    for m in (eager, truth):
-        out = _loss_fn(m)(ids, labels)
+    for m, cast in ((eager, autocast), (truth, None)):
+        with torch.autocast(device, dtype=cast, enabled=cast is not None):
+            out = _loss_fn(m)(ids, labels)
         out.backward()
         losses.append(out.item())
 

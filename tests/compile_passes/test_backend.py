@@ -97,12 +97,12 @@ def _autocast_norm(x, w):
 
 @pytest.mark.parametrize("where", ["inside", "outside"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_autocast_fuses_only_where_it_casts_nothing(where, dtype):
-    """The pattern stage sees the dtypes from before autocast's casts. With fp32 inputs autocast
-    to bf16 runs the matmul in bf16, so the norm after it would run in other dtypes than eager:
-    the graph is compiled unfused, with the reason. With bf16 inputs autocast casts nothing:
-    fused. Either way the result is eager's under autocast, whether the region is in the
-    compiled function or around its call."""
+def test_autocast_casts_are_written_into_the_graph(where, dtype):
+    """The pattern stage traces with autocast off. With fp32 inputs autocast to bf16 runs the
+    matmul in bf16; that cast is written into the graph first, so the norm after it is fused in
+    the dtypes it really has (bf16 x, fp32 w). With bf16 inputs autocast casts nothing. Either
+    way the result is eager's under autocast, bit for bit, whether the region is in the compiled
+    function or around its call."""
     x, w = torch.randn(4, 24).to(dtype), torch.randn(24).to(dtype)
     if where == "inside":
         out, report = compile_fn(_autocast_norm, x, w)
@@ -111,20 +111,31 @@ def test_autocast_fuses_only_where_it_casts_nothing(where, dtype):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, report = compile_fn(lambda a, b: _norm(a @ b.diag(), b), x, w)
             expected = _norm(x @ w.diag(), w)
-    if dtype == torch.bfloat16:
-        assert report.fired["rms_norm"] == 1 and report.skipped is None
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
-        return
-    assert report.fired["rms_norm"] == 0
-    assert "torch.autocast changes dtypes in this graph (matmul" in report.skipped
+    assert report.fired["rms_norm"] == 1 and report.skipped is None, report
+    assert out.dtype == expected.dtype == dtype
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_autocast_that_cannot_be_written_out_compiles_unfused_and_says_so(monkeypatch):
+    """If casting a node's inputs does not give it autocast's dtypes, nothing is fused, the report
+    names the node, strict mode raises, and autocast is left as it was."""
+    monkeypatch.setattr(_torch_api._AutocastCasts, "_cast_inputs", lambda self, n, dtype: None)
+    x, w = torch.randn(4, 24), torch.randn(24)
+    out, report = compile_fn(_autocast_norm, x, w)
+    assert report.fired["rms_norm"] == 0
+    assert report.skipped.startswith(
+        "torch.autocast changes dtypes in this graph (matmul is torch.bfloat16 under autocast, "
+        "and casting its inputs does not reproduce that: "
+    ), report.skipped
+    torch.testing.assert_close(out, _autocast_norm(x, w), rtol=0, atol=0)
+    assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(Exception, match=r"(?s)strict.*torch.autocast changes dtypes"):
         compile_fn(_autocast_norm, x, w, strict=True)
 
 
-def test_autocast_inside_a_checkpointed_body_is_checked():
-    """A change of dtype that stays inside a checkpointed layer (its output is promoted back to
-    fp32) still keeps the graph unfused: the bodies are run too."""
+def test_autocast_inside_a_checkpointed_body_is_written_out():
+    """A cast autocast makes inside a checkpointed layer is written into the layer's body."""
 
     def layer(x, w):
         return x + _norm(x @ w.diag(), w).float()
@@ -135,7 +146,7 @@ def test_autocast_inside_a_checkpointed_body_is_checked():
 
     x, w = torch.randn(4, 24), torch.randn(24)
     out, report = compile_fn(fn, x, w)
-    assert report.fired["rms_norm"] == 0 and "torch.autocast changes dtypes" in report.skipped
+    assert report.fired["rms_norm"] == 1 and report.skipped is None, report
     torch.testing.assert_close(out, fn(x, w), rtol=0, atol=0)
 
 
@@ -223,3 +234,34 @@ def test_inductor_compiles_the_rewritten_graph():
     result = compile_and_compare("qwen3", torch.float32, options={"compiler": "inductor"})
     result.assert_counts("qwen3")
     result.assert_matches_eager(torch.float32)
+
+
+def test_inductor_cache_keys_carry_our_sources(monkeypatch):
+    """Inductor's and AOTAutograd's on-disk caches hash the graph, not our ops' backward formulas
+    or kernels: compile_with_inductor adds a hash of our sources to their keys through a no-op
+    post-grad pass, and keeps a pass the user set (running it, and joining its uuid)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    seen = {}
+    monkeypatch.setattr(_torch_api, "compile_fx",
+                        lambda gm, inputs, config_patches: seen.update(config_patches))
+    _torch_api.compile_with_inductor(torch.fx.GraphModule({}, torch.fx.Graph()), [])
+    key = seen["post_grad_custom_post_pass"]
+    assert key.uuid() == _torch_api._sources_hash() and len(key.uuid()) == 32
+
+    class UserPass(CustomGraphPass):
+        def __init__(self):
+            self.ran = 0
+
+        def __call__(self, graph):
+            self.ran += 1
+
+        def uuid(self):
+            return "user"
+
+    user = UserPass()
+    wrapped = _torch_api._SourcesInCacheKey(user, b"ours")
+    wrapped(torch.fx.Graph())
+    assert user.ran == 1 and wrapped.uuid() == (b"ours", "user")
+    # A plain function has no uuid: Inductor then does not cache, and neither do we.
+    assert _torch_api._SourcesInCacheKey(lambda graph: None, b"ours").uuid() is None

@@ -51,7 +51,7 @@ def test_model_in_the_autocast_dtype_fuses_under_autocast(family):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = model(input_ids=ids, labels=labels, use_cache=False).loss
     torch.testing.assert_close(under, plain, rtol=0, atol=0)  # the premise: no cast changes it
-    result = compile_and_compare(family, torch.bfloat16, autocast=True)
+    result = compile_and_compare(family, torch.bfloat16, autocast=torch.bfloat16)
     result.assert_counts(family)
     result.assert_matches_eager(torch.bfloat16)
 
@@ -78,6 +78,27 @@ def test_cuda_inductor_every_fusion_fires_and_matches_eager(family, dtype):
 def test_cuda_model_in_the_autocast_dtype_fuses_under_autocast(family):
     """CUDA's autocast lists differ from the CPU's; a bf16 model under autocast to bf16 still
     fuses everything and matches eager through Inductor."""
-    result = compile_and_compare(family, torch.bfloat16, device="cuda", autocast=True)
+    result = compile_and_compare(family, torch.bfloat16, device="cuda", autocast=torch.bfloat16)
     result.assert_counts(family)
     result.assert_matches_eager(torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "phi3"])
+def test_fp32_model_under_autocast_fuses_in_the_autocast_dtypes(family):
+    """HF Trainer's bf16=True with a model loaded in fp32: autocast runs the projections in bf16
+    (bf16 SwiGLU operands, bf16 q/k against fp32 cos/sin, a bf16 LM head). Its casts are written
+    into the graph before the pattern stage, so every fusion sees the dtypes the model computes
+    in, fires as without autocast, and the result matches eager under the same autocast."""
+    result = compile_and_compare(family, torch.float32, autocast=torch.bfloat16)
+    result.assert_counts(family)
+    result.assert_matches_eager(torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_cuda_fp32_model_under_autocast_fuses_in_the_autocast_dtypes(family):
+    """The same through Inductor with CUDA's autocast lists."""
+    result = compile_and_compare(family, torch.float32, device="cuda", autocast=torch.bfloat16)
+    result.assert_counts(family)
+    result.assert_matches_eager(torch.bfloat16)
+

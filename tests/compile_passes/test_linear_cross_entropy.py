@@ -81,20 +81,32 @@ def test_other_ignore_index_is_left_alone():
     torch.testing.assert_close(loss, loss_fn(hidden, weight, labels))
 
 
+def _count_frozen_path_calls(monkeypatch) -> list:
+    """A list that gets an entry each time the frozen-head path (gradient in the forward) runs."""
+    calls = []
+    real = lce_ops._lce_fwd_d_hidden
+    monkeypatch.setattr(lce_ops, "_lce_fwd_d_hidden",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _llama_training_mlp_only(everything: bool = False):
+    """A tiny Llama whose MLPs train and whose other weights (the tied head too) are frozen
+    unless `everything`, and an eager copy."""
+    model = tiny_model("llama")
+    for name, p in model.named_parameters():
+        p.requires_grad_(everything or ".mlp." in name)
+    return model, copy.deepcopy(model)
+
+
 @pytest.mark.parametrize("head, grad_mode", [("frozen", True), ("trainable", True),
                                              ("frozen", False)])
 def test_frozen_head_gets_its_gradient_in_the_forward(head, grad_mode, monkeypatch):
     """LoRA's case: with the LM head (here tied to the embeddings) frozen and a backward to
     follow, the fused op computes hidden's gradient in its forward; a trainable head, or a graph
     compiled under no_grad, keeps the forward-only kernels. Loss and gradients match eager."""
-    calls = []
-    real = lce_ops._lce_fwd_d_hidden
-    monkeypatch.setattr(lce_ops, "_lce_fwd_d_hidden",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    model = tiny_model("llama")
-    for name, p in model.named_parameters():
-        p.requires_grad_(head == "trainable" or ".mlp." in name)
-    eager = copy.deepcopy(model)
+    calls = _count_frozen_path_calls(monkeypatch)
+    model, eager = _llama_training_mlp_only(head == "trainable")
     ids, labels = tiny_batch()
 
     def loss_fn(model, ids, labels):
@@ -113,6 +125,32 @@ def test_frozen_head_gets_its_gradient_in_the_forward(head, grad_mode, monkeypat
             assert (p.grad is None) == (q.grad is None), name
             if p.grad is not None:
                 torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_frozen_fp32_head_under_autocast_gets_its_gradient_in_the_forward(monkeypatch):
+    """An fp32 model under autocast to bf16: the head reaches the loss through autocast's cast
+    (written into the graph), which is as frozen as the head, so the frozen-head path still runs.
+    Loss and the trainable weights' gradients match eager under the same autocast to bf16's
+    precision (both run the head in bf16)."""
+    calls = _count_frozen_path_calls(monkeypatch)
+    model, eager = _llama_training_mlp_only()
+    ids, labels = tiny_batch()
+    losses = []
+    for m, compiled in ((model, True), (eager, False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if compiled:
+                loss, report = compile_fn(
+                    lambda *a: m(input_ids=a[0], labels=a[1], use_cache=False).loss, ids, labels)
+            else:
+                loss = m(input_ids=ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        losses.append(loss)
+    assert report.fired["linear_cross_entropy"] == 1 and report.skipped is None
+    assert calls == [1]
+    torch.testing.assert_close(losses[0], losses[1], rtol=2**-8, atol=0)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        if p.grad is not None:
+            assert (p.grad - q.grad).norm() <= 2**-6 * q.grad.norm(), name
 
 
 def _shifted_labels(labels):

@@ -57,12 +57,13 @@ def _hf_cos_sin(position_ids, rot, dtype, base=10000.0):
 
 
 def _truth_and_eager(q, k, cos, sin, gq, gk):
-    """Forward outputs and (dq, dk) of the reference in fp64 (truth) and in q's dtype (eager)."""
+    """Forward outputs and (dq, dk) of the reference in fp64 (truth) and in the inputs' own
+    dtypes (eager, with PyTorch's type promotion where q's and cos's differ)."""
     results = []
-    for dtype in (torch.float64, q.dtype):
-        q_, k_ = (t.detach().to(dtype).requires_grad_() for t in (q, k))
-        out = reference.rope(q_, k_, cos.to(dtype), sin.to(dtype))
-        grads = torch.autograd.grad(out, (q_, k_), (gq.to(dtype), gk.to(dtype)))
+    for q_dtype, cos_dtype in ((torch.float64, torch.float64), (q.dtype, cos.dtype)):
+        q_, k_ = (t.detach().to(q_dtype).requires_grad_() for t in (q, k))
+        out = reference.rope(q_, k_, cos.to(cos_dtype), sin.to(cos_dtype))
+        grads = torch.autograd.grad(out, (q_, k_), (gq.to(out[0].dtype), gk.to(out[1].dtype)))
         results.append((*out, *grads))
     return results
 
@@ -74,8 +75,8 @@ def _assert_token_major(name, t):
 
 
 def _check_rope_against_truth(q, k, cos, sin):
-    """rope's outputs and (dq, dk): q's dtype, token-major strides, and no worse than eager
-    against the fp64 truth."""
+    """rope's outputs (in the dtype of `q * cos`) and (dq, dk) (in q's dtype): token-major
+    strides, and no worse than eager against the fp64 truth."""
     q, k = q.requires_grad_(), k.requires_grad_()
     q_out, k_out = rope(q, k, cos, sin)
     gq, gk = torch.randn_like(q_out), torch.randn_like(k_out)
@@ -83,9 +84,10 @@ def _check_rope_against_truth(q, k, cos, sin):
     truth, eager = _truth_and_eager(q, k, cos, sin, gq, gk)
     for name, out, e, t in zip(("q_out", "k_out", "dq", "dk"), (q_out, k_out, dq, dk), eager,
                                truth):
-        assert out.dtype == q.dtype
+        assert out.dtype == e.dtype == (q.dtype if name.startswith("d") else q_out.dtype)
         _assert_token_major(name, out)
-        assert_no_worse_than_eager(name, out, e, t, atol=ATOL[q.dtype])
+        assert_no_worse_than_eager(name, out, e, t, atol=ATOL[out.dtype])
+    assert q_out.dtype == torch.promote_types(q.dtype, cos.dtype)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -96,6 +98,19 @@ def test_forward_backward_vs_fp64(batch, heads_q, heads_k, seq, head_dim, rot, c
                                   layout, device):
     q, k = _qk(batch, heads_q, heads_k, seq, head_dim, dtype, device, layout)
     cos, sin = _random_cos_sin(1 if cos1 else batch, seq, rot, dtype, device)
+    _check_rope_against_truth(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("q_dtype,cos_dtype", [(torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float32),
+                                               (torch.float32, torch.bfloat16)], ids=str)
+def test_mixed_dtypes_promote_like_pytorch(q_dtype, cos_dtype, device):
+    """An fp32 model under autocast to bf16 gives bf16 q/k (the projections) and fp32 cos/sin
+    (HF casts them to the hidden states' dtype): the outputs are fp32 as `q * cos` is, and dq,
+    dk come back in q's dtype, as autograd returns them."""
+    q, k = _qk(2, 4, 2, 7, 16, q_dtype, device, "hf")
+    cos, sin = _random_cos_sin(2, 7, 12, cos_dtype, device)
     _check_rope_against_truth(q, k, cos, sin)
 
 
@@ -152,7 +167,12 @@ def test_opcheck(layout):
                           (q.requires_grad_(), k.requires_grad_(), cos, sin))
     cos1, sin1 = cos[:1], sin[:1]
     torch.library.opcheck(torch.ops.chronicals.rope_backward.default,
-                          (q.detach(), k.detach(), cos1, sin1))
+                          (q.detach(), k.detach(), cos1, sin1, torch.float32))
+    # Mixed dtypes: bf16 q/k, fp32 cos/sin (fp32 outputs), and the backward back to bf16.
+    q16, k16 = (t.detach().to(torch.bfloat16).requires_grad_() for t in (q, k))
+    torch.library.opcheck(torch.ops.chronicals.rope.default, (q16, k16, cos, sin))
+    torch.library.opcheck(torch.ops.chronicals.rope_backward.default,
+                          (q.detach(), k.detach(), cos, sin, torch.bfloat16))
 
 
 @pytest.mark.cuda
@@ -204,7 +224,15 @@ BAD_INPUTS = [
                  r"cos and sin must have the same shape. Got \(2, 5, 8\) and \(1, 5, 8\)",
                  id="cos-sin-shapes"),
     pytest.param({"cos": torch.randn(2, 5, 8, dtype=torch.bfloat16)},
-                 r"TypeError: must share one dtype .* 'cos': torch.bfloat16", id="dtype-mismatch"),
+                 r"TypeError: rope: q and k must share one dtype, and cos and sin one. Got q "
+                 r"torch.float32, k torch.float32, cos torch.bfloat16, sin torch.float32",
+                 id="cos-sin-dtypes"),
+    pytest.param({"k": torch.randn(2, 2, 5, 8, dtype=torch.float16)},
+                 r"TypeError: q and k must share one dtype.* k torch.float16", id="q-k-dtypes"),
+    pytest.param({"cos": torch.randn(2, 5, 8, dtype=torch.float64),
+                  "sin": torch.randn(2, 5, 8, dtype=torch.float64)},
+                 r"TypeError: cos must be float32, bfloat16 or float16. Got torch.float64",
+                 id="cos-fp64"),
     pytest.param({"q": torch.randn(2, 4, 5, 8, dtype=torch.float64),
                   "k": torch.randn(2, 2, 5, 8, dtype=torch.float64)},
                  r"TypeError: q must be float32, bfloat16 or float16. Got torch.float64",
@@ -234,4 +262,4 @@ def test_backward_op_names_its_inputs():
     args = _good()
     with pytest.raises(ValueError, match=r"rope_backward: dq and dk must have the same head_dim"):
         torch.ops.chronicals.rope_backward(args["q"], torch.randn(2, 2, 5, 6), args["cos"],
-                                           args["sin"])
+                                           args["sin"], torch.float32)
