@@ -22,6 +22,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._guards import detect_fake_mode
+from torch._inductor import config as inductor_config
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
@@ -194,13 +195,14 @@ class _AutocastCasts(torch.fx.Interpreter):
     as `.to(dtype)`, and the node is run again without autocast to check that it now gets
     autocast's dtypes. The environment holds the values without autocast, so each node sees the
     inputs the rewritten graph gives it. The bodies of checkpointed layers are rewritten the same
-    way. Counts the casts it inserts in `counter[0]`."""
+    way. `made` maps (input node, dtype) to the cast inserted for it, shared with the bodies' runs
+    (so it also says whether anything was inserted)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, counter: list[int]) -> None:
+    def __init__(self, gm: torch.fx.GraphModule,
+                 made: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node]) -> None:
         super().__init__(gm)
-        self.counter = counter
+        self.made = made
         self.entered: list[Any] = []
-        self.made: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node] = {}
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -219,7 +221,7 @@ class _AutocastCasts(torch.fx.Interpreter):
             return super().call_function(target, args, kwargs)
         if target is torch.ops.higher_order.tag_activation_checkpoint:
             body, *body_args = args
-            return _AutocastCasts(body, self.counter).run(*body_args)
+            return _AutocastCasts(body, self.made).run(*body_args)
         if isinstance(target, torch._ops.HigherOrderOperator) and any(
             isinstance(a, torch.fx.GraphModule) for a in args
         ):
@@ -277,7 +279,6 @@ class _AutocastCasts(torch.fx.Interpreter):
                     made = n.graph.call_method("to", (arg, dtype))
                 self.env[made] = value.to(dtype)
                 self.made[(arg, dtype)] = made
-                self.counter[0] += 1
             return self.made[(arg, dtype)]
 
         n.args = torch.fx.node.map_arg(n.args, cast)
@@ -286,28 +287,27 @@ class _AutocastCasts(torch.fx.Interpreter):
 
 def make_autocast_explicit(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
-) -> tuple[torch.fx.GraphModule, int]:
-    """(graph, casts): a copy of a Dynamo graph that computes without autocast what it computes
-    with it (the ambient autocast it is compiled under, and its own autocast regions), with the
-    casts autocast makes inside ops written in as `.to(dtype)` nodes, and how many. The pattern
-    stage traces with autocast off and sees the dtypes the graph really has. The graph itself when
-    autocast is off everywhere or casts nothing. Raises `AutocastNotExplicit` for a node whose
-    casts cannot be written in."""
+) -> torch.fx.GraphModule:
+    """A copy of a Dynamo graph that computes without autocast what it computes with it (the
+    ambient autocast it is compiled under, and its own autocast regions), with the casts autocast
+    makes inside ops written in as `.to(dtype)` nodes. The pattern stage traces with autocast off
+    and sees the dtypes the graph really has. The graph itself when autocast is off everywhere or
+    casts nothing. Raises `AutocastNotExplicit` for a node whose casts cannot be written in."""
     ambient = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
     if not ambient and not _autocast_regions(gm):
-        return gm, 0
+        return gm
     explicit = copy.deepcopy(gm)
-    counter = [0]
+    made: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node] = {}
     fake_mode, inputs = _fake_inputs(example_inputs)
     with fake_mode, torch.no_grad():
-        _AutocastCasts(explicit, counter).run(*inputs)
-    if counter[0] == 0:
-        return gm, 0
+        _AutocastCasts(explicit, made).run(*inputs)
+    if not made:
+        return gm
     for module in explicit.modules():
         if isinstance(module, torch.fx.GraphModule):
             module.graph.lint()
             module.recompile()
-    return explicit, counter[0]
+    return explicit
 
 
 def match_outputs(match: Match) -> list[torch.fx.Node]:
@@ -388,8 +388,6 @@ def compile_with_inductor(
 ) -> Callable[..., Any]:
     """AOTAutograd + Inductor, as plain `torch.compile` would run after our passes, with the
     sources of our ops in the cache keys (`_SourcesInCacheKey`)."""
-    import torch._inductor.config as inductor_config
-
     key = _SourcesInCacheKey(inductor_config.post_grad_custom_post_pass, _sources_hash())
     return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": key})
 

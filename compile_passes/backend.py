@@ -220,7 +220,7 @@ def chronicals_backend(
         try:
             # The pattern stage traces with autocast off: the casts autocast makes inside ops are
             # written into the graph first, so the patterns see the dtypes it really computes in.
-            explicit = _torch_api.make_autocast_explicit(gm, example_inputs)[0] if fusions else gm
+            explicit = _torch_api.make_autocast_explicit(gm, example_inputs) if fusions else gm
         except _torch_api.AutocastNotExplicit as failed:
             line = source_line(failed.node) if failed.node is not None else ""
             where = f"{failed.why}: {line}" if line else failed.why

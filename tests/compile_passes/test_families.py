@@ -101,4 +101,3 @@ def test_cuda_fp32_model_under_autocast_fuses_in_the_autocast_dtypes(family):
     result = compile_and_compare(family, torch.float32, device="cuda", autocast=torch.bfloat16)
     result.assert_counts(family)
     result.assert_matches_eager(torch.bfloat16)
-
