@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_suite.sh train       # packing + end-to-end train_step benchmarks             ~9.5 min
 #   bash benchmarks/gpu_suite.sh job         # the finetune job, Qwen2.5-0.5B shape, LoRA r=32       ~2 min
 #   bash benchmarks/gpu_suite.sh sweep       # RMSNorm fwd and dW-finish configs; LCE tiles vs cuBLAS; LCE
-#                                            # frozen-head chunk budgets                              ~4 min
+#                                            # frozen-head blocks; LCE GEMM-only bounds at 1% memory ~6 min
 # (Times measured on an H200, 2026-11-29. `train` is close to a 10-minute call limit: run it alone.)
 # Peer LCE implementations are timed when importable: `pip download --no-deps -d .whl liger-kernel
 # cut-cross-entropy` here, carry .whl, and `python3 -m pip install --no-deps .whl/*.whl` there.
@@ -42,7 +42,9 @@ train)
 sweep)
     python3 benchmarks/sweep_rms_norm.py 2>&1 | tee "$OUT/sweep_rms_norm.log" || status=1
     python3 benchmarks/sweep_lce_tiles.py 2>&1 | tee "$OUT/sweep_lce_tiles.log" || status=1
-    python3 benchmarks/sweep_lce_frozen_chunk.py 2>&1 | tee "$OUT/sweep_lce_frozen.log" || status=1
+    python3 benchmarks/sweep_lce_frozen_blocks.py 2>&1 | tee "$OUT/sweep_lce_frozen.log" || status=1
+    python3 benchmarks/bound_linear_cross_entropy.py --out "$OUT" 2>&1 \
+        | tee "$OUT/bound_lce.log" || status=1
     ;;
 job)
     python3 -c "import transformers; transformers.Qwen2Config(hidden_size=896, \

@@ -229,7 +229,8 @@ def _finalize(graph: torch.fx.Graph, facts: GraphFacts) -> None:
         frozen = weight.op == "placeholder" and weight.name in facts.frozen_inputs
         wanted = (
             facts.training and frozen
-            and ops.can_take_grad_in_forward(node.args[1].meta["val"], reduction=node.args[6])
+            and ops.can_take_grad_in_forward(node.args[1].meta["val"], reduction=node.args[6],
+                                             softcap=node.args[8], label_smoothing=node.args[10])
         )
         node.args = (*node.args[:-1], wanted)
 

@@ -27,15 +27,22 @@ complete, so every dW element is rounded once) and adds dlogits @ W[chunk] into 
 accumulator for dh, rounded once at the end. dW is skipped entirely when weight needs no gradient
 (frozen LM head under LoRA), dh when hidden needs none.
 
-Frozen weight (LoRA's LM head), scalar loss, bf16/fp32 (`grads_in_forward`): the forward
-computes d loss / d hidden for an upstream gradient of 1 and saves it instead of its inputs; the
-backward only scales it. Per chunk of whole vocab rows (`_LOGITS_CHUNK_ELEMENTS`), cuBLAS writes
-the logits in the input dtype, as eager's LM head does; `_lce_rows_kernel` reads each row twice
-(lse with a running max, the label's logit; then dlogits written over it), and cuBLAS writes
-d_hidden[chunk] = dlogits @ W over the whole vocabulary, rounded once. Two GEMMs instead of three
-(H200, 16k x 896 x 152k: 19.1 ms against 25.2 for forward + backward through the kernels above,
-and 19.7 for torch.compile), for a bounded chunk of logits instead of none. fp16 keeps the other
-path: its dlogits need the upstream gradient (a loss scale) before rounding, or they underflow.
+Frozen weight (LoRA's LM head), scalar loss, bf16/fp32, not softcap with label smoothing
+together (`grads_in_forward`): the forward computes d loss / d hidden for an upstream gradient
+of 1 and saves it instead of its inputs; the backward scales it by the upstream gradient (fp32,
+rounded once; doing it in place would save a copy, but AOTAutograd's partitioner rejects a
+backward that mutates a saved tensor). d loss / d hidden = softmax(l) @ W - W_y is computed the
+way attention's output is: per chunk of tokens, over blocks of vocab columns, cuBLAS writes the
+block's logits in the input dtype (as eager's LM head does), `_lce_block_kernel` turns them into
+exp(l - m) against each token's running max m (rescaling the token's accumulator when m grows),
+cuBLAS adds block @ W[block] into an fp32 accumulator [tokens, H], and
+`_lce_frozen_finish_kernel` divides by the sum of exps, subtracts the label's row (and the
+options' terms) and rounds once. Two GEMMs instead of the three below, and nothing [N, V]: block
+and accumulator take 1% of the logits' bytes, or the kept gradient's if more (`_frozen_blocks`).
+H200, bf16, forward + backward: 18.8 / 29.1 / 27.1 / 33.3 ms at the four shapes of
+`benchmarks/bench_linear_cross_entropy.py`, against 19.9 / 31.6 / 28.2 / 35.4 for torch.compile.
+fp16 keeps the other path: its d_hidden for an upstream gradient of 1 would underflow before a
+loss scale reached it.
 
 Numerics contract: lse, token losses and the reduction are fp32; the loss comes back fp32,
 gradients in the input dtype. The fused kernels keep the logits in fp32 (eager PyTorch rounds
@@ -46,8 +53,10 @@ backward is computed.
 Memory beyond inputs and gradients: lse [N] and the partials (16 * splits bytes a token), the
 dlogits chunk (`_DLOGITS_CHUNK_ELEMENTS` elements at most, 64 MiB in bf16, independent of V) and
 the fp32 dh accumulator [N, H] (none for fp32 inputs, which accumulate in dh itself). The
-frozen-weight path: the logits chunk (256 MiB in bf16 at most) and d_hidden, which its forward
-keeps for the backward in place of hidden.
+frozen-weight path: the logits block and accumulator (1% of the logits' bytes or the kept
+gradient's, within 8-48 MiB),
+state of 16 bytes a token, and d_hidden, which its forward keeps for the backward in place of
+hidden (one gradient-sized tensor, H / V of the logits' bytes, until the backward has scaled it).
 
 Cost: four GEMM-sized passes (forward, recompute, dW, dh) where eager runs three plus ~6 passes
 over [N, V] fp32 logits. On an H200 with 16k tokens, H=896, V=151936 (bf16): forward 7.5 ms and
@@ -90,9 +99,15 @@ from chronicals.ops._launch import (
 # it is 2048 vocab columns: the dh update is then a K=2048 GEMM that stays compute-bound although
 # it reads and writes the fp32 accumulator.
 _DLOGITS_CHUNK_ELEMENTS = 1 << 25
-# Upper bound on the logits chunk of the frozen-weight path (`_lce_fwd_d_hidden`), in elements
-# (256 MiB in bf16): whole vocab rows of as many tokens as fit.
-_LOGITS_CHUNK_ELEMENTS = 1 << 27
+# Memory of the frozen-weight path (`_lce_fwd_d_hidden`), its logits block and fp32 accumulator
+# together: 1% of what the logits [N, V] would take, or as much as the gradient [N, H] the path
+# keeps from forward to backward anyway if that is more, within [8, 48] MiB; the accumulator
+# [tokens, H] takes at most a third, for at most 2048 tokens
+# (`benchmarks/sweep_lce_frozen_blocks.py`).
+_FROZEN_SHARE_OF_LOGITS = 0.01
+_FROZEN_MIN_BYTES = 8 << 20
+_FROZEN_MAX_BYTES = 48 << 20
+_FROZEN_MAX_ROWS = 2048
 # Forward programs aimed at per SM: a few waves keep the last wave's tail short.
 _FWD_WAVES = 4
 
@@ -384,60 +399,146 @@ def _lce_bwd_dlogits_kernel(
 
 
 @triton.jit
-def _lce_rows_kernel(
-    logits_ptr, labels_ptr, g_ptr, lse_ptr, loss_ptr,
-    row0, seq_len, stride_logits, stride_labels_b, stride_labels_s, ignore_index, softcap,
-    z_loss, label_smoothing,
-    V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr, SHIFT: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _row_logits(row, c0, cols, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """Columns [c0, c0 + BLOCK) of a logits row of `cols`: (offsets, in-range mask, softcapped
+    fp32 logits, 0 past the row)."""
+    offs = c0 + tl.arange(0, BLOCK)
+    mask = offs < cols
+    x = tl.load(row + offs, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, _softcapped(x, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def _lce_block_kernel(
+    block_ptr, acc_ptr, state_ptr, labels_ptr,
+    row0, v0, cols, N, seq_len, stride_labels_b, stride_labels_s, ignore_index, softcap,
+    V: tl.constexpr, H: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    SHIFT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """One row of a logits chunk (token row0 + r for program r): its lse and loss from a pass
-    with a running max, then dloss/dlogits times g (the token's weight in the returned loss)
-    written over the logits in place by a second pass."""
+    """Row r of a logits block (token row0 + r; vocab columns [v0, v0 + cols), contiguous rows):
+    the token's running max m and sum s of exp(l - m), its label's logit and (smoothing) its sum
+    of logits are updated in state[4, N]; exp(l - m) (times the softcap's derivative) is written
+    over the row in place; where m grew, the token's fp32 accumulator row of exp(l - m) @ W is
+    rescaled to the new max (set to 0 on the token's first block)."""
     r = tl.program_id(0)
     token = row0 + r
-    row = logits_ptr + r.to(tl.int64) * stride_logits
+    row = block_ptr + r.to(tl.int64) * cols
+    label, _, _ = _load_labels(
+        labels_ptr, token, r >= 0, seq_len, stride_labels_b, stride_labels_s, ignore_index, V,
+        SHIFT,
+    )
+    m_old = tl.load(state_ptr + token)
+    block_max = tl.max(tl.full((BLOCK,), float("-inf"), dtype=tl.float32), axis=0)
+    target = tl.zeros((BLOCK,), dtype=tl.float32)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, cols, BLOCK):
+        offs, mask, x = _row_logits(row, c0, cols, softcap, HAS_SOFTCAP, BLOCK)
+        block_max = tl.maximum(block_max, tl.max(tl.where(mask, x, float("-inf")), axis=0))
+        target += tl.where(mask & (v0 + offs == label), x, 0.0)
+        if HAS_SMOOTHING:
+            total += tl.where(mask, x, 0.0)
+    m = tl.maximum(m_old, block_max)
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, cols, BLOCK):
+        offs, mask, x = _row_logits(row, c0, cols, softcap, HAS_SOFTCAP, BLOCK)
+        p = tl.where(mask, tl.exp(x - m), 0.0)
+        s += p
+        if HAS_SOFTCAP:
+            capped = x / softcap
+            p = p * (1.0 - capped * capped)
+        if INTERPRET:
+            if block_ptr.dtype.element_ty == tl.bfloat16:
+                p = _round_to_bf16_nearest(p)
+        tl.store(row + offs, p.to(block_ptr.dtype.element_ty), mask=mask)
+    if m > m_old:
+        acc_row = acc_ptr + r.to(tl.int64) * H
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            if m_old == float("-inf"):  # the token's first block: the accumulator is garbage
+                tl.store(acc_row + offs_h, tl.zeros((BLOCK_H,), dtype=tl.float32), mask=mask_h)
+            else:
+                a = tl.load(acc_row + offs_h, mask=mask_h, other=0.0)
+                tl.store(acc_row + offs_h, a * tl.exp(m_old - m), mask=mask_h)
+    s_old = tl.load(state_ptr + N + token)
+    tl.store(state_ptr + token, m)
+    tl.store(state_ptr + N + token, s_old * tl.exp(m_old - m) + tl.sum(s, axis=0))
+    tl.store(state_ptr + 2 * N + token, tl.load(state_ptr + 2 * N + token) + tl.sum(target, axis=0))
+    if HAS_SMOOTHING:
+        tl.store(state_ptr + 3 * N + token,
+                 tl.load(state_ptr + 3 * N + token) + tl.sum(total, axis=0))
+
+
+@triton.jit
+def _lce_frozen_finish_kernel(
+    acc_ptr, state_ptr, w_ptr, w_sum_ptr, labels_ptr, g_ptr, lse_ptr, loss_ptr, dh_ptr,
+    row0, N, seq_len, stride_w_v, stride_labels_b, stride_labels_s, ignore_index,
+    softcap, z_loss, label_smoothing,
+    V: tl.constexpr, H: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, SHIFT: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Token row0 + r after its last block: lse and loss from the state, and d loss / d hidden
+    times g (the token's weight in the returned loss), rounded once:
+    g ((1 + 2 z lse) acc / s - (1 - eps) c'(l_y) W_y - eps / V sum_v W_v), c' the softcap's
+    derivative (1 without one; the smoothing term is only taken without a softcap)."""
+    r = tl.program_id(0)
+    token = row0 + r
     label, valid, bad = _load_labels(
         labels_ptr, token, r >= 0, seq_len, stride_labels_b, stride_labels_s, ignore_index, V,
         SHIFT,
     )
-    m = tl.max(tl.full((BLOCK,), float("-inf"), dtype=tl.float32), axis=0)
-    s = tl.sum(tl.zeros((BLOCK,), dtype=tl.float32), axis=0)
-    target = tl.zeros((BLOCK,), dtype=tl.float32)
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK):
-        offs = v0 + tl.arange(0, BLOCK)
-        mask = offs < V
-        x = _softcapped(tl.load(row + offs, mask=mask, other=0.0).to(tl.float32), softcap,
-                        HAS_SOFTCAP)
-        x = tl.where(mask, x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-        target += tl.where(offs == label, x, 0.0)
-        if HAS_SMOOTHING:
-            total += tl.where(mask, x, 0.0)
+    m = tl.load(state_ptr + token)
+    s = tl.load(state_ptr + N + token)
+    target = tl.load(state_ptr + 2 * N + token)
+    total = 0.0
+    if HAS_SMOOTHING:
+        total = tl.load(state_ptr + 3 * N + token)
     lse = m + tl.log(s)
     tl.device_assert(~bad, "linear_cross_entropy: label out of bounds [0, V)")
     tl.store(lse_ptr + token, lse)
     tl.store(loss_ptr + token, _token_loss(
-        lse, tl.sum(target, axis=0), tl.sum(total, axis=0), valid, bad, z_loss, label_smoothing,
-        V, HAS_Z, HAS_SMOOTHING,
+        lse, target, total, valid, bad, z_loss, label_smoothing, V, HAS_Z, HAS_SMOOTHING,
     ))
     g = tl.load(g_ptr).to(tl.float32)
     g = tl.where(bad, float("nan"), tl.where(valid, g, 0.0))
-    for v0 in range(0, V, BLOCK):
-        offs = v0 + tl.arange(0, BLOCK)
-        mask = offs < V
-        x = _softcapped(tl.load(row + offs, mask=mask, other=0.0).to(tl.float32), softcap,
-                        HAS_SOFTCAP)
-        dl = _dlogits(x, offs, label, lse, g, softcap, z_loss, label_smoothing, V,
-                      HAS_SOFTCAP, HAS_Z, HAS_SMOOTHING)
+    coef_p = g / s
+    if HAS_Z:
+        coef_p = coef_p * (1.0 + 2.0 * z_loss * lse)
+    coef_y = g
+    if HAS_SMOOTHING:
+        coef_y = coef_y * (1.0 - label_smoothing)
+    if HAS_SOFTCAP:
+        capped = target / softcap
+        coef_y = coef_y * (1.0 - capped * capped)
+    acc_row = acc_ptr + r.to(tl.int64) * H
+    # An ignored token's label reads row 0 (with coef_y = g = 0); an out-of-range one is NaN.
+    w_row = w_ptr + tl.maximum(label, 0).to(tl.int64) * stride_w_v
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        dh = coef_p * tl.load(acc_row + offs_h, mask=mask_h, other=0.0)
+        w_y = tl.load(w_row + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+        dh -= coef_y * w_y
+        if HAS_SMOOTHING:
+            dh -= (g * label_smoothing / V) * tl.load(w_sum_ptr + offs_h, mask=mask_h, other=0.0)
         if INTERPRET:
-            if logits_ptr.dtype.element_ty == tl.bfloat16:
-                dl = _round_to_bf16_nearest(dl)
-        tl.store(row + offs, dl.to(logits_ptr.dtype.element_ty), mask=mask)
+            if dh_ptr.dtype.element_ty == tl.bfloat16:
+                dh = _round_to_bf16_nearest(dh)
+        tl.store(dh_ptr + token.to(tl.int64) * H + offs_h, dh.to(dh_ptr.dtype.element_ty),
+                 mask=mask_h)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, g_ptr, out_ptr, n, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = y * tl.load(g_ptr).to(tl.float32)
+    if INTERPRET:
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            y = _round_to_bf16_nearest(y)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,11 +661,14 @@ def _check_inputs(
         raise ValueError(f"{op}: z_loss must be finite and >= 0. Got {z_loss}.")
     if num_items_int is not None and num_items_int < 1:
         raise ValueError(f"{op}: num_items_in_batch must be >= 1. Got {num_items_int}.")
-    if grad_in_forward and not can_take_grad_in_forward(hidden, reduction):
+    if grad_in_forward and not can_take_grad_in_forward(hidden, reduction, softcap,
+                                                         label_smoothing):
         raise ValueError(
             f"{op}: grad_in_forward needs a scalar loss (reduction 'mean' or 'sum'), bf16 or fp32 "
-            f"inputs and the Triton path. Got reduction={reduction!r}, dtype {hidden.dtype}, "
-            f"implementation {implementation(hidden.device)!r}."
+            f"inputs, the Triton path, and not softcap with label_smoothing. Got "
+            f"reduction={reduction!r}, dtype {hidden.dtype}, implementation "
+            f"{implementation(hidden.device)!r}, softcap={softcap}, "
+            f"label_smoothing={label_smoothing}."
         )
     if num_items_tensor is not None and num_items_tensor.numel() != 1:
         raise ValueError(
@@ -669,40 +773,73 @@ def _lce_fwd(
     return loss, lse
 
 
+def _frozen_blocks(N: int, H: int, V: int, element_size: int) -> tuple[int, int]:
+    """(tokens, vocab columns) of the frozen-weight path's logits blocks. The fp32 accumulator
+    [tokens, H] and the block [tokens, columns] share the budget; tokens are the largest power of
+    two up to `_FROZEN_MAX_ROWS` whose accumulator takes at most a third of it (at most N),
+    columns a multiple of 256 filling the rest. On an H200 long blocks won: cuBLAS's accumulate
+    GEMM (K = columns) keeps its speed with few tokens, and fewer blocks mean fewer launches."""
+    if interpreter_on():
+        return min(N, 8), min(V, 64)
+    budget = max(int(_FROZEN_SHARE_OF_LOGITS * N * V * element_size), N * H * element_size)
+    budget = min(max(budget, _FROZEN_MIN_BYTES), _FROZEN_MAX_BYTES)
+    rows = 1
+    while rows < _FROZEN_MAX_ROWS and 3 * 4 * (rows * 2) * H <= budget:
+        rows *= 2
+    rows = min(rows, N)
+    cols = (budget - 4 * rows * H) // (element_size * rows) // 256 * 256
+    return rows, max(256, min(cols, triton.cdiv(V, 256) * 256))
+
+
 def _lce_fwd_d_hidden(
     hidden: Tensor, weight: Tensor, labels: Tensor, num_items, ignore_index: int, reduction: str,
     shift: bool, softcap: Optional[float], z_loss: float, label_smoothing: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, lse [N] fp32, d loss / d hidden) for a frozen weight, in one pass over the tokens.
+    """(loss, lse [N] fp32, d loss / d hidden) for a frozen weight, in one pass over the logits.
 
-    Per chunk of whole vocab rows: cuBLAS writes the logits [T, V] in the input dtype (as eager's
-    LM head does), the rows kernel turns them into lse, losses and dlogits in place, and cuBLAS
-    writes d_hidden[chunk] = dlogits @ W, complete over V and rounded once. Two GEMMs and a
-    read-read-write pass over the chunk, instead of the fused forward plus the backward's
-    recompute and dh GEMMs (three GEMMs)."""
+    d loss / d hidden = softmax(l) @ W - W_y (plus the options' terms) is computed as attention
+    is: per chunk of tokens, over blocks of vocab columns, cuBLAS writes the block's logits (in
+    the input dtype, as eager's LM head does), `_lce_block_kernel` turns them into exp(l - m)
+    against each token's running max m (rescaling what was accumulated when m grows), and cuBLAS
+    adds block @ W[block] into an fp32 accumulator. `_lce_frozen_finish_kernel` divides by the
+    sum of exps, subtracts the label's row and rounds once. Two GEMMs and no [N, V] anything: the
+    block and the accumulator stay within `_frozen_blocks`'s budget."""
     h2, weight, labels2d = _as_kernel_operands(hidden, weight, labels)
     (N, H), V = h2.shape, weight.shape[0]
-    lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    token_loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device)
-    g = _token_weight(torch.ones((), device=hidden.device), labels2d, ignore_index, reduction,
-                      shift, num_items)
-    rows = max(1, min(N, _LOGITS_CHUNK_ELEMENTS // V))
-    logits = torch.empty((rows, V), dtype=hidden.dtype, device=hidden.device) if N else None
-    block = min(triton.next_power_of_2(V), 64 if interpreter_on() else 4096)
+    device, dtype = hidden.device, hidden.dtype
+    lse = torch.empty(N, dtype=torch.float32, device=device)
+    token_loss = torch.empty(N, dtype=torch.float32, device=device)
+    d_hidden = torch.empty((N, H), dtype=dtype, device=device)
+    g = _token_weight(torch.ones((), device=device), labels2d, ignore_index, reduction, shift,
+                      num_items)
+    rows, cols = _frozen_blocks(N, H, V, hidden.element_size())
+    state = torch.zeros((4, N), dtype=torch.float32, device=device)  # m, s, label logit, sum
+    state[0] = float("-inf")
+    block = torch.empty(rows * cols, dtype=dtype, device=device) if N else None
+    acc = torch.empty((rows, H), dtype=torch.float32, device=device) if N else None
+    smoothing = label_smoothing != 0.0
+    w_sum = weight.sum(0, dtype=torch.float32) if smoothing else acc
+    flags = dict(HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=smoothing, SHIFT=shift,
+                 INTERPRET=interpreter_on(), BLOCK_H=min(triton.next_power_of_2(H), 1024))
     for t0 in range(0, N, rows):
         n = min(rows, N - t0)
-        chunk = logits[:n]
-        torch.mm(h2[t0 : t0 + n], weight.t(), out=chunk)
-        _lce_rows_kernel[(n,)](
-            chunk, labels2d, g, lse, token_loss,
-            t0, labels2d.shape[1], chunk.stride(0), labels2d.stride(0), labels2d.stride(1),
+        for v0 in range(0, V, cols):
+            c = min(cols, V - v0)
+            blk = block[: n * c].view(n, c)
+            torch.mm(h2[t0 : t0 + n], weight[v0 : v0 + c].t(), out=blk)
+            _lce_block_kernel[(n,)](
+                blk, acc, state, labels2d, t0, v0, c, N, labels2d.shape[1],
+                labels2d.stride(0), labels2d.stride(1), ignore_index, float(softcap or 1.0),
+                V=V, H=H, BLOCK=min(triton.next_power_of_2(c), 64 if interpreter_on() else 4096),
+                **flags, num_warps=8,
+            )
+            _accumulate_d_hidden(acc[:n], blk, weight[v0 : v0 + c])
+        _lce_frozen_finish_kernel[(n,)](
+            acc, state, weight, w_sum, labels2d, g, lse, token_loss, d_hidden,
+            t0, N, labels2d.shape[1], weight.stride(0), labels2d.stride(0), labels2d.stride(1),
             ignore_index, float(softcap or 1.0), float(z_loss), float(label_smoothing),
-            V=V, HAS_SOFTCAP=softcap is not None, HAS_Z=z_loss != 0.0,
-            HAS_SMOOTHING=label_smoothing != 0.0, SHIFT=shift, INTERPRET=interpreter_on(),
-            BLOCK=block, num_warps=8,
+            V=V, H=H, HAS_Z=z_loss != 0.0, **flags, num_warps=4,
         )
-        torch.mm(chunk, weight, out=d_hidden[t0 : t0 + n])
     loss = _reduce(token_loss, labels2d, labels.shape, ignore_index, reduction, shift, num_items)
     return loss, lse, d_hidden.view(hidden.shape)
 
@@ -874,6 +1011,26 @@ def _(grad_loss, hidden, weight, labels, lse, num_items_tensor, num_items_int, i
     return d_hidden, d_weight
 
 
+@torch.library.custom_op("chronicals::linear_cross_entropy_scale", mutates_args=())
+def _scale_op(d_hidden: Tensor, grad_loss: Tensor) -> Tensor:
+    """d_hidden (the forward's gradient, for an upstream gradient of 1) times the upstream
+    gradient, in fp32 and rounded once, without an fp32 copy of d_hidden (Triton path only: the
+    forward computes d_hidden there alone)."""
+    out = torch.empty_like(d_hidden)
+    n = d_hidden.numel()
+    block = 64 if interpreter_on() else 4096
+    if n:
+        _scale_kernel[(triton.cdiv(n, block),)](
+            d_hidden, grad_loss, out, n, INTERPRET=interpreter_on(), BLOCK=block, num_warps=4,
+        )
+    return out
+
+
+@_scale_op.register_fake
+def _(d_hidden, grad_loss):
+    return torch.empty_like(d_hidden)
+
+
 _SCALARS = ("num_items_int", "ignore_index", "reduction", "shift", "softcap", "z_loss",
             "label_smoothing")
 
@@ -887,6 +1044,9 @@ def _setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(hidden, weight, labels, output[1], num_items_tensor)
     ctx.scalars = dict(zip(_SCALARS, scalars))
     ctx.mark_non_differentiable(output[1], output[2])
+    # Otherwise autograd hands the backward zeros shaped like lse and d_hidden (a gradient-sized
+    # allocation) for the outputs that get no gradient.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_lse, _grad_d_hidden):
@@ -898,8 +1058,7 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_d_hidden):
                 "grad_in_forward=True, which computes hidden's alone (it is for a frozen weight)."
             )
         (d_hidden_unit,) = ctx.saved_tensors
-        # The forward's gradient is for an upstream gradient of 1; scale it in fp32, round once.
-        d_hidden = (d_hidden_unit.float() * grad_loss.float()).to(d_hidden_unit.dtype)
+        d_hidden = _scale_op(d_hidden_unit, grad_loss)
         d_weight = None
     else:
         hidden, weight, labels, lse, num_items_tensor = ctx.saved_tensors
@@ -953,25 +1112,35 @@ def linear_cross_entropy(
     loss, _, _ = _linear_cross_entropy_op(
         hidden, weight, labels, num_items_tensor, num_items_int, ignore_index, reduction, shift,
         None if softcap is None else float(softcap), float(z_loss), float(label_smoothing),
-        grads_in_forward(hidden, weight, reduction),
+        grads_in_forward(hidden, weight, reduction, softcap, label_smoothing),
     )
     return loss
 
 
-def grads_in_forward(hidden: Tensor, weight: Tensor, reduction: str) -> bool:
+def grads_in_forward(
+    hidden: Tensor, weight: Tensor, reduction: str, softcap: Optional[float] = None,
+    label_smoothing: float = 0.0,
+) -> bool:
     """Whether the op computes d loss / d hidden in its forward: a backward will want hidden's
     gradient alone (grad mode on, hidden requires grad, weight does not: LoRA's frozen LM head)
-    and the loss is a scalar, whose upstream gradient the backward applies. Not for fp16, whose
-    dlogits need the upstream gradient (a loss scale) before rounding, or they underflow."""
+    and `can_take_grad_in_forward` allows it."""
     return (
         torch.is_grad_enabled()
         and hidden.requires_grad
         and not weight.requires_grad
-        and can_take_grad_in_forward(hidden, reduction)
+        and can_take_grad_in_forward(hidden, reduction, softcap, label_smoothing)
     )
 
 
-def can_take_grad_in_forward(hidden: Tensor, reduction: str) -> bool:
-    """A scalar loss, bf16/fp32, and the Triton kernels (the reference path, plain PyTorch on
-    CPU, computes gradients in the backward only)."""
-    return reduction != "none" and hidden.dtype != torch.float16 and use_triton(hidden)
+def can_take_grad_in_forward(
+    hidden: Tensor, reduction: str, softcap: Optional[float] = None, label_smoothing: float = 0.0,
+) -> bool:
+    """A scalar loss (its upstream gradient is applied in the backward), bf16/fp32 (fp16's
+    d_hidden for an upstream gradient of 1 would underflow before the loss scale reaches it), the
+    Triton kernels (the reference path, plain PyTorch on CPU, computes gradients in the backward
+    only), and not softcap with label smoothing together (the smoothing term would need a second
+    GEMM through the softcap's derivative)."""
+    return (
+        reduction != "none" and hidden.dtype != torch.float16 and use_triton(hidden)
+        and not (softcap is not None and label_smoothing != 0.0)
+    )

@@ -170,7 +170,16 @@ def test_frozen_weight_gets_no_weight_gradient_work(device, monkeypatch):
     assert not d_weight_gemms
 
 
-FROZEN_CASES = ["mean", "sum", "shift", "softcap_sum_shift", "z_loss", "num_items_int"]
+FROZEN_CASES = ["mean", "sum", "shift", "softcap_sum_shift", "z_loss", "smoothing_sum",
+                "num_items_int"]
+OPTIONS_FROZEN = {**OPTIONS, "smoothing_sum": dict(label_smoothing=0.1, reduction="sum")}
+
+
+def _count_calls(monkeypatch, name: str) -> list:
+    calls = []
+    real = getattr(lce, name)
+    monkeypatch.setattr(lce, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
 
 
 @pytest.mark.parametrize("device", devices())
@@ -178,24 +187,65 @@ FROZEN_CASES = ["mean", "sum", "shift", "softcap_sum_shift", "z_loss", "num_item
 @pytest.mark.parametrize("options", FROZEN_CASES)
 def test_frozen_weight_gradient_in_the_forward(device, dtype, options, monkeypatch):
     """A frozen weight and a scalar loss: the forward computes d_hidden (for an upstream
-    gradient of 1, scaled in the backward by the test's random one) over logits chunks of whole
-    vocab rows, here 5 chunks of 8 tokens (the last one short)."""
-    calls = []
-    real = lce._lce_fwd_d_hidden
-    monkeypatch.setattr(lce, "_lce_fwd_d_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(lce, "_LOGITS_CHUNK_ELEMENTS", 8 * 131)
+    gradient of 1, scaled in the backward by the test's random one) over logits blocks of 8
+    tokens x 48 vocab columns: 5 token chunks (the last one short) x 3 blocks (the last 35
+    columns), so running maxima grow and accumulators are rescaled between blocks."""
+    calls = _count_calls(monkeypatch, "_lce_fwd_d_hidden")
+    monkeypatch.setattr(lce, "_frozen_blocks", lambda *a: (8, 48))
     hidden, weight, labels = _inputs((2, 19), 24, 131, dtype, device, scale=4.0)
-    _check(hidden, weight, labels, grad_weight=False, **OPTIONS[options])
+    _check(hidden, weight, labels, grad_weight=False, **OPTIONS_FROZEN[options])
     assert calls == [1]
 
 
 @pytest.mark.parametrize("device", devices())
 def test_frozen_weight_all_options_and_ignored_rows(device, monkeypatch):
-    monkeypatch.setattr(lce, "_LOGITS_CHUNK_ELEMENTS", 3 * 1000)
+    calls = _count_calls(monkeypatch, "_lce_fwd_d_hidden")
+    monkeypatch.setattr(lce, "_frozen_blocks", lambda *a: (3, 320))
     hidden, weight, labels = _inputs((2, 5), 24, 1000, torch.bfloat16, device, scale=4.0)
     labels[1] = -100
-    _check(hidden, weight, labels, grad_weight=False, shift=True, softcap=3.0, z_loss=1e-3,
-           label_smoothing=0.05, num_items_in_batch=torch.tensor(7, device=device))
+    common = dict(grad_weight=False, shift=True, z_loss=1e-3,
+                  num_items_in_batch=torch.tensor(7, device=device))
+    _check(hidden, weight, labels, label_smoothing=0.05, **common)
+    _check(hidden, weight, labels, softcap=3.0, **common)
+    assert calls == [1, 1]
+    # Softcap with label smoothing: the gradient is taken in the backward.
+    _check(hidden, weight, labels, softcap=3.0, label_smoothing=0.05, **common)
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("device", devices())
+def test_frozen_weight_growing_maxima_rescale_exactly(device, monkeypatch):
+    """Logits that rise block after block (each token's running max grows at every block, so its
+    accumulator is rescaled each time) and a batch whose every label is ignored (zero loss and
+    gradient, not NaN)."""
+    monkeypatch.setattr(lce, "_frozen_blocks", lambda *a: (4, 16))
+    hidden = torch.randn(6, 24, device=device, dtype=torch.float64)
+    ramp = torch.linspace(0, 12, 80, device=device, dtype=torch.float64)[:, None]
+    weight = torch.randn(80, 24, device=device, dtype=torch.float64) * 0.2 + ramp * hidden.mean(0)
+    hidden, weight = hidden.float(), (weight / weight.norm(dim=1, keepdim=True) * 3).float()
+    labels = torch.randint(0, 80, (6,), device=device)
+    _check(hidden, weight, labels, grad_weight=False)
+    out = linear_cross_entropy(hidden.requires_grad_(), weight, torch.full_like(labels, -100))
+    out.backward()
+    assert out.item() == 0.0 and hidden.grad.abs().max().item() == 0.0
+
+
+def test_frozen_blocks_stay_within_their_budget(monkeypatch):
+    """The GPU's block choice (the interpreter's tiny blocks aside): block + fp32 accumulator
+    within 1% of the bf16 logits, or within the gradient [N, H] the path keeps anyway, or within
+    the 8 MiB floor for small problems, and never above 48 MiB."""
+    monkeypatch.setattr(lce, "interpreter_on", lambda: False)
+    shapes = [(16384, 896, 151936), (16384, 2048, 128256), (8192, 4096, 128256),
+              (8192, 2304, 256000), (300, 64, 1000), (5, 8192, 32000), (65536, 16384, 32000)]
+    for N, H, V in shapes:
+        rows, cols = lce._frozen_blocks(N, H, V, 2)
+        assert 1 <= rows <= min(N, 2048) and cols % 256 == 0 and 256 <= cols < V + 256
+        used = 4 * rows * H + 2 * rows * cols
+        allowed = max(0.01 * N * V * 2, N * H * 2, lce._FROZEN_MIN_BYTES)
+        assert used <= min(allowed, lce._FROZEN_MAX_BYTES), (N, H, V, rows, cols)
+    assert lce._frozen_blocks(16384, 896, 151936, 2) == (2048, 10240)
+    assert lce._frozen_blocks(8192, 4096, 128256, 2) == (1024, 16384)
+    assert lce._frozen_blocks(300, 64, 1000, 2) == (300, 1024)  # one block
 
 
 def test_gradient_in_the_forward_only_when_a_backward_wants_hidden_alone(monkeypatch):
@@ -206,6 +256,10 @@ def test_gradient_in_the_forward_only_when_a_backward_wants_hidden_alone(monkeyp
     assert not lce.grads_in_forward(h, w.requires_grad_(), "mean")  # dW needs the backward
     assert not lce.grads_in_forward(h.detach(), w.detach(), "mean")
     assert not lce.grads_in_forward(h.half(), w.detach().half(), "mean")  # fp16 loss scaling
+    frozen = w.detach()
+    assert lce.grads_in_forward(h, frozen, "mean", softcap=2.0)
+    assert lce.grads_in_forward(h, frozen, "mean", label_smoothing=0.1)
+    assert not lce.grads_in_forward(h, frozen, "mean", softcap=2.0, label_smoothing=0.1)
     with torch.no_grad():
         assert not lce.grads_in_forward(h, w.detach(), "mean")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference path: gradients in the backward

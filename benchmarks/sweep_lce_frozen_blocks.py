@@ -1,15 +1,17 @@
-"""Sweep the logits chunk of linear_cross_entropy's frozen-weight path, against the two-pass path.
+"""Sweep the logits blocks of linear_cross_entropy's frozen-weight path, against the two-pass path.
 
-    python benchmarks/sweep_lce_frozen_chunk.py [--shapes 0,2]
+    python benchmarks/sweep_lce_frozen_blocks.py [--shapes 0,2]
 
 With a frozen weight (LoRA's LM head) and a scalar loss the op computes d_hidden in its forward
-(`_lce_fwd_d_hidden`): per chunk of whole vocab rows, a cuBLAS GEMM writes the logits, a Triton
-pass turns them into lse, losses and dlogits in place, and a second GEMM writes d_hidden. This
-times it, bf16, as CUDA-graph replays, for several chunk budgets (`_LOGITS_CHUNK_ELEMENTS`), with
-its peak extra memory, beside the path it replaces (fused forward, then the backward's recompute
-and dh GEMMs, `need_d_weight=False`) and the chunk's parts: the two GEMMs alone over all tokens.
-Every budget's d_hidden is checked against the two-pass path's. It changes nothing in the op; it
-is how `_LOGITS_CHUNK_ELEMENTS` is picked.
+(`_lce_fwd_d_hidden`): per chunk of tokens, over blocks of vocab columns, a cuBLAS GEMM writes the
+block's logits, a Triton pass turns them into exp(l - running max) and a second GEMM adds them
+times W into an fp32 accumulator [tokens, H]. This times it, bf16, as CUDA-graph replays and as
+Python calls, for several memory budgets (block and accumulator together) and token counts per
+chunk, with its peak extra memory, beside the path it replaces for softcap + label smoothing
+(fused forward, then the backward's recompute and dh GEMMs, `need_d_weight=False`) and the two
+GEMMs alone over all tokens. Every configuration's d_hidden and loss are checked against the
+two-pass path's. It changes nothing in the op; it is how `_frozen_blocks`'s constants are picked
+(`default` rows: what it chooses).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from _timing import time_graph_and_call
 import chronicals.ops.linear_cross_entropy as lce
 
 SHAPES = [(16384, 896, 151936), (16384, 2048, 128256), (8192, 4096, 128256), (8192, 2304, 256000)]
-BUDGETS = [1 << 25, 1 << 26, 1 << 27, 1 << 28]
+BUDGETS_MIB = [16, 32, 48]
+ROWS = [512, 1024, 2048, 4096]
 _OPTS = (-100, "mean", False, None, 0.0, 0.0)  # ignore_index, reduction, shift, softcap, z, ls
 
 
@@ -57,6 +60,16 @@ def _peak_extra_gib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before - kept) / 2**30
 
 
+def _configs(N: int, H: int, V: int):
+    """(budget bytes, rows) pairs that fit a 256-column block, after (None, None): the default."""
+    yield None, None
+    for mib in BUDGETS_MIB:
+        budget = mib << 20
+        for rows in ROWS:
+            if rows <= N and (budget - 4 * rows * H) // (2 * rows) >= 256:
+                yield budget, rows
+
+
 def sweep(N: int, H: int, V: int) -> None:
     torch.manual_seed(0)
     h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
@@ -70,20 +83,27 @@ def sweep(N: int, H: int, V: int) -> None:
     print(f"\n{N}x{H}x{V} bf16: cuBLAS logits GEMM {gemm1:.3f} ms, d_hidden GEMM {gemm2:.3f} ms "
           f"(whole batch); two-pass path {two:.3f} ms, "
           f"{_peak_extra_gib(lambda: _two_pass(h, w, labels)):.3f} GiB extra")
-    print("| chunk elements | rows | ms | vs two-pass | extra GiB | % of logits | "
-          "max d_hidden diff / max | loss diff |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| block + acc MiB | rows x cols | graph ms | call ms | vs two-pass | extra GiB | "
+          "% of logits | max d_hidden diff / max | loss diff |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     scale = want.abs().max().item()
-    for budget in BUDGETS:
-        with mock.patch.object(lce, "_LOGITS_CHUNK_ELEMENTS", budget):
+    for budget, rows in _configs(N, H, V):
+        blocks = lce._frozen_blocks(N, H, V, 2)
+        if rows is not None:
+            cols = (budget - 4 * rows * H) // (2 * rows) // 256 * 256
+            blocks = (rows, min(cols, -(-V // 256) * 256))
+        with mock.patch.object(lce, "_frozen_blocks", lambda *a: blocks):
             loss, got = _one_pass(h, w, labels)
             diff = (got.float() - want.float()).abs().max().item() / scale
-            ms = time_graph_and_call(lambda: _one_pass(h, w, labels)).graph_ms
+            timing = time_graph_and_call(lambda: _one_pass(h, w, labels))
             extra = _peak_extra_gib(lambda: _one_pass(h, w, labels))
-        rows = max(1, min(N, budget // V))
-        print(f"| {budget} | {rows} | {ms:.3f} | {two / ms:.2f}x | {extra:.3f} | "
+        used = 4 * blocks[0] * H + 2 * blocks[0] * blocks[1]
+        label = f"{blocks[0]} x {blocks[1]}" + (" (default)" if rows is None else "")
+        ms = timing.graph_ms
+        print(f"| {used / 2**20:.1f} | {label} | {ms:.3f} | {timing.call_ms:.3f} | "
+              f"{two / ms:.2f}x | {extra:.3f} | "
               f"{100 * extra / logits_gib:.2f}% | {diff:.2e} | "
-              f"{abs(loss.item() - want_loss.item()):.2e} |")
+              f"{abs(loss.item() - want_loss.item()):.2e} |", flush=True)
         torch.cuda.empty_cache()
 
 
@@ -92,7 +112,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="0,1,2,3", help=f"indices into {SHAPES}")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("sweep_lce_frozen_chunk: needs a CUDA GPU.")
+        raise SystemExit("sweep_lce_frozen_blocks: needs a CUDA GPU.")
     for index in map(int, args.shapes.split(",")):
         sweep(*SHAPES[index])
         torch.cuda.empty_cache()
