@@ -100,11 +100,11 @@ from chronicals.ops._launch import (
 # it reads and writes the fp32 accumulator.
 _DLOGITS_CHUNK_ELEMENTS = 1 << 25
 # Memory of the frozen-weight path (`_lce_fwd_d_hidden`), its logits block and fp32 accumulator
-# together: 1% of what the logits [N, V] would take, or as much as the gradient [N, H] the path
-# keeps from forward to backward anyway if that is more, within [8, 48] MiB; the accumulator
-# [tokens, H] takes at most a third, for at most 2048 tokens
-# (`benchmarks/sweep_lce_frozen_blocks.py`).
-_FROZEN_SHARE_OF_LOGITS = 0.01
+# together: 0.95% of what the logits [N, V] would take (with the per-token state and the
+# allocator's rounding, under 1%), or as much as the gradient [N, H] the path keeps from forward
+# to backward anyway if that is more, within [8, 48] MiB; the accumulator [tokens, H] takes at
+# most a third, for at most 2048 tokens (`benchmarks/sweep_lce_frozen_blocks.py`).
+_FROZEN_SHARE_OF_LOGITS = 0.0095
 _FROZEN_MIN_BYTES = 8 << 20
 _FROZEN_MAX_BYTES = 48 << 20
 _FROZEN_MAX_ROWS = 2048
@@ -780,13 +780,13 @@ def _frozen_blocks(N: int, H: int, V: int, element_size: int) -> tuple[int, int]
     columns a multiple of 256 filling the rest. On an H200 long blocks won: cuBLAS's accumulate
     GEMM (K = columns) keeps its speed with few tokens, and fewer blocks mean fewer launches."""
     if interpreter_on():
-        return min(N, 8), min(V, 64)
+        return max(1, min(N, 8)), min(V, 64)
     budget = max(int(_FROZEN_SHARE_OF_LOGITS * N * V * element_size), N * H * element_size)
     budget = min(max(budget, _FROZEN_MIN_BYTES), _FROZEN_MAX_BYTES)
     rows = 1
     while rows < _FROZEN_MAX_ROWS and 3 * 4 * (rows * 2) * H <= budget:
         rows *= 2
-    rows = min(rows, N)
+    rows = max(1, min(rows, N))  # no tokens: the loops over them run no step
     cols = (budget - 4 * rows * H) // (element_size * rows) // 256 * 256
     return rows, max(256, min(cols, triton.cdiv(V, 256) * 256))
 

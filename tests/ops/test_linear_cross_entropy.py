@@ -236,14 +236,15 @@ def test_frozen_blocks_stay_within_their_budget(monkeypatch):
     the 8 MiB floor for small problems, and never above 48 MiB."""
     monkeypatch.setattr(lce, "interpreter_on", lambda: False)
     shapes = [(16384, 896, 151936), (16384, 2048, 128256), (8192, 4096, 128256),
-              (8192, 2304, 256000), (300, 64, 1000), (5, 8192, 32000), (65536, 16384, 32000)]
+              (8192, 2304, 256000), (300, 64, 1000), (5, 8192, 32000), (65536, 16384, 32000),
+              (0, 896, 151936)]
     for N, H, V in shapes:
         rows, cols = lce._frozen_blocks(N, H, V, 2)
-        assert 1 <= rows <= min(N, 2048) and cols % 256 == 0 and 256 <= cols < V + 256
+        assert 1 <= rows <= max(1, min(N, 2048)) and cols % 256 == 0 and 256 <= cols < V + 256
         used = 4 * rows * H + 2 * rows * cols
         allowed = max(0.01 * N * V * 2, N * H * 2, lce._FROZEN_MIN_BYTES)
         assert used <= min(allowed, lce._FROZEN_MAX_BYTES), (N, H, V, rows, cols)
-    assert lce._frozen_blocks(16384, 896, 151936, 2) == (2048, 10240)
+    assert lce._frozen_blocks(16384, 896, 151936, 2) == (2048, 9728)
     assert lce._frozen_blocks(8192, 4096, 128256, 2) == (1024, 16384)
     assert lce._frozen_blocks(300, 64, 1000, 2) == (300, 1024)  # one block
 
@@ -394,6 +395,9 @@ def test_empty_token_dims(device):
     assert hidden.grad.shape == hidden.shape
     torch.testing.assert_close(weight.grad, torch.zeros_like(weight))
     assert linear_cross_entropy(hidden, weight, labels, reduction="none").shape == (2, 0)
+    hidden.grad = None
+    linear_cross_entropy(hidden, weight.detach(), labels).backward()  # frozen head
+    assert hidden.grad.shape == hidden.shape
 
 
 @pytest.mark.cuda
