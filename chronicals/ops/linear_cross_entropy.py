@@ -38,9 +38,10 @@ exp(l - m) against each token's running max m (rescaling the token's accumulator
 cuBLAS adds block @ W[block] into an fp32 accumulator [tokens, H], and
 `_lce_frozen_finish_kernel` divides by the sum of exps, subtracts the label's row (and the
 options' terms) and rounds once. Two GEMMs instead of the three below, and nothing [N, V]: block
-and accumulator take 1% of the logits' bytes, or the kept gradient's if more (`_frozen_blocks`).
-H200, bf16, forward + backward: 18.8 / 29.1 / 27.1 / 33.3 ms at the four shapes of
-`benchmarks/bench_linear_cross_entropy.py`, against 19.9 / 31.6 / 28.2 / 35.4 for torch.compile.
+and accumulator take under 1% of the logits' bytes, or the kept gradient's if more
+(`_frozen_blocks`). H200, bf16, forward + backward: 19.4 / 29.1 / 27.3 / 34.3 ms at the four
+shapes of `benchmarks/bench_linear_cross_entropy.py`, against 19.8 / 32.1 / 28.2 / 36.8 for
+torch.compile.
 fp16 keeps the other path: its d_hidden for an upstream gradient of 1 would underflow before a
 loss scale reached it.
 
@@ -53,7 +54,7 @@ backward is computed.
 Memory beyond inputs and gradients: lse [N] and the partials (16 * splits bytes a token), the
 dlogits chunk (`_DLOGITS_CHUNK_ELEMENTS` elements at most, 64 MiB in bf16, independent of V) and
 the fp32 dh accumulator [N, H] (none for fp32 inputs, which accumulate in dh itself). The
-frozen-weight path: the logits block and accumulator (1% of the logits' bytes or the kept
+frozen-weight path: the logits block and accumulator (0.95% of the logits' bytes or the kept
 gradient's, within 8-48 MiB),
 state of 16 bytes a token, and d_hidden, which its forward keeps for the backward in place of
 hidden (one gradient-sized tensor, H / V of the logits' bytes, until the backward has scaled it).
