@@ -41,9 +41,8 @@ options' terms) and rounds once. Two GEMMs instead of the three below, and nothi
 and accumulator take under 1% of the logits' bytes, or the kept gradient's if more
 (`_frozen_blocks`). H200, bf16, forward + backward: 19.4 / 29.1 / 27.3 / 34.3 ms at the four
 shapes of `benchmarks/bench_linear_cross_entropy.py`, against 19.8 / 32.1 / 28.2 / 36.8 for
-torch.compile.
-fp16 keeps the other path: its d_hidden for an upstream gradient of 1 would underflow before a
-loss scale reached it.
+torch.compile. fp16 keeps the other path: its d_hidden for an upstream gradient of 1 would
+underflow before a loss scale reached it.
 
 Numerics contract: lse, token losses and the reduction are fp32; the loss comes back fp32,
 gradients in the input dtype. The fused kernels keep the logits in fp32 (eager PyTorch rounds
@@ -415,8 +414,10 @@ def _lce_block_kernel(
     row0, v0, cols, N, seq_len, stride_labels_b, stride_labels_s, ignore_index, softcap,
     V: tl.constexpr, H: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     SHIFT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
+    MAX_COLS: tl.constexpr,
 ):
-    """Row r of a logits block (token row0 + r; vocab columns [v0, v0 + cols), contiguous rows):
+    """Row r of a logits block (token row0 + r; vocab columns [v0, v0 + cols), contiguous rows,
+    cols <= MAX_COLS: the loops run to that constexpr bound, which triton 3.6's interpreter needs):
     the token's running max m and sum s of exp(l - m), its label's logit and (smoothing) its sum
     of logits are updated in state[4, N]; exp(l - m) (times the softcap's derivative) is written
     over the row in place; where m grew, the token's fp32 accumulator row of exp(l - m) @ W is
@@ -432,7 +433,7 @@ def _lce_block_kernel(
     block_max = tl.max(tl.full((BLOCK,), float("-inf"), dtype=tl.float32), axis=0)
     target = tl.zeros((BLOCK,), dtype=tl.float32)
     total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c0 in range(0, cols, BLOCK):
+    for c0 in range(0, MAX_COLS, BLOCK):
         offs, mask, x = _row_logits(row, c0, cols, softcap, HAS_SOFTCAP, BLOCK)
         block_max = tl.maximum(block_max, tl.max(tl.where(mask, x, float("-inf")), axis=0))
         target += tl.where(mask & (v0 + offs == label), x, 0.0)
@@ -440,7 +441,7 @@ def _lce_block_kernel(
             total += tl.where(mask, x, 0.0)
     m = tl.maximum(m_old, block_max)
     s = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c0 in range(0, cols, BLOCK):
+    for c0 in range(0, MAX_COLS, BLOCK):
         offs, mask, x = _row_logits(row, c0, cols, softcap, HAS_SOFTCAP, BLOCK)
         p = tl.where(mask, tl.exp(x - m), 0.0)
         s += p
@@ -819,7 +820,7 @@ def _lce_fwd_d_hidden(
     block = torch.empty(rows * cols, dtype=dtype, device=device) if N else None
     acc = torch.empty((rows, H), dtype=torch.float32, device=device) if N else None
     smoothing = label_smoothing != 0.0
-    w_sum = weight.sum(0, dtype=torch.float32) if smoothing else acc
+    w_sum = weight.sum(0, dtype=torch.float32) if smoothing else acc  # acc: a pointer never read
     flags = dict(HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=smoothing, SHIFT=shift,
                  INTERPRET=interpreter_on(), BLOCK_H=min(triton.next_power_of_2(H), 1024))
     for t0 in range(0, N, rows):
@@ -831,8 +832,8 @@ def _lce_fwd_d_hidden(
             _lce_block_kernel[(n,)](
                 blk, acc, state, labels2d, t0, v0, c, N, labels2d.shape[1],
                 labels2d.stride(0), labels2d.stride(1), ignore_index, float(softcap or 1.0),
-                V=V, H=H, BLOCK=min(triton.next_power_of_2(c), 64 if interpreter_on() else 4096),
-                **flags, num_warps=8,
+                V=V, H=H, BLOCK=min(triton.next_power_of_2(cols), 64 if interpreter_on() else 4096),
+                MAX_COLS=cols, **flags, num_warps=8,
             )
             _accumulate_d_hidden(acc[:n], blk, weight[v0 : v0 + c])
         _lce_frozen_finish_kernel[(n,)](

@@ -87,6 +87,8 @@ def test_opcheck(grad_in_forward):
     bwd_args = (torch.ones(()), hidden.detach(), weight.detach(), labels, lse, None, None, -100,
                 "mean", True, None, 0.0, 0.0, True, False)
     torch.library.opcheck(torch.ops.chronicals.linear_cross_entropy_backward.default, bwd_args)
+    torch.library.opcheck(torch.ops.chronicals.linear_cross_entropy_scale.default,
+                          (torch.randn(6, 16), torch.tensor(0.75)))
 
 
 OPTIONS = {
