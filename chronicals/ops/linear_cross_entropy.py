@@ -39,8 +39,8 @@ cuBLAS adds block @ W[block] into an fp32 accumulator [tokens, H], and
 `_lce_frozen_finish_kernel` divides by the sum of exps, subtracts the label's row (and the
 options' terms) and rounds once. Two GEMMs instead of the three below, and nothing [N, V]: block
 and accumulator take under 1% of the logits' bytes, or the kept gradient's if more
-(`_frozen_blocks`). H200, bf16, forward + backward: 19.4 / 29.1 / 27.3 / 34.3 ms at the four
-shapes of `benchmarks/bench_linear_cross_entropy.py`, against 19.8 / 32.1 / 28.2 / 36.8 for
+(`_frozen_blocks`). H200, bf16, forward + backward: 18.6 / 29.1 / 27.0 / 32.7 ms at the four
+shapes of `benchmarks/bench_linear_cross_entropy.py`, against 19.6 / 31.3 / 28.1 / 35.1 for
 torch.compile. fp16 keeps the other path: its d_hidden for an upstream gradient of 1 would
 underflow before a loss scale reached it.
 
@@ -53,7 +53,7 @@ backward is computed.
 Memory beyond inputs and gradients: lse [N] and the partials (16 * splits bytes a token), the
 dlogits chunk (`_DLOGITS_CHUNK_ELEMENTS` elements at most, 64 MiB in bf16, independent of V) and
 the fp32 dh accumulator [N, H] (none for fp32 inputs, which accumulate in dh itself). The
-frozen-weight path: the logits block and accumulator (0.95% of the logits' bytes or the kept
+frozen-weight path: the logits block and accumulator (0.93% of the logits' bytes or the kept
 gradient's, within 8-48 MiB),
 state of 16 bytes a token, and d_hidden, which its forward keeps for the backward in place of
 hidden (one gradient-sized tensor, H / V of the logits' bytes, until the backward has scaled it).
@@ -100,11 +100,13 @@ from chronicals.ops._launch import (
 # it reads and writes the fp32 accumulator.
 _DLOGITS_CHUNK_ELEMENTS = 1 << 25
 # Memory of the frozen-weight path (`_lce_fwd_d_hidden`), its logits block and fp32 accumulator
-# together: 0.95% of what the logits [N, V] would take (with the per-token state and the
-# allocator's rounding, under 1%), or as much as the gradient [N, H] the path keeps from forward
-# to backward anyway if that is more, within [8, 48] MiB; the accumulator [tokens, H] takes at
-# most a third, for at most 2048 tokens (`benchmarks/sweep_lce_frozen_blocks.py`).
-_FROZEN_SHARE_OF_LOGITS = 0.0095
+# together: 0.93% of what the logits [N, V] would take (with the per-token state and the
+# allocator's rounding, under 1%; 0.95% picked a 9728-column block at 16k x 896 x 152k that
+# cuBLAS ran 2-12% slower than 9472 or 10240 columns), or as much as the gradient [N, H] the path
+# keeps from forward to backward anyway if that is more, within [8, 48] MiB; the accumulator
+# [tokens, H] takes at most a third, for at most 2048 tokens
+# (`benchmarks/sweep_lce_frozen_blocks.py`).
+_FROZEN_SHARE_OF_LOGITS = 0.0093
 _FROZEN_MIN_BYTES = 8 << 20
 _FROZEN_MAX_BYTES = 48 << 20
 _FROZEN_MAX_ROWS = 2048

@@ -246,7 +246,7 @@ def test_frozen_blocks_stay_within_their_budget(monkeypatch):
         used = 4 * rows * H + 2 * rows * cols
         allowed = max(0.01 * N * V * 2, N * H * 2, lce._FROZEN_MIN_BYTES)
         assert used <= min(allowed, lce._FROZEN_MAX_BYTES), (N, H, V, rows, cols)
-    assert lce._frozen_blocks(16384, 896, 151936, 2) == (2048, 9728)
+    assert lce._frozen_blocks(16384, 896, 151936, 2) == (2048, 9472)
     assert lce._frozen_blocks(8192, 4096, 128256, 2) == (1024, 16384)
     assert lce._frozen_blocks(300, 64, 1000, 2) == (300, 1024)  # one block
 
