@@ -90,8 +90,7 @@ def sweep(N: int, H: int, V: int) -> None:
     for budget, rows in _configs(N, H, V):
         blocks = lce._frozen_blocks(N, H, V, 2)
         if rows is not None:
-            cols = (budget - 4 * rows * H) // (2 * rows) // 256 * 256
-            blocks = (rows, min(cols, -(-V // 256) * 256))
+            blocks = (rows, lce._frozen_cols(budget, rows, H, V, 2))
         with mock.patch.object(lce, "_frozen_blocks", lambda *a: blocks):
             loss, got = _one_pass(h, w, labels)
             diff = (got.float() - want.float()).abs().max().item() / scale

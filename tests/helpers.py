@@ -33,3 +33,14 @@ def assert_no_worse_than_eager(
         f"at flat index {worst} (truth {truth.flatten()[worst]:.6e}, out "
         f"{out.double().cpu().flatten()[worst]:.6e}, eager {eager.double().cpu().flatten()[worst]:.6e})"
     )
+
+
+def count_frozen_lce_calls(monkeypatch) -> list:
+    """A list that gets an entry each time linear_cross_entropy's frozen-head path (hidden's
+    gradient computed in the forward) runs."""
+    import chronicals.ops.linear_cross_entropy as lce
+
+    calls = []
+    real = lce._lce_fwd_d_hidden
+    monkeypatch.setattr(lce, "_lce_fwd_d_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls

@@ -791,8 +791,14 @@ def _frozen_blocks(N: int, H: int, V: int, element_size: int) -> tuple[int, int]
     while rows < _FROZEN_MAX_ROWS and 3 * 4 * (rows * 2) * H <= budget:
         rows *= 2
     rows = max(1, min(rows, N))  # no tokens: the loops over them run no step
+    return rows, _frozen_cols(budget, rows, H, V, element_size)
+
+
+def _frozen_cols(budget: int, rows: int, H: int, V: int, element_size: int) -> int:
+    """Vocab columns of a block of `rows` tokens: what the budget leaves beside the fp32
+    accumulator, a multiple of 256 (at least one, at most V rounded up)."""
     cols = (budget - 4 * rows * H) // (element_size * rows) // 256 * 256
-    return rows, max(256, min(cols, triton.cdiv(V, 256) * 256))
+    return max(256, min(cols, triton.cdiv(V, 256) * 256))
 
 
 def _lce_fwd_d_hidden(
@@ -819,25 +825,27 @@ def _lce_fwd_d_hidden(
     rows, cols = _frozen_blocks(N, H, V, hidden.element_size())
     state = torch.zeros((4, N), dtype=torch.float32, device=device)  # m, s, label logit, sum
     state[0] = float("-inf")
-    block = torch.empty(rows * cols, dtype=dtype, device=device) if N else None
-    acc = torch.empty((rows, H), dtype=torch.float32, device=device) if N else None
+    block = torch.empty(rows * cols, dtype=dtype, device=device)
+    acc = torch.empty((rows, H), dtype=torch.float32, device=device)
     smoothing = label_smoothing != 0.0
     w_sum = weight.sum(0, dtype=torch.float32) if smoothing else acc  # acc: a pointer never read
     flags = dict(HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=smoothing, SHIFT=shift,
                  INTERPRET=interpreter_on(), BLOCK_H=min(triton.next_power_of_2(H), 1024))
+    # Loop-invariant launch arguments, made once: the loop's Python cost is per block.
+    block_args = (N, labels2d.shape[1], labels2d.stride(0), labels2d.stride(1), ignore_index,
+                  float(softcap or 1.0))
+    block_meta = dict(V=V, H=H, MAX_COLS=cols, **flags,
+                      BLOCK=min(triton.next_power_of_2(cols), 64 if interpreter_on() else 4096))
     for t0 in range(0, N, rows):
         n = min(rows, N - t0)
         for v0 in range(0, V, cols):
             c = min(cols, V - v0)
             blk = block[: n * c].view(n, c)
-            torch.mm(h2[t0 : t0 + n], weight[v0 : v0 + c].t(), out=blk)
-            _lce_block_kernel[(n,)](
-                blk, acc, state, labels2d, t0, v0, c, N, labels2d.shape[1],
-                labels2d.stride(0), labels2d.stride(1), ignore_index, float(softcap or 1.0),
-                V=V, H=H, BLOCK=min(triton.next_power_of_2(cols), 64 if interpreter_on() else 4096),
-                MAX_COLS=cols, **flags, num_warps=8,
-            )
-            _accumulate_d_hidden(acc[:n], blk, weight[v0 : v0 + c])
+            w_blk = weight[v0 : v0 + c]
+            torch.mm(h2[t0 : t0 + n], w_blk.t(), out=blk)
+            _lce_block_kernel[(n,)](blk, acc, state, labels2d, t0, v0, c, *block_args,
+                                    **block_meta, num_warps=8)
+            _accumulate_d_hidden(acc[:n], blk, w_blk)
         _lce_frozen_finish_kernel[(n,)](
             acc, state, weight, w_sum, labels2d, g, lse, token_loss, d_hidden,
             t0, N, labels2d.shape[1], weight.stride(0), labels2d.stride(0), labels2d.stride(1),

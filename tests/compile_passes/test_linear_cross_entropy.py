@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import chronicals.ops.linear_cross_entropy as lce_ops
 from tests.compile_passes.harness import compile_fn
+from tests.helpers import count_frozen_lce_calls
 from tests.models import EXPECTED, tiny_batch, tiny_model
 
 
@@ -81,15 +81,6 @@ def test_other_ignore_index_is_left_alone():
     torch.testing.assert_close(loss, loss_fn(hidden, weight, labels))
 
 
-def _count_frozen_path_calls(monkeypatch) -> list:
-    """A list that gets an entry each time the frozen-head path (gradient in the forward) runs."""
-    calls = []
-    real = lce_ops._lce_fwd_d_hidden
-    monkeypatch.setattr(lce_ops, "_lce_fwd_d_hidden",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
 def _llama_training_mlp_only(everything: bool = False):
     """A tiny Llama whose MLPs train and whose other weights (the tied head too) are frozen
     unless `everything`, and an eager copy."""
@@ -105,7 +96,7 @@ def test_frozen_head_gets_its_gradient_in_the_forward(head, grad_mode, monkeypat
     """LoRA's case: with the LM head (here tied to the embeddings) frozen and a backward to
     follow, the fused op computes hidden's gradient in its forward; a trainable head, or a graph
     compiled under no_grad, keeps the forward-only kernels. Loss and gradients match eager."""
-    calls = _count_frozen_path_calls(monkeypatch)
+    calls = count_frozen_lce_calls(monkeypatch)
     model, eager = _llama_training_mlp_only(head == "trainable")
     ids, labels = tiny_batch()
 
@@ -132,7 +123,7 @@ def test_frozen_fp32_head_under_autocast_gets_its_gradient_in_the_forward(monkey
     (written into the graph), which is as frozen as the head, so the frozen-head path still runs.
     Loss and the trainable weights' gradients match eager under the same autocast to bf16's
     precision (both run the head in bf16)."""
-    calls = _count_frozen_path_calls(monkeypatch)
+    calls = count_frozen_lce_calls(monkeypatch)
     model, eager = _llama_training_mlp_only()
     ids, labels = tiny_batch()
     losses = []

@@ -14,7 +14,7 @@ import torch
 import chronicals.ops.linear_cross_entropy as lce
 from chronicals import reference
 from chronicals.ops.linear_cross_entropy import linear_cross_entropy
-from tests.helpers import ULP, assert_no_worse_than_eager, devices
+from tests.helpers import ULP, assert_no_worse_than_eager, count_frozen_lce_calls, devices
 
 # The loss is an fp32 sum over H products and V exponentials taken in another order than eager's:
 # a few fp32 ulps of a loss of ~5.
@@ -177,13 +177,6 @@ FROZEN_CASES = ["mean", "sum", "shift", "softcap_sum_shift", "z_loss", "smoothin
 OPTIONS_FROZEN = {**OPTIONS, "smoothing_sum": dict(label_smoothing=0.1, reduction="sum")}
 
 
-def _count_calls(monkeypatch, name: str) -> list:
-    calls = []
-    real = getattr(lce, name)
-    monkeypatch.setattr(lce, name, lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("options", FROZEN_CASES)
@@ -192,7 +185,7 @@ def test_frozen_weight_gradient_in_the_forward(device, dtype, options, monkeypat
     gradient of 1, scaled in the backward by the test's random one) over logits blocks of 8
     tokens x 48 vocab columns: 5 token chunks (the last one short) x 3 blocks (the last 35
     columns), so running maxima grow and accumulators are rescaled between blocks."""
-    calls = _count_calls(monkeypatch, "_lce_fwd_d_hidden")
+    calls = count_frozen_lce_calls(monkeypatch)
     monkeypatch.setattr(lce, "_frozen_blocks", lambda *a: (8, 48))
     hidden, weight, labels = _inputs((2, 19), 24, 131, dtype, device, scale=4.0)
     _check(hidden, weight, labels, grad_weight=False, **OPTIONS_FROZEN[options])
@@ -201,7 +194,7 @@ def test_frozen_weight_gradient_in_the_forward(device, dtype, options, monkeypat
 
 @pytest.mark.parametrize("device", devices())
 def test_frozen_weight_all_options_and_ignored_rows(device, monkeypatch):
-    calls = _count_calls(monkeypatch, "_lce_fwd_d_hidden")
+    calls = count_frozen_lce_calls(monkeypatch)
     monkeypatch.setattr(lce, "_frozen_blocks", lambda *a: (3, 320))
     hidden, weight, labels = _inputs((2, 5), 24, 1000, torch.bfloat16, device, scale=4.0)
     labels[1] = -100
