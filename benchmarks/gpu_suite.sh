@@ -3,6 +3,7 @@
 # logs and JSON under $OUT. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh tests       # CUDA tests (ops, backend through Inductor, attention)  ~3.5 min
 #   bash benchmarks/gpu_suite.sh ops         # rms_norm, swiglu, rope benchmarks                      ~2.5 min
+#   bash benchmarks/gpu_suite.sh attention   # attention candidates, 3 model shapes + packed/long rows ~3 min
 #   bash benchmarks/gpu_suite.sh loss        # linear_cross_entropy, trainable and frozen head, 4 shapes ~8 min
 #   bash benchmarks/gpu_suite.sh train       # packing + end-to-end train_step benchmarks             ~9.5 min
 #   bash benchmarks/gpu_suite.sh job         # the finetune job, Qwen2.5-0.5B shape, LoRA r=32       ~2 min
@@ -28,6 +29,9 @@ ops)
     for op in rms_norm swiglu rope; do
         python3 benchmarks/bench_$op.py --out "$OUT" 2>&1 | tee "$OUT/bench_$op.log" || status=1
     done
+    ;;
+attention)
+    python3 benchmarks/bench_attention.py --out "$OUT" 2>&1 | tee "$OUT/bench_attention.log" || status=1
     ;;
 loss)
     for head in trainable frozen; do
@@ -57,7 +61,7 @@ rope_theta=1e6).save_pretrained('/tmp/qwen05b')"
     grep '"compile"' /tmp/job/log.jsonl | tee "$OUT/job_fusions.jsonl"
     ;;
 *)
-    echo "usage: $0 tests|ops|loss|train|job|sweep" >&2
+    echo "usage: $0 tests|ops|attention|loss|train|job|sweep" >&2
     exit 2
     ;;
 esac

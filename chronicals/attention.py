@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # The public varlen wrapper's signature differs between torch 2.11 and 2.13; the flash kernel
-# under it is reached through the backend's adapter file, which holds every private torch API.
-from compile_passes._torch_api import flash_attention_varlen
+# under it is reached through chronicals' adapter for private attention kernels.
+from chronicals._torch_private import flash_attention_varlen
 
 PACKED_ATTENTION: Final = "chronicals_varlen"
 

@@ -39,6 +39,64 @@ def geglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
+def attention_mask(position_ids: Tensor | None, batch: int, seq: int, window: int,
+                   device: torch.device) -> Tensor:
+    """(B, 1, S, S) bool: key j is visible to query i when j <= i, both are in one document (a
+    maximal run of consecutive position_ids; one per row without them) and i - j < window (if
+    window > 0)."""
+    idx = torch.arange(seq, device=device)
+    if position_ids is None:
+        doc = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    else:
+        pos = position_ids.expand(batch, -1)
+        doc = torch.zeros_like(pos)
+        doc[:, 1:] = (pos[:, 1:] != pos[:, :-1] + 1).cumsum(-1)
+    allowed = (doc[:, :, None] == doc[:, None, :]) & (idx[:, None] >= idx[None, :])
+    if window:
+        allowed = allowed & (idx[:, None] - idx[None, :] < window)
+    return allowed[:, None]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale: float,
+              window: int) -> tuple[Tensor, Tensor]:
+    """Causal attention within documents (chronicals/ops/attention.py): output (B, Hq, S, D) in
+    q's dtype and the fp32 log-sum-exp of the scaled, masked scores (B, Hq, S). Scores and softmax
+    in fp32; K/V heads shared by Hq / Hk query heads."""
+    b, hq, s, _ = q.shape
+    group = hq // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ kf.transpose(-1, -2)) * scale
+    mask = attention_mask(position_ids, b, s, window, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.exp(scores - lse[..., None]) @ vf
+    return out.to(q.dtype), lse
+
+
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                       position_ids: Tensor | None, scale: float, window: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `attention`'s output for q, k, v (each in its input's dtype), in fp32:
+    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q, with the
+    query heads of a group summed into their shared K/V head."""
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    group = hq // hk
+    qf, kf, vf, dof = q.float(), k.float(), v.float(), dout.float()
+    kr, vr = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    scores = (qf @ kr.transpose(-1, -2)) * scale
+    mask = attention_mask(position_ids, b, s, window, q.device)
+    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    out = p @ vr
+    dv = (p.transpose(-1, -2) @ dof).view(b, hk, group, s, d).sum(2)
+    dp = dof @ vr.transpose(-1, -2)
+    ds = p * (dp - (dof * out).sum(-1, keepdim=True))
+    dq = (ds @ kr) * scale
+    dk = ((ds.transpose(-1, -2) @ qf) * scale).view(b, hk, group, s, d).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -38,19 +38,20 @@ COMPILERS = ("auto", "inductor", "aot_eager")
 def _all_fusions() -> dict[str, Fusion]:
     # Imported here so that `import compile_passes` stays cheap and the entry point loads the
     # kernels only when a graph is compiled.
-    from compile_passes import linear_cross_entropy, rms_norm, rope, swiglu
+    from compile_passes import attention, linear_cross_entropy, rms_norm, rope, swiglu
 
     fusions = [
         rms_norm.FUSION,
         swiglu.SWIGLU,
         swiglu.GEGLU,
         rope.FUSION,
+        attention.FUSION,
         linear_cross_entropy.FUSION,
     ]
     return {f.name: f for f in fusions}
 
 
-FUSION_NAMES = ("rms_norm", "swiglu", "geglu", "rope", "linear_cross_entropy")
+FUSION_NAMES = ("rms_norm", "swiglu", "geglu", "rope", "attention", "linear_cross_entropy")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

@@ -85,6 +85,13 @@ def decline(match: _torch_api.Match, reason: str) -> bool:
     return _record(match, Reason(reason, declined=True))
 
 
+def reject_node(node: Node, reason: str) -> None:
+    """Record why a candidate node found by a finalize pass (not a pattern) is not fused."""
+    reasons = _REASONS.get()
+    if reasons is not None:
+        reasons.setdefault(node.name, Reason(reason, declined=False))
+
+
 def accepts_operands(match: _torch_api.Match, *names: str, example: str, fused_into: str) -> bool:
     """True, or False after declining the match when one of its operands `names` is computed by a
     point-wise op (`example` says which, typically). Inductor fuses such an op into its own

@@ -3,7 +3,7 @@
 Importing this package registers `torch.ops.chronicals.*`.
 """
 
-from chronicals.ops import linear_cross_entropy, rms_norm, rope, swiglu
+from chronicals.ops import attention, linear_cross_entropy, rms_norm, rope, swiglu
 from chronicals.ops._launch import implementation
 
-__all__ = ["implementation", "linear_cross_entropy", "rms_norm", "rope", "swiglu"]
+__all__ = ["attention", "implementation", "linear_cross_entropy", "rms_norm", "rope", "swiglu"]

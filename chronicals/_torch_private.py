@@ -1,0 +1,67 @@
+"""PyTorch's private attention kernels (`torch.ops.aten._*attention*`), reached from one place.
+
+Their schemas are the same on torch 2.11 and 2.13; a torch upgrade that changes them touches this
+file only. Dropout is always 0 here, so the random-state arguments are passed as None.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+aten = torch.ops.aten
+
+
+def cudnn_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float
+                            ) -> tuple[Tensor, Tensor]:
+    """cuDNN's causal attention, q (B, Hq, S, D), k/v (B, Hk, S, D). Returns the output (laid out
+    as q is) and the fp32 log-sum-exp (B, Hq, S, 1)."""
+    out = aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, True, False, scale=scale
+    )
+    return out[0], out[1]
+
+
+def cudnn_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                             lse: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    s = q.shape[2]
+    return aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse, None, None, None, None, None, s, s, 0.0, True, scale=scale
+    )
+
+
+def _window(window: int) -> tuple[int, int]:
+    # transformers' sliding_window w lets a token see itself and the w - 1 tokens before it.
+    return (-1, -1) if window == 0 else (window - 1, 0)
+
+
+def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                            scale: float | None, window: int) -> tuple[Tensor, Tensor]:
+    """Causal flash attention over variable-length segments (PyTorch's own flash kernel, CUDA).
+    q: (T, Hq, D), k/v: (T, Hk, D), cu_seqlens: int32 (segments + 1,) boundaries shared by q and
+    k; window 0 for none. Returns the output (T, Hq, D) and the fp32 log-sum-exp (Hq, T)."""
+    left, right = _window(window)
+    out = aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False,
+        scale=scale, window_size_left=left, window_size_right=right,
+    )
+    return out[0], out[1]
+
+
+def flash_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                             lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
+                             window: int) -> tuple[Tensor, Tensor, Tensor]:
+    left, right = _window(window)
+    empty = q.new_empty(0, dtype=torch.int64)
+    return aten._flash_attention_backward(
+        dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True,
+        empty, empty, scale=scale, window_size_left=left, window_size_right=right,
+    )
+
+
+def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                           scale: float | None, sliding_window: int | None) -> Tensor:
+    """Differentiable flash attention over segments (autograd through aten's own derivative of
+    `_flash_attention_forward`), for transformers' AttentionInterface path
+    (chronicals/attention.py)."""
+    return flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window or 0)[0]

@@ -1,0 +1,225 @@
+"""Causal attention over rows of packed documents: `chronicals::attention`.
+
+    out[b, h, i] = sum_j p_ij v[b, h', j],   p_i = softmax_j(scale * q[b, h, i] . k[b, h', j])
+
+over the keys j of the query's own document with j <= i (and i - j < window when a sliding window
+is given), h' = h // (Hq / Hk) (GQA/MQA: K/V heads are shared, never repeated). A document is a
+maximal run of consecutive `position_ids` (transformers' packed-sequence rule: a new document starts
+where a position is not its predecessor's plus one); without position_ids every row is one document.
+
+Inputs are transformers' attention layout: q (B, Hq, S, D), k and v (B, Hk, S, D), usually
+transposed views of (B, S, H, D) projections. The output is (B, Hq, S, D) laid out as (B, S, Hq, D)
+in memory, so transformers' `transpose(1, 2).contiguous()` after attention is free. Softmax
+statistics (log-sum-exp) are fp32; the output comes back in q's dtype.
+
+Kernels, chosen from what the graph says of the batch (static: the same choice in the forward and
+the backward, and at every call of a compiled graph), stated here once and named by `kernel()`:
+- "cudnn": CUDA, one document per row (no position_ids), no window, head_dim <= 128: cuDNN's fused
+  attention with its causal mask (`aten._scaled_dot_product_cudnn_attention`), the kernel
+  `scaled_dot_product_attention` picks on Hopper for an unmasked causal call. Fastest measured on
+  H100 at every model shape in benchmarks/bench_attention.py.
+- "flash-varlen": CUDA otherwise (packed rows, sliding windows, head_dim up to 256): PyTorch's flash
+  kernel over document boundaries `cu_seqlens`, computed on the device from position_ids.
+- "reference": CPU: masked `scaled_dot_product_attention` (chronicals/reference.py), the numerics
+  oracle of the tests. There is no fallback from a kernel to it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from chronicals import reference
+from chronicals._torch_private import (
+    cudnn_attention_backward,
+    cudnn_attention_forward,
+    flash_attention_backward,
+    flash_attention_forward,
+)
+
+KERNELS = ("cudnn", "flash-varlen", "reference")
+_HALF = (torch.float16, torch.bfloat16)
+_CUDNN_MAX_HEAD_DIM = 128
+_FLASH_MAX_HEAD_DIM = 256
+
+
+def kernel(q: Tensor, packed: bool, window: int) -> str:
+    """The kernel `attention` runs for a query tensor (B, Hq, S, D) of this device, dtype and head
+    dim; `packed`: position_ids are given; `window`: sliding window (0: none)."""
+    if q.device.type != "cuda":
+        return "reference"
+    if not packed and window == 0 and q.shape[-1] <= _CUDNN_MAX_HEAD_DIM:
+        return "cudnn"
+    return "flash-varlen"
+
+
+def unsupported(q: Tensor, k: Tensor) -> str | None:
+    """Why no kernel takes these inputs on their device, or None."""
+    d = q.shape[-1]
+    if q.device.type == "cuda" and (q.dtype not in _HALF or d % 8 or d > _FLASH_MAX_HEAD_DIM):
+        return (
+            f"the CUDA kernels take float16/bfloat16 with head_dim a multiple of 8 up to "
+            f"{_FLASH_MAX_HEAD_DIM}; got {q.dtype}, head_dim {d}"
+        )
+    if q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads"
+    return None
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, window: int
+                  ) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"attention: expected q (B, Hq, S, D) and k, v (B, Hk, S, D). Got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    b, _, s, d = q.shape
+    if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
+        raise ValueError(
+            f"attention: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (same B, S, D)."
+        )
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}.")
+    if position_ids is not None and (
+        position_ids.dim() != 2 or position_ids.shape[1] != s
+        or position_ids.shape[0] not in (1, b) or position_ids.is_floating_point()
+    ):
+        raise ValueError(
+            f"attention: position_ids must be integers of shape ({b}, {s}) or (1, {s}). Got "
+            f"{tuple(position_ids.shape)} of {position_ids.dtype}."
+        )
+    if window < 0:
+        raise ValueError(f"attention: window must be >= 0 (0: none). Got {window}.")
+    why = unsupported(q, k)
+    if why:
+        raise ValueError(f"attention: {why}.")
+
+
+def document_bounds(position_ids: Tensor, batch: int) -> Tensor:
+    """cu_seqlens (int32, documents + 1) over the batch * S flattened tokens: a document starts at
+    each row's first token and where a position is not its predecessor's plus one. One host sync
+    (the document count)."""
+    pos = position_ids.expand(batch, -1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    bounds = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    end = torch.full((1,), pos.numel(), dtype=bounds.dtype, device=bounds.device)
+    return torch.cat([bounds, end]).to(torch.int32)
+
+
+def _token_major(x: Tensor) -> Tensor:
+    """(B, H, S, D) laid out as (B, S, H, D) in memory: a view when it already is."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale: float,
+             window: int) -> tuple[Tensor, Tensor]:
+    b, hq, s, d = q.shape
+    name = kernel(q, position_ids is not None, window)
+    if name == "reference":
+        out, lse = reference.attention(q, k, v, position_ids, scale, window)
+        return _token_major(out), lse.reshape(-1)
+    if name == "cudnn":
+        out, lse = cudnn_attention_forward(_token_major(q), _token_major(k), _token_major(v),
+                                           scale)
+        return _token_major(out), lse.reshape(-1)
+    cu = document_bounds(position_ids if position_ids is not None
+                         else torch.arange(s, device=q.device)[None], b)
+    out, lse = flash_attention_forward(
+        q.transpose(1, 2).reshape(b * s, hq, d),
+        k.transpose(1, 2).reshape(b * s, k.shape[1], d),
+        v.transpose(1, 2).reshape(b * s, k.shape[1], d),
+        cu, s, scale, window,
+    )
+    return out.view(b, s, hq, d).transpose(1, 2), lse.reshape(-1)
+
+
+@torch.library.custom_op("chronicals::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale: float,
+                  window: int) -> tuple[Tensor, Tensor]:
+    _check_inputs(q, k, v, position_ids, window)
+    return _forward(q, k, v, position_ids, scale, window)
+
+
+def _empty_token_major(b: int, h: int, s: int, d: int, like: Tensor) -> Tensor:
+    return like.new_empty((b, s, h, d)).transpose(1, 2)
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, position_ids, scale, window):
+    b, hq, s, d = q.shape
+    return _empty_token_major(b, hq, s, d, q), q.new_empty((b * hq * s,), dtype=torch.float32)
+
+
+@torch.library.custom_op("chronicals::attention_backward", mutates_args=())
+def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                           lse: Tensor, position_ids: Tensor | None, scale: float, window: int
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    name = kernel(q, position_ids is not None, window)
+    if name == "reference":
+        grads = reference.attention_backward(dout, q, k, v, position_ids, scale, window)
+        return tuple(_token_major(g) for g in grads)
+    if name == "cudnn":
+        grads = cudnn_attention_backward(
+            _token_major(dout), _token_major(q), _token_major(k), _token_major(v), out,
+            lse.view(b, hq, s, 1), scale,
+        )
+        return tuple(_token_major(g) for g in grads)
+    cu = document_bounds(position_ids if position_ids is not None
+                         else torch.arange(s, device=q.device)[None], b)
+    dq, dk, dv = flash_attention_backward(
+        dout.transpose(1, 2).reshape(b * s, hq, d),
+        q.transpose(1, 2).reshape(b * s, hq, d),
+        k.transpose(1, 2).reshape(b * s, hk, d),
+        v.transpose(1, 2).reshape(b * s, hk, d),
+        out.transpose(1, 2).reshape(b * s, hq, d),
+        lse.view(hq, b * s), cu, s, scale, window,
+    )
+    return (dq.view(b, s, hq, d).transpose(1, 2), dk.view(b, s, hk, d).transpose(1, 2),
+            dv.view(b, s, hk, d).transpose(1, 2))
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(dout, q, k, v, out, lse, position_ids, scale, window):
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    return (_empty_token_major(b, hq, s, d, q), _empty_token_major(b, hk, s, d, k),
+            _empty_token_major(b, hk, s, d, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, position_ids, scale, window = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, position_ids)
+    ctx.scale, ctx.window = scale, window
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout: Tensor | None, _dlse: Tensor | None):
+    q, k, v, out, lse, position_ids = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None
+    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, position_ids, ctx.scale,
+                                        ctx.window)
+    return dq, dk, dv, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None = None, *,
+              scale: float | None = None, window: int | None = None) -> Tensor:
+    """Causal attention within the documents of each row; see the module docstring.
+
+    q (B, Hq, S, D), k and v (B, Hk, S, D) with Hq a multiple of Hk; position_ids (B, S) or
+    (1, S) integers, or None for one document per row; scale defaults to 1/sqrt(D); window w: a
+    token sees the w most recent tokens of its document, itself included (transformers'
+    `sliding_window`). Returns (B, Hq, S, D) in q's dtype, laid out as (B, S, Hq, D).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if window is not None and window < 1:
+        raise ValueError(f"attention: window must be >= 1 or None. Got {window}.")
+    return _attention_op(q, k, v, position_ids, scale, window or 0)[0]

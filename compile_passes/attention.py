@@ -1,0 +1,272 @@
+"""Masked scaled-dot-product attention -> `chronicals::attention` (causal, by documents).
+
+Under torch.compile, transformers never takes its eager shortcut of calling sdpa with
+`is_causal=True` and no mask: while tracing it cannot look at the values of position_ids, so it
+builds a dense (B, 1, S, S) boolean mask (causal, and block-diagonal over packed documents) and
+calls sdpa with it. With a mask, the fused kernels cannot skip the tiles above the diagonal and
+must read the mask: every compiled decoder pays for the whole S x S square.
+
+The mask is a function of the graph's inputs. This pass proves what that function is, rather than
+matching how one transformers version spells it: it runs the mask's subgraph on probe inputs (one
+document per row; random packed documents; positions that do not start at 0) and requires it to
+equal, on every probe, the causal mask of the documents that position_ids delimit (a maximal run of
+consecutive positions, transformers' packed-sequence rule), with the sliding window the first probe
+shows. Other inputs the mask reads get random values in each probe, so a mask that depends on them
+(padding, custom masks) fails the proof and is rejected with the reason. What is proven is
+rewritten to `chronicals::attention(q, k, v, position_ids | None, scale, window)`; transformers'
+`repeat_kv` expansion of K/V for GQA is undone (the kernels share K/V heads).
+
+Not fused, with the reason in the report: dropout > 0, masks that are not causal-by-documents,
+graph inputs of symbolic shape (the proof needs concrete shapes), attention inside a checkpointed
+region whose mask comes from outside it, dtypes or head dims no kernel takes.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from chronicals import reference
+from chronicals.ops import attention as ops
+from compile_passes.fusion import Fusion, GraphFacts, reject_node, val
+
+aten = torch.ops.aten
+_SDPA = aten.scaled_dot_product_attention.default
+_RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+_PROBES = 6
+
+
+def _is_candidate(node: Node) -> bool:
+    return node.op == "call_function" and node.target is _SDPA
+
+
+def _diagnose(node: Node) -> str:
+    return "not examined (attention inside a checkpointed region or a nested graph)"
+
+
+def _sdpa_args(node: Node) -> dict:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def _unrepeated(kv: Node) -> Node:
+    """K or V before transformers' repeat_kv: x[:, :, None].expand(B, Hk, n, S, D).reshape(B,
+    Hk * n, S, D) -> x."""
+    if not (isinstance(kv, Node) and kv.target in _RESHAPES):
+        return kv
+    expand = kv.args[0]
+    if not (isinstance(expand, Node) and expand.target is aten.expand.default):
+        return kv
+    source = expand.args[0]
+    while isinstance(source, Node) and source.target in (aten.unsqueeze.default,
+                                                          aten.slice.Tensor):
+        source = source.args[0]
+    x, repeated, expanded = val(source), val(kv), val(expand)
+    if not all(isinstance(t, torch.Tensor) for t in (x, repeated, expanded)):
+        return kv
+    b, hk, s, d = x.shape if x.dim() == 4 else (None,) * 4
+    if hk is None or expanded.dim() != 5 or tuple(expanded.shape) != (
+        b, hk, expanded.shape[2], s, d
+    ) or tuple(repeated.shape) != (b, hk * expanded.shape[2], s, d):
+        return kv
+    return source
+
+
+def _ancestors(node: Node) -> list[Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def _subgraph(mask: Node) -> tuple[GraphModule, list[Node]] | str:
+    """The mask's subgraph as a module of its placeholders, or why it cannot be run."""
+    nodes = _ancestors(mask)
+    graph, env, inputs = Graph(), {}, []
+    for n in nodes:
+        if n.op == "placeholder":
+            if isinstance(val(n), torch.SymInt) or (
+                isinstance(val(n), torch.Tensor)
+                and not all(isinstance(s, int) for s in val(n).shape)
+            ):
+                return "the mask depends on a symbolic shape (compiled with dynamic shapes)"
+            env[n] = graph.placeholder(n.name)
+            inputs.append(n)
+        elif n.op == "call_function":
+            if n.is_impure() or torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ()):
+                return f"the mask is computed by {n.target}, which is random or mutates"
+            env[n] = graph.node_copy(n, lambda a: env[a])
+        else:
+            return f"the mask is computed by a {n.op} node ({n.name})"
+    graph.output(env[mask])
+    return GraphModule(torch.nn.Module(), graph), inputs
+
+
+def _probe_positions(shape: tuple[int, int], probe: int, gen: torch.Generator) -> torch.Tensor:
+    """Position ids for probe i: 0, one document per row; 1, positions starting at 7; then random
+    packed documents (some starting at random offsets)."""
+    rows, seq = shape
+    pos = torch.arange(seq).repeat(rows, 1)
+    if probe == 0:
+        return pos
+    if probe == 1:
+        return pos + 7
+    for row in range(rows):
+        cuts = torch.randint(1, max(seq, 2), (probe,), generator=gen).unique().tolist()
+        start = 0
+        for end in [*cuts, seq]:
+            if end > start:
+                offset = int(torch.randint(0, 3, (1,), generator=gen)) if probe % 2 else 0
+                pos[row, start:end] = torch.arange(end - start) + offset
+                start = end
+    return pos
+
+
+def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    if t.dtype == torch.bool:
+        return torch.randint(0, 2, t.shape, generator=gen).bool()
+    if t.is_floating_point():
+        return torch.randn(t.shape, generator=gen).to(t.dtype)
+    return torch.randint(0, 5, t.shape, generator=gen).to(t.dtype)
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor | None:
+    """A boolean or additive mask as 'key visible' booleans; None for other additive values."""
+    if mask.dtype == torch.bool:
+        return mask
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool(((mask == 0) | blocked).all()):
+        return None
+    return mask == 0
+
+
+def _window(allowed: torch.Tensor) -> int:
+    """The sliding window of a one-document-per-row mask: keys visible to the last query."""
+    seq = allowed.shape[-1]
+    visible = int(allowed[..., -1, :].sum(-1).max())
+    return 0 if visible >= seq else visible
+
+
+def _prove(mask: Node, batch: int, seq: int) -> tuple[Node | None, int] | str:
+    """(the position_ids node the mask is a function of, or None; window) or why not proven."""
+    built = _subgraph(mask)
+    if isinstance(built, str):
+        return built
+    module, inputs = built
+    ints = [
+        p for p in inputs
+        if isinstance(val(p), torch.Tensor) and not val(p).is_floating_point()
+        and val(p).dtype != torch.bool and val(p).dim() == 2
+        and tuple(val(p).shape) in ((batch, seq), (1, seq))
+    ]
+    failures = []
+    for positions in [None, *ints] if not ints else ints:
+        why = _check_candidate(module, inputs, positions, batch, seq)
+        if isinstance(why, int):
+            return positions, why
+        failures.append(why)
+    return failures[0]
+
+
+def _check_candidate(module: GraphModule, inputs: list[Node], positions: Node | None,
+                     batch: int, seq: int) -> int | str:
+    gen = torch.Generator().manual_seed(0)
+    window = None
+    for probe in range(_PROBES if positions is not None else 2):
+        pos = None
+        args = []
+        for p in inputs:
+            example = val(p)
+            if p is positions:
+                pos = _probe_positions(tuple(example.shape), probe, gen).to(example.dtype)
+                args.append(pos.to(example.device))
+            elif isinstance(example, torch.Tensor):
+                args.append(_random_like(example, gen).to(example.device))
+            else:
+                args.append(example)
+        with torch.no_grad():
+            got = module(*args)
+        if not isinstance(got, torch.Tensor) or got.dim() != 4 or got.shape[-2:] != (seq, seq):
+            return "the attention mask is not a (B, H, S, S) tensor"
+        allowed = _allowed(got.cpu())
+        if allowed is None:
+            return "the additive mask holds values other than 0 and the dtype's minimum"
+        if window is None:
+            window = _window(allowed)
+        expected = reference.attention_mask(pos, batch, seq, window, torch.device("cpu"))
+        if not bool((allowed == expected).all()):
+            others = ", ".join(p.name for p in inputs if p is not positions)
+            return (
+                "the mask is not causal within the documents of position_ids"
+                + ("" if positions is None else f" ({positions.name})")
+                + (f" for every value of the other graph inputs it reads ({others})"
+                   if others else "")
+            )
+    return window
+
+
+def _finalize(graph: torch.fx.Graph, facts: GraphFacts) -> None:
+    for node in list(graph.nodes):
+        if _is_candidate(node):
+            _rewrite(node)
+
+
+def _rewrite(node: Node) -> None:
+    args = _sdpa_args(node)
+    q, k, v, mask = args["query"], args["key"], args["value"], args.get("attn_mask")
+    if args.get("dropout_p", 0.0):
+        return reject_node(node, f"attention dropout {args['dropout_p']} > 0")
+    qv = val(q)
+    if not isinstance(qv, torch.Tensor) or qv.dim() != 4:
+        return reject_node(node, "query is not a (B, H, S, D) tensor")
+    batch, _, seq, head_dim = qv.shape
+    if not all(isinstance(s, int) for s in qv.shape):
+        return reject_node(node, "the query has a symbolic shape (compiled with dynamic shapes)")
+    if val(k).shape[2] != seq:
+        return reject_node(node, "keys and queries cover different positions (a KV cache)")
+    k, v = _unrepeated(k), _unrepeated(v)
+    why = ops.unsupported(qv, val(k))
+    if why:
+        return reject_node(node, why)
+    if mask is None:
+        if not args.get("is_causal", False):
+            return reject_node(node, "attention without a mask and not causal (not a decoder)")
+        positions, window = None, 0
+    elif args.get("is_causal", False):
+        return reject_node(node, "attention with both a mask and is_causal")
+    else:
+        proven = _prove(mask, batch, seq)
+        if isinstance(proven, str):
+            return reject_node(node, proven)
+        positions, window = proven
+    scale = node.kwargs.get("scale")
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    with node.graph.inserting_before(node):
+        fused = node.graph.call_function(
+            torch.ops.chronicals.attention.default, (q, k, v, positions, scale, window)
+        )
+        out = node.graph.call_function(operator.getitem, (fused, 0))
+    if "stack_trace" in node.meta:
+        fused.meta["stack_trace"] = node.meta["stack_trace"]
+    out.meta.update(node.meta)
+    node.replace_all_uses_with(out)
+    node.graph.erase_node(node)
+    return None
+
+
+FUSION = Fusion(
+    name="attention",
+    register=lambda pattern_pass: None,
+    fused_ops=lambda: (torch.ops.chronicals.attention.default,),
+    is_candidate=_is_candidate,
+    diagnose=_diagnose,
+    finalize=_finalize,
+)

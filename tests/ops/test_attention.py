@@ -1,0 +1,190 @@
+"""chronicals::attention: opcheck, numerics against an fp64 truth, packed documents, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chronicals import reference
+from chronicals.ops import attention as ops
+from tests.helpers import assert_no_worse_than_eager, devices
+
+# (B, Hq, Hk, S, D, packed, window): causal, GQA, MQA, sliding window, packed documents, odd sizes.
+CASES = [
+    (2, 4, 4, 13, 16, False, 0),
+    (2, 6, 2, 17, 16, False, 0),
+    (1, 4, 1, 11, 24, True, 0),
+    (2, 4, 2, 19, 16, True, 5),
+    (3, 2, 2, 9, 40, False, 4),
+]
+
+
+def _positions(b: int, s: int, seed: int = 0) -> torch.Tensor:
+    """Packed rows: documents of random lengths, positions restarting at 0 (and one row whose
+    first document continues from position 3)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for row in range(b):
+        pos, start = [], 3 if row == 1 else 0
+        while len(pos) < s:
+            n = int(torch.randint(1, 7, (1,), generator=g))
+            pos.extend(range(start, start + n))
+            start = 0
+        rows.append(pos[:s])
+    return torch.tensor(rows)
+
+
+def _inputs(case, dtype, device, seed=0):
+    b, hq, hk, s, d, packed, window = case
+    g = torch.Generator().manual_seed(seed)
+    # HF's layout: transposed views of (B, S, H, D) projections.
+    q = torch.randn(b, s, hq, d, generator=g).to(device, dtype).transpose(1, 2)
+    k = torch.randn(b, s, hk, d, generator=g).to(device, dtype).transpose(1, 2)
+    v = torch.randn(b, s, hk, d, generator=g).to(device, dtype).transpose(1, 2)
+    pos = _positions(b, s, seed).to(device) if packed else None
+    return q, k, v, pos, window
+
+
+def _sdpa(q, k, v, pos, window, scale):
+    """What transformers computes: sdpa with the dense mask, K/V repeated per query head."""
+    b, hq, s, _ = q.shape
+    mask = reference.attention_mask(pos, b, s, window, q.device)
+    group = hq // k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask,
+        scale=scale,
+    )
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_forward_backward_against_fp64(case, dtype, device):
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA kernels take float16/bfloat16 (the pass rejects fp32 there)")
+    q, k, v, pos, window = _inputs(case, dtype, device)
+    scale = q.shape[-1] ** -0.5
+    g = torch.Generator().manual_seed(7)
+    dout = torch.randn(q.shape, generator=g).to(device, dtype)
+
+    def run(fn, *tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        out.backward(dout.to(out.dtype))
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    got = run(lambda a, b, c: ops.attention(a, b, c, pos, scale=scale, window=window or None),
+              q, k, v)
+    eager = run(lambda a, b, c: _sdpa(a, b, c, pos, window, scale), q, k, v)
+    truth = run(lambda a, b, c: _sdpa(a, b, c, pos, window, scale),
+                *(t.double() for t in (q, k, v)))
+    for name, o, e, t in zip(("out", "dq", "dk", "dv"), got, eager, truth):
+        assert o.dtype == dtype and o.shape == t.shape
+    if device == "cuda":
+        _assert_norm_error_no_worse(got, eager, truth)
+        return
+    for name, o, e, t in zip(("out", "dq", "dk", "dv"), got, eager, truth):
+        assert_no_worse_than_eager(name, o, e, t, atol=1e-6)
+
+
+def test_output_is_token_major():
+    q, k, v, pos, window = _inputs(CASES[1], torch.float32, "cpu")
+    out = ops.attention(q, k, v, pos)
+    b, h, s, d = out.shape
+    assert out.stride() == (s * h * d, d, h * d, 1)
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_packed_document_equals_document_alone():
+    b, hq, hk, s, d = 1, 4, 2, 16, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, h, s, d, generator=g) for h in (hq, hk, hk))
+    # documents [0, 5), [5, 12), [12, 16)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]])
+    packed = ops.attention(q, k, v, pos)
+    for start, end in ((0, 5), (5, 12), (12, 16)):
+        alone = ops.attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end])
+        torch.testing.assert_close(packed[:, :, start:end], alone, rtol=0, atol=1e-6)
+
+
+def test_position_ids_of_one_document_per_row_equal_none():
+    q, k, v, _, _ = _inputs(CASES[1], torch.float32, "cpu")
+    pos = torch.arange(q.shape[2])[None]
+    torch.testing.assert_close(ops.attention(q, k, v, pos), ops.attention(q, k, v), rtol=0,
+                               atol=0)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("window", [0, 3])
+def test_opcheck(packed, window):
+    q, k, v, pos, _ = _inputs((2, 4, 2, 9, 8, packed, 0), torch.float32, "cpu")
+    args = (q.detach().requires_grad_(), k.detach().requires_grad_(),
+            v.detach().requires_grad_(), pos, 0.3, window)
+    torch.library.opcheck(torch.ops.chronicals.attention.default, args)
+
+
+def test_kernel_choice():
+    q = torch.empty(1, 4, 8, 64)
+    assert ops.kernel(q, packed=False, window=0) == "reference"
+    meta = torch.empty(1, 4, 8, 64, device="meta")
+    # meta tensors are neither CUDA nor CPU: the reference would run; CUDA's choice is by device.
+    assert ops.kernel(meta, packed=True, window=0) == "reference"
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda q, k, v, p: (q[0], k, v, p), "expected q"),
+        (lambda q, k, v, p: (q, k[:, :, :-1], v[:, :, :-1], p), "do not match"),
+        (lambda q, k, v, p: (q, k.repeat(1, 2, 1, 1)[:, :3], v.repeat(1, 2, 1, 1)[:, :3], p),
+         "not a multiple"),
+        (lambda q, k, v, p: (q, k, v, p[:, :-1]), "position_ids must be"),
+        (lambda q, k, v, p: (q, k, v, p.float()), "position_ids must be"),
+    ],
+)
+def test_bad_input(bad, match):
+    q, k, v, pos, _ = _inputs((2, 4, 2, 9, 8, True, 0), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=match):
+        ops.attention(*bad(q, k, v, pos))
+
+
+def test_bad_window():
+    q, k, v, _, _ = _inputs(CASES[0], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        ops.attention(q, k, v, window=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("packed", [False, True])
+def test_cuda_kernels_model_shapes(head_dim, packed):
+    case = (2, 8, 2, 300, head_dim, packed, 0)
+    q, k, v, pos, _ = _inputs(case, torch.bfloat16, "cuda")
+    expected = "flash-varlen" if packed or head_dim > 128 else "cudnn"
+    assert ops.kernel(q, packed, 0) == expected
+    scale = head_dim ** -0.5
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn, *tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        out.backward(dout.to(out.dtype))
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    got = run(lambda a, b, c: ops.attention(a, b, c, pos, scale=scale), q, k, v)
+    eager = run(lambda a, b, c: _sdpa(a, b, c, pos, 0, scale), q, k, v)
+    truth = run(lambda a, b, c: _sdpa(a, b, c, pos, 0, scale), *(t.double() for t in (q, k, v)))
+    _assert_norm_error_no_worse(got, eager, truth)
+
+
+def _assert_norm_error_no_worse(got, eager, truth):
+    """GPU rule (as for whole models in tests/compile_passes/harness.py): each tensor's relative
+    norm error against the fp64 truth at most twice eager's in the same dtype plus one bf16 unit.
+    Flash kernels round P to bf16 before the dV and dQ products, so element by element they can
+    sit on the other side of the truth from eager's (fp32-accumulating) masked kernel."""
+    for name, o, e, t in zip(("out", "dq", "dk", "dv"), got, eager, truth):
+        assert not o.isnan().any(), name
+        err = float((o.double() - t).norm() / t.norm())
+        err_eager = float((e.double() - t).norm() / t.norm())
+        assert err <= 2 * err_eager + 2**-7, (name, err, err_eager)
