@@ -28,9 +28,14 @@ from compile_passes.fusion import (
     recorded_reason,
     source_line,
 )
-from compile_passes.report import FusionReport, Rejection, ReportSink, publish
+from compile_passes.report import FusionReport, GraphBreak, Rejection, ReportSink, publish
 
 logger = logging.getLogger("chronicals.compile")
+
+# Without it, a model under gradient checkpointing on transformers 5.25 is split at every
+# checkpointed layer and fuses almost nothing (see the function's docstring). Set here, when the
+# backend is loaded, because Dynamo reads it while tracing, before any graph reaches the backend.
+_torch_api.allow_side_effects_in_checkpointed_regions()
 
 COMPILERS = ("auto", "inductor", "aot_eager")
 
@@ -212,6 +217,10 @@ def chronicals_backend(
 ) -> Callable[..., Any]:
     """The torch.compile backend. Options: see `BackendOptions`."""
     opts = BackendOptions.from_options(options)
+    graph_breaks = tuple(
+        GraphBreak(reason=reason, source=source)
+        for reason, source in _torch_api.new_graph_breaks()
+    )
     all_fusions = _all_fusions()
     fusions = [all_fusions[name] for name in FUSION_NAMES if name in opts.fusions]
     error = skipped = None
@@ -251,6 +260,7 @@ def chronicals_backend(
         compiler=compiler,
         error=error,
         skipped=skipped,
+        graph_breaks=graph_breaks,
     )
     publish(report, opts.report)
     if opts.strict and skipped:
