@@ -40,6 +40,7 @@ __all__ = [
     "new_graph_breaks",
     "register_replacement",
     "resumed_after_graph_break",
+    "run_on_match",
     "trace_pre_dispatch",
 ]
 
@@ -422,6 +423,24 @@ def match_value(match: Match, name: str) -> Any:
         if node.target is target and getattr(first, "target", None) is first_arg_op:
             return node.args[index]
     raise KeyError(f"{name} is neither an argument nor a literal of the match")
+
+
+def run_on_match(fn: Callable[..., Any], match: Match, names: Sequence[str]) -> None:
+    """Call `fn` with the match's values of `names` as AOTAutograd will give them to the fused op
+    in the rewritten graph: its fake tensors, each requiring grad where the traced value does,
+    and its literals. So the op's fake (shape, dtype and option checks) runs, and, where an input
+    requires grad, its autograd setup. The fake in `meta["val"]` is detached; make_fx records
+    requires_grad in `meta["tensor_meta"]` (False inside a no_grad region)."""
+    values = [match_value(match, name) for name in names]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    fake_mode = detect_fake_mode(tensors) if tensors else None
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        for i, name in enumerate(names):
+            node = match.kwargs.get(name)
+            meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+            if isinstance(values[i], torch.Tensor) and getattr(meta, "requires_grad", False):
+                values[i] = values[i].detach().requires_grad_()
+        fn(*values)
 
 
 # Scalar argument name -> (op that consumes it, the scalar's position among its args, the op

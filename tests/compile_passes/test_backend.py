@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -247,6 +248,46 @@ def test_a_graph_break_is_reported_with_its_reason_and_source_line():
         torch.compile(loss_fn, backend="chronicals", options={"strict": True})(
             hidden, weight, labels
         )
+
+
+def _one_token_loss(hidden, norm_weight, head, labels):
+    """An LM head + loss on one token's hidden state, (H,) rather than (..., H)."""
+    logits = F.linear(_norm(hidden, norm_weight), head).float()
+    return F.cross_entropy(logits.view(-1, head.shape[0]), labels.view(-1), ignore_index=-100)
+
+
+def _norm_with_infinite_eps(x, w):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + float("inf"))).to(x.dtype)
+
+
+@pytest.mark.parametrize(
+    "fn, make_inputs, rejected, reason, fired",
+    [
+        (_one_token_loss,
+         lambda: (torch.randn(16), torch.randn(16), torch.randn(40, 16), torch.randint(0, 40, (1,))),
+         "linear_cross_entropy", "hidden must be (..., H) with at least 2 dims", {"rms_norm": 1}),
+        (_norm_with_infinite_eps, lambda: (torch.randn(4, 24), torch.randn(24)),
+         "rms_norm", "eps must be finite and > 0", {"rms_norm": 0}),
+    ],
+    ids=["lce_one_token", "rms_norm_infinite_eps"],
+)
+def test_a_candidate_the_fused_op_refuses_is_rejected_and_compiled_as_written(
+        fn, make_inputs, rejected, reason, fired):
+    """Subgraphs the patterns match but the fused op refuses (its fake raises), which eager runs:
+    the candidate is rejected with the op's reason and the rest of the graph still fuses
+    (the pattern stage used to fail, leaving the whole graph unfused, and strict mode raised the
+    op's bare error); strict mode raises with the reason."""
+    inputs = make_inputs()
+    out, report = compile_fn(fn, *inputs)
+    torch.testing.assert_close(out, fn(*inputs))
+    assert report.error is None, report.summary()
+    assert {k: report.fired[k] for k in fired} == fired, report.summary()
+    (rejection,) = report.rejected
+    assert rejection.fusion == rejected and reason in rejection.reason
+    assert rejection.reason.startswith("the fused op refuses these inputs: ")
+    with pytest.raises(Exception, match=r"(?s)strict.*" + re.escape(reason)):
+        compile_fn(fn, *inputs, strict=True)
 
 
 def test_tracing_under_autocast_keeps_the_dtypes_of_a_region_that_turns_it_off():
