@@ -265,7 +265,8 @@ def _norm_with_infinite_eps(x, w):
     "fn, make_inputs, rejected, reason, fired",
     [
         (_one_token_loss,
-         lambda: (torch.randn(16), torch.randn(16), torch.randn(40, 16), torch.randint(0, 40, (1,))),
+         lambda: (torch.randn(16), torch.randn(16), torch.randn(40, 16),
+                  torch.randint(0, 40, (1,))),
          "linear_cross_entropy", "hidden must be (..., H) with at least 2 dims", {"rms_norm": 1}),
         (_norm_with_infinite_eps, lambda: (torch.randn(4, 24), torch.randn(24)),
          "rms_norm", "eps must be finite and > 0", {"rms_norm": 0}),
