@@ -262,16 +262,35 @@ def chronicals_backend(
         skipped=skipped,
         graph_breaks=graph_breaks,
     )
-    publish(report, opts.report)
     if opts.strict and skipped:
+        publish(report, opts.report)
         raise RuntimeError("chronicals (strict): " + report.summary())
     if opts.strict and rejected:
+        publish(report, opts.report)
         raise RuntimeError(
             "chronicals (strict): candidates left unfused:\n" + report.summary()
         )
-    if compiler == "inductor":
-        return _torch_api.compile_with_inductor(compiled_gm, example_inputs)
-    return _torch_api.compile_with_aot_eager(compiled_gm, example_inputs)
+    compile_graph = (
+        _torch_api.compile_with_inductor if compiler == "inductor"
+        else _torch_api.compile_with_aot_eager
+    )
+    try:
+        compiled = compile_graph(compiled_gm, example_inputs)
+    except Exception as exc:
+        if opts.strict or compiled_gm is gm:
+            publish(report, opts.report)
+            raise
+        # A fused op that fails where AOTAutograd or Inductor compile it (its autograd setup,
+        # its lowering) must not fail a compile that eager runs: the graph is compiled as
+        # written and the report says why, loudly.
+        report = dataclasses.replace(
+            report, fired={f.name: 0 for f in fusions}, rejected=(), declined=(),
+            error=f"compiling the rewritten graph raised {type(exc).__name__}: {exc}",
+        )
+        publish(report, opts.report)
+        return compile_graph(gm, example_inputs)
+    publish(report, opts.report)
+    return compiled
 
 
 def register() -> None:

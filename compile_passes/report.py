@@ -56,7 +56,8 @@ class FusionReport:
     compiler: str
     """What compiled the rewritten graph: 'inductor' or 'aot_eager'."""
     error: str | None = None
-    """Set when the pattern stage failed and the graph was compiled unchanged (non-strict)."""
+    """Set when the pattern stage failed, or compiling the rewritten graph did, and the graph
+    was compiled unchanged (non-strict)."""
     skipped: str | None = None
     """Set when no fusion was tried on the graph, with the reason (e.g. torch.autocast)."""
     declined: tuple[Rejection, ...] = ()
@@ -81,7 +82,7 @@ class FusionReport:
         for reason in sorted({r.reason for r in self.declined}):
             text += f"\n  declined: {reason}"
         if self.error:
-            text += f"\n  pattern stage failed, graph compiled unchanged: {self.error}"
+            text += f"\n  fusions failed, graph compiled unchanged: {self.error}"
         if self.skipped:
             text += f"\n  not fused: {self.skipped}"
         for b in self.graph_breaks:

@@ -342,6 +342,28 @@ def test_failed_pattern_stage_compiles_the_graph_unchanged_and_says_so(monkeypat
         compile_fn(_norm, x, w, strict=True)
 
 
+def test_rewritten_graph_that_fails_to_compile_is_compiled_unchanged(monkeypatch):
+    """A fused op that fails only where AOTAutograd compiles the rewritten graph (e.g. in its
+    autograd setup): without strict the graph is compiled as written and the report says why."""
+    plain = _torch_api.compile_with_aot_eager
+
+    def failing_on_fused_ops(gm, example_inputs):
+        if any(str(n.target).startswith("chronicals.") for n in gm.graph.nodes):
+            raise ValueError("rms_norm: refused at compile time")
+        return plain(gm, example_inputs)
+
+    monkeypatch.setattr(_torch_api, "compile_with_aot_eager", failing_on_fused_ops)
+    x, w = torch.randn(4, 24), torch.randn(24)
+    out, report = compile_fn(_norm, x, w)
+    assert report.fired["rms_norm"] == 0
+    assert report.error == (
+        "compiling the rewritten graph raised ValueError: rms_norm: refused at compile time"
+    )
+    torch.testing.assert_close(out, _norm(x, w))
+    with pytest.raises(Exception, match="refused at compile time"):
+        compile_fn(_norm, x, w, strict=True)
+
+
 def test_entry_point_works_in_a_fresh_process():
     """After installation, backend='chronicals' resolves with no import of ours."""
     script = textwrap.dedent(
