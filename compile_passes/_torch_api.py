@@ -37,6 +37,7 @@ __all__ = [
     "compile_with_aot_eager",
     "compile_with_inductor",
     "ensure_backend_registered",
+    "is_dynamo_signal",
     "new_graph_breaks",
     "register_replacement",
     "resumed_after_graph_break",
@@ -499,6 +500,12 @@ def compile_with_inductor(
     sources of our ops in the cache keys (`_SourcesInCacheKey`)."""
     key = _SourcesInCacheKey(inductor_config.post_grad_custom_post_pass, _sources_hash())
     return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": key})
+
+
+def is_dynamo_signal(exc: BaseException) -> bool:
+    """An exception Dynamo raises through a backend to steer its own tracing (e.g. a restart
+    after it specialised a float under dynamic shapes), which the backend must let through."""
+    return isinstance(exc, torch._dynamo.exc.TorchDynamoException)
 
 
 def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:

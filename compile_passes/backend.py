@@ -277,7 +277,7 @@ def chronicals_backend(
     try:
         compiled = compile_graph(compiled_gm, example_inputs)
     except Exception as exc:
-        if opts.strict or compiled_gm is gm:
+        if opts.strict or compiled_gm is gm or _torch_api.is_dynamo_signal(exc):
             publish(report, opts.report)
             raise
         # A fused op that fails where AOTAutograd or Inductor compile it (its autograd setup,
