@@ -5,11 +5,18 @@ subgraphs (RMSNorm, SwiGLU/GeGLU, QK-RoPE, LM head + cross-entropy) into Chronic
 """
 
 from compile_passes.backend import BackendOptions, chronicals_backend, register
-from compile_passes.report import FusionReport, Rejection, clear_fusion_reports, fusion_reports
+from compile_passes.report import (
+    FusionReport,
+    GraphBreak,
+    Rejection,
+    clear_fusion_reports,
+    fusion_reports,
+)
 
 __all__ = [
     "BackendOptions",
     "FusionReport",
+    "GraphBreak",
     "Rejection",
     "chronicals_backend",
     "clear_fusion_reports",

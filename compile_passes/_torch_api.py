@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import pathlib
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,12 +33,19 @@ from torch.fx.experimental.proxy_tensor import make_fx
 __all__ = [
     "Match",
     "PatternMatcherPass",
+    "allow_side_effects_in_checkpointed_regions",
     "compile_with_aot_eager",
     "compile_with_inductor",
     "ensure_backend_registered",
+    "is_dynamo_signal",
+    "new_graph_breaks",
     "register_replacement",
+    "resumed_after_graph_break",
+    "run_on_match",
     "trace_pre_dispatch",
 ]
+
+logger = logging.getLogger("chronicals.compile")
 
 # torch 2.13 added `pattern_name`; 2.11 does not accept it.
 _REGISTER_TAKES_NAME = "pattern_name" in inspect.signature(_register_replacement).parameters
@@ -48,6 +56,87 @@ def ensure_backend_registered(name: str, compiler_fn: Callable[..., Any]) -> Non
     registered already (`register_backend` asserts on duplicates)."""
     if name not in _COMPILER_FNS:
         register_backend(compiler_fn=compiler_fn, name=name)
+
+
+def allow_side_effects_in_checkpointed_regions() -> None:
+    """Let Dynamo keep a gradient-checkpointed region that has a Python side effect in one graph
+    (`torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint`) instead of breaking
+    the graph at the region, which splits the model, and runs the region eagerly.
+
+    transformers 5.25 depends on `kernels`, whose `use_kernelized_func` wraps the forward of every
+    attention module (Llama, Qwen3, Gemma2, ...) in a set and a reset of a module-level variable.
+    Inside a checkpointed decoder layer Dynamo refuses that mutation ("HOP: Unsafe side effect"),
+    because eager checkpointing would redo it when the backward recomputes the layer. With the
+    flag the side effect runs once, in the forward, and the recompute redoes only tensor
+    operations. For a set followed by its reset the two are the same. Layers that write state
+    (a KV cache) are kept from doing so under checkpointing by transformers itself, so that a
+    recompute does not write twice.
+
+    The flag is process-wide Dynamo configuration, read while Dynamo traces, before any backend
+    sees a graph: it is set when the backend is loaded (`import chronicals`, or the first
+    `torch.compile(backend="chronicals")` through the entry point) and applies to every
+    torch.compile in the process from then on."""
+    config = torch._dynamo.config
+    if not config.skip_fwd_side_effects_in_bwd_under_checkpoint:
+        config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        logger.info(
+            "chronicals: set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint"
+            " = True, so a checkpointed layer with a Python side effect stays in one graph"
+        )
+
+
+# What `new_graph_breaks` has read of Dynamo's list: how much, its last entry (the list is
+# cleared by torch.compiler.reset() and may then grow past that length), and the breaks returned.
+_graph_breaks_read: tuple[int, Any, set[tuple[str, str]]] = (0, None, set())
+
+
+def new_graph_breaks() -> list[tuple[str, str]]:
+    """Graph breaks Dynamo met that no earlier call returned since torch.compiler.reset(), as
+    (reason, source): Dynamo's explanation, and the innermost user frame where it broke
+    ("file:line in function: code"). Dynamo records every break in
+    `torch._dynamo.utils.graph_break_reasons`, the list `torch._dynamo.explain` reads, and
+    records one again each time it restarts a frame: each is returned once."""
+    global _graph_breaks_read
+    from torch._dynamo.utils import graph_break_reasons
+
+    length, last, seen = _graph_breaks_read
+    if not (0 < length <= len(graph_break_reasons) and graph_break_reasons[length - 1] is last):
+        length, seen = 0, set()  # cleared since the last call
+    breaks = []
+    for entry in graph_break_reasons[length:]:
+        reason = " ".join(line.strip() for line in entry.reason.splitlines() if line.strip())
+        source = ""
+        if entry.user_stack:
+            frame = entry.user_stack[-1]
+            source = f"{frame.filename}:{frame.lineno} in {frame.name}"
+            if frame.line:
+                source += f": {frame.line.strip()}"
+        if (reason, source) not in seen:
+            seen.add((reason, source))
+            breaks.append((reason, source))
+    last = graph_break_reasons[-1] if graph_break_reasons else None
+    _graph_breaks_read = (len(graph_break_reasons), last, seen)
+    return breaks
+
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line \d+, in (?P<name>\S+)')
+
+
+def resumed_after_graph_break(node: torch.fx.Node) -> str | None:
+    """Where the function whose rest this node's graph computes was split by a graph break
+    ("file:line in function"), or None when the graph is not such a rest. Dynamo compiles the
+    code after a graph break as a new function named `torch_dynamo_resume_in_<function>_at_<line>`,
+    which is the outermost frame of its nodes' stack traces."""
+    from torch._dynamo.resume_execution import TORCH_DYNAMO_RESUME_IN_PREFIX
+
+    root = _FRAME.search(node.meta.get("stack_trace") or "")
+    if root is None or not root["name"].startswith(TORCH_DYNAMO_RESUME_IN_PREFIX + "_"):
+        return None
+    split = re.fullmatch(r"(?P<function>.+)_at_(?P<line>\d+)",
+                         root["name"][len(TORCH_DYNAMO_RESUME_IN_PREFIX) + 1:])
+    if split is None:
+        return None
+    return f"{root['file']}:{split['line']} in {split['function']}"
 
 
 @contextlib.contextmanager
@@ -100,11 +189,14 @@ def trace_pre_dispatch(
 
     Pre-dispatch ATen is the level where `linear`, `silu` and `cross_entropy_loss` are still
     single nodes and autograd has not been traced, so a custom op swapped in here brings its own
-    registered backward.
+    registered backward. The graph is run node by node (an fx Interpreter) with node metadata
+    preserved, so each traced node keeps the user's stack trace of the node it came from (the
+    report's source lines; `resumed_after_graph_break`).
     """
     fake_mode, inputs = _fake_inputs(example_inputs)
-    with _checkpoint_bodies_traceable(gm), fake_mode, _ambient_autocast_off():
-        return make_fx(gm, pre_dispatch=True)(*inputs)
+    with (_checkpoint_bodies_traceable(gm), fake_mode, _ambient_autocast_off(),
+          torch.fx.traceback.preserve_node_meta()):
+        return make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True)(*inputs)
 
 
 @contextlib.contextmanager
@@ -334,6 +426,24 @@ def match_value(match: Match, name: str) -> Any:
     raise KeyError(f"{name} is neither an argument nor a literal of the match")
 
 
+def run_on_match(fn: Callable[..., Any], match: Match, names: Sequence[str]) -> None:
+    """Call `fn` with the match's values of `names` as AOTAutograd will give them to the fused op
+    in the rewritten graph: its fake tensors, each requiring grad where the traced value does,
+    and its literals. So the op's fake (shape, dtype and option checks) runs, and, where an input
+    requires grad, its autograd setup. The fake in `meta["val"]` is detached; make_fx records
+    requires_grad in `meta["tensor_meta"]` (False inside a no_grad region)."""
+    values = [match_value(match, name) for name in names]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    fake_mode = detect_fake_mode(tensors) if tensors else None
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        for i, name in enumerate(names):
+            node = match.kwargs.get(name)
+            meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+            if isinstance(values[i], torch.Tensor) and getattr(meta, "requires_grad", False):
+                values[i] = values[i].detach().requires_grad_()
+        fn(*values)
+
+
 # Scalar argument name -> (op that consumes it, the scalar's position among its args, the op
 # producing its first arg).
 scalar_consumers: dict[str, tuple[Any, int, Any]] = {
@@ -390,6 +500,12 @@ def compile_with_inductor(
     sources of our ops in the cache keys (`_SourcesInCacheKey`)."""
     key = _SourcesInCacheKey(inductor_config.post_grad_custom_post_pass, _sources_hash())
     return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": key})
+
+
+def is_dynamo_signal(exc: BaseException) -> bool:
+    """An exception Dynamo raises through a backend to steer its own tracing (e.g. a restart
+    after it specialised a float under dynamic shapes), which the backend must let through."""
+    return isinstance(exc, torch._dynamo.exc.TorchDynamoException)
 
 
 def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:

@@ -28,9 +28,14 @@ from compile_passes.fusion import (
     recorded_reason,
     source_line,
 )
-from compile_passes.report import FusionReport, Rejection, ReportSink, publish
+from compile_passes.report import FusionReport, GraphBreak, Rejection, ReportSink, publish
 
 logger = logging.getLogger("chronicals.compile")
+
+# Without it, a model under gradient checkpointing on transformers 5.25 is split at every
+# checkpointed layer and fuses almost nothing (see the function's docstring). Set here, when the
+# backend is loaded, because Dynamo reads it while tracing, before any graph reaches the backend.
+_torch_api.allow_side_effects_in_checkpointed_regions()
 
 COMPILERS = ("auto", "inductor", "aot_eager")
 
@@ -213,6 +218,10 @@ def chronicals_backend(
 ) -> Callable[..., Any]:
     """The torch.compile backend. Options: see `BackendOptions`."""
     opts = BackendOptions.from_options(options)
+    graph_breaks = tuple(
+        GraphBreak(reason=reason, source=source)
+        for reason, source in _torch_api.new_graph_breaks()
+    )
     all_fusions = _all_fusions()
     fusions = [all_fusions[name] for name in FUSION_NAMES if name in opts.fusions]
     error = skipped = None
@@ -252,17 +261,37 @@ def chronicals_backend(
         compiler=compiler,
         error=error,
         skipped=skipped,
+        graph_breaks=graph_breaks,
     )
-    publish(report, opts.report)
     if opts.strict and skipped:
+        publish(report, opts.report)
         raise RuntimeError("chronicals (strict): " + report.summary())
     if opts.strict and rejected:
+        publish(report, opts.report)
         raise RuntimeError(
             "chronicals (strict): candidates left unfused:\n" + report.summary()
         )
-    if compiler == "inductor":
-        return _torch_api.compile_with_inductor(compiled_gm, example_inputs)
-    return _torch_api.compile_with_aot_eager(compiled_gm, example_inputs)
+    compile_graph = (
+        _torch_api.compile_with_inductor if compiler == "inductor"
+        else _torch_api.compile_with_aot_eager
+    )
+    try:
+        compiled = compile_graph(compiled_gm, example_inputs)
+    except Exception as exc:
+        if opts.strict or compiled_gm is gm or _torch_api.is_dynamo_signal(exc):
+            publish(report, opts.report)
+            raise
+        # A fused op that fails where AOTAutograd or Inductor compile it (its autograd setup,
+        # its lowering) must not fail a compile that eager runs: the graph is compiled as
+        # written and the report says why, loudly.
+        report = dataclasses.replace(
+            report, fired={f.name: 0 for f in fusions}, rejected=(), declined=(),
+            error=f"compiling the rewritten graph raised {type(exc).__name__}: {exc}",
+        )
+        publish(report, opts.report)
+        return compile_graph(gm, example_inputs)
+    publish(report, opts.report)
+    return compiled
 
 
 def register() -> None:

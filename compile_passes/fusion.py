@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator
 
 import torch
@@ -167,16 +168,36 @@ def register_pattern(
     extra_check: Callable[[_torch_api.Match], bool],
     scalar_workaround: dict[str, float] | None = None,
 ) -> None:
-    """Register a search/replacement pair, traced and canonicalised like the model graph."""
+    """Register a search/replacement pair, traced and canonicalised like the model graph. A
+    match is replaced when `extra_check` accepts it and the fused op accepts its inputs."""
+    names = tuple(inspect.signature(replace_fn).parameters)
+
+    def check(match: _torch_api.Match) -> bool:
+        return extra_check(match) and _op_accepts(match, replace_fn, names)
+
     _torch_api.register_replacement(
         search_fn,
         replace_fn,
         example_inputs,
         pattern_pass,
-        extra_check=extra_check,
+        extra_check=check,
         scalar_workaround=scalar_workaround,
         canonicalize=strip_noop_casts,
     )
+
+
+def _op_accepts(match: _torch_api.Match, replace_fn: Callable[..., object],
+                names: tuple[str, ...]) -> bool:
+    """True, or False after rejecting the match when the fused op refuses its inputs with the
+    ValueError or TypeError it raises for bad input (e.g. rope's cos and sin that require grad,
+    which its autograd setup refuses). The replacement runs on the match's fake values as
+    AOTAutograd would run it on the rewritten graph, where the error would fail the user's
+    compile of a subgraph that eager runs; rejected, the subgraph is compiled as written."""
+    try:
+        _torch_api.run_on_match(replace_fn, match, names)
+    except (ValueError, TypeError) as refused:
+        return reject(match, f"the fused op refuses these inputs: {refused}")
+    return True
 
 
 def literal_float(value: object) -> float | None:

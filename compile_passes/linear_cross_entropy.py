@@ -184,6 +184,13 @@ def _diagnose(node: Node) -> str:
     chain.append(linear)
     for n in chain:
         if any(u.op == "output" for u in n.users):
+            split = _torch_api.resumed_after_graph_break(node)
+            if split is not None:
+                return (
+                    f"a graph break split the function at {split}, and this graph, the rest of "
+                    "it, returns the model's output with its logits, so they must exist; remove "
+                    "the graph break (the reports list each with Dynamo's reason and source line)"
+                )
             return (
                 "the logits are a graph output, so they must exist; compile a function that "
                 "returns only the loss (see README: 'The loss path')"

@@ -2,7 +2,8 @@
 
 One `FusionReport` per compiled graph is kept in memory (the newest 64) and logged once, as
 "chronicals: fused 5 rms_norm, 2 swiglu, 2 rope, 1 linear_cross_entropy; rejected 0", with
-"; declined ..." when candidates were left to the compiler on purpose.
+"; declined ..." when candidates were left to the compiler on purpose, and a line per graph break
+Dynamo met (a model split into several graphs fuses nothing that spans a break).
 `fusion_reports()` returns them as data.
 """
 
@@ -31,6 +32,18 @@ class Rejection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GraphBreak:
+    """A place where Dynamo ended a graph and went on in Python: the compiled function runs as
+    several graphs, and no fusion can span the break (an LM head + loss whose logits are passed
+    from one graph to the next must keep them)."""
+
+    reason: str
+    """Dynamo's explanation, as it gives it."""
+    source: str
+    """The innermost user frame where it broke: "file:line in function: code"."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class FusionReport:
     graph: int
     """Sequence number of the compiled graph in this process."""
@@ -43,12 +56,17 @@ class FusionReport:
     compiler: str
     """What compiled the rewritten graph: 'inductor' or 'aot_eager'."""
     error: str | None = None
-    """Set when the pattern stage failed and the graph was compiled unchanged (non-strict)."""
+    """Set when the pattern stage failed, or compiling the rewritten graph did, and the graph
+    was compiled unchanged (non-strict)."""
     skipped: str | None = None
     """Set when no fusion was tried on the graph, with the reason (e.g. torch.autocast)."""
     declined: tuple[Rejection, ...] = ()
     """Candidates left to the compiler on purpose, because it does better with them there (e.g.
     a SwiGLU whose operands are LoRA's sums, which Inductor fuses into the activation)."""
+    graph_breaks: tuple[GraphBreak, ...] = ()
+    """Graph breaks Dynamo met since the previous graph compiled with this backend, each reported
+    once until torch.compiler.reset(). Dynamo meets a break before it compiles the graphs on
+    either side, so the break shows in the report of a graph near it, not always the one it cut."""
 
     def summary(self) -> str:
         fused = ", ".join(f"{n} {name}" for name, n in self.fired.items())
@@ -64,9 +82,11 @@ class FusionReport:
         for reason in sorted({r.reason for r in self.declined}):
             text += f"\n  declined: {reason}"
         if self.error:
-            text += f"\n  pattern stage failed, graph compiled unchanged: {self.error}"
+            text += f"\n  fusions failed, graph compiled unchanged: {self.error}"
         if self.skipped:
             text += f"\n  not fused: {self.skipped}"
+        for b in self.graph_breaks:
+            text += f"\n  graph break at {b.source}: {b.reason}"
         return text
 
     def to_json(self) -> str:
@@ -84,7 +104,7 @@ def publish(report: FusionReport, sink: ReportSink) -> None:
     if sink == "none":
         return
     if sink == "log":
-        noteworthy = report.rejected or report.error or report.skipped
+        noteworthy = report.rejected or report.error or report.skipped or report.graph_breaks
         level = logging.WARNING if noteworthy else logging.INFO
         logger.log(level, "%s", report.summary())
     elif callable(sink):

@@ -68,20 +68,22 @@ def compile_and_compare(
     *,
     seq: int = 12,
     options: dict | None = None,
-    checkpointing: bool = False,
+    checkpointing: dict | None = None,
     dynamic: bool | None = None,
     device: str = "cpu",
     autocast: torch.dtype | None = None,
 ) -> Comparison:
     """`autocast`: the compiled and the eager forward run under torch.autocast to that dtype (as
-    HF Trainer's bf16=True does), the truth without it."""
+    HF Trainer's bf16=True does), the truth without it. `checkpointing`: the keyword arguments of
+    `model.gradient_checkpointing_enable` for the compiled model ({} for transformers' default),
+    None for no checkpointing."""
     torch.compiler.reset()
     model = tiny_model(family, dtype).to(device)
     eager = copy.deepcopy(model)
     truth = copy.deepcopy(model).float()
-    if checkpointing:
+    if checkpointing is not None:
         model.train()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(**checkpointing)
     ids, labels = (t.to(device) for t in tiny_batch(seq=seq))
     compiled = torch.compile(
         _loss_fn(model),

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import compile_passes
 from compile_passes import _torch_api
@@ -150,6 +153,144 @@ def test_autocast_inside_a_checkpointed_body_is_written_out():
     torch.testing.assert_close(out, fn(x, w), rtol=0, atol=0)
 
 
+class _KernelTable:
+    """A module-level table a layer points at its kernels while it runs, and restores after, as
+    transformers 5.25's attention layers do through `kernels.use_kernelized_func`. The table
+    holds objects, so Dynamo cannot check that the layer restores it."""
+
+    def __init__(self):
+        self.active = None
+
+
+class _Kernel:
+    pass
+
+
+_TABLE, _NORM_KERNEL = _KernelTable(), _Kernel()
+
+
+def _layer_that_sets_and_restores_a_global(x, w):
+    previous, _TABLE.active = _TABLE.active, {"rms_norm": _NORM_KERNEL}
+    out = x + _norm(x, w)
+    _TABLE.active = previous
+    return out
+
+
+def test_a_checkpointed_layer_with_a_python_side_effect_stays_in_one_graph():
+    """Dynamo refuses a side effect inside a checkpointed region ("HOP: Unsafe side effect") and
+    breaks the graph there, unless the setting the backend turns on when it is loaded lets the
+    side effect run once, in the forward. Then the layer is one graph, its norm fuses, and the
+    result and gradients are eager's."""
+
+    def fn(x, w):
+        return torch.utils.checkpoint.checkpoint(
+            _layer_that_sets_and_restores_a_global, x, w, use_reentrant=False
+        )
+
+    x, w = torch.randn(4, 24, requires_grad=True), torch.randn(24, requires_grad=True)
+    x_eager, w_eager = (t.detach().clone().requires_grad_() for t in (x, w))
+    torch.compiler.reset()
+    compile_passes.clear_fusion_reports()
+    out = torch.compile(fn, backend="chronicals", options={"report": "none"})(x, w)
+    (report,) = compile_passes.fusion_reports()
+    assert report.fired["rms_norm"] == 1 and report.rejected == (), report.summary()
+    assert report.graph_breaks == (), report.summary()
+    assert _TABLE.active is None
+    expected = fn(x_eager, w_eager)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close((x.grad, w.grad), (x_eager.grad, w_eager.grad))
+
+
+def _forward_with_a_graph_break(hidden, weight, labels):
+    """A model's forward: returns its loss and its logits, after a data-dependent check."""
+    if not torch.isfinite(hidden).all().item():  # Tensor.item() is a graph break
+        raise ValueError("non-finite hidden states")
+    logits = F.linear(hidden, weight)
+    labels = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+    return {
+        "loss": F.cross_entropy(logits.float().view(-1, weight.shape[0]), labels.view(-1),
+                                ignore_index=-100),
+        "logits": logits,
+    }
+
+
+def test_a_graph_break_is_reported_with_its_reason_and_source_line():
+    """A graph break splits the forward: the report names the break (Dynamo's reason, the user's
+    line), and the LM head + loss in the graph after it is rejected for the split, not with the
+    advice to return only the loss, which the compiled function already does."""
+
+    def loss_fn(hidden, weight, labels):
+        return _forward_with_a_graph_break(hidden, weight, labels)["loss"]
+
+    hidden, weight = torch.randn(2, 6, 16), torch.randn(40, 16)
+    labels = torch.randint(0, 40, (2, 6))
+    reports = []
+    torch.compiler.reset()
+    loss = torch.compile(loss_fn, backend="chronicals", options={"report": reports.append})(
+        hidden, weight, labels
+    )
+    torch.testing.assert_close(loss, loss_fn(hidden, weight, labels))
+    lines, first = inspect.getsourcelines(_forward_with_a_graph_break)
+    (index,) = [i for i, text in enumerate(lines) if ".item()" in text]
+    where = f"{__file__}:{first + index} in _forward_with_a_graph_break"
+    (graph_break,) = [b for r in reports for b in r.graph_breaks]
+    assert graph_break.source == f"{where}: {lines[index].strip()}"
+    assert "Tensor.item()" in graph_break.reason
+    assert any(f"graph break at {where}" in r.summary() for r in reports)
+    (rejection,) = [x for r in reports for x in r.rejected]
+    assert rejection.fusion == "linear_cross_entropy"
+    assert rejection.reason.startswith(f"a graph break split the function at {where}, ")
+    assert "graph output" not in rejection.reason
+    with pytest.raises(Exception, match=r"(?s)strict.*a graph break split the function"):
+        torch.compiler.reset()
+        torch.compile(loss_fn, backend="chronicals", options={"strict": True})(
+            hidden, weight, labels
+        )
+
+
+def _one_token_loss(hidden, norm_weight, head, labels):
+    """An LM head + loss on one token's hidden state, (H,) rather than (..., H)."""
+    logits = F.linear(_norm(hidden, norm_weight), head).float()
+    return F.cross_entropy(logits.view(-1, head.shape[0]), labels.view(-1), ignore_index=-100)
+
+
+def _norm_with_infinite_eps(x, w):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + float("inf"))).to(x.dtype)
+
+
+@pytest.mark.parametrize(
+    "fn, make_inputs, rejected, reason, fired",
+    [
+        (_one_token_loss,
+         lambda: (torch.randn(16), torch.randn(16), torch.randn(40, 16),
+                  torch.randint(0, 40, (1,))),
+         "linear_cross_entropy", "hidden must be (..., H) with at least 2 dims", {"rms_norm": 1}),
+        (_norm_with_infinite_eps, lambda: (torch.randn(4, 24), torch.randn(24)),
+         "rms_norm", "eps must be finite and > 0", {"rms_norm": 0}),
+    ],
+    ids=["lce_one_token", "rms_norm_infinite_eps"],
+)
+def test_a_candidate_the_fused_op_refuses_is_rejected_and_compiled_as_written(
+        fn, make_inputs, rejected, reason, fired):
+    """Subgraphs the patterns match but the fused op refuses (its fake raises), which eager runs:
+    the candidate is rejected with the op's reason and the rest of the graph still fuses
+    (the pattern stage used to fail, leaving the whole graph unfused, and strict mode raised the
+    op's bare error); strict mode raises with the reason."""
+    inputs = make_inputs()
+    out, report = compile_fn(fn, *inputs)
+    torch.testing.assert_close(out, fn(*inputs))
+    assert report.error is None, report.summary()
+    assert {k: report.fired[k] for k in fired} == fired, report.summary()
+    (rejection,) = report.rejected
+    assert rejection.fusion == rejected and reason in rejection.reason
+    assert rejection.reason.startswith("the fused op refuses these inputs: ")
+    with pytest.raises(Exception, match=r"(?s)strict.*" + re.escape(reason)):
+        compile_fn(fn, *inputs, strict=True)
+
+
 def test_tracing_under_autocast_keeps_the_dtypes_of_a_region_that_turns_it_off():
     """Inside an autocast(enabled=False) region the matmul runs in fp32. Traced under an outer
     autocast its value must not look bf16, or the cast back to bf16 after it looks like a no-op
@@ -198,6 +339,28 @@ def test_failed_pattern_stage_compiles_the_graph_unchanged_and_says_so(monkeypat
     assert report.fired["rms_norm"] == 0
     torch.testing.assert_close(out, _norm(x, w))
     with pytest.raises(Exception, match="tracer exploded"):
+        compile_fn(_norm, x, w, strict=True)
+
+
+def test_rewritten_graph_that_fails_to_compile_is_compiled_unchanged(monkeypatch):
+    """A fused op that fails only where AOTAutograd compiles the rewritten graph (e.g. in its
+    autograd setup): without strict the graph is compiled as written and the report says why."""
+    plain = _torch_api.compile_with_aot_eager
+
+    def failing_on_fused_ops(gm, example_inputs):
+        if any(str(n.target).startswith("chronicals.") for n in gm.graph.nodes):
+            raise ValueError("rms_norm: refused at compile time")
+        return plain(gm, example_inputs)
+
+    monkeypatch.setattr(_torch_api, "compile_with_aot_eager", failing_on_fused_ops)
+    x, w = torch.randn(4, 24), torch.randn(24)
+    out, report = compile_fn(_norm, x, w)
+    assert report.fired["rms_norm"] == 0
+    assert report.error == (
+        "compiling the rewritten graph raised ValueError: rms_norm: refused at compile time"
+    )
+    torch.testing.assert_close(out, _norm(x, w))
+    with pytest.raises(Exception, match="refused at compile time"):
         compile_fn(_norm, x, w, strict=True)
 
 

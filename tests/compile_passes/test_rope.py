@@ -75,23 +75,30 @@ def test_rotate_half_split_elsewhere_is_left_alone(q_split, k_split):
     torch.testing.assert_close(k_out, k_ref)
 
 
-def test_cos_sin_that_require_grad_are_an_error_not_lost_gradients():
-    """The fused op gives cos/sin no gradient. The pattern cannot see requires_grad (the traced
-    graph's values do not carry it), so the op refuses at compile time, naming the way out,
-    rather than dropping their gradients; without the rope fusion the graph differentiates them."""
+def test_cos_sin_that_require_grad_are_rejected_not_lost_gradients():
+    """The fused op gives cos/sin no gradient (its autograd setup refuses them). The backend
+    tries the op on the match's inputs, requiring grad as traced, first: the rope is rejected
+    with the op's reason and compiled as written, so q, k, cos and sin get eager's gradients;
+    strict mode raises with the reason."""
     q, k, cos, sin = _inputs()
-    cos, sin = cos.requires_grad_(), sin.requires_grad_()
-    with pytest.raises(Exception, match=r"leave 'rope' out of options\['fusions'\]"):
-        compile_fn(_apply_rotary_pos_emb, q, k, cos, sin)
-    (q_out, k_out), _ = compile_fn(
-        _apply_rotary_pos_emb, q, k, cos, sin, fusions=["rms_norm", "swiglu"]
-    )
-    (q_out.sum() + k_out.sum()).backward()
-    got = cos.grad.clone(), sin.grad.clone()
-    cos.grad = sin.grad = None
+    q, k, cos, sin = (t.requires_grad_() for t in (q, k, cos, sin))
+    (q_out, k_out), report = compile_fn(_apply_rotary_pos_emb, q, k, cos, sin)
+    assert report.fired["rope"] == 0 and report.error is None
+    assert report.rejected and all(
+        r.fusion == "rope" and "cos and sin require grad" in r.reason for r in report.rejected
+    ), report.summary()
+    loss = (q_out * 1.5 + k_out.sum(1, keepdim=True)).square().sum()
+    loss.backward()
+    got = [t.grad.clone() for t in (q, k, cos, sin)]
+    for t in (q, k, cos, sin):
+        t.grad = None
     q_ref, k_ref = _apply_rotary_pos_emb(q, k, cos, sin)
-    (q_ref.sum() + k_ref.sum()).backward()
-    torch.testing.assert_close(got, (cos.grad, sin.grad))
+    expected = (q_ref * 1.5 + k_ref.sum(1, keepdim=True)).square().sum()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(got, [t.grad for t in (q, k, cos, sin)])
+    with pytest.raises(Exception, match=r"(?s)strict.*rope.*cos and sin require grad"):
+        compile_fn(_apply_rotary_pos_emb, q, k, cos, sin, strict=True)
 
 
 def test_packed_positions_match_documents_run_alone():
