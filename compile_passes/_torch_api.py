@@ -28,6 +28,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 from torch._inductor.pattern_matcher import register_replacement as _register_replacement
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
     "Match",
@@ -35,6 +36,7 @@ __all__ = [
     "compile_with_aot_eager",
     "compile_with_inductor",
     "ensure_backend_registered",
+    "known_equal",
     "register_replacement",
     "trace_pre_dispatch",
 ]
@@ -308,6 +310,13 @@ def make_autocast_explicit(
             module.graph.lint()
             module.recompile()
     return explicit
+
+
+def known_equal(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Whether two shapes (ints or, under dynamic shapes, SymInts) are equal for every value their
+    symbols can take. False when they differ or it cannot be proved; either way no guard is
+    added, so the compiled graph is not specialised on the answer."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def match_outputs(match: Match) -> list[torch.fx.Node]:
