@@ -249,16 +249,17 @@ def _leaf(t):
     return t.detach().clone().requires_grad_()
 
 
-def _assert_matches_eager(loss_fn, hidden, weight, labels, **compile_options):
-    h, w = _leaf(hidden), _leaf(weight)
-    loss, report = compile_fn(loss_fn, h, w, labels, **compile_options)
-    h_eager, w_eager = _leaf(hidden), _leaf(weight)
-    expected = loss_fn(h_eager, w_eager, labels)
+def _assert_matches_eager(loss_fn, hidden, weight, labels, *rest, frozen_weight=False):
+    h, w = _leaf(hidden), weight.detach().clone().requires_grad_(not frozen_weight)
+    loss, report = compile_fn(loss_fn, h, w, labels, *rest)
+    h_eager, w_eager = _leaf(hidden), w.detach().clone().requires_grad_(not frozen_weight)
+    expected = loss_fn(h_eager, w_eager, labels, *rest)
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
     loss.backward()
     expected.backward()
     torch.testing.assert_close(h.grad, h_eager.grad, atol=1e-6, rtol=1e-4)
-    torch.testing.assert_close(w.grad, w_eager.grad, atol=1e-6, rtol=1e-4)
+    if not frozen_weight:
+        torch.testing.assert_close(w.grad, w_eager.grad, atol=1e-6, rtol=1e-4)
     return report
 
 
@@ -281,6 +282,37 @@ def test_layouts_fuse_and_match_eager(layout, batch, implementation, monkeypatch
     monkeypatch.setenv("TRITON_INTERPRET", "1" if implementation == "triton-interpreter" else "0")
     report = _assert_matches_eager(LAYOUTS[layout], *_layout_inputs(batch))
     assert report.fired["linear_cross_entropy"] == 1 and report.rejected == ()
+
+
+HEADS = {
+    "plain": lambda logits: logits,
+    "gemma2_softcap": lambda logits: torch.tanh(logits / 3.0) * 3.0,
+    "granite_divide": lambda logits: logits / 3.0,
+    "cohere_multiply": lambda logits: logits * 0.37,
+}
+# (reduction as HF spells it, frozen head): 'num_items' is a sum divided in the graph.
+REDUCTIONS = [("mean", False), ("sum", True), ("num_items", True)]
+
+
+@pytest.mark.parametrize("reduction, frozen", REDUCTIONS)
+@pytest.mark.parametrize("head", HEADS)
+def test_flattened_layout_with_every_head_reduction_and_frozen_weight(head, reduction, frozen,
+                                                                       monkeypatch):
+    """The flattened layout of the issue through every path of the replacement: each family's
+    logits, mean / sum / sum divided by num_items_in_batch, and a frozen weight (the op then
+    computes hidden's gradient in its forward, chosen by the pass's finalize)."""
+    calls = count_frozen_lce_calls(monkeypatch)
+
+    def loss_fn(h, w, y, num_items):
+        logits = HEADS[head](F.linear(h.reshape(-1, _H), w)).float().view(-1, _V)
+        loss = F.cross_entropy(logits, _row_shifted(y).view(-1), ignore_index=-100,
+                               reduction="mean" if reduction == "mean" else "sum")
+        return loss / num_items if reduction == "num_items" else loss
+
+    report = _assert_matches_eager(loss_fn, *_layout_inputs(3), torch.tensor(7),
+                                   frozen_weight=frozen)
+    assert report.fired["linear_cross_entropy"] == 1 and report.rejected == ()
+    assert len(calls) == frozen
 
 
 @pytest.mark.parametrize("layout", ["hf", "flat_hidden_row_shifted", "shift_after_flatten"])
