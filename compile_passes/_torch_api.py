@@ -347,7 +347,6 @@ def match_value(match: Match, name: str) -> Any:
 # producing its first arg).
 scalar_consumers: dict[str, tuple[Any, int, Any]] = {
     "eps": (torch.ops.aten.add.Tensor, 1, torch.ops.aten.mean.dim),  # rsqrt(mean(x^2) + eps)
-    "softcap": (torch.ops.aten.div.Tensor, 1, torch.ops.aten.linear.default),  # tanh(z / c) * c
 }
 
 
