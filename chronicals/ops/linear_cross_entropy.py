@@ -725,18 +725,7 @@ def _reduce(
 ) -> Tensor:
     if reduction == "none":
         return token_loss.view(out_shape)
-    total = token_loss.sum()
-    if num_items is not None:
-        return total / num_items
-    if reduction == "sum":
-        return total
-    return total / _valid_count(labels2d, ignore_index, shift).clamp(min=1)
-
-
-def _valid_count(labels2d: Tensor, ignore_index: int, shift: bool) -> Tensor:
-    """Number of scored tokens, on the device (no host sync)."""
-    scored = labels2d[:, 1:] if shift else labels2d
-    return (scored != ignore_index).sum()
+    return token_loss.sum() / _divisor(labels2d, ignore_index, reduction, shift, num_items)
 
 
 def _token_weight(
@@ -746,11 +735,19 @@ def _token_weight(
     grad = grad_loss.float()
     if reduction == "none":
         return grad.reshape(-1).contiguous()
+    return grad / _divisor(labels2d, ignore_index, reduction, shift, num_items)
+
+
+def _divisor(labels2d: Tensor, ignore_index: int, reduction: str, shift: bool, num_items):
+    """What the summed token losses are divided by: `num_items_in_batch` when given, else the
+    number of scored tokens for 'mean' (at least 1: no NaN when all are ignored; counted on the
+    device, no host sync), else 1 ('sum')."""
     if num_items is not None:
-        return grad / num_items
+        return num_items
     if reduction == "sum":
-        return grad
-    return grad / _valid_count(labels2d, ignore_index, shift).clamp(min=1)
+        return 1
+    scored = labels2d[:, 1:] if shift else labels2d
+    return (scored != ignore_index).sum().clamp(min=1)
 
 
 def _as_kernel_operands(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
