@@ -27,7 +27,8 @@ import chronicals.ops.linear_cross_entropy as lce
 SHAPES = [(16384, 896, 151936), (16384, 2048, 128256), (8192, 4096, 128256), (8192, 2304, 256000)]
 BUDGETS_MIB = [16, 32, 48]
 ROWS = [512, 1024, 2048, 4096]
-_OPTS = (-100, "mean", False, None, 0.0, 0.0)  # ignore_index, reduction, shift, softcap, z, ls
+# ignore_index, reduction, shift, softcap, logit_scale, z-loss, label smoothing
+_OPTS = (-100, "mean", False, None, None, 0.0, 0.0)
 
 
 def _two_pass(h, w, labels):

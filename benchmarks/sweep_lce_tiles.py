@@ -33,7 +33,7 @@ CONFIGS = [
 
 
 def _fwd(h, w, labels):
-    return lce._lce_fwd(h, w, labels, None, -100, "mean", False, None, 0.0, 0.0)
+    return lce._lce_fwd(h, w, labels, None, -100, "mean", False, None, None, 0.0, 0.0)
 
 
 def _fwd_bwd(h, w, labels):

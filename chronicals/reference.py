@@ -128,6 +128,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     shift: bool = False,
     softcap: float | None = None,
+    logit_scale: float | None = None,
     z_loss: float = 0.0,
     label_smoothing: float = 0.0,
     num_items_in_batch: Tensor | int | None = None,
@@ -136,10 +137,11 @@ def linear_cross_entropy(
 
     hidden: (..., H), weight: (V, H), labels: hidden.shape[:-1]. With `shift`, position t is scored
     against label t + 1 along the last label dimension and the last position is ignored (HF's
-    causal-LM loss). `softcap` applies `c * tanh(logits / c)` (Gemma-2). `z_loss` adds
-    `z_loss * logsumexp^2` per valid token. `reduction="mean"` divides by the number of valid tokens
-    (0 when there are none, never NaN), or by `num_items_in_batch` when given; `"none"` returns one
-    loss per token (0 where ignored), shaped like labels.
+    causal-LM loss). `logit_scale` multiplies the logits (Cohere multiplies by its `logit_scale`,
+    Granite divides by `logits_scaling`), before `softcap` applies `c * tanh(logits / c)`
+    (Gemma-2). `z_loss` adds `z_loss * logsumexp^2` per valid token. `reduction="mean"` divides
+    by the number of valid tokens (0 when there are none, never NaN), or by `num_items_in_batch`
+    when given; `"none"` returns one loss per token (0 where ignored), shaped like labels.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}. Got {reduction!r}.")
@@ -149,6 +151,8 @@ def linear_cross_entropy(
     # fp32 logits for bf16/fp16/fp32 as HF computes them; fp64 inputs stay fp64 (test truths).
     logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.T
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if logit_scale is not None:
+        logits = logits * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     labels = labels.reshape(-1)

@@ -29,6 +29,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 from torch._inductor.pattern_matcher import register_replacement as _register_replacement
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
     "Match",
@@ -38,6 +39,7 @@ __all__ = [
     "compile_with_inductor",
     "ensure_backend_registered",
     "is_dynamo_signal",
+    "known_equal",
     "new_graph_breaks",
     "register_replacement",
     "resumed_after_graph_break",
@@ -402,6 +404,13 @@ def make_autocast_explicit(
     return explicit
 
 
+def known_equal(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Whether two shapes (ints or, under dynamic shapes, SymInts) are equal for every value their
+    symbols can take. False when they differ or it cannot be proved; either way no guard is
+    added, so the compiled graph is not specialised on the answer."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
 def match_outputs(match: Match) -> list[torch.fx.Node]:
     """The graph nodes bound to a pattern's outputs (one per output, in order)."""
     return [n for n in match.output_nodes() if n is not None]
@@ -448,7 +457,6 @@ def run_on_match(fn: Callable[..., Any], match: Match, names: Sequence[str]) -> 
 # producing its first arg).
 scalar_consumers: dict[str, tuple[Any, int, Any]] = {
     "eps": (torch.ops.aten.add.Tensor, 1, torch.ops.aten.mean.dim),  # rsqrt(mean(x^2) + eps)
-    "softcap": (torch.ops.aten.div.Tensor, 1, torch.ops.aten.linear.default),  # tanh(z / c) * c
 }
 
 

@@ -83,6 +83,11 @@ def checkpointed_counts(family: str) -> tuple[dict[str, int], dict[str, int]]:
     return fired, {"rms_norm": DECLINED[family]["rms_norm"] - moved}
 
 
+def tiny_config_kwargs() -> dict:
+    """The shared tiny shape, for a config of a family not listed here."""
+    return dict(_COMMON)
+
+
 def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
     config_cls, model_cls, extra = FAMILIES[family]
     config = getattr(transformers, config_cls)(**{**_COMMON, **extra, **overrides})

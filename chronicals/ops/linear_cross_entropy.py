@@ -1,14 +1,15 @@
 """Fused LM head + cross-entropy: CE(hidden @ weight.T, labels) without the [tokens, vocab] logits.
 
-Math, per token n with label y and fp32 logits l = h_n W^T (l <- c tanh(l / c) with a softcap c):
+Math, per token n with label y and fp32 logits l = a h_n W^T (a a logit scale, 1 without one:
+Cohere multiplies by it, Granite divides; then l <- c tanh(l / c) with a softcap c):
 
     lse_n  = log sum_v exp(l_v)
     loss_n = (1 - eps) (lse_n - l_y) + eps (lse_n - mean_v l_v) + z lse_n^2   (0 when y is ignored)
     dloss_n / dl_v = p_v (1 + 2 z lse_n) - (1 - eps) [v == y] - eps / V,     p_v = exp(l_v - lse_n)
 
-times 1 - (l_v / c)^2 under a softcap. `reduction` sums the token losses and divides the sum by the
-number of valid tokens ("mean"), by `num_items_in_batch` when given, or not at all ("sum"); "none"
-returns them per token. Counts stay on the device: nothing syncs with the host.
+times 1 - (l_v / c)^2 under a softcap, and times a for the gradient of h_n W^T. `reduction` sums
+the token losses and divides the sum by the number of valid tokens ("mean"), by
+`num_items_in_batch` when given, or not at all ("sum"); "none" returns them per token. Counts stay on the device: nothing syncs with the host.
 
 Forward (Triton): programs tile (token blocks) x (vocab splits). Each loops over its vocab range in
 BLOCK_V tiles; a tile is a `tl.dot` over H (bf16/fp16 operands on tensor cores, fp32 accumulator),
@@ -196,7 +197,10 @@ def _operands(
 
 
 @triton.jit
-def _softcapped(acc, softcap, HAS_SOFTCAP: tl.constexpr):
+def _logits(acc, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Logits from h W^T: times the logit scale, then softcapped."""
+    if HAS_SCALE:
+        acc = acc * logit_scale
     if HAS_SOFTCAP:
         acc = softcap * _tanh(acc / softcap)
     return acc
@@ -238,9 +242,11 @@ def _dlogits(logits, vocab, label, lse, g, softcap, z_loss, label_smoothing, V: 
 @triton.jit
 def _lce_fwd_kernel(
     h_ptr, w_ptr, h_desc, w_desc, labels_ptr, part_ptr,
-    N, seq_len, stride_h_n, stride_w_v, stride_labels_b, stride_labels_s, ignore_index, softcap,
+    N, seq_len, stride_h_n, stride_w_v, stride_labels_b, stride_labels_s, ignore_index,
+    logit_scale, softcap,
     V: tl.constexpr, H: tl.constexpr, SPLITS: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SHIFT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    SHIFT: tl.constexpr,
     TMA: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
@@ -275,7 +281,8 @@ def _lce_fwd_kernel(
         if k == K_TILES - 1:
             offs_v = col0 + tl.arange(0, BLOCK_V)
             v_mask = offs_v < V
-            logits = tl.where(v_mask[None, :], _softcapped(acc, softcap, HAS_SOFTCAP),
+            logits = tl.where(v_mask[None, :],
+                              _logits(acc, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP),
                               float("-inf"))
             m_new = tl.maximum(m, tl.max(logits, axis=1))
             # A split whose tiles all lie past V keeps m = -inf; subtract 0 there (no NaN).
@@ -335,15 +342,16 @@ def _lce_bwd_dlogits_kernel(
     h_ptr, w_ptr, h_desc, w_desc, dl_desc, labels_ptr, lse_ptr, g_ptr, dl_ptr,
     N, seq_len, v_start, chunk_cols,
     stride_h_n, stride_w_v, stride_labels_b, stride_labels_s, stride_g, stride_dl_n,
-    ignore_index, softcap, z_loss, label_smoothing,
-    V: tl.constexpr, H: tl.constexpr,
+    ignore_index, logit_scale, softcap, z_loss, label_smoothing,
+    V: tl.constexpr, H: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     SHIFT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr, INTERPRETER_TILES: tl.constexpr,
 ):
-    """dlogits of the vocab chunk starting at v_start, [N, chunk_cols], each token's row scaled by
-    its weight g (d total / d loss_n: upstream grad x 1/count, 0 where ignored).
+    """dlogits of the vocab chunk starting at v_start, [N, chunk_cols] (the gradient of h W^T, so
+    through the logit scale), each token's row scaled by its weight g (d total / d loss_n:
+    upstream grad x 1/count, 0 where ignored).
 
     Persistent: program p takes tiles p, p + P, ... (P programs), vocab tiles varying fastest, so
     programs running together share token blocks and the chunk's weight rows stay in L2. The
@@ -376,7 +384,7 @@ def _lce_bwd_dlogits_kernel(
             rows = tl.minimum(offs_n, N - 1)
             offs_c = c0 + tl.arange(0, BLOCK_V)
             offs_v = v_start + offs_c
-            logits = _softcapped(acc, softcap, HAS_SOFTCAP)
+            logits = _logits(acc, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
             label, valid, bad = _load_labels(
                 labels_ptr, rows, n_mask, seq_len, stride_labels_b, stride_labels_s,
                 ignore_index, V, SHIFT,
@@ -384,6 +392,8 @@ def _lce_bwd_dlogits_kernel(
             lse = tl.load(lse_ptr + rows)
             g = tl.load(g_ptr + rows * stride_g).to(tl.float32)
             g = tl.where(bad, float("nan"), tl.where(valid, g, 0.0))
+            if HAS_SCALE:
+                g = g * logit_scale
             dl = _dlogits(
                 logits, offs_v[None, :], label[:, None], lse[:, None], g[:, None], softcap,
                 z_loss, label_smoothing, V, HAS_SOFTCAP, HAS_Z, HAS_SMOOTHING,
@@ -401,20 +411,22 @@ def _lce_bwd_dlogits_kernel(
 
 
 @triton.jit
-def _row_logits(row, c0, cols, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """Columns [c0, c0 + BLOCK) of a logits row of `cols`: (offsets, in-range mask, softcapped
-    fp32 logits, 0 past the row)."""
+def _row_logits(row, c0, cols, logit_scale, softcap, HAS_SCALE: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """Columns [c0, c0 + BLOCK) of a row of h W^T of `cols`: (offsets, in-range mask, fp32 logits
+    (scaled, softcapped), 0 past the row)."""
     offs = c0 + tl.arange(0, BLOCK)
     mask = offs < cols
     x = tl.load(row + offs, mask=mask, other=0.0).to(tl.float32)
-    return offs, mask, _softcapped(x, softcap, HAS_SOFTCAP)
+    return offs, mask, _logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
 
 
 @triton.jit
 def _lce_block_kernel(
     block_ptr, acc_ptr, state_ptr, labels_ptr,
-    row0, v0, cols, N, seq_len, stride_labels_b, stride_labels_s, ignore_index, softcap,
-    V: tl.constexpr, H: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    row0, v0, cols, N, seq_len, stride_labels_b, stride_labels_s, ignore_index, logit_scale,
+    softcap, V: tl.constexpr, H: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     SHIFT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
     MAX_COLS: tl.constexpr,
 ):
@@ -436,7 +448,8 @@ def _lce_block_kernel(
     target = tl.zeros((BLOCK,), dtype=tl.float32)
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for c0 in range(0, MAX_COLS, BLOCK):
-        offs, mask, x = _row_logits(row, c0, cols, softcap, HAS_SOFTCAP, BLOCK)
+        offs, mask, x = _row_logits(row, c0, cols, logit_scale, softcap, HAS_SCALE,
+                                      HAS_SOFTCAP, BLOCK)
         block_max = tl.maximum(block_max, tl.max(tl.where(mask, x, float("-inf")), axis=0))
         target += tl.where(mask & (v0 + offs == label), x, 0.0)
         if HAS_SMOOTHING:
@@ -444,7 +457,8 @@ def _lce_block_kernel(
     m = tl.maximum(m_old, block_max)
     s = tl.zeros((BLOCK,), dtype=tl.float32)
     for c0 in range(0, MAX_COLS, BLOCK):
-        offs, mask, x = _row_logits(row, c0, cols, softcap, HAS_SOFTCAP, BLOCK)
+        offs, mask, x = _row_logits(row, c0, cols, logit_scale, softcap, HAS_SCALE,
+                                      HAS_SOFTCAP, BLOCK)
         p = tl.where(mask, tl.exp(x - m), 0.0)
         s += p
         if HAS_SOFTCAP:
@@ -477,15 +491,17 @@ def _lce_block_kernel(
 def _lce_frozen_finish_kernel(
     acc_ptr, state_ptr, w_ptr, w_sum_ptr, labels_ptr, g_ptr, lse_ptr, loss_ptr, dh_ptr,
     row0, N, seq_len, stride_w_v, stride_labels_b, stride_labels_s, ignore_index,
-    softcap, z_loss, label_smoothing,
-    V: tl.constexpr, H: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_Z: tl.constexpr,
+    logit_scale, softcap, z_loss, label_smoothing,
+    V: tl.constexpr, H: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_Z: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, SHIFT: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     """Token row0 + r after its last block: lse and loss from the state, and d loss / d hidden
     times g (the token's weight in the returned loss), rounded once:
-    g ((1 + 2 z lse) acc / s - (1 - eps) c'(l_y) W_y - eps / V sum_v W_v), c' the softcap's
-    derivative (1 without one; the smoothing term is only taken without a softcap)."""
+    a g ((1 + 2 z lse) acc / s - (1 - eps) c'(l_y) W_y - eps / V sum_v W_v), a the logit scale,
+    c' the softcap's derivative (1 without one; the smoothing term is only taken without a
+    softcap)."""
     r = tl.program_id(0)
     token = row0 + r
     label, valid, bad = _load_labels(
@@ -506,6 +522,8 @@ def _lce_frozen_finish_kernel(
     ))
     g = tl.load(g_ptr).to(tl.float32)
     g = tl.where(bad, float("nan"), tl.where(valid, g, 0.0))
+    if HAS_SCALE:
+        g = g * logit_scale
     coef_p = g / s
     if HAS_Z:
         coef_p = coef_p * (1.0 + 2.0 * z_loss * lse)
@@ -596,6 +614,11 @@ def _sm_count(device: torch.device) -> int:
     return 1
 
 
+def _or_one(option: Optional[float]) -> float:
+    """A kernel's float argument for an optional scale (ignored by the kernel when None)."""
+    return 1.0 if option is None else float(option)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get full fp32 products, as eager PyTorch's default matmul precision does.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -616,7 +639,8 @@ def _labels_2d(labels: Tensor) -> Tensor:
 def _check_inputs(
     hidden: Tensor, weight: Tensor, labels: Tensor, num_items_tensor: Optional[Tensor],
     num_items_int: Optional[int], ignore_index: int, reduction: str, softcap: Optional[float],
-    z_loss: float, label_smoothing: float, grad_in_forward: bool = False,
+    logit_scale: Optional[float], z_loss: float, label_smoothing: float,
+    grad_in_forward: bool = False,
 ) -> None:
     op = "linear_cross_entropy"
     check_float(op, hidden=hidden, weight=weight)
@@ -659,6 +683,8 @@ def _check_inputs(
         )
     if softcap is not None and not 0 < softcap < math.inf:
         raise ValueError(f"{op}: softcap must be None or finite and > 0. Got {softcap}.")
+    if logit_scale is not None and not math.isfinite(logit_scale):
+        raise ValueError(f"{op}: logit_scale must be None or finite. Got {logit_scale}.")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1]. Got {label_smoothing}.")
     if not 0.0 <= z_loss < math.inf:
@@ -699,18 +725,7 @@ def _reduce(
 ) -> Tensor:
     if reduction == "none":
         return token_loss.view(out_shape)
-    total = token_loss.sum()
-    if num_items is not None:
-        return total / num_items
-    if reduction == "sum":
-        return total
-    return total / _valid_count(labels2d, ignore_index, shift).clamp(min=1)
-
-
-def _valid_count(labels2d: Tensor, ignore_index: int, shift: bool) -> Tensor:
-    """Number of scored tokens, on the device (no host sync)."""
-    scored = labels2d[:, 1:] if shift else labels2d
-    return (scored != ignore_index).sum()
+    return token_loss.sum() / _divisor(labels2d, ignore_index, reduction, shift, num_items)
 
 
 def _token_weight(
@@ -720,11 +735,19 @@ def _token_weight(
     grad = grad_loss.float()
     if reduction == "none":
         return grad.reshape(-1).contiguous()
+    return grad / _divisor(labels2d, ignore_index, reduction, shift, num_items)
+
+
+def _divisor(labels2d: Tensor, ignore_index: int, reduction: str, shift: bool, num_items):
+    """What the summed token losses are divided by: `num_items_in_batch` when given, else the
+    number of scored tokens for 'mean' (at least 1: no NaN when all are ignored; counted on the
+    device, no host sync), else 1 ('sum')."""
     if num_items is not None:
-        return grad / num_items
+        return num_items
     if reduction == "sum":
-        return grad
-    return grad / _valid_count(labels2d, ignore_index, shift).clamp(min=1)
+        return 1
+    scored = labels2d[:, 1:] if shift else labels2d
+    return (scored != ignore_index).sum().clamp(min=1)
 
 
 def _as_kernel_operands(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
@@ -735,7 +758,8 @@ def _as_kernel_operands(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple
 
 def _lce_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, num_items, ignore_index: int, reduction: str,
-    shift: bool, softcap: Optional[float], z_loss: float, label_smoothing: float,
+    shift: bool, softcap: Optional[float], logit_scale: Optional[float], z_loss: float,
+    label_smoothing: float,
 ) -> tuple[Tensor, Tensor]:
     """(loss, lse [N] fp32) with the Triton kernels."""
     h2, weight, labels2d = _as_kernel_operands(hidden, weight, labels)
@@ -758,9 +782,11 @@ def _lce_fwd(
         h2, weight, _descriptor(h2, [tiles.block_n, tiles.block_k], tma),
         _descriptor(weight, [tiles.block_v, tiles.block_k], tma), labels2d, part,
         N, labels2d.shape[1], h2.stride(0), weight.stride(0),
-        labels2d.stride(0), labels2d.stride(1), ignore_index, float(softcap or 1.0),
+        labels2d.stride(0), labels2d.stride(1), ignore_index, _or_one(logit_scale),
+        _or_one(softcap),
         V=V, H=H, SPLITS=splits, TILES_PER_SPLIT=tiles_per_split,
-        HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=has_smoothing, SHIFT=shift, TMA=tma,
+        HAS_SCALE=logit_scale is not None, HAS_SOFTCAP=softcap is not None,
+        HAS_SMOOTHING=has_smoothing, SHIFT=shift, TMA=tma,
         INTERPRET=interpreter_on(), DOT_PRECISION=_dot_precision(hidden.dtype),
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k,
         STAGES=tiles.num_stages, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -803,7 +829,8 @@ def _frozen_cols(budget: int, rows: int, H: int, V: int, element_size: int) -> i
 
 def _lce_fwd_d_hidden(
     hidden: Tensor, weight: Tensor, labels: Tensor, num_items, ignore_index: int, reduction: str,
-    shift: bool, softcap: Optional[float], z_loss: float, label_smoothing: float,
+    shift: bool, softcap: Optional[float], logit_scale: Optional[float], z_loss: float,
+    label_smoothing: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, lse [N] fp32, d loss / d hidden) for a frozen weight, in one pass over the logits.
 
@@ -829,11 +856,12 @@ def _lce_fwd_d_hidden(
     acc = torch.empty((rows, H), dtype=torch.float32, device=device)
     smoothing = label_smoothing != 0.0
     w_sum = weight.sum(0, dtype=torch.float32) if smoothing else acc  # acc: a pointer never read
-    flags = dict(HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=smoothing, SHIFT=shift,
-                 INTERPRET=interpreter_on(), BLOCK_H=min(triton.next_power_of_2(H), 1024))
+    flags = dict(HAS_SCALE=logit_scale is not None, HAS_SOFTCAP=softcap is not None,
+                 HAS_SMOOTHING=smoothing, SHIFT=shift, INTERPRET=interpreter_on(),
+                 BLOCK_H=min(triton.next_power_of_2(H), 1024))
     # Loop-invariant launch arguments, made once: the loop's Python cost is per block.
     block_args = (N, labels2d.shape[1], labels2d.stride(0), labels2d.stride(1), ignore_index,
-                  float(softcap or 1.0))
+                  _or_one(logit_scale), _or_one(softcap))
     block_meta = dict(V=V, H=H, MAX_COLS=cols, **flags,
                       BLOCK=min(triton.next_power_of_2(cols), 64 if interpreter_on() else 4096))
     for t0 in range(0, N, rows):
@@ -849,8 +877,8 @@ def _lce_fwd_d_hidden(
         _lce_frozen_finish_kernel[(n,)](
             acc, state, weight, w_sum, labels2d, g, lse, token_loss, d_hidden,
             t0, N, labels2d.shape[1], weight.stride(0), labels2d.stride(0), labels2d.stride(1),
-            ignore_index, float(softcap or 1.0), float(z_loss), float(label_smoothing),
-            V=V, H=H, HAS_Z=z_loss != 0.0, **flags, num_warps=4,
+            ignore_index, _or_one(logit_scale), _or_one(softcap), float(z_loss),
+            float(label_smoothing), V=V, H=H, HAS_Z=z_loss != 0.0, **flags, num_warps=4,
         )
     loss = _reduce(token_loss, labels2d, labels.shape, ignore_index, reduction, shift, num_items)
     return loss, lse, d_hidden.view(hidden.shape)
@@ -869,8 +897,9 @@ def _accumulate_d_hidden(acc: Tensor, dlogits: Tensor, w_chunk: Tensor) -> None:
 
 def _lce_bwd(
     grad_loss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, num_items,
-    ignore_index: int, reduction: str, shift: bool, softcap: Optional[float], z_loss: float,
-    label_smoothing: float, need_d_hidden: bool, need_d_weight: bool,
+    ignore_index: int, reduction: str, shift: bool, softcap: Optional[float],
+    logit_scale: Optional[float], z_loss: float, label_smoothing: float, need_d_hidden: bool,
+    need_d_weight: bool,
 ) -> tuple[Tensor, Tensor]:
     """(d_hidden, d_weight) with the Triton dlogits kernel and cuBLAS; empty tensors for the
     gradients not asked for."""
@@ -902,8 +931,9 @@ def _lce_bwd(
                 N, labels2d.shape[1], v0, cols,
                 h2.stride(0), weight.stride(0), labels2d.stride(0), labels2d.stride(1),
                 0 if g.dim() == 0 else 1, dl_buf.stride(0),
-                ignore_index, float(softcap or 1.0), float(z_loss), float(label_smoothing),
-                V=V, H=H, HAS_SOFTCAP=softcap is not None, HAS_Z=z_loss != 0.0,
+                ignore_index, _or_one(logit_scale), _or_one(softcap), float(z_loss),
+                float(label_smoothing), V=V, H=H, HAS_SCALE=logit_scale is not None,
+                HAS_SOFTCAP=softcap is not None, HAS_Z=z_loss != 0.0,
                 HAS_SMOOTHING=label_smoothing != 0.0, SHIFT=shift, TMA=tma,
                 INTERPRET=interpreter_on(), DOT_PRECISION=_dot_precision(dtype),
                 BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k,
@@ -925,17 +955,22 @@ def _lce_bwd(
 
 
 def _reference_kwargs(
-    ignore_index: int, reduction: str, shift: bool, softcap: Optional[float], z_loss: float,
-    label_smoothing: float, num_items,
+    ignore_index: int, reduction: str, shift: bool, softcap: Optional[float],
+    logit_scale: Optional[float], z_loss: float, label_smoothing: float, num_items,
 ) -> dict:
     return dict(
         ignore_index=ignore_index, reduction=reduction, shift=shift, softcap=softcap,
-        z_loss=z_loss, label_smoothing=label_smoothing, num_items_in_batch=num_items,
+        logit_scale=logit_scale, z_loss=z_loss, label_smoothing=label_smoothing,
+        num_items_in_batch=num_items,
     )
 
 
-def _reference_lse(hidden: Tensor, weight: Tensor, softcap: Optional[float]) -> Tensor:
+def _reference_lse(
+    hidden: Tensor, weight: Tensor, softcap: Optional[float], logit_scale: Optional[float],
+) -> Tensor:
     logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.T).float()
+    if logit_scale is not None:
+        logits = logits * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return torch.logsumexp(logits, dim=-1)
@@ -950,17 +985,18 @@ def _reference_lse(hidden: Tensor, weight: Tensor, softcap: Optional[float]) -> 
 def _linear_cross_entropy_op(
     hidden: Tensor, weight: Tensor, labels: Tensor, num_items_tensor: Optional[Tensor],
     num_items_int: Optional[int], ignore_index: int, reduction: str, shift: bool,
-    softcap: Optional[float], z_loss: float, label_smoothing: float, grad_in_forward: bool,
+    softcap: Optional[float], logit_scale: Optional[float], z_loss: float, label_smoothing: float,
+    grad_in_forward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, lse [N], d_hidden): d_hidden is d loss / d hidden for an upstream gradient of 1
     when `grad_in_forward` (frozen weight, scalar loss), else an empty tensor."""
     _check_inputs(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index,
-                  reduction, softcap, z_loss, label_smoothing, grad_in_forward)
+                  reduction, softcap, logit_scale, z_loss, label_smoothing, grad_in_forward)
     if labels.device.type == "cpu":
         # With shift, each row's first label is never scored (as in HF's shifted labels).
         _check_label_range(labels[..., 1:] if shift else labels, ignore_index, weight.shape[0])
     num_items = _num_items(num_items_tensor, num_items_int)
-    options = (ignore_index, reduction, shift, softcap, z_loss, label_smoothing)
+    options = (ignore_index, reduction, shift, softcap, logit_scale, z_loss, label_smoothing)
     if use_triton(hidden):
         if grad_in_forward:
             return _lce_fwd_d_hidden(hidden, weight, labels, num_items, *options)
@@ -968,14 +1004,15 @@ def _linear_cross_entropy_op(
         return loss, lse, hidden.new_empty(0)
     loss = reference.linear_cross_entropy(hidden, weight, labels,
                                           **_reference_kwargs(*options, num_items))
-    return loss.contiguous(), _reference_lse(hidden, weight, softcap), hidden.new_empty(0)
+    lse = _reference_lse(hidden, weight, softcap, logit_scale)
+    return loss.contiguous(), lse, hidden.new_empty(0)
 
 
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index, reduction, shift,
-      softcap, z_loss, label_smoothing, grad_in_forward):
+      softcap, logit_scale, z_loss, label_smoothing, grad_in_forward):
     _check_inputs(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index,
-                  reduction, softcap, z_loss, label_smoothing, grad_in_forward)
+                  reduction, softcap, logit_scale, z_loss, label_smoothing, grad_in_forward)
     loss_shape = labels.shape if reduction == "none" else ()
     loss = hidden.new_empty(loss_shape, dtype=torch.float32)
     d_hidden = hidden.new_empty(hidden.shape if grad_in_forward else (0,))
@@ -986,18 +1023,18 @@ def _(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index, red
 def _linear_cross_entropy_backward_op(
     grad_loss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
     num_items_tensor: Optional[Tensor], num_items_int: Optional[int], ignore_index: int,
-    reduction: str, shift: bool, softcap: Optional[float], z_loss: float, label_smoothing: float,
-    need_d_hidden: bool, need_d_weight: bool,
+    reduction: str, shift: bool, softcap: Optional[float], logit_scale: Optional[float],
+    z_loss: float, label_smoothing: float, need_d_hidden: bool, need_d_weight: bool,
 ) -> tuple[Tensor, Tensor]:
     """(d_hidden, d_weight); a gradient not asked for comes back as an empty tensor (custom ops
     cannot return None)."""
     num_items = _num_items(num_items_tensor, num_items_int)
     if use_triton(hidden):
         return _lce_bwd(grad_loss, hidden, weight, labels, lse, num_items, ignore_index,
-                        reduction, shift, softcap, z_loss, label_smoothing, need_d_hidden,
-                        need_d_weight)
-    kwargs = _reference_kwargs(ignore_index, reduction, shift, softcap, z_loss, label_smoothing,
-                               num_items)
+                        reduction, shift, softcap, logit_scale, z_loss, label_smoothing,
+                        need_d_hidden, need_d_weight)
+    kwargs = _reference_kwargs(ignore_index, reduction, shift, softcap, logit_scale, z_loss,
+                               label_smoothing, num_items)
 
     def loss_of(*wrt: Tensor) -> Tensor:
         given = iter(wrt)
@@ -1017,7 +1054,8 @@ def _linear_cross_entropy_backward_op(
 
 @_linear_cross_entropy_backward_op.register_fake
 def _(grad_loss, hidden, weight, labels, lse, num_items_tensor, num_items_int, ignore_index,
-      reduction, shift, softcap, z_loss, label_smoothing, need_d_hidden, need_d_weight):
+      reduction, shift, softcap, logit_scale, z_loss, label_smoothing, need_d_hidden,
+      need_d_weight):
     d_hidden = hidden.new_empty(hidden.shape) if need_d_hidden else hidden.new_empty(0)
     d_weight = weight.new_empty(weight.shape) if need_d_weight else hidden.new_empty(0)
     return d_hidden, d_weight
@@ -1043,8 +1081,8 @@ def _(d_hidden, grad_loss):
     return torch.empty_like(d_hidden)
 
 
-_SCALARS = ("num_items_int", "ignore_index", "reduction", "shift", "softcap", "z_loss",
-            "label_smoothing")
+_SCALARS = ("num_items_int", "ignore_index", "reduction", "shift", "softcap", "logit_scale",
+            "z_loss", "label_smoothing")
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -1097,6 +1135,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     shift: bool = False,
     softcap: float | None = None,
+    logit_scale: float | None = None,
     z_loss: float = 0.0,
     label_smoothing: float = 0.0,
     num_items_in_batch: Tensor | int | None = None,
@@ -1106,7 +1145,9 @@ def linear_cross_entropy(
     hidden: (..., H) float32/bfloat16/float16; weight: (V, H) of the same dtype (an LM head or a
     tied embedding); labels: int64/int32 shaped hidden.shape[:-1]. `shift=True` scores position t
     against label t + 1 along the last label dim (HF's causal-LM loss; the last position is
-    ignored). `softcap` (Gemma-2), `z_loss` and `label_smoothing` as in `chronicals.reference`.
+    ignored). `logit_scale` multiplies the logits before `softcap` (Cohere's `logit_scale`,
+    Granite's 1 / `logits_scaling`); it, `softcap` (Gemma-2), `z_loss` and `label_smoothing` as in
+    `chronicals.reference`.
     `num_items_in_batch` (int or one-element tensor) divides the summed loss (HF's gradient
     accumulation normalisation). Returns a 0-d fp32 loss, or fp32 per-token losses shaped like
     labels for `reduction="none"`. Semantics: `chronicals.reference.linear_cross_entropy`.
@@ -1123,7 +1164,8 @@ def linear_cross_entropy(
         num_items_int = num_items_in_batch
     loss, _, _ = _linear_cross_entropy_op(
         hidden, weight, labels, num_items_tensor, num_items_int, ignore_index, reduction, shift,
-        None if softcap is None else float(softcap), float(z_loss), float(label_smoothing),
+        None if softcap is None else float(softcap),
+        None if logit_scale is None else float(logit_scale), float(z_loss), float(label_smoothing),
         grads_in_forward(hidden, weight, reduction, softcap, label_smoothing),
     )
     return loss

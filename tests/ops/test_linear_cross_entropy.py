@@ -80,12 +80,12 @@ def test_opcheck(grad_in_forward):
     hidden, weight, labels = _inputs((2, 3), 16, 40, torch.float32, "cpu")
     hidden.requires_grad_()
     weight.requires_grad_(not grad_in_forward)
-    args = (hidden, weight, labels, None, None, -100, "mean", True, None, 0.0, 0.0,
+    args = (hidden, weight, labels, None, None, -100, "mean", True, None, 0.37, 0.0, 0.0,
             grad_in_forward)
     torch.library.opcheck(torch.ops.chronicals.linear_cross_entropy.default, args)
     loss, lse, _ = torch.ops.chronicals.linear_cross_entropy(*args)
     bwd_args = (torch.ones(()), hidden.detach(), weight.detach(), labels, lse, None, None, -100,
-                "mean", True, None, 0.0, 0.0, True, False)
+                "mean", True, None, 0.37, 0.0, 0.0, True, False)
     torch.library.opcheck(torch.ops.chronicals.linear_cross_entropy_backward.default, bwd_args)
     torch.library.opcheck(torch.ops.chronicals.linear_cross_entropy_scale.default,
                           (torch.randn(6, 16), torch.tensor(0.75)))
@@ -97,6 +97,9 @@ OPTIONS = {
     "none": dict(reduction="none"),
     "shift": dict(shift=True),
     "softcap_sum_shift": dict(softcap=2.0, reduction="sum", shift=True),
+    "scale_sum_shift": dict(logit_scale=0.37, reduction="sum", shift=True),
+    "scale_softcap_z_smoothing": dict(logit_scale=2.5, softcap=3.0, z_loss=1e-3,
+                                      label_smoothing=0.05),
     "z_loss": dict(z_loss=1e-2),
     "smoothing_none": dict(label_smoothing=0.1, reduction="none"),
     "num_items_int": dict(num_items_in_batch=29),
@@ -105,7 +108,7 @@ OPTIONS = {
 # costs ~1 s per forward + backward, and the dtypes share every code path but the tile dtype).
 CASES = [(torch.bfloat16, name) for name in OPTIONS] + [
     (dtype, name) for dtype in (torch.float32, torch.float16)
-    for name in ("mean", "softcap_sum_shift", "smoothing_none")
+    for name in ("mean", "softcap_sum_shift", "smoothing_none", "scale_softcap_z_smoothing")
 ]
 
 
@@ -123,8 +126,8 @@ def test_all_options_many_chunks_and_splits(device, monkeypatch):
     monkeypatch.setattr(lce, "_DLOGITS_CHUNK_ELEMENTS", 10 * 128)
     hidden, weight, labels = _inputs((2, 5), 24, 1000, torch.bfloat16, device, scale=4.0)
     labels[1] = -100
-    _check(hidden, weight, labels, shift=True, softcap=3.0, z_loss=1e-3, label_smoothing=0.05,
-           num_items_in_batch=torch.tensor(7, device=device))
+    _check(hidden, weight, labels, shift=True, softcap=3.0, logit_scale=0.7, z_loss=1e-3,
+           label_smoothing=0.05, num_items_in_batch=torch.tensor(7, device=device))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -173,8 +176,13 @@ def test_frozen_weight_gets_no_weight_gradient_work(device, monkeypatch):
 
 
 FROZEN_CASES = ["mean", "sum", "shift", "softcap_sum_shift", "z_loss", "smoothing_sum",
-                "num_items_int"]
-OPTIONS_FROZEN = {**OPTIONS, "smoothing_sum": dict(label_smoothing=0.1, reduction="sum")}
+                "num_items_int", "scale_sum_shift", "scale_softcap", "scale_z_smoothing"]
+OPTIONS_FROZEN = {
+    **OPTIONS,
+    "smoothing_sum": dict(label_smoothing=0.1, reduction="sum"),
+    "scale_softcap": dict(logit_scale=2.5, softcap=3.0),
+    "scale_z_smoothing": dict(logit_scale=0.37, z_loss=1e-2, label_smoothing=0.1),
+}
 
 
 @pytest.mark.parametrize("device", devices())
@@ -198,7 +206,7 @@ def test_frozen_weight_all_options_and_ignored_rows(device, monkeypatch):
     monkeypatch.setattr(lce, "_frozen_blocks", lambda *a: (3, 320))
     hidden, weight, labels = _inputs((2, 5), 24, 1000, torch.bfloat16, device, scale=4.0)
     labels[1] = -100
-    common = dict(grad_weight=False, shift=True, z_loss=1e-3,
+    common = dict(grad_weight=False, shift=True, logit_scale=1.7, z_loss=1e-3,
                   num_items_in_batch=torch.tensor(7, device=device))
     _check(hidden, weight, labels, label_smoothing=0.05, **common)
     _check(hidden, weight, labels, softcap=3.0, **common)
@@ -265,13 +273,13 @@ def test_gradient_in_the_forward_only_when_a_backward_wants_hidden_alone(monkeyp
 def test_gradient_in_the_forward_refuses_a_weight_that_needs_grad():
     hidden, weight, labels = _inputs((2, 3), 16, 40, torch.float32, "cpu")
     args = (hidden.requires_grad_(), weight.requires_grad_(), labels, None, None, -100, "mean",
-            False, None, 0.0, 0.0, True)
+            False, None, None, 0.0, 0.0, True)
     loss, _, _ = torch.ops.chronicals.linear_cross_entropy(*args)
     with pytest.raises(RuntimeError, match="grad_in_forward=True, which computes hidden's alone"):
         loss.backward()
     for reduction, dtype in (("none", torch.float32), ("mean", torch.float16)):
         args = (hidden.detach().to(dtype), weight.detach().to(dtype), labels, None, None, -100,
-                reduction, False, None, 0.0, 0.0, True)
+                reduction, False, None, None, 0.0, 0.0, True)
         with pytest.raises(ValueError, match=f"grad_in_forward needs a scalar loss .* Got "
                                              f"reduction='{reduction}', dtype {dtype}"):
             torch.ops.chronicals.linear_cross_entropy(*args)
@@ -314,10 +322,9 @@ def test_reference_path_without_interpreter(monkeypatch):
     """CPU without TRITON_INTERPRET runs chronicals.reference, forward and backward."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     hidden, weight, labels = _inputs((2, 7), 16, 40, torch.float32, "cpu")
-    out = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, shift=True,
-                          label_smoothing=0.1)
-    ref = _loss_and_grads(reference.linear_cross_entropy, hidden, weight, labels, shift=True,
-                          label_smoothing=0.1)
+    options = dict(shift=True, label_smoothing=0.1, logit_scale=0.37)
+    out = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, **options)
+    ref = _loss_and_grads(reference.linear_cross_entropy, hidden, weight, labels, **options)
     for o, r in zip(out, ref):
         torch.testing.assert_close(o, r, rtol=0, atol=0)
 
@@ -339,6 +346,8 @@ BAD_INPUTS = [
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(softcap=0.0), ValueError, "softcap must be None or finite and > 0. Got 0.0"),
     (dict(softcap=float("inf")), ValueError, "softcap must be None or finite and > 0. Got inf"),
+    (dict(logit_scale=float("nan")), ValueError, "logit_scale must be None or finite. Got nan"),
+    (dict(logit_scale=float("-inf")), ValueError, "logit_scale must be None or finite. Got -inf"),
     (dict(z_loss=float("inf")), ValueError, "z_loss must be finite and >= 0. Got inf"),
     (dict(z_loss=-1e-4), ValueError, "z_loss must be finite and >= 0"),
     (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be >= 1. Got 0"),
