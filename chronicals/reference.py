@@ -44,18 +44,27 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotary embedding in the rotate-half layout, applied to q and k.
+def rotate_pairs(x: Tensor) -> Tensor:
+    """The interleaved (GPT-J) layout's rotate_half: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False
+         ) -> tuple[Tensor, Tensor]:
+    """Rotary embedding applied to q and k: `x * cos + rotate(x) * sin` on the rotated channels.
 
     q: (B, Hq, S, D), k: (B, Hk, S, D), cos/sin: (B, S, R) with R <= D even. The first R channels
-    of each head are rotated; channels R.. pass through unchanged (partial rotary, as Phi-3).
+    of each head are rotated; channels R.. pass through unchanged (partial rotary, as Phi-3 and
+    GLM). `rotate` pairs channel i with i + R/2 (rotate-half, Llama) or, with `interleaved`,
+    channel 2i with 2i + 1 (GPT-J, GLM, Cohere); cos/sin are then in the same interleaved order.
     """
     rot = cos.shape[-1]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotate = rotate_pairs if interleaved else rotate_half
 
     def apply(x: Tensor) -> Tensor:
         x_rot, x_pass = x[..., :rot], x[..., rot:]
-        out = x_rot * cos + rotate_half(x_rot) * sin
+        out = x_rot * cos + rotate(x_rot) * sin
         return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
     return apply(q), apply(k)
