@@ -45,7 +45,8 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def rotate_pairs(x: Tensor) -> Tensor:
-    """The interleaved (GPT-J) layout's rotate_half: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    """The interleaved (GPT-J) layout's rotate_half: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2,
+    ...)."""
     return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
 
 

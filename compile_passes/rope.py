@@ -43,12 +43,13 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _embed(q, k, cos, sin, rotate):
+    """`x * cos + rotate(x) * sin` for q and k, as every family's apply_rotary_pos_emb ends."""
+    return (q * cos) + (rotate(q) * sin), (k * cos) + (rotate(k) * sin)
+
+
 def _rope_pattern_hf(q, k, cos, sin):
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    q_embed = (q * cos) + (_rotate_half(q) * sin)
-    k_embed = (k * cos) + (_rotate_half(k) * sin)
-    return q_embed, k_embed
+    return _embed(q, k, cos.unsqueeze(1), sin.unsqueeze(1), _rotate_half)
 
 
 def _rope_pattern_phi3(q, k, cos, sin):
@@ -74,30 +75,20 @@ def _pair_angles(t):
 
 
 def _rope_pattern_blt(q, k, cos, sin):
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    q_embed = (q * cos) + (_rotate_pairs(q) * sin)
-    k_embed = (k * cos) + (_rotate_pairs(k) * sin)
-    return q_embed, k_embed
+    return _embed(q, k, cos.unsqueeze(1), sin.unsqueeze(1), _rotate_pairs)
 
 
 def _rope_pattern_cohere(q, k, cos, sin):
     dtype = q.dtype
-    q = q.float()
-    k = k.float()
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    q_embed = (q * cos) + (_rotate_pairs(q) * sin)
-    k_embed = (k * cos) + (_rotate_pairs(k) * sin)
+    q_embed, k_embed = _embed(q.float(), k.float(), cos.unsqueeze(1), sin.unsqueeze(1),
+                              _rotate_pairs)
     return q_embed.to(dtype=dtype), k_embed.to(dtype=dtype)
 
 
 def _rope_pattern_helium(q, k, cos, sin):
     cos = _pair_angles(cos.unsqueeze(1))
     sin = _pair_angles(sin.unsqueeze(1))
-    q_embed = (q * cos) + (_rotate_pairs(q) * sin)
-    k_embed = (k * cos) + (_rotate_pairs(k) * sin)
-    return q_embed, k_embed
+    return _embed(q, k, cos, sin, _rotate_pairs)
 
 
 def _rope_pattern_ernie4_5(q, k, cos, sin):
@@ -115,8 +106,7 @@ def _rope_pattern_glm(q, k, cos, sin):
     rotary_dim = cos.shape[-1]
     q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
     k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
-    q_embed = (q_rot * cos) + (_rotate_pairs(q_rot) * sin)
-    k_embed = (k_rot * cos) + (_rotate_pairs(k_rot) * sin)
+    q_embed, k_embed = _embed(q_rot, k_rot, cos, sin, _rotate_pairs)
     return torch.cat([q_embed, q_pass], dim=-1), torch.cat([k_embed, k_pass], dim=-1)
 
 

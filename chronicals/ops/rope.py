@@ -22,9 +22,9 @@ Backward is the transpose of that rotation (the same kernel with a BACKWARD flag
     dx[j2] = g2 * c[j2] - g1 * s[j1]
     dx[R:] = g[R:]
 
-which is the rotation by -sin when both channels of a pair share their angle, as HF builds them. cos and
-sin get no gradient: HF computes them under no_grad from position ids, so the backward returns
-None for them; do not pass cos/sin that need a gradient.
+which is the rotation by -sin when both channels of a pair share their angle, as HF builds them.
+cos and sin get no gradient: HF computes them under no_grad from position ids, so the backward
+returns None for them; do not pass cos/sin that need a gradient.
 
 Numerics: q and k share one floating dtype (fp32, bf16 or fp16), cos and sin share one. HF casts
 cos/sin to the hidden states' dtype, which is also q's unless torch.autocast runs the projections
