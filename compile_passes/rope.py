@@ -17,6 +17,11 @@ way (both in transformers 5.17 and 5.25):
   `repeat_interleave(2, -1)` makes interleaved inside the application;
 - GLM and GLM-4: the same with partial rotary (the first rotary_dim channels rotated, the rest
   concatenated back).
+DeepSeek-V3's `rope_interleave` (on by default; also DeepSeek-V3.2, GLM-4-MoE-Lite, GLM-MoE-DSA,
+LongCat-Flash, Mistral4, Youtu) reads the pairs (2i, 2i + 1) of its rotary channels with the
+first half of HF's cos/sin and writes the rotated pair to (i, i + R/2):
+`cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)` with x1, x2 = x[..., 0::2], x[..., 1::2]; the
+op's "deinterleave" layout.
 GPT-J and CodeGen are not fused: they rotate q and k each on its own (own unsqueeze and
 repeat_interleave of cos/sin), so the two rotations of a layer share no node but the model-wide
 cos/sin, and a (q, k) pattern binds one layer's q to whichever k the matcher finds first (on a
@@ -110,6 +115,16 @@ def _rope_pattern_glm(q, k, cos, sin):
     return torch.cat([q_embed, q_pass], dim=-1), torch.cat([k_embed, k_pass], dim=-1)
 
 
+def _rope_pattern_deepseek_v3(q, k, cos, sin):
+    cos = cos[..., : cos.shape[-1] // 2].unsqueeze(1)
+    sin = sin[..., : sin.shape[-1] // 2].unsqueeze(1)
+    q1, q2 = q[..., 0::2], q[..., 1::2]
+    k1, k2 = k[..., 0::2], k[..., 1::2]
+    q_embed = torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1)
+    k_embed = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
+    return q_embed, k_embed
+
+
 def _rope_replacement(q, k, cos, sin):
     return ops.rope(q, k, cos, sin)
 
@@ -122,19 +137,30 @@ def _in_dtype_of(out: tuple, q, k) -> tuple:
 
 
 def _interleaved_replacement(q, k, cos, sin):
-    return ops.rope(q, k, cos, sin, interleaved=True)
+    return ops.rope(q, k, cos, sin, layout="interleaved")
 
 
 def _cohere_replacement(q, k, cos, sin):
-    return _in_dtype_of(ops.rope(q, k, cos, sin, interleaved=True), q, k)
+    return _in_dtype_of(ops.rope(q, k, cos, sin, layout="interleaved"), q, k)
 
 
 def _pair_angles_replacement(q, k, cos, sin):
-    return ops.rope(q, k, _pair_angles(cos), _pair_angles(sin), interleaved=True)
+    return ops.rope(q, k, _pair_angles(cos), _pair_angles(sin), layout="interleaved")
 
 
 def _ernie4_5_replacement(q, k, cos, sin):
     return _in_dtype_of(_pair_angles_replacement(q, k, cos, sin), q, k)
+
+
+def _first_half_twice(t):
+    """The first half of HF's `cat(freqs, freqs)` cos/sin in both halves, as DeepSeek-V3 uses
+    it for both channels of a pair."""
+    half = t[..., : t.shape[-1] // 2]
+    return torch.cat((half, half), dim=-1)
+
+
+def _deepseek_v3_replacement(q, k, cos, sin):
+    return ops.rope(q, k, _first_half_twice(cos), _first_half_twice(sin), layout="deinterleave")
 
 
 def _extra_check(match) -> bool:
@@ -147,7 +173,13 @@ def _extra_check_pair_angles(match) -> bool:
     return _check_operands(match, pair_angles=True)
 
 
-def _check_operands(match, *, pair_angles: bool) -> bool:
+def _extra_check_deepseek_v3(match) -> bool:
+    """As `_extra_check_pair_angles`, and every channel of q and k rotated: a first half of width
+    1 would broadcast one angle over all pairs, which the op does not compute."""
+    return _check_operands(match, pair_angles=True, whole_head=True)
+
+
+def _check_operands(match, *, pair_angles: bool, whole_head: bool = False) -> bool:
     q, k, cos, sin = (_torch_api.match_value(match, n) for n in ("q", "k", "cos", "sin"))
     outputs = _torch_api.match_outputs(match)
     if len(set(outputs)) != len(outputs):
@@ -171,6 +203,8 @@ def _check_operands(match, *, pair_angles: bool) -> bool:
     rot = cos.shape[-1] // 2 * 2 if pair_angles else cos.shape[-1]
     if rot < 2 or rot % 2 or rot > head_dim or head_dim % 2:
         return reject(match, f"rotary dim {rot} with head_dim {head_dim} (need even, <=)")
+    if whole_head and rot != head_dim:
+        return reject(match, f"rotary dim {rot} with head_dim {head_dim} (need equal)")
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         return reject(match, "q/k last dimension is not contiguous")
     return True
@@ -195,6 +229,7 @@ _PATTERNS = (
     (_rope_pattern_helium, _pair_angles_replacement, _extra_check_pair_angles),
     (_rope_pattern_ernie4_5, _ernie4_5_replacement, _extra_check_pair_angles),
     (_rope_pattern_glm, _pair_angles_replacement, _extra_check_pair_angles),
+    (_rope_pattern_deepseek_v3, _deepseek_v3_replacement, _extra_check_deepseek_v3),
 )
 
 

@@ -164,6 +164,52 @@ def test_interleaved_spelling_of_each_family_fuses(family, dtype):
             assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
 
 
+# Multi-head latent attention families whose `rope_interleave` (on by default) rotates the pairs
+# (2i, 2i + 1) of the rotary channels into (i, i + R/2), in transformers 5.17 and 5.25 alike.
+DEINTERLEAVE_FAMILIES = ("deepseek_v3", "glm4_moe_lite", "longcat_flash", "mistral4", "youtu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", DEINTERLEAVE_FAMILIES)
+def test_deinterleave_spelling_of_each_family_fuses(family, dtype):
+    """The family's own apply_rotary_pos_emb_interleave, on q's rotary slice of a wider head (as
+    MLA splits it off) and a single shared k head, becomes one rope launch for q and k."""
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+
+    def apply(q, k, cos, sin):
+        return module.apply_rotary_pos_emb_interleave(q, k, cos, sin)
+
+    _, k, cos, sin = _interleaved_inputs(dtype, 8, head_dim=8)
+    q = torch.randn(2, 7, 3, 24).to(dtype).transpose(1, 2)[..., 16:]
+    args = (q, k, cos, sin)
+    out, report = compile_fn(apply, *args)
+    assert report.fired["rope"] == 1 and report.rejected == (), report
+    eager = apply(*args)
+    truth = apply(*(t.double() for t in args))
+    for name, o, e, t in zip(("q", "k"), out, eager, truth):
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, e)
+        else:
+            assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_deinterleave_with_one_broadcast_angle_is_left_alone(width):
+    """cos/sin of width 2 or 3 leave a first half of width 1, which `x1 * cos` broadcasts over
+    every pair: a computation the op does not do, so it must not fire."""
+    deepseek = importlib.import_module("transformers.models.deepseek_v3.modeling_deepseek_v3")
+
+    def apply(q, k, cos, sin):
+        return deepseek.apply_rotary_pos_emb_interleave(q, k, cos, sin)
+
+    args = _interleaved_inputs(torch.float32, width, head_dim=8)
+    (q_out, k_out), report = compile_fn(apply, *args)
+    assert report.fired["rope"] == 0
+    q_ref, k_ref = apply(*args)
+    torch.testing.assert_close(q_out, q_ref)
+    torch.testing.assert_close(k_out, k_ref)
+
+
 def _rotate_pairs(x):
     return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
 
