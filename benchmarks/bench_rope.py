@@ -1,6 +1,7 @@
 """Benchmark chronicals::rope against HF's rotary math, eager and under plain torch.compile.
 
     python benchmarks/bench_rope.py --out results/   (needs a CUDA GPU)
+    python benchmarks/bench_rope.py --out results/ --layout interleaved
 
 For each head config (Qwen2.5-0.5B, Llama-3.2-1B, Llama-3.1-8B) at bf16 and B x S = 8 x 2048
 tokens, q and k arrive as HF makes them: the q/k projections' outputs (B, S, H * D), viewed as
@@ -11,6 +12,11 @@ position ids the way HF's rotary embedding builds them. Variants:
 - eager: `transformers.models.llama.modeling_llama.apply_rotary_pos_emb`, the code the fusion
   replaces;
 - compile: `torch.compile(apply_rotary_pos_emb, fullgraph=True)` (plain Inductor).
+
+`--layout interleaved` times the GPT-J layout instead: cos/sin interleaved
+(`repeat_interleave(freqs, 2, -1)`, as Cohere builds them), BLT's `apply_rotary_pos_emb` (pairs
+(2i, 2i + 1), no casts) as eager, and `rope(..., layout="interleaved")`; results go to
+rope-interleaved.json.
 
 Modes: forward (no autograd), and forward + backward: the timed step starts from the projection
 outputs (so the view/transpose and any copy the gradient layout forces into the projection's
@@ -47,12 +53,17 @@ HEAD_CONFIGS = {
 BF16_ULP = 2.0**-7
 
 
-def _cos_sin(batch: int, seq: int, head_dim: int, device: str) -> tuple[torch.Tensor, ...]:
-    """HF's default rotary embedding: cat(freqs, freqs) of positions * inv_freq, cast to bf16."""
+def _cos_sin(batch: int, seq: int, head_dim: int, device: str, layout: str
+             ) -> tuple[torch.Tensor, ...]:
+    """HF's default rotary embedding: cat(freqs, freqs) of positions * inv_freq (interleaved:
+    each pair's angle twice in a row), cast to bf16."""
     inv_freq = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
     positions = torch.arange(seq, device=device).expand(batch, seq)
     freqs = positions[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
+    if layout == "interleaved":
+        emb = freqs.repeat_interleave(2, dim=-1)
+    else:
+        emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
 
 
@@ -98,7 +109,7 @@ def _poison_allocator(nbytes: int) -> None:
 
 
 def bench_config(name: str, heads_q: int, heads_k: int, head_dim: int, batch: int, seq: int,
-                 rope, hf_rope) -> list[dict]:
+                 rope, hf_rope, layout: str) -> list[dict]:
     device = "cuda"
     # Dynamo's recompile limit (8) counts per code object across torch.compile wrappers; grad
     # mode and input layouts recompile a few times per config.
@@ -108,7 +119,7 @@ def bench_config(name: str, heads_q: int, heads_k: int, head_dim: int, batch: in
         "eager": hf_rope,
         "compile": torch.compile(hf_rope, fullgraph=True, dynamic=False),
     }
-    cos, sin = _cos_sin(batch, seq, head_dim, device)
+    cos, sin = _cos_sin(batch, seq, head_dim, device, layout)
     elem = 2  # bf16
     tokens = batch * seq
     read = elem * tokens * (heads_q + heads_k) * head_dim + 2 * cos.numel() * elem
@@ -153,7 +164,7 @@ def bench_config(name: str, heads_q: int, heads_k: int, head_dim: int, batch: in
         )
         for mode, times, nbytes in (("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, 2 * fwd_bytes)):
             rows.append({
-                "config": name, "heads_q": heads_q, "heads_k": heads_k, "head_dim": head_dim,
+                "layout": layout, "config": name, "heads_q": heads_q, "heads_k": heads_k, "head_dim": head_dim,
                 "batch": batch, "seq": seq, "mode": mode, "variant": variant, "bytes": nbytes,
                 "ms": times.graph_ms, "ms_call": times.call_ms,
                 "tbps": nbytes / times.graph_ms / 1e9, "copy_tbps": copy_ceiling,
@@ -168,25 +179,34 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--configs", nargs="+", default=list(HEAD_CONFIGS),
                         choices=list(HEAD_CONFIGS))
+    parser.add_argument("--layout", choices=("half", "interleaved"), default="half")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_rope needs a CUDA GPU.")
 
+    import functools
+
     import transformers
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from chronicals.ops._launch import implementation
     from chronicals.ops.rope import rope
+
+    if args.layout == "interleaved":
+        from transformers.models.blt.modeling_blt import apply_rotary_pos_emb
+    else:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    rope = functools.partial(rope, layout=args.layout)
 
     if implementation("cuda") != "triton":
         raise SystemExit("chronicals ops do not run their Triton kernels here.")
     rows = []
     for name in args.configs:
         rows += bench_config(name, *HEAD_CONFIGS[name], args.batch, args.seq, rope,
-                             apply_rotary_pos_emb)
+                             apply_rotary_pos_emb, args.layout)
 
     compiled = {(r["config"], r["mode"]): r["ms"] for r in rows if r["variant"] == "compile"}
-    print(f"\nrope, bf16, {args.batch} x {args.seq} tokens, {torch.cuda.get_device_name()}\n")
+    print(f"\nrope ({args.layout}), bf16, {args.batch} x {args.seq} tokens, "
+          f"{torch.cuda.get_device_name()}\n")
     print("| config | mode | variant | ms (graph) | TB/s | % of copy | vs compile | "
           "ms (Python call) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -203,7 +223,8 @@ def main() -> None:
         "triton": triton.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "dtype": "bfloat16",
     }
-    (args.out / "rope.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    name = "rope.json" if args.layout == "half" else f"rope-{args.layout}.json"
+    (args.out / name).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -102,18 +102,45 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotary embedding in the rotate-half layout, applied to q and k.
+def rotate_pairs(x: Tensor) -> Tensor:
+    """The interleaved (GPT-J) layout's rotate_half: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2,
+    ...)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+ROPE_LAYOUTS = ("half", "interleaved", "deinterleave")
+
+
+def deinterleave(x: Tensor) -> Tensor:
+    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): the pairs' first channels, then their
+    second ones."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str = "half"
+         ) -> tuple[Tensor, Tensor]:
+    """Rotary embedding applied to q and k: `x * cos + rotate(x) * sin` on the rotated channels.
 
     q: (B, Hq, S, D), k: (B, Hk, S, D), cos/sin: (B, S, R) with R <= D even. The first R channels
-    of each head are rotated; channels R.. pass through unchanged (partial rotary, as Phi-3).
+    of each head are rotated; channels R.. pass through unchanged (partial rotary, as Phi-3 and
+    GLM). `layout` says which channels pair up:
+    - "half": i with i + R/2, `rotate_half` (Llama);
+    - "interleaved": 2i with 2i + 1, `rotate_pairs`, cos/sin in the same interleaved order (GPT-J,
+      GLM, Cohere);
+    - "deinterleave": 2i with 2i + 1 on the way in, the result written in the rotate-half order
+      (DeepSeek-V3's `rope_interleave`): "half" applied to `deinterleave(x)`.
     """
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"rope: layout must be one of {ROPE_LAYOUTS}. Got {layout!r}.")
     rot = cos.shape[-1]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotate = rotate_pairs if layout == "interleaved" else rotate_half
 
     def apply(x: Tensor) -> Tensor:
         x_rot, x_pass = x[..., :rot], x[..., rot:]
-        out = x_rot * cos + rotate_half(x_rot) * sin
+        if layout == "deinterleave":
+            x_rot = deinterleave(x_rot)
+        out = x_rot * cos + rotate(x_rot) * sin
         return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
     return apply(q), apply(k)

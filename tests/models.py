@@ -44,6 +44,8 @@ FAMILIES = {
         {"sliding_window": 64, "final_logit_softcapping": 30.0, "attn_implementation": "eager"},
     ),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 64}),
+    # Interleaved (GPT-J layout) partial rotary: half of each head's channels rotated.
+    "glm": ("GlmConfig", "GlmForCausalLM", {}),
 }
 
 # Fusions each family's graph holds: one rms_norm per layer norm (2 per layer) plus the final

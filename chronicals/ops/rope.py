@@ -1,25 +1,34 @@
 """Rotary position embedding for q and k in one launch (`torch.ops.chronicals.rope`).
 
-Math (Hugging Face's rotate-half layout, `chronicals.reference.rope`). For each token t of batch
-row b and each head of q (Hq heads) and k (Hk heads, GQA allowed), with R = cos.shape[-1] rotated
-channels, h = R / 2, x1 = x[:h], x2 = x[h:R], c = cos[b, t], s = sin[b, t]:
+Math (Hugging Face's `x * cos + rotate_half(x) * sin`, `chronicals.reference.rope`). For each
+token t of batch row b and each head of q (Hq heads) and k (Hk heads, GQA allowed), with
+R = cos.shape[-1] rotated channels, c = cos[b, t], s = sin[b, t], the R channels form R / 2 pairs
+(x1, x2) at channels (j1, j2), and
 
-    out[:h]  = x1 * c[:h] - x2 * s[:h]
-    out[h:R] = x2 * c[h:] + x1 * s[h:]
-    out[R:]  = x[R:]                      (partial rotary, as Phi-3; R == D is the usual case)
+    out[j1] = x1 * c[j1] - x2 * s[j1]
+    out[j2] = x2 * c[j2] + x1 * s[j2]
+    out[R:] = x[R:]                       (partial rotary, as Phi-3 and GLM; R == D is usual)
+
+The layout says which channels pair up: "half" (Llama, Qwen, Phi-3) pairs i with i + R/2;
+"interleaved" (GPT-J, GLM, Cohere) pairs 2i with 2i + 1, and cos/sin come in the same interleaved
+order (HF repeats each pair's angle: `repeat_interleave(2, -1)`); "deinterleave" (DeepSeek-V3's
+`rope_interleave`) reads the pairs (2i, 2i + 1) and writes them to (i, i + R/2), with cos/sin in
+the rotate-half order: (j1, j2) = (2i, 2i + 1) on input, (i, i + R/2) on output.
 
 cos/sin are given per token, (B or 1, S, R), so packed rows whose positions restart at each
 document work unchanged: the op never assumes positions are `arange(S)`.
 
 Backward is the transpose of that rotation (the same kernel with a BACKWARD flag):
 
-    dx[:h]  = g1 * c[:h] + g2 * s[h:]
-    dx[h:R] = g2 * c[h:] - g1 * s[:h]
-    dx[R:]  = g[R:]
+    dx[j1] = g1 * c[j1] + g2 * s[j2]
+    dx[j2] = g2 * c[j2] - g1 * s[j1]
+    dx[R:] = g[R:]
 
-which is the rotation by -sin when the two halves of cos/sin are equal, as HF builds them. cos and
-sin get no gradient: HF computes them under no_grad from position ids, so the backward returns
-None for them; do not pass cos/sin that need a gradient.
+(for "deinterleave", g is read at the output's channels and dx written at the input's).
+
+which is the rotation by -sin when both channels of a pair share their angle, as HF builds them.
+cos and sin get no gradient: HF computes them under no_grad from position ids, so the backward
+returns None for them; do not pass cos/sin that need a gradient.
 
 Numerics: q and k share one floating dtype (fp32, bf16 or fp16), cos and sin share one. HF casts
 cos/sin to the hidden states' dtype, which is also q's unless torch.autocast runs the projections
@@ -39,8 +48,10 @@ copy. The fake tensors use the same rule, which is what Inductor asserts.
 
 One program handles BLOCK_S tokens of one batch row: it loads their cos/sin once and applies them
 to all Hq + Hk heads, BLOCK_H heads at a time. On an H200 (bf16, 16384 tokens, Qwen2.5-0.5B to
-Llama-3.1-8B heads) forward and backward each run at 87-99% of copy bandwidth
-(benchmarks/bench_rope.py).
+Llama-3.1-8B heads) forward and backward of the rotate-half layout each run at 87-99% of copy
+bandwidth (benchmarks/bench_rope.py). The interleaved layouts load (and store) each head's pairs
+as one contiguous [pairs, 2] tile split (joined) in registers, so they move the same bytes in the
+same order; they have not been timed on a GPU yet.
 """
 
 from __future__ import annotations
@@ -72,8 +83,12 @@ def _rotate_heads(
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
     HAS_PASS: tl.constexpr,
+    LOAD_PAIRS: tl.constexpr,
+    STORE_PAIRS: tl.constexpr,
 ):
     """out1 = x1 * c1 + x2 * sa, out2 = x2 * c2 + x1 * sb for NUM_HEADS heads of BLOCK_S tokens.
+    A pair (x1, x2) is read from channels (2i, 2i + 1) with LOAD_PAIRS, else (i, i + HALF); the
+    result is written alike by STORE_PAIRS.
 
     x_rows / out_rows: [BLOCK_S, 1, 1] pointers to each token's head 0; c1, c2, sa, sb:
     [BLOCK_S, 1, BLOCK_HALF] fp32; mask_s: [BLOCK_S, 1, 1].
@@ -86,12 +101,24 @@ def _rotate_heads(
         mask = mask_h & mask_c
         x_heads = x_rows + offs_h * stride_x_h
         out_heads = out_rows + offs_h * stride_out_h
-        x1 = tl.load(x_heads + offs_c, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_heads + HALF + offs_c, mask=mask, other=0.0).to(tl.float32)
+        # Pair i as channels (2i, 2i + 1): one contiguous [BLOCK_HALF, 2] tile per head, split
+        # and joined in registers (two stride-2 accesses would not vectorise).
+        offs_pair = 2 * offs_c[:, :, :, None] + tl.arange(0, 2)[None, None, None, :]
+        mask_pair = mask[:, :, :, None]
+        if LOAD_PAIRS:
+            x = tl.load(x_heads[:, :, :, None] + offs_pair, mask=mask_pair, other=0.0)
+            x1, x2 = tl.split(x.to(tl.float32))
+        else:
+            x1 = tl.load(x_heads + offs_c, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x_heads + HALF + offs_c, mask=mask, other=0.0).to(tl.float32)
         out1 = x1 * c1 + x2 * sa
         out2 = x2 * c2 + x1 * sb
-        tl.store(out_heads + offs_c, out1.to(out_rows.dtype.element_ty), mask=mask)
-        tl.store(out_heads + HALF + offs_c, out2.to(out_rows.dtype.element_ty), mask=mask)
+        if STORE_PAIRS:
+            out = tl.join(out1, out2).to(out_rows.dtype.element_ty)
+            tl.store(out_heads[:, :, :, None] + offs_pair, out, mask=mask_pair)
+        else:
+            tl.store(out_heads + offs_c, out1.to(out_rows.dtype.element_ty), mask=mask)
+            tl.store(out_heads + HALF + offs_c, out2.to(out_rows.dtype.element_ty), mask=mask)
         if HAS_PASS:
             # Channels 2*HALF..HEAD_DIM are not rotated (partial rotary): copied through.
             offs_p = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, None, :]
@@ -135,6 +162,8 @@ def _rope_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
     HAS_PASS: tl.constexpr,
+    LOAD_PAIRS: tl.constexpr,
+    STORE_PAIRS: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -147,12 +176,25 @@ def _rope_kernel(
     # cos/sin are read once per token and shared by all Hq + Hk heads.
     offs_c = tl.arange(0, BLOCK_HALF)
     mask_cs = mask_s[:, None] & (offs_c < HALF)[None, :]
-    cos_ptrs = cos_ptr + pid_b * stride_cos_b + offs_s[:, None] * stride_cos_s + offs_c[None, :]
-    sin_ptrs = sin_ptr + pid_b * stride_sin_b + offs_s[:, None] * stride_sin_s + offs_c[None, :]
-    c1 = tl.load(cos_ptrs, mask=mask_cs, other=0.0).to(tl.float32)[:, None, :]
-    c2 = tl.load(cos_ptrs + HALF, mask=mask_cs, other=0.0).to(tl.float32)[:, None, :]
-    s1 = tl.load(sin_ptrs, mask=mask_cs, other=0.0).to(tl.float32)[:, None, :]
-    s2 = tl.load(sin_ptrs + HALF, mask=mask_cs, other=0.0).to(tl.float32)[:, None, :]
+    cos_rows = cos_ptr + pid_b * stride_cos_b + offs_s[:, None] * stride_cos_s
+    sin_rows = sin_ptr + pid_b * stride_sin_b + offs_s[:, None] * stride_sin_s
+    if LOAD_PAIRS and STORE_PAIRS:
+        # "interleaved": pair i's cos/sin at channels (2i, 2i + 1), as the heads' pairs.
+        offs_pair = 2 * offs_c[None, :, None] + tl.arange(0, 2)[None, None, :]
+        mask_pair = mask_cs[:, :, None]
+        cos = tl.load(cos_rows[:, :, None] + offs_pair, mask=mask_pair, other=0.0)
+        sin = tl.load(sin_rows[:, :, None] + offs_pair, mask=mask_pair, other=0.0)
+        c1, c2 = tl.split(cos.to(tl.float32))
+        s1, s2 = tl.split(sin.to(tl.float32))
+    else:
+        c1 = tl.load(cos_rows + offs_c[None, :], mask=mask_cs, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_rows + HALF + offs_c[None, :], mask=mask_cs, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_rows + offs_c[None, :], mask=mask_cs, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_rows + HALF + offs_c[None, :], mask=mask_cs, other=0.0).to(tl.float32)
+    c1 = c1[:, None, :]
+    c2 = c2[:, None, :]
+    s1 = s1[:, None, :]
+    s2 = s2[:, None, :]
     if BACKWARD:
         # Transpose of the forward rotation: dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1.
         sa = s2
@@ -167,19 +209,23 @@ def _rope_kernel(
         q_ptr + pid_b * stride_q_b + rows * stride_q_s,
         q_out_ptr + pid_b * stride_q_out_b + rows * stride_q_out_s,
         stride_q_h, stride_q_out_h, mask_rows, c1, c2, sa, sb,
-        HEADS_Q, HEAD_DIM, HALF, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS, HAS_PASS,
+        HEADS_Q, HEAD_DIM, HALF, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS, HAS_PASS, LOAD_PAIRS,
+        STORE_PAIRS,
     )
     _rotate_heads(
         k_ptr + pid_b * stride_k_b + rows * stride_k_s,
         k_out_ptr + pid_b * stride_k_out_b + rows * stride_k_out_s,
         stride_k_h, stride_k_out_h, mask_rows, c1, c2, sa, sb,
-        HEADS_K, HEAD_DIM, HALF, BLOCK_HK, BLOCK_HALF, BLOCK_PASS, HAS_PASS,
+        HEADS_K, HEAD_DIM, HALF, BLOCK_HK, BLOCK_HALF, BLOCK_PASS, HAS_PASS, LOAD_PAIRS,
+        STORE_PAIRS,
     )
 
 
 def _check_inputs(op: str, names: tuple[str, str], q: Tensor, k: Tensor, cos: Tensor,
-                  sin: Tensor) -> None:
+                  sin: Tensor, layout: str) -> None:
     """Shape, dtype and device rules shared by the forward and backward ops and their fakes."""
+    if layout not in reference.ROPE_LAYOUTS:
+        raise ValueError(f"{op}: layout must be one of {reference.ROPE_LAYOUTS}. Got {layout!r}.")
     nq, nk = names
     for name, t in ((nq, q), (nk, k)):
         if t.dim() != 4:
@@ -268,7 +314,7 @@ def _launch_config(heads_q: int, heads_k: int, half: int) -> dict[str, int]:
     }
 
 
-def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool,
+def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str, backward: bool,
                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     # The kernel needs unit stride only in the last dim; other strides are passed through.
     q, k, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
@@ -296,6 +342,9 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool,
         HALF=rot // 2,
         BLOCK_PASS=next_power_of_2(max(head_dim - rot, 1)),
         HAS_PASS=rot < head_dim,
+        # "deinterleave" reads pairs and writes halves; its backward reads halves, writes pairs.
+        LOAD_PAIRS=layout == "interleaved" or (layout == "deinterleave" and not backward),
+        STORE_PAIRS=layout == "interleaved" or (layout == "deinterleave" and backward),
         BACKWARD=backward,
         **config,
     )
@@ -306,59 +355,64 @@ def _out_dtype(q: Tensor, cos: Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, cos.dtype)
 
 
-def _rope_backward_reference(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor
+def _rope_backward_reference(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor, layout: str
                              ) -> tuple[Tensor, Tensor]:
-    """Plain PyTorch transpose of `reference.rope`: g * cos + rotate_half^T(g * sin)."""
+    """Plain PyTorch transpose of `reference.rope`: g * cos - rotate(g * sin), as the transpose
+    of either rotate is its negation; "deinterleave" then interleaves the pairs back."""
     rot = cos.shape[-1]
-    half = rot // 2
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotate = reference.rotate_pairs if layout == "interleaved" else reference.rotate_half
 
     def apply(g: Tensor) -> Tensor:
         g_rot, g_pass = g[..., :rot], g[..., rot:]
-        gs = g_rot * sin
-        out = g_rot * cos + torch.cat((gs[..., half:], -gs[..., :half]), dim=-1)
+        out = g_rot * cos - rotate(g_rot * sin)
+        if layout == "deinterleave":
+            out = torch.stack((out[..., : rot // 2], out[..., rot // 2 :]), dim=-1).flatten(-2)
         return torch.cat((out, g_pass), dim=-1) if g_pass.shape[-1] else out
 
     return apply(dq), apply(dk)
 
 
 @torch.library.custom_op("chronicals::rope", mutates_args=())
-def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    _check_inputs("rope", ("q", "k"), q, k, cos, sin)
+def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str = "half"
+             ) -> tuple[Tensor, Tensor]:
+    _check_inputs("rope", ("q", "k"), q, k, cos, sin, layout)
     if use_triton(q):
-        return _rope_launch(q, k, cos, sin, backward=False, out_dtype=_out_dtype(q, cos))
-    q_out, k_out = reference.rope(q, k, cos, sin)
+        return _rope_launch(q, k, cos, sin, layout, backward=False, out_dtype=_out_dtype(q, cos))
+    q_out, k_out = reference.rope(q, k, cos, sin, layout)
     return _token_major(q_out, q_out.dtype), _token_major(k_out, k_out.dtype)
 
 
 @_rope_op.register_fake
-def _rope_fake(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    _check_inputs("rope", ("q", "k"), q, k, cos, sin)
+def _rope_fake(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str = "half"
+               ) -> tuple[Tensor, Tensor]:
+    _check_inputs("rope", ("q", "k"), q, k, cos, sin, layout)
     dtype = _out_dtype(q, cos)
     return _empty_token_major(q, dtype), _empty_token_major(k, dtype)
 
 
 @torch.library.custom_op("chronicals::rope_backward", mutates_args=())
-def _rope_backward_op(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype
-                      ) -> tuple[Tensor, Tensor]:
+def _rope_backward_op(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype,
+                      layout: str = "half") -> tuple[Tensor, Tensor]:
     """(d q, d k) in `dtype`, the forward's q/k dtype, from the outputs' gradients."""
-    _check_inputs("rope_backward", ("dq", "dk"), dq, dk, cos, sin)
+    _check_inputs("rope_backward", ("dq", "dk"), dq, dk, cos, sin, layout)
     if use_triton(dq):
-        return _rope_launch(dq, dk, cos, sin, backward=True, out_dtype=dtype)
-    dq_in, dk_in = _rope_backward_reference(dq, dk, cos, sin)
+        return _rope_launch(dq, dk, cos, sin, layout, backward=True, out_dtype=dtype)
+    dq_in, dk_in = _rope_backward_reference(dq, dk, cos, sin, layout)
     return _token_major(dq_in, dtype), _token_major(dk_in, dtype)
 
 
 @_rope_backward_op.register_fake
-def _rope_backward_fake(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype
-                        ) -> tuple[Tensor, Tensor]:
-    _check_inputs("rope_backward", ("dq", "dk"), dq, dk, cos, sin)
+def _rope_backward_fake(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype,
+                        layout: str = "half") -> tuple[Tensor, Tensor]:
+    _check_inputs("rope_backward", ("dq", "dk"), dq, dk, cos, sin, layout)
     return _empty_token_major(dq, dtype), _empty_token_major(dk, dtype)
 
 
-def _setup_context(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
-    q, _, cos, sin = inputs
+def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    q, _, cos, sin, layout = inputs
     ctx.dtype = q.dtype
+    ctx.layout = layout
     if cos.requires_grad or sin.requires_grad:
         # Refused rather than silently returning no gradient for them.
         raise ValueError(
@@ -370,24 +424,29 @@ def _setup_context(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor
     ctx.save_for_backward(cos, sin)
 
 
-def _backward(ctx, dq: Tensor, dk: Tensor) -> tuple[Tensor, Tensor, None, None]:
+def _backward(ctx, dq: Tensor, dk: Tensor) -> tuple[Tensor, Tensor, None, None, None]:
     cos, sin = ctx.saved_tensors
-    dq_in, dk_in = _rope_backward_op(dq, dk, cos, sin, ctx.dtype)
+    dq_in, dk_in = _rope_backward_op(dq, dk, cos, sin, ctx.dtype, ctx.layout)
     # No gradient for cos/sin: HF computes them from position ids under no_grad.
-    return dq_in, dk_in, None, None
+    return dq_in, dk_in, None, None, None
 
 
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate q and k by per-token cos/sin in HF's rotate-half layout, in one kernel launch.
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str = "half"
+         ) -> tuple[Tensor, Tensor]:
+    """Rotate q and k by per-token cos/sin, `x * cos + rotate(x) * sin`, in one kernel launch.
 
     q: (B, Hq, S, D), k: (B, Hk, S, D) (any strides with a unit last-dim stride, e.g. HF's
     `view(B, S, H, D).transpose(1, 2)`), cos, sin: (B or 1, S, R) with R even, R <= D; channels
-    R.. pass through. q and k share one dtype (fp32, bf16 or fp16), cos and sin one, all four one
-    device. Returns (q_rotated, k_rotated), shaped like q and k in the dtype of `q * cos`, stored
-    token-major (strides (S*H*D, D, H*D, 1)).
+    R.. pass through. `layout`: "half" is HF's rotate-half (channel i pairs with i + R/2,
+    Llama); "interleaved" the GPT-J layout (channel 2i pairs with 2i + 1, cos/sin interleaved
+    alike, as GLM and Cohere build them); "deinterleave" reads pairs (2i, 2i + 1) and writes
+    them to (i, i + R/2), cos/sin in the rotate-half order (DeepSeek-V3's `rope_interleave`).
+    q and k share one dtype (fp32, bf16 or fp16), cos and sin one, all four one device. Returns
+    (q_rotated, k_rotated), shaped like q and k in the dtype of `q * cos`, stored token-major
+    (strides (S*H*D, D, H*D, 1)).
     Differentiable in q and k; cos and sin must not require grad (a ValueError says so).
     """
-    return torch.ops.chronicals.rope(q, k, cos, sin)
+    return torch.ops.chronicals.rope(q, k, cos, sin, layout)

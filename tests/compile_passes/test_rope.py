@@ -1,14 +1,19 @@
-"""The QK-RoPE fusion on standalone subgraphs, and packed positions through a whole model."""
+"""The QK-RoPE fusion on standalone subgraphs, and packed positions through a whole model. The
+interleaved layout is checked on the installed transformers' own `apply_rotary_pos_emb` of each
+family that spells it, and on look-alikes that must not fire."""
 
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
 
 from chronicals import reference
-from tests.compile_passes.harness import compile_fn
+from tests import models
+from tests.compile_passes.harness import compile_and_compare, compile_fn
+from tests.helpers import assert_no_worse_than_eager
 from tests.models import tiny_model
 
 
@@ -118,3 +123,181 @@ def test_packed_positions_match_documents_run_alone():
     expected = [alone(input_ids=d, use_cache=False).logits for d in docs]
     torch.testing.assert_close(packed[:, :5], expected[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[:, 5:], expected[1], atol=1e-5, rtol=1e-5)
+
+
+# Families whose rotary embedding rotates channel pairs (2i, 2i + 1), in transformers 5.17 and
+# 5.25 alike: module -> cos/sin width as a fraction of head_dim (GLM rotates half the channels).
+INTERLEAVED_FAMILIES = {
+    "glm": 0.5,
+    "glm4": 0.5,
+    "helium": 1.0,
+    "ernie4_5": 1.0,
+    "cohere": 1.0,
+    "cohere2": 1.0,
+    "blt": 1.0,
+}
+
+
+def _interleaved_inputs(dtype, cos_width, head_dim=24, seq=7):
+    """q (3 heads) and k (1 head, GQA) as HF gives them, and cos/sin with a value per token and
+    channel: random, so a fused op that reads the wrong channel of a pair's cos differs."""
+    q = torch.randn(2, seq, 3, head_dim).transpose(1, 2).to(dtype)
+    k = torch.randn(2, seq, 1, head_dim).transpose(1, 2).to(dtype)
+    cos, sin = (torch.rand(2, seq, cos_width).mul(2).sub(1).to(dtype) for _ in range(2))
+    return q, k, cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", INTERLEAVED_FAMILIES)
+def test_interleaved_spelling_of_each_family_fuses(family, dtype):
+    """The family's own apply_rotary_pos_emb (casts to fp32 and back in Cohere and Ernie 4.5,
+    partial rotary in GLM) becomes one rope launch for q and k; its result, against the fp64
+    truth, is no worse than the family's eager code in the same dtype."""
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+
+    def apply(q, k, cos, sin):
+        return module.apply_rotary_pos_emb(q, k, cos, sin)
+
+    args = _interleaved_inputs(dtype, int(24 * INTERLEAVED_FAMILIES[family]))
+    out, report = compile_fn(apply, *args)
+    assert report.fired["rope"] == 1 and report.rejected == (), report
+    eager = apply(*args)
+    truth = apply(*(t.double() for t in args))
+    for name, o, e, t in zip(("q", "k"), out, eager, truth):
+        assert o.dtype == e.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, e)
+        else:
+            assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
+
+
+# Multi-head latent attention families whose `rope_interleave` (on by default) rotates the pairs
+# (2i, 2i + 1) of the rotary channels into (i, i + R/2), in transformers 5.17 and 5.25 alike.
+DEINTERLEAVE_FAMILIES = ("deepseek_v3", "glm4_moe_lite", "longcat_flash", "mistral4", "youtu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", DEINTERLEAVE_FAMILIES)
+def test_deinterleave_spelling_of_each_family_fuses(family, dtype):
+    """The family's own apply_rotary_pos_emb_interleave, on q's rotary slice of a wider head (as
+    MLA splits it off) and a single shared k head, becomes one rope launch for q and k."""
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+
+    def apply(q, k, cos, sin):
+        return module.apply_rotary_pos_emb_interleave(q, k, cos, sin)
+
+    _, k, cos, sin = _interleaved_inputs(dtype, 8, head_dim=8)
+    q = torch.randn(2, 7, 3, 24).to(dtype).transpose(1, 2)[..., 16:]
+    args = (q, k, cos, sin)
+    out, report = compile_fn(apply, *args)
+    assert report.fired["rope"] == 1 and report.rejected == (), report
+    eager = apply(*args)
+    truth = apply(*(t.double() for t in args))
+    for name, o, e, t in zip(("q", "k"), out, eager, truth):
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, e)
+        else:
+            assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_deinterleave_with_one_broadcast_angle_is_left_alone(width):
+    """cos/sin of width 2 or 3 leave a first half of width 1, which `x1 * cos` broadcasts over
+    every pair: a computation the op does not do, so it must not fire."""
+    deepseek = importlib.import_module("transformers.models.deepseek_v3.modeling_deepseek_v3")
+
+    def apply(q, k, cos, sin):
+        return deepseek.apply_rotary_pos_emb_interleave(q, k, cos, sin)
+
+    args = _interleaved_inputs(torch.float32, width, head_dim=8)
+    (q_out, k_out), report = compile_fn(apply, *args)
+    assert report.fired["rope"] == 0
+    q_ref, k_ref = apply(*args)
+    torch.testing.assert_close(q_out, q_ref)
+    torch.testing.assert_close(k_out, k_ref)
+
+
+def _rotate_pairs(x):
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def _pair_angles(t):
+    return t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1)
+
+
+def _lookalike(rotate_q, rotate_k=None, angles=_pair_angles):
+    """Helium's application with the given rotations and cos/sin preparation."""
+    rotate_k = rotate_k or rotate_q
+
+    def apply(q, k, cos, sin):
+        cos, sin = angles(cos.unsqueeze(1)), angles(sin.unsqueeze(1))
+        return q * cos + rotate_q(q) * sin, k * cos + rotate_k(k) * sin
+
+    return apply
+
+
+LOOKALIKES = {
+    # The transpose of the rotation: pairs turned the other way.
+    "wrong-sign": _lookalike(lambda x: torch.stack((x[..., 1::2], -x[..., 0::2]), -1).flatten(-2)),
+    # The even channel negated instead of the odd one.
+    "even-negated": _lookalike(
+        lambda x: torch.stack((-x[..., 0::2], x[..., 1::2]), -1).flatten(-2)
+    ),
+    # The pairs stacked along the channel axis: (-x1, -x3, ..., x0, x2, ...), not pair by pair.
+    "stack-dim": _lookalike(lambda x: torch.stack((-x[..., 1::2], x[..., 0::2]), -2).flatten(-2)),
+    # cos/sin tiled (c0, c1, ..., c0, c1, ...) rather than interleaved (c0, c0, c1, c1, ...).
+    "cos-tiled": _lookalike(_rotate_pairs, angles=lambda t: t[..., : t.shape[-1] // 2].repeat(
+        1, 1, 1, 2)),
+    # cos/sin from the second half of HF's cat(freqs, freqs): equal there, not in general.
+    "cos-second-half": _lookalike(
+        _rotate_pairs, angles=lambda t: t[..., t.shape[-1] // 2 :].repeat_interleave(2, dim=-1)
+    ),
+    # q in the interleaved layout, k in the rotate-half one.
+    "mixed-layouts": _lookalike(_rotate_pairs, reference.rotate_half),
+}
+
+
+@pytest.mark.parametrize("name", LOOKALIKES)
+def test_interleaved_lookalikes_are_left_alone(name):
+    fn = LOOKALIKES[name]
+    args = _interleaved_inputs(torch.float32, 24)
+    (q_out, k_out), report = compile_fn(fn, *args)
+    assert report.fired["rope"] == 0, name
+    q_ref, k_ref = fn(*args)
+    torch.testing.assert_close(q_out, q_ref)
+    torch.testing.assert_close(k_out, k_ref)
+
+
+def test_gptj_rotations_are_left_alone():
+    """GPT-J rotates q and k each on its own; the two share only the model-wide cos/sin, so a
+    (q, k) pattern could pair one layer's q with another layer's k. Two such layers are left
+    unfused, and reported, rather than paired across layers."""
+    gptj = importlib.import_module("transformers.models.gptj.modeling_gptj")
+
+    def two_layers(q1, k1, q2, k2, sin, cos):
+        outs = []
+        for q, k in ((q1, k1), (q2, k2)):
+            k = torch.cat([gptj.apply_rotary_pos_emb(k[..., :8], sin, cos), k[..., 8:]], dim=-1)
+            q = torch.cat([gptj.apply_rotary_pos_emb(q[..., :8], sin, cos), q[..., 8:]], dim=-1)
+            outs += [q.transpose(1, 2), k.transpose(1, 2)]
+        return outs
+
+    qk = [torch.randn(2, 7, 4, 16) for _ in range(4)]
+    sin, cos = torch.randn(2, 7, 4), torch.randn(2, 7, 4)
+    out, report = compile_fn(two_layers, *qk, sin, cos)
+    assert report.fired["rope"] == 0
+    assert {r.fusion for r in report.rejected} == {"rope"} and len(report.rejected) == 4
+    for got, want in zip(out, two_layers(*qk, sin, cos)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cohere_model_fuses_rope_once_per_layer(dtype, monkeypatch):
+    """A tiny Cohere (interleaved rotary computed in fp32 between casts) fuses its rotary
+    embedding once per layer, and its loss and gradients match eager. Cohere is not in
+    tests/models.FAMILIES: its LayerNorm and scaled logits fuse nothing else today."""
+    monkeypatch.setitem(models.FAMILIES, "cohere", ("CohereConfig", "CohereForCausalLM", {}))
+    result = compile_and_compare("cohere", dtype)
+    assert result.fired["rope"] == models.LAYERS, result
+    assert not [r for r in result.rejected if r.fusion == "rope"], result.rejected
+    result.assert_matches_eager(dtype)
