@@ -390,18 +390,19 @@ def latest(output_dir: Path) -> Path | None:
                               '{"checkpoint": ..., "id": ...}); resume from a checkpoint by '
                               "its directory (--resume DIR).")
     head = output_dir / record["checkpoint"]
-    manifest = head / MANIFEST_FILE
-    try:
-        head_id = json.loads(manifest.read_text(encoding="utf-8")).get("id")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        head_id = None
-    if head_id != record["id"]:
-        state = "is missing" if not head.is_dir() else "was replaced or damaged since"
-        raise CheckpointError(
-            f"resume: {path} names {head} as the run's latest checkpoint, which {state}; "
-            "resume from a checkpoint by its directory (--resume DIR)."
-        )
-    return head
+    found = "is missing"
+    if head.is_dir():
+        try:
+            manifest = json.loads((head / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return head  # verify() says what is wrong with it
+        if not isinstance(manifest, dict) or manifest.get("id") in (record["id"], None):
+            return head
+        found = "was replaced since (its manifest has another id)"
+    raise CheckpointError(
+        f"resume: {path} names {head} as the run's latest checkpoint, which {found}; resume "
+        "from a checkpoint by its directory (--resume DIR)."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,13 +501,13 @@ def check_data(
 # The run log
 
 
-def trim_log(path: Path, step: int) -> None:
-    """Keep log.jsonl's records up to `step` (those after it were logged by the run that stopped,
-    and are redone). A torn last line (the job killed while appending) is dropped; a damaged line
-    before it is an error naming the line."""
+def kept_log_lines(path: Path, step: int) -> tuple[list[str], bool]:
+    """log.jsonl's lines of records up to `step` (those after it were logged by the run that
+    stopped, and are redone), and whether its last line was torn (the job killed while appending
+    it: dropped). A damaged line before the last is an error naming the line."""
     if not path.exists():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines()]
+        return [], False
+    lines = path.read_text(encoding="utf-8").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     kept = []
@@ -517,9 +518,7 @@ def trim_log(path: Path, step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             if i == len(lines):
-                logger.warning("%s: dropped its last line, cut short when the job was killed "
-                               "while writing it", path)
-                break
+                return kept, True
             raise CheckpointError(
                 f"resume: {path} line {i} is not valid JSON ({e}); only the last line may be cut "
                 "short. Delete the line (or the file) to resume."
@@ -529,5 +528,14 @@ def trim_log(path: Path, step: int) -> None:
                                   "object with an integer step).")
         if record.get("step", 0) <= step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return kept, False
 
+
+def trim_log(path: Path, step: int) -> None:
+    """Cut log.jsonl back to the records up to `step` (see `kept_log_lines`)."""
+    kept, torn = kept_log_lines(path, step)
+    if torn:
+        logger.warning("%s: dropped its last line, cut short when the job was killed while "
+                       "writing it", path)
+    if path.exists():
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -545,21 +545,16 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     base_dir = (output_dir / "base-model").resolve()
     if config.lora_r and base_dir.is_dir() and resume is not None:
         ckpt.verify(base_dir)
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale(output_dir)
-    run_config = json.dumps({**config.to_dict(), "data_fingerprint": fingerprint}, indent=2)
-    (output_dir / CONFIG_FILE).write_text(run_config, "utf-8")
     if config.lora_r:
         if config.model is None or config.from_config:
             # A random base is saved beside the adapters, which name it as their base model.
+            # The first write of a run: PEFT changes the model in place.
             if not base_dir.is_dir():
+                output_dir.mkdir(parents=True, exist_ok=True)
+                ckpt.remove_stale(output_dir)
                 ckpt.write_atomically(base_dir, lambda d: _save_model(model, tokenizer, d))
             model.name_or_path = model.config.name_or_path = str(base_dir)
         model = _add_lora(model, config, resume_from)
-    if resume_from is not None:
-        # The run's line of checkpoints continues from here, not from a later one on disk.
-        ckpt.set_latest(output_dir, resume_from, resume.manifest)
     model = model.to(device)
     model.train()
 
@@ -569,12 +564,22 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if resume_from is not None:
         ckpt.restore_training_state(resume_from, resume.state, optimizer, scheduler)
         step, cursor = resume.state["step"], resume.state["cursor"]
+        ckpt.kept_log_lines(output_dir / LOG_FILE, step)  # a damaged log refused here
         logger.info("resumed from %s at step %d", resume_from, step)
     else:
         if resume is not None:
             logger.info("resumed %s from step 0: it stopped before its first checkpoint",
                         output_dir)
         torch.manual_seed(config.seed)
+
+    # Everything is checked: the output directory is written from here on.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_stale(output_dir)
+    run_config = json.dumps({**config.to_dict(), "data_fingerprint": fingerprint}, indent=2)
+    (output_dir / CONFIG_FILE).write_text(run_config, "utf-8")
+    if resume_from is not None:
+        # The run's line of checkpoints continues from here, not from a later one on disk.
+        ckpt.set_latest(output_dir, resume_from, resume.manifest)
 
     run_log = _RunLog(output_dir / LOG_FILE, config, step)
     options = None
@@ -666,9 +671,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 window_start = _flush(pending, run_log, window_start, device, last_good)
             if too_many:
                 raise TrainingDiverged(
-                    f"step {step}: the {len(nonfinite)}th step with a NaN or infinite loss or "
-                    f"gradient norm, more than --skip-nonfinite {config.skip_nonfinite} allows "
-                    f"(steps {', '.join(map(str, nonfinite))}). {_kept(last_good)}"
+                    f"step {step}: {len(nonfinite)} steps with a NaN or infinite loss or "
+                    f"gradient norm (steps {', '.join(map(str, nonfinite))}), more than "
+                    f"--skip-nonfinite {config.skip_nonfinite} allows. {_kept(last_good)}"
                 )
             if evaluate:
                 run_eval(step)
@@ -728,14 +733,17 @@ def _flush(
             })
         elif m.skipped or not (math.isfinite(v["loss"]) and math.isfinite(v["grad_norm"])):
             # JSON has no NaN or infinity: they are logged as text.
-            loss, norm = str(v["loss"]), str(v["grad_norm"])
+            loss, norm = (x if math.isfinite(x) else str(x) for x in (v["loss"], v["grad_norm"]))
             action = ("skipped (--skip-nonfinite): the optimizer did not step" if m.skipped
                       else "the run stopped")
             records.append({"kind": "nonfinite", "step": s, "loss": loss, "grad_norm": norm,
                             "lr": v["lr"],
                             "reason": f"loss {loss}, gradient norm {norm}: {action}"})
             if not m.skipped:
-                diverged = f"step {s}: the loss is {loss} and the gradient norm {norm}"
+                which = " and ".join(name for name, x in (("loss", loss), ("gradient norm", norm))
+                                     if isinstance(x, str))
+                diverged = (f"step {s}: non-finite {which} (loss {loss}, gradient norm "
+                            f"{norm})")
                 break
         else:
             records.append({
