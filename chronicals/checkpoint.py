@@ -198,12 +198,14 @@ def verify(directory: Path) -> dict[str, Any]:
 
 
 def check_weights(
-    directory: Path, expected: Mapping[str, Sequence[int]], aliases: Mapping[str, str]
+    directory: Path, expected: Mapping[str, Sequence[int]], aliases: Mapping[str, str],
+    optional: Mapping[str, Sequence[int]] | None = None,
 ) -> None:
-    """The .safetensors files of `directory` hold exactly the tensors of `expected` (name ->
-    shape); a tensor named by a key of `aliases` (a tied weight's other name) counts as its
-    value. `from_pretrained` would re-initialise a missing tensor at random and ignore an extra
-    one."""
+    """The .safetensors files of `directory` hold every tensor of `expected` (name -> shape), and
+    besides them only tensors of `optional` (buffers, which a model rebuilds from its config);
+    a tensor named by a key of `aliases` (a tied weight's other name) counts as its value.
+    `from_pretrained` would re-initialise a missing weight at random and ignore an extra one."""
+    optional = optional or {}
     from safetensors import SafetensorError, safe_open
 
     weight_files = sorted(directory.glob("*.safetensors"))
@@ -225,12 +227,12 @@ def check_weights(
     if missing:
         raise _damaged(directory, f"{files} lacks tensor(s) {', '.join(missing)} of the model "
                                   "(loading would re-initialise them at random)")
-    unexpected = sorted(set(found) - set(expected))
+    unexpected = sorted(set(found) - set(expected) - set(optional))
     if unexpected:
         raise _damaged(directory, f"{files} holds tensor(s) {', '.join(unexpected)} that the "
                                   "model does not have")
-    for name, shape in expected.items():
-        if tuple(shape) != found[name]:
+    for name, shape in {**optional, **expected}.items():
+        if name in found and tuple(shape) != found[name]:
             raise _damaged(directory, f"tensor {name} in {where[name]} has shape "
                                       f"{list(found[name])}, the model's is {list(shape)}")
 
@@ -266,15 +268,15 @@ def load_full_model(directory: Path, dtype: torch.dtype, **kwargs: Any) -> torch
                                   f"({text.splitlines()[0] if text else type(e).__name__})") from e
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(model_config, **kwargs)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     # A tied weight (lm_head.weight sharing the embedding) is stored once, under either name.
     names: dict[int, list[str]] = {}
     for name, param in skeleton.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
     aliases = {alias: group[0] for group in names.values() for alias in group[1:]}
-    for alias in aliases:
-        expected.pop(alias, None)
-    check_weights(directory, expected, aliases)
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    expected = {group[0]: shapes[group[0]] for group in names.values()}
+    buffers = {k: v for k, v in shapes.items() if k not in expected and k not in aliases}
+    check_weights(directory, expected, aliases, buffers)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(directory), dtype=dtype, **kwargs
     )

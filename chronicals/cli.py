@@ -8,19 +8,24 @@ HumanEval prompt/completion data with the bundled tokenizer, in about a minute o
 
 Output directory:
     log.jsonl            one line per step ({"kind": "train", ...}; "skip" for a step whose
-                         micro-batches hold no label token, where the optimizer does not step),
+                         micro-batches hold no label token, where the optimizer does not step;
+                         "nonfinite" for a step whose loss or gradient norm was NaN or infinite),
                          per evaluation ("eval") and per compiled graph's fusion report ("compile")
     checkpoint-<step>/   model (safetensors; a PEFT adapter or the full model) + tokenizer, loadable
-                         with `from_pretrained`, and training_state.pt for --resume
-    final/               model + tokenizer of the last step
+                         with `from_pretrained`, training_state.pt and run_config.json for
+                         --resume, and manifest.json (the size and SHA-256 of every file)
+    latest.json          the latest checkpoint of the run's current line, which --resume auto
+                         continues
+    final/               model + tokenizer of the last step (with its manifest.json)
     base-model/          the randomly initialised base of a LoRA run on a model built from a
                          config, so the adapter has a base to load onto
     loss.svg             the loss curve
-    run_config.json      the settings
+    run_config.json      the settings and the data's fingerprint
 
-Checkpoints are written to a temporary directory and renamed into place, so a crash never leaves a
-half-written checkpoint. Every input is checked (data, columns, lengths, model path) before the
-output directory is touched.
+Checkpoints are written to a temporary directory, sealed with their manifest and renamed into
+place, so a crash never leaves a half-written checkpoint, and a resumed run refuses a damaged one
+(chronicals/checkpoint.py). Every input is checked (data, columns, lengths, model path, the
+checkpoint to resume from) before the output directory is touched.
 """
 
 from __future__ import annotations

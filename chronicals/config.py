@@ -83,9 +83,10 @@ class FinetuneConfig:
     """Resume on data whose fingerprint (a hash of the tokenised examples) differs from the run's;
     without it that is an error."""
     skip_nonfinite: int = 0
-    """Steps with a NaN or infinite loss or gradient norm to skip (the optimizer does not step;
-    each costs one device sync per step to detect) before one stops the run; 0: the first stops
-    it. A stopped run keeps its last good checkpoint."""
+    """Steps with a NaN or infinite loss or gradient norm to skip (the optimizer does not step)
+    before the next one stops the run; 0: the first stops it. Above 0, detecting them in time
+    reads the loss and norm every step (one device sync a step). A stopped run keeps its last
+    good checkpoint."""
     output_dir: str = "chronicals-out"
     seed: int = 0
     compile: str = "chronicals"

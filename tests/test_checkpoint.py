@@ -433,6 +433,10 @@ def _poison_steps(monkeypatch, steps: set[int]) -> None:
     monkeypatch.setattr(cli, "compile_loss", compile_poisoned)
 
 
+_REMEDY = ("lower --lr or clip gradients (--max-grad-norm) and start a new run, or skip such "
+           "steps with --skip-nonfinite N and --resume auto.")
+
+
 def test_nonfinite_step_stops_the_run(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     _poison_steps(monkeypatch, {2})  # step 3
@@ -440,8 +444,7 @@ def test_nonfinite_step_stops_the_run(tmp_path, capsys, monkeypatch):
     assert _error(capsys).endswith(
         "error: step 3: non-finite loss and gradient norm (loss nan, gradient norm nan); nothing "
         f"after step 2 was saved. The last good checkpoint, {out / 'checkpoint-2'}, is kept; "
-        "lower --lr or clip gradients (--max-grad-norm) and start a new run, or skip such steps "
-        "with --skip-nonfinite N and --resume auto.")
+        + _REMEDY)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "final").exists()
 
@@ -454,14 +457,14 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, capsys, monkey
     records = [json.loads(line) for line in (out / ckpt.LOG_FILE).read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in records if r["kind"] != "eval"] == [
         ("train", 1), ("skip", 2), ("nonfinite", 3), ("train", 4)]
-    assert records[2]["kind"] == "nonfinite" and records[2]["loss"] == "nan" and "skipped (--skip-nonfinite)" in records[2]["reason"]
+    assert records[2]["loss"] == records[2]["grad_norm"] == "nan"
+    assert "skipped (--skip-nonfinite)" in records[2]["reason"]
     assert any("1 skipped for a NaN or infinite loss or gradient norm: steps 3" in r.getMessage()
                for r in caplog.records)
     # The skipped step changed neither the weights nor the optimizer's moments.
-    assert load_file(out / "checkpoint-3" / "model.safetensors").keys() == load_file(
-        out / "checkpoint-2" / "model.safetensors").keys()
-    for name, value in load_file(out / "checkpoint-3" / "model.safetensors").items():
-        assert torch.equal(value, load_file(out / "checkpoint-2" / "model.safetensors")[name])
+    weights = [load_file(out / f"checkpoint-{s}" / "model.safetensors") for s in (2, 3)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
     moments = [torch.load(out / f"checkpoint-{s}" / ckpt.STATE_FILE, weights_only=True)
                ["optimizer"]["state"] for s in (2, 3)]
     assert all(torch.equal(v, moments[1][i][k]) for i, s in moments[0].items()
@@ -475,8 +478,7 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, capsys, monkey
     assert _error(capsys).endswith(
         "error: step 4: 2 steps with a NaN or infinite loss or gradient norm (steps 3, 4), more "
         f"than --skip-nonfinite 1 allows. The last good checkpoint, {out / 'checkpoint-3'}, is "
-        "kept; lower --lr or clip gradients (--max-grad-norm) and start a new run, or skip such "
-        "steps with --skip-nonfinite N and --resume auto.")
+        "kept; " + _REMEDY)
     assert json.loads((out / ckpt.LOG_FILE).read_text().splitlines()[-1])["step"] == 4
 
 
@@ -497,6 +499,5 @@ def test_nonfinite_weights_are_not_saved(tmp_path, capsys, monkeypatch):
     assert _error(capsys).endswith(
         "error: after step 3 the weights hold NaN or infinite values (tensor "
         "model.embed_tokens.weight); they were not saved. The last good checkpoint, "
-        f"{out / 'checkpoint-2'}, is kept; lower --lr or clip gradients (--max-grad-norm) and "
-        "start a new run, or skip such steps with --skip-nonfinite N and --resume auto.")
+        f"{out / 'checkpoint-2'}, is kept; " + _REMEDY)
     assert json.loads((out / ckpt.LATEST_FILE).read_text())["checkpoint"] == "checkpoint-2"
