@@ -151,23 +151,25 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # Verifying
 
 
-def _damaged(directory: Path, problem: str) -> CheckpointError:
-    return CheckpointError(f"resume: {directory} is damaged or incomplete: {problem}; {_ANOTHER}.")
+def _damaged(directory: Path, problem: str, remedy: str = _ANOTHER) -> CheckpointError:
+    return CheckpointError(f"resume: {directory} is damaged or incomplete: {problem}; {remedy}.")
 
 
-def _read_json(path: Path, directory: Path) -> Any:
+def _read_json(path: Path, directory: Path, remedy: str = _ANOTHER) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _damaged(directory, f"{path.name} is not valid JSON ({e})") from e
+        raise _damaged(directory, f"{path.name} is not valid JSON ({e})", remedy) from e
 
 
-def verify(directory: Path) -> dict[str, Any]:
-    """Check every file of `directory` against its manifest; returns the manifest."""
+def verify(directory: Path, remedy: str = _ANOTHER) -> dict[str, Any]:
+    """Check every file of `directory` against its manifest; returns the manifest. `remedy` ends
+    the error message."""
     if not (directory / MANIFEST_FILE).is_file():
         raise _damaged(directory, f"it has no {MANIFEST_FILE} (not written by this version of "
-                                  "the job, or cut short), so its files cannot be verified")
-    manifest = _read_json(directory / MANIFEST_FILE, directory)
+                                  "the job, or cut short), so its files cannot be verified",
+                       remedy)
+    manifest = _read_json(directory / MANIFEST_FILE, directory, remedy)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (not isinstance(files, dict) or manifest.get("format") != MANIFEST_FORMAT
             or not isinstance(manifest.get("id"), str)
@@ -175,25 +177,25 @@ def verify(directory: Path) -> dict[str, Any]:
                        and isinstance(e.get("sha256"), str) for e in files.values())):
         raise _damaged(directory, f"{MANIFEST_FILE} is not a manifest of this job (expected an "
                                   f"object with format {MANIFEST_FORMAT}, an id, and the bytes "
-                                  "and sha256 of each file)")
+                                  "and sha256 of each file)", remedy)
     added = sorted(set(_files(directory)) - set(files))
     if added:
         raise _damaged(directory, f"{', '.join(added)} not listed in {MANIFEST_FILE} (added "
-                                  "after the checkpoint was written)")
+                                  "after the checkpoint was written)", remedy)
     for name, entry in files.items():
         path = directory / name
         if not path.is_file():
-            raise _damaged(directory, f"{name} is missing (listed in {MANIFEST_FILE})")
+            raise _damaged(directory, f"{name} is missing (listed in {MANIFEST_FILE})", remedy)
         try:
             size = path.stat().st_size
             if size != entry["bytes"]:
                 raise _damaged(directory, f"{name} has {size} bytes, {MANIFEST_FILE} says "
-                                          f"{entry['bytes']} (cut short or replaced)")
+                                          f"{entry['bytes']} (cut short or replaced)", remedy)
             if _sha256(path) != entry["sha256"]:
                 raise _damaged(directory, f"{name} does not match its sha256 in {MANIFEST_FILE} "
-                                          "(its content changed after it was written)")
+                                          "(its content changed after it was written)", remedy)
         except OSError as e:
-            raise _damaged(directory, f"{name} cannot be read ({e.strerror})") from e
+            raise _damaged(directory, f"{name} cannot be read ({e.strerror})", remedy) from e
     return manifest
 
 

@@ -549,7 +549,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         _check_lora_target(model, config)
     base_dir = (output_dir / "base-model").resolve()
     if config.lora_r and base_dir.is_dir() and resume is not None:
-        ckpt.verify(base_dir)
+        ckpt.verify(base_dir, "delete it to have it written again (the model built from the "
+                              "config with --seed)")
     if config.lora_r:
         if config.model is None or config.from_config:
             # A random base is saved beside the adapters, which name it as their base model.

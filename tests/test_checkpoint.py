@@ -187,7 +187,8 @@ _DAMAGES = {
         "adapter_model.safetensors does not match its sha256 in manifest.json"),
     "lora-base-model-damaged": (
         "lora", lambda c, o: _flip_tensor_bytes(o / "base-model" / "model.safetensors"),
-        r"!resume: .*base-model is damaged or incomplete: model.safetensors does not match"),
+        r"!resume: .*base-model is damaged or incomplete: model.safetensors does not match .*; "
+        r"delete it to have it written again \(the model built from the config with --seed\)\.$"),
 }
 
 
