@@ -433,6 +433,14 @@ def resolve_resume(config: FinetuneConfig) -> Resume | None:
             raise CheckpointError(f"resume: {output_dir} holds no run to resume (no "
                                   f"{CONFIG_FILE}); start one without --resume.")
         path = latest(output_dir)
+        found = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
+        if path is None and found:
+            # Written by an older version, or killed between saving the first checkpoint and
+            # recording it: which line they belong to is unknown, so the user picks one.
+            raise CheckpointError(
+                f"resume: {output_dir} holds {', '.join(found)} but no {LATEST_FILE} naming the "
+                "run's latest checkpoint; resume from one by its directory (--resume DIR)."
+            )
         if path is None:
             saved = read_run_config(output_dir / CONFIG_FILE, output_dir)
             check_settings(saved, config, output_dir)

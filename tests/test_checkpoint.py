@@ -175,6 +175,10 @@ _DAMAGES = {
         "full", lambda c, o: _edit_json(c / ckpt.MANIFEST_FILE, lambda j: {**j, "id": "0"}),
         r"!resume: .*latest.json names .*checkpoint-4 as the run's latest checkpoint, which was "
         "replaced since"),
+    "latest-deleted": (
+        "full", lambda c, o: (o / ckpt.LATEST_FILE).unlink(),
+        r"!resume: .*out holds checkpoint-2, checkpoint-4 but no latest.json naming the run's "
+        r"latest checkpoint; resume from one by its directory \(--resume DIR\)\.$"),
     "log-line-torn-before-the-last": (
         "full", lambda c, o: _edit_log(o, 1, '{"kind": "tra'),
         r"!resume: .*log.jsonl line 2 is not valid JSON .*only the last line may be cut short"),
