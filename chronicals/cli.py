@@ -8,19 +8,24 @@ HumanEval prompt/completion data with the bundled tokenizer, in about a minute o
 
 Output directory:
     log.jsonl            one line per step ({"kind": "train", ...}; "skip" for a step whose
-                         micro-batches hold no label token, where the optimizer does not step),
+                         micro-batches hold no label token, where the optimizer does not step;
+                         "nonfinite" for a step whose loss or gradient norm was NaN or infinite),
                          per evaluation ("eval") and per compiled graph's fusion report ("compile")
     checkpoint-<step>/   model (safetensors; a PEFT adapter or the full model) + tokenizer, loadable
-                         with `from_pretrained`, and training_state.pt for --resume
-    final/               model + tokenizer of the last step
+                         with `from_pretrained`, training_state.pt and run_config.json for
+                         --resume, and manifest.json (the size and SHA-256 of every file)
+    latest.json          the latest checkpoint of the run's current line, which --resume auto
+                         continues
+    final/               model + tokenizer of the last step (with its manifest.json)
     base-model/          the randomly initialised base of a LoRA run on a model built from a
                          config, so the adapter has a base to load onto
     loss.svg             the loss curve
-    run_config.json      the settings
+    run_config.json      the settings and the data's fingerprint
 
-Checkpoints are written to a temporary directory and renamed into place, so a crash never leaves a
-half-written checkpoint. Every input is checked (data, columns, lengths, model path) before the
-output directory is touched.
+Checkpoints are written to a temporary directory, sealed with their manifest and renamed into
+place, so a crash never leaves a half-written checkpoint, and a resumed run refuses a damaged one
+(chronicals/checkpoint.py). Every input is checked (data, columns, lengths, model path, the
+checkpoint to resume from) before the output directory is touched.
 """
 
 from __future__ import annotations
@@ -32,25 +37,26 @@ import logging
 import math
 import os
 import pickle
-import random
-import shutil
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from chronicals import checkpoint as ckpt
 from chronicals import data as data_lib
 from chronicals.attention import PACKED_ATTENTION, register_packed_attention
-from chronicals.config import COMPILE_BACKENDS, LORA_DTYPES, RESUME_MAY_CHANGE, FinetuneConfig
+from chronicals.checkpoint import CONFIG_FILE, LATEST_FILE, LOG_FILE, STATE_FILE
+from chronicals.config import COMPILE_BACKENDS, LORA_DTYPES, FinetuneConfig
 from chronicals.lora_plus import lora_plus_param_groups
 from chronicals.train import (
     StepMetrics,
+    TrainingDiverged,
     compile_loss,
     count_label_tokens,
     evaluate_loss,
@@ -58,11 +64,6 @@ from chronicals.train import (
 )
 
 logger = logging.getLogger("chronicals.finetune")
-
-STATE_FILE = "training_state.pt"
-CONFIG_FILE = "run_config.json"
-LOG_FILE = "log.jsonl"
-_STATE_KEYS = ("step", "cursor", "optimizer", "scheduler", "rng")
 
 # The built-in model: Qwen2-shaped (the GPU benchmark's family), 0.7 M parameters with the
 # 2,048-token bundled tokenizer, so the default 40 steps of 2 x 1024 tokens take about a minute
@@ -87,6 +88,9 @@ class FinetuneResult:
     final_dir: Path
     skipped_steps: list[int]
     """Steps of this process whose micro-batches held no label token: the optimizer did not step."""
+    nonfinite_steps: list[int]
+    """Steps of this process skipped for a NaN or infinite loss or gradient norm
+    (--skip-nonfinite): the optimizer did not step."""
     examples_without_labels: int
     """Examples that lost every label token to overlong='truncate' (trained on nothing)."""
 
@@ -187,9 +191,7 @@ def _load_model(
 
     common = dict(attn_implementation=_attention(config))
     if checkpoint is not None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(checkpoint), dtype=dtype, **common
-        )
+        model = ckpt.load_full_model(checkpoint, dtype, **common)
     elif config.model is None:
         model_config = transformers.Qwen2Config(
             vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
@@ -209,9 +211,17 @@ def _load_model(
                     config.model, dtype=dtype, **common
                 )
         except OSError as e:
+            where = (f"{config.model} cannot be loaded" if Path(config.model).exists() else
+                     f"cannot load {config.model!r}: it is not a local model directory and could "
+                     "not be fetched as a Hugging Face model id")
+            raise ValueError(f"model: {where}. ({_first_line(e)})") from e
+        except pickle.UnpicklingError as e:
+            # transformers reads .bin weights with torch.load(weights_only=True), which refuses
+            # a pickle that could run code.
             raise ValueError(
-                f"model: cannot load {config.model!r}: it is not a local model directory and "
-                f"could not be fetched as a Hugging Face model id. ({_first_line(e)})"
+                f"model: {config.model} holds pickled weights that torch.load(weights_only=True) "
+                "refuses (they could run code when loaded); convert them to .safetensors. "
+                f"({_first_line(e)})"
             ) from e
     model = model.to(dtype)
     vocab = model.get_input_embeddings().num_embeddings
@@ -227,16 +237,16 @@ def _load_model(
 def _add_lora(model: nn.Module, config: FinetuneConfig, checkpoint: Path | None) -> nn.Module:
     import peft
 
-    fp32_adapters = config.lora_dtype == "fp32"
-    if checkpoint is not None:
-        return peft.PeftModel.from_pretrained(
-            model, str(checkpoint), is_trainable=True, autocast_adapter_dtype=fp32_adapters)
     lora = peft.LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha or config.lora_r,
         lora_dropout=config.lora_dropout, target_modules=_lora_targets(config),
         task_type="CAUSAL_LM",
     )
-    return peft.get_peft_model(model, lora, autocast_adapter_dtype=fp32_adapters)
+    model = peft.get_peft_model(model, lora,
+                                autocast_adapter_dtype=config.lora_dtype == "fp32")
+    if checkpoint is not None:
+        ckpt.load_adapter(model, checkpoint)
+    return model
 
 
 def _lora_targets(config: FinetuneConfig) -> str | list[str]:
@@ -321,73 +331,6 @@ def _scheduler(
 # Checkpoints
 
 
-def _latest_checkpoint(output_dir: Path) -> Path:
-    found = sorted(
-        (int(p.name.split("-", 1)[1]), p)
-        for p in output_dir.glob("checkpoint-*")
-        if p.name.split("-", 1)[1].isdigit() and (p / STATE_FILE).is_file()
-    )
-    if not found:
-        raise ValueError(f"resume: no checkpoint with {STATE_FILE} in {output_dir}.")
-    return found[-1][1]
-
-
-def _resolve_resume(config: FinetuneConfig) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint to resume from and its training state, None for a fresh run. Checked here,
-    before anything is written: its settings equal `config`'s and its files are complete."""
-    if config.resume is None:
-        return None
-    path = _latest_checkpoint(Path(config.output_dir)) if config.resume == "auto" else Path(
-        config.resume
-    )
-    if not (path / STATE_FILE).is_file() or not (path / CONFIG_FILE).is_file():
-        raise ValueError(
-            f"resume: {path} is not a checkpoint of this job (no {STATE_FILE} / {CONFIG_FILE})."
-        )
-    damaged = f"resume: {path} is damaged or incomplete"
-    another = "resume from another checkpoint (its directory as --resume) or start a new run"
-    try:
-        saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{damaged}: {CONFIG_FILE} is not valid JSON ({e}); {another}.") from e
-    current = config.to_dict()
-    differ = sorted(
-        k for k in current if k not in RESUME_MAY_CHANGE and saved.get(k) != current[k]
-    )
-    if differ:
-        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}" for k in differ)
-        raise ValueError(
-            f"resume: {path} was made with other settings ({details}). Resume with the same "
-            "settings to continue the same run."
-        )
-    model_config = "adapter_config.json" if config.lora_r else "config.json"
-    weight_files = sorted(path.glob("*.safetensors"))  # one file, or the shards of a large model
-    if not (path / model_config).is_file() or not weight_files:
-        raise ValueError(
-            f"{damaged}: it needs {model_config} and .safetensors weights; {another}."
-        )
-    from safetensors import SafetensorError, safe_open
-
-    for weights in weight_files:
-        try:
-            with safe_open(str(weights), framework="pt") as f:
-                f.keys()  # reading the header checks that its tensors lie within the file
-        except SafetensorError as e:
-            raise ValueError(f"{damaged}: {weights.name} cannot be read ({e}); {another}.") from e
-    try:
-        # On the CPU: the RNG state must stay there, and the optimizer moves its state to the
-        # parameters' device when it loads it.
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(
-            f"{damaged}: {STATE_FILE} cannot be loaded ({_first_line(e)}); {another}."
-        ) from e
-    lacking = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if lacking:
-        raise ValueError(f"{damaged}: {STATE_FILE} lacks {lacking}; {another}.")
-    return path, state
-
-
 def _check_output_dir(output_dir: Path) -> None:
     """Refuse an --output-dir that cannot be created or written, before any input is loaded."""
     if output_dir.exists() and not output_dir.is_dir():
@@ -408,44 +351,9 @@ def _check_output_dir(output_dir: Path) -> None:
         ) from e
 
 
-def _write_atomically(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory with `write(tmp)` in a temporary sibling, then rename it to `final`: a
-    reader sees the old directory or the complete new one, never a half-written one."""
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-
-
 def _save_model(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,13 +365,8 @@ class _RunLog:
 
     def __init__(self, path: Path, config: FinetuneConfig, start_step: int) -> None:
         self.path = path
-        if start_step and path.exists():
-            # Steps after the checkpoint were logged by the run that stopped; they are redone.
-            kept = [
-                line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step
-            ]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if start_step:
+            ckpt.trim_log(path, start_step)
         elif path.exists():
             path.unlink()
         self.losses: list[float] = []
@@ -485,8 +388,10 @@ class _RunLog:
             self.write(r)
             if r["kind"] == "train":
                 self.losses.append(r["loss"])
-            else:
+            elif r["kind"] == "skip":
                 self.note(f"step {r['step']}: skipped ({r['reason']})")
+            else:
+                self.note(f"step {r['step']}: {r['reason']}")
         trained = [r for r in records if r["kind"] == "train"]
         postfix = {} if not trained else {
             "loss": f"{trained[-1]['loss']:.4f}", "tok/s": f"{trained[-1]['tokens_per_s']:,.0f}",
@@ -576,7 +481,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
     A step whose micro-batches hold no label token is skipped: the optimizer does not step
     (AdamW would still decay the weights with a zero gradient), the log gets a "skip" record,
-    and `FinetuneResult.skipped_steps` lists it.
+    and `FinetuneResult.skipped_steps` lists it. A step whose loss or gradient norm is NaN or
+    infinite stops the run before anything after it is saved (TrainingDiverged), or with
+    `config.skip_nonfinite` is skipped the same way, up to that many times ("nonfinite" records).
 
     Raises:
         FileNotFoundError: the data file does not exist.
@@ -584,16 +491,19 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             records, examples longer than max_len, a split without label tokens, a model path
             that does not load, --lora-target names that match no layer, a device that does not
             exist, an output dir that cannot be written, a checkpoint of other settings or a
-            damaged one). All of these are raised before the output directory is written.
+            damaged one: `chronicals.checkpoint.CheckpointError`, data other than the resumed
+            run's). All of these are raised before the output directory is written.
+        TrainingDiverged: a non-finite loss, gradient norm or weight; the last checkpoint saved
+            is the last good one.
     """
     device = _device(config)
     dtype = _dtype(config, device)
     backend = None if config.compile == "none" else config.compile
     output_dir = Path(config.output_dir)
     _check_output_dir(output_dir)
-    resume = _resolve_resume(config)
-    resume_from = None if resume is None else resume[0]
-    if resume_from is None and (output_dir / CONFIG_FILE).is_file():
+    resume = ckpt.resolve_resume(config)
+    resume_from = None if resume is None else resume.checkpoint
+    if resume is None and (output_dir / CONFIG_FILE).is_file():
         # A fresh run on top of another would mix their checkpoints, logs and LoRA base model.
         raise ValueError(
             f"output dir {config.output_dir} already holds a run ({CONFIG_FILE}). Continue it "
@@ -607,6 +517,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     source = config.data if config.data is not None else str(data_lib.default_data_path())
     records = data_lib.load_records(source, split=config.data_split)
     examples = data_lib.tokenize_records(records, tokenizer)
+    fingerprint = ckpt.data_fingerprint(examples)
+    if resume is not None:
+        ckpt.check_data(resume.run_config, fingerprint, source, config.allow_data_change,
+                        resume_from or output_dir)
     if config.overlong == "error":
         # Before the split, so the error counts all examples and names the record's own index.
         data_lib.check_lengths(examples, config.max_len)
@@ -633,17 +547,18 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     model = _load_model(config, tokenizer, dtype, None if config.lora_r else resume_from)
     if config.lora_r:
         _check_lora_target(model, config)
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*output_dir.glob(".tmp-*"), *output_dir.glob(".old-*")]:
-        shutil.rmtree(stale)  # left by a run killed while saving
-    (output_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2), "utf-8")
+    base_dir = (output_dir / "base-model").resolve()
+    if config.lora_r and base_dir.is_dir() and resume is not None:
+        ckpt.verify(base_dir, "delete it to have it written again (the model built from the "
+                              "config with --seed)")
     if config.lora_r:
         if config.model is None or config.from_config:
             # A random base is saved beside the adapters, which name it as their base model.
-            base_dir = (output_dir / "base-model").resolve()
-            if not (base_dir / "config.json").is_file():
-                _write_atomically(base_dir, lambda d: _save_model(model, tokenizer, d))
+            # The first write of a run: PEFT changes the model in place.
+            if not base_dir.is_dir():
+                output_dir.mkdir(parents=True, exist_ok=True)
+                ckpt.remove_stale(output_dir)
+                ckpt.write_atomically(base_dir, lambda d: _save_model(model, tokenizer, d))
             model.name_or_path = model.config.name_or_path = str(base_dir)
         model = _add_lora(model, config, resume_from)
     model = model.to(device)
@@ -652,15 +567,25 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     optimizer = _optimizer(model, config, device)
     scheduler = _scheduler(optimizer, config)
     step = cursor = 0  # optimizer steps taken; rows of the training stream consumed
-    if resume is not None:
-        state = resume[1]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, cursor = state["step"], state["cursor"]
-        _set_rng_state(state["rng"])
+    if resume_from is not None:
+        ckpt.restore_training_state(resume_from, resume.state, optimizer, scheduler)
+        step, cursor = resume.state["step"], resume.state["cursor"]
+        ckpt.kept_log_lines(output_dir / LOG_FILE, step)  # a damaged log refused here
         logger.info("resumed from %s at step %d", resume_from, step)
     else:
+        if resume is not None:
+            logger.info("resumed %s from step 0: it stopped before its first checkpoint",
+                        output_dir)
         torch.manual_seed(config.seed)
+
+    # Everything is checked: the output directory is written from here on.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_stale(output_dir)
+    run_config = json.dumps({**config.to_dict(), "data_fingerprint": fingerprint}, indent=2)
+    (output_dir / CONFIG_FILE).write_text(run_config, "utf-8")
+    if resume_from is not None:
+        # The run's line of checkpoints continues from here, not from a later one on disk.
+        ckpt.set_latest(output_dir, resume_from, resume.manifest)
 
     run_log = _RunLog(output_dir / LOG_FILE, config, step)
     options = None
@@ -680,19 +605,31 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             _to_device(b, device) for b in data_lib.eval_batches(eval_rows, config.batch_size)
         ]
 
+    last_good = resume_from  # the run's latest checkpoint
+
     def save(at_step: int) -> None:
+        nonlocal last_good
+        bad = ckpt.first_nonfinite((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"after step {at_step} the weights hold NaN or infinite values (tensor {bad}); "
+                f"they were not saved. {_kept(last_good)}"
+            )
+
         def write(d: Path) -> None:
             _save_model(model, tokenizer, d)
-            (d / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2), "utf-8")
+            (d / CONFIG_FILE).write_text(run_config, "utf-8")
             torch.save({
                 "step": at_step,
                 "cursor": cursor,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
+                "rng": ckpt.rng_state(),
             }, d / STATE_FILE)
 
-        _write_atomically(output_dir / f"checkpoint-{at_step}", write)
+        directory = output_dir / f"checkpoint-{at_step}"
+        ckpt.set_latest(output_dir, directory, ckpt.write_atomically(directory, write))
+        last_good = directory
 
     def run_eval(at_step: int) -> None:
         if eval_batches is not None:
@@ -700,6 +637,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
     pending: list[tuple[int, StepMetrics | None, int]] = []  # None: a skipped step
     skipped: list[int] = []
+    nonfinite: list[int] = []
     window_start = time.perf_counter()
     try:
         while step < config.steps:
@@ -713,7 +651,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 real_tokens += n
             if label_tokens:
                 metrics = train_step(loss_fn, optimizer, micro_batches, scheduler=scheduler,
-                                     max_grad_norm=config.max_grad_norm)
+                                     max_grad_norm=config.max_grad_norm,
+                                     skip_nonfinite=config.skip_nonfinite > 0)
+                if metrics.skipped:
+                    nonfinite.append(step + 1)
             else:
                 # Nothing to learn from (rows of prompt only, e.g. split or truncated pieces):
                 # AdamW would still decay the weights and move its moments with a zero gradient,
@@ -731,8 +672,15 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             checkpoint = config.save_every and step % config.save_every == 0 or (
                 step == config.steps
             )
-            if len(pending) >= config.log_every or evaluate or checkpoint:
-                window_start = _flush(pending, run_log, window_start, device)
+            too_many = len(nonfinite) > config.skip_nonfinite
+            if len(pending) >= config.log_every or evaluate or checkpoint or too_many:
+                window_start = _flush(pending, run_log, window_start, device, last_good)
+            if too_many:
+                raise TrainingDiverged(
+                    f"step {step}: {len(nonfinite)} steps with a NaN or infinite loss or "
+                    f"gradient norm (steps {', '.join(map(str, nonfinite))}), more than "
+                    f"--skip-nonfinite {config.skip_nonfinite} allows. {_kept(last_good)}"
+                )
             if evaluate:
                 run_eval(step)
             if checkpoint:
@@ -748,39 +696,72 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         base = model.get_base_model() if config.lora_r else model
         base.set_attn_implementation("sdpa")
     final_dir = output_dir / "final"
-    _write_atomically(final_dir, lambda d: _save_model(model, tokenizer, d))
+    ckpt.write_atomically(final_dir, lambda d: _save_model(model, tokenizer, d))
     history = _logged_losses(output_dir / LOG_FILE)  # a resumed run's earlier steps included
     if config.plot and history["train"]:
         plot_losses(output_dir / "loss.svg", history["train"], history["eval"])
     return FinetuneResult(
         model=model, losses=run_log.losses, eval_losses=run_log.eval_losses, step=step,
         output_dir=output_dir, final_dir=final_dir, skipped_steps=skipped,
-        examples_without_labels=unlabeled,
+        nonfinite_steps=nonfinite, examples_without_labels=unlabeled,
     )
+
+
+def _kept(last_good: Path | None) -> str:
+    """What a run stopped by a non-finite step leaves to continue from."""
+    remedy = ("lower --lr or clip gradients (--max-grad-norm) and start a new run, or skip such "
+              "steps with --skip-nonfinite N and --resume auto")
+    if last_good is None:
+        return f"No checkpoint was saved before it; {remedy} (from step 0)."
+    return f"The last good checkpoint, {last_good}, is kept; {remedy}."
 
 
 def _flush(
     pending: list[tuple[int, StepMetrics | None, int]], run_log: _RunLog, window_start: float,
-    device: torch.device,
+    device: torch.device, last_good: Path | None,
 ) -> float:
     """Read the pending steps' metrics from the device (one sync per step's values) and log them;
     tokens/s is the window's real tokens over its wall time (a skipped step's are not trained
-    on and not counted). Returns the new window start."""
+    on and not counted). Returns the new window start. A step with a NaN or infinite loss or
+    gradient norm that was not skipped is logged, and raises TrainingDiverged: the steps after
+    it trained on its update and are not logged."""
     values = [None if m is None else m.item() for _, m, _ in pending]
     now = time.perf_counter()
     tokens = sum(n for _, m, n in pending if m is not None)
     rate = tokens / max(now - window_start, 1e-9)
     memory = _memory_gib(device)
-    records = [
-        {"kind": "skip", "step": s, "tokens": n, "label_tokens": 0,
-         "reason": "no label tokens in the step's micro-batches: the optimizer did not step"}
-        if v is None else
-        {"kind": "train", "step": s, "loss": v["loss"], "grad_norm": v["grad_norm"], "lr": v["lr"],
-         "tokens": n, "label_tokens": v["num_tokens"], "tokens_per_s": rate, "mem_gib": memory}
-        for (s, _, n), v in zip(pending, values)
-    ]
-    run_log.steps(records, len(pending))
+    records, diverged = [], None
+    for (s, m, n), v in zip(pending, values):
+        if v is None:
+            records.append({
+                "kind": "skip", "step": s, "tokens": n, "label_tokens": 0,
+                "reason": "no label tokens in the step's micro-batches: the optimizer did not step"
+            })
+        elif m.skipped or not (math.isfinite(v["loss"]) and math.isfinite(v["grad_norm"])):
+            # JSON has no NaN or infinity: they are logged as text.
+            loss, norm = (x if math.isfinite(x) else str(x) for x in (v["loss"], v["grad_norm"]))
+            action = ("skipped (--skip-nonfinite): the optimizer did not step" if m.skipped
+                      else "the run stopped")
+            records.append({"kind": "nonfinite", "step": s, "loss": loss, "grad_norm": norm,
+                            "lr": v["lr"],
+                            "reason": f"loss {loss}, gradient norm {norm}: {action}"})
+            if not m.skipped:
+                which = " and ".join(name for name, x in (("loss", loss), ("gradient norm", norm))
+                                     if isinstance(x, str))
+                diverged = (f"step {s}: non-finite {which} (loss {loss}, gradient norm "
+                            f"{norm})")
+                break
+        else:
+            records.append({
+                "kind": "train", "step": s, "loss": v["loss"], "grad_norm": v["grad_norm"],
+                "lr": v["lr"], "tokens": n, "label_tokens": v["num_tokens"], "tokens_per_s": rate,
+                "mem_gib": memory,
+            })
+    run_log.steps(records, len(records))
     pending.clear()
+    if diverged is not None:
+        raise TrainingDiverged(f"{diverged}; nothing after step {records[-1]['step'] - 1} was "
+                               f"saved. {_kept(last_good)}")
     return now
 
 
@@ -862,6 +843,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
                    help="AdamW decoupled weight decay of the weight matrices: each step scales "
                    "them by 1 - lr x this (default: %(default)s)")
+    g.add_argument("--skip-nonfinite", type=int, default=defaults.skip_nonfinite, metavar="N",
+                   help="skip up to N steps whose loss or gradient norm is NaN or infinite (the "
+                   "optimizer does not step; detecting them syncs with the device every step); "
+                   "the next stops the run, keeping the last checkpoint; 0: the first stops it "
+                   "(default: %(default)s)")
     g.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm,
                    help="clip the L2 norm of all gradients to this; 0: no clipping "
                    "(default: %(default)s)")
@@ -905,8 +891,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=defaults.log_every,
                    help="steps between reading metrics from the device; every step is logged "
                    "(default: %(default)s)")
-    g.add_argument("--resume", help="checkpoint directory to continue from, or 'auto' for the "
-                   "newest in --output-dir (default: none, a fresh run)")
+    g.add_argument("--resume", help="checkpoint directory to continue from, or 'auto': the "
+                   "latest checkpoint of the run in --output-dir (of the line that ran last), or "
+                   "its start if it stopped before its first (default: none, a fresh run)")
+    g.add_argument("--allow-data-change", action="store_true",
+                   help="resume on data other than the run's (its fingerprint, a hash of the "
+                   "tokenised examples, differs) (default: off, an error)")
     g.add_argument("--no-plot", dest="plot", action="store_false",
                    help="do not write loss.svg (default: off, it is written)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
@@ -933,15 +923,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         result = finetune(config)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
         print(f"chronicals finetune: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        saved = any((d / STATE_FILE).is_file() for d in Path(args.output_dir).glob("checkpoint-*"))
+        saved = (Path(args.output_dir) / LATEST_FILE).is_file()
         hint = (
-            "continue with --resume auto (from the newest checkpoint)" if saved else
-            "no checkpoint was saved, so there is nothing to resume (--save-every N saves one "
-            "every N steps)"
+            "continue with --resume auto (from the run's latest checkpoint)" if saved else
+            "no checkpoint was saved, so --resume auto starts the run again from step 0 "
+            "(--save-every N saves one every N steps)"
         )
         print(f"chronicals finetune: interrupted; {hint}.", file=sys.stderr)
         return 130
@@ -949,6 +939,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.skipped_steps:
         summary += (f" ({len(result.skipped_steps)} skipped: no label tokens in their "
                     "micro-batches, the optimizer did not step)")
+    if result.nonfinite_steps:
+        summary += (f" ({len(result.nonfinite_steps)} skipped for a NaN or infinite loss or "
+                    f"gradient norm: steps {', '.join(map(str, result.nonfinite_steps))})")
     if result.examples_without_labels:
         summary += (f"; {result.examples_without_labels} examples lost every label token to "
                     "--overlong truncate")

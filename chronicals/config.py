@@ -15,12 +15,14 @@ SCHEDULES = ("cosine", "constant")
 OVERLONG = ("error", "truncate", "split")
 LORA_DTYPES = ("fp32", "model")
 
-# Settings a resumed run may change: where and how often it reports and saves, and how it
-# compiles (compiled and eager steps compute the same thing). Every other field must equal the
-# checkpoint's, or the resumed run would not continue the same run.
+# Settings a resumed run may change: where and how often it reports and saves, how it compiles
+# (compiled and eager steps compute the same thing), what it does with a non-finite step, and
+# where its data comes from (the data's content is checked by its fingerprint instead, see
+# chronicals.checkpoint). Every other field must equal the checkpoint's, or the resumed run would
+# not continue the same run.
 RESUME_MAY_CHANGE = frozenset(
     {"output_dir", "resume", "eval_every", "save_every", "log_every", "compile", "device",
-     "plot", "progress"}
+     "plot", "progress", "data", "data_split", "allow_data_change", "skip_nonfinite"}
 )
 
 
@@ -75,7 +77,16 @@ class FinetuneConfig:
     log_every: int = 10
     """Steps between reading metrics from the device; every step is logged all the same."""
     resume: str | None = None
-    """A checkpoint directory, or 'auto' for the newest in output_dir."""
+    """A checkpoint directory, or 'auto': the latest checkpoint of the run in output_dir (of the
+    line that ran last, see chronicals.checkpoint), or its start if it stopped before its first."""
+    allow_data_change: bool = False
+    """Resume on data whose fingerprint (a hash of the tokenised examples) differs from the run's;
+    without it that is an error."""
+    skip_nonfinite: int = 0
+    """Steps with a NaN or infinite loss or gradient norm to skip (the optimizer does not step)
+    before the next one stops the run; 0: the first stops it. Above 0, detecting them in time
+    reads the loss and norm every step (one device sync a step). A stopped run keeps its last
+    good checkpoint."""
     output_dir: str = "chronicals-out"
     seed: int = 0
     compile: str = "chronicals"
@@ -111,6 +122,8 @@ class FinetuneConfig:
              f"warmup_steps must be in [0, steps={self.steps}]. Got {self.warmup_steps}."),
             (self.max_grad_norm is None or 0 < self.max_grad_norm < math.inf,
              f"max_grad_norm must be finite and > 0, or None. Got {self.max_grad_norm}."),
+            (self.skip_nonfinite >= 0,
+             f"skip_nonfinite must be >= 0. Got {self.skip_nonfinite}."),
             (0 <= self.weight_decay < math.inf,
              f"weight_decay must be finite and >= 0. Got {self.weight_decay}."),
             (self.compile in COMPILE_BACKENDS,

@@ -24,6 +24,7 @@ A custom loop:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -53,6 +54,9 @@ class StepMetrics:
     the host, where it knows which slots of its rows are padding."""
     lr: float
     """Learning rate this step used, of the optimizer's first parameter group."""
+    skipped: bool = False
+    """The loss or gradient norm was NaN or infinite and `train_step(skip_nonfinite=True)` did not
+    step the optimizer."""
 
     def item(self) -> dict[str, float]:
         """Read the values to Python numbers (one device sync)."""
@@ -142,6 +146,7 @@ def train_step(
     *,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     max_grad_norm: float | None = None,
+    skip_nonfinite: bool = False,
 ) -> StepMetrics:
     """One optimizer step from `micro_batches`, with no host sync.
 
@@ -161,6 +166,11 @@ def train_step(
             with `input_ids` and `labels`, on the model's device; one dict alone is an error.
         scheduler: stepped once after the optimizer.
         max_grad_norm: clip the total L2 gradient norm to this (> 0); None: no clipping.
+        skip_nonfinite: read the loss and gradient norm on the host (one device sync) and, if
+            either is NaN or infinite, drop the gradients without stepping the optimizer (its
+            weights and moments stay finite); the scheduler still steps, and
+            `StepMetrics.skipped` says so. Without it a non-finite step updates the weights,
+            and the caller finds out when it reads the metrics.
     """
     micro_batches = _check_batches("train_step: micro_batches", micro_batches)
     if max_grad_norm is not None and not max_grad_norm > 0:
@@ -190,11 +200,26 @@ def train_step(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
 
     lr = float(optimizer.param_groups[0]["lr"])
-    optimizer.step()
+    skipped = skip_nonfinite and not bool(torch.isfinite(torch.stack([loss, grad_norm.float()]))
+                                          .all())
+    if not skipped:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if scheduler is not None:
+    if scheduler is not None and skipped:
+        with warnings.catch_warnings():
+            # A skipped first step calls the scheduler before any optimizer step, on purpose.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step",
+                                    UserWarning)
+            scheduler.step()
+    elif scheduler is not None:
         scheduler.step()
-    return StepMetrics(loss=loss, grad_norm=grad_norm.float(), num_tokens=num_tokens, lr=lr)
+    return StepMetrics(loss=loss, grad_norm=grad_norm.float(), num_tokens=num_tokens, lr=lr,
+                       skipped=skipped)
+
+
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradient norm was NaN or infinite (or the weights became so): the run
+    stops rather than train on, and save, garbage."""
 
 
 def evaluate_loss(
@@ -221,6 +246,7 @@ __all__ = [
     "IGNORE_INDEX",
     "LossFn",
     "StepMetrics",
+    "TrainingDiverged",
     "compile_loss",
     "count_label_tokens",
     "evaluate_loss",

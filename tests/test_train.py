@@ -233,3 +233,31 @@ def test_packed_batches_with_different_document_counts_compile_once():
         segments.add(batch["cu_seq_lens_q"].numel())
         train_step(loss_fn, optimizer, [batch])
     assert len(segments) == 3 and len(compiles) == 1
+
+
+@pytest.mark.parametrize("poison", [None, float("nan"), float("inf")])
+def test_skip_nonfinite_leaves_weights_and_moments_as_they_were(poison):
+    model = tiny_model("qwen2")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    eager = compile_loss(model, backend=None)
+    train_step(eager, optimizer, [_batch(seed=1)], scheduler=scheduler)  # moments to keep
+    weights = copy.deepcopy(model.state_dict())
+    moments = copy.deepcopy(optimizer.state_dict()["state"])
+
+    def loss_fn(batch, num_items):
+        loss = eager(batch, num_items)
+        return loss if poison is None else loss * poison
+
+    metrics = train_step(loss_fn, optimizer, [_batch(seed=2)], scheduler=scheduler,
+                         max_grad_norm=1.0, skip_nonfinite=True)
+    assert metrics.skipped == (poison is not None)
+    assert scheduler.last_epoch == 2  # the schedule steps either way
+    state = optimizer.state_dict()["state"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]) == (poison is not None), name
+        assert torch.isfinite(value).all(), name
+    for i, param_state in moments.items():
+        same = all(torch.equal(v, state[i][k]) for k, v in param_state.items())
+        assert same == (poison is not None), i
+    assert all(p.grad is None for p in model.parameters())
