@@ -166,3 +166,19 @@ def test_sft_trainer_fuses_everything_and_learns(tmp_path, caplog, packing, grad
     model.eval()
     batch = tokenizer.pad([{"input_ids": r["input_ids"]} for r in _rows(2)], return_tensors="pt")
     assert model(**batch).logits.shape == (*batch["input_ids"].shape, VOCAB)
+
+
+def test_saved_model_folder_reloads_the_bundled_tokenizer(tmp_path):
+    """transformers loads a Qwen2 model folder's tokenizer as Qwen2Tokenizer whatever its
+    tokenizer_config.json names; the bundled tokenizer reads the same under that class."""
+    from transformers import AutoTokenizer
+
+    from chronicals.data import default_data_path, default_tokenizer_path
+
+    bundled = AutoTokenizer.from_pretrained(default_tokenizer_path())
+    tiny_model("qwen2", vocab_size=len(bundled)).save_pretrained(tmp_path)
+    bundled.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(reloaded) is type(bundled)
+    text = default_data_path().read_text(encoding="utf-8")[:20_000] + "\n    x"
+    assert reloaded(text)["input_ids"] == bundled(text)["input_ids"]
