@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import compile_passes
-from chronicals.hf import compile_model
+from chronicals import compile_model
 from tests.models import EXPECTED, VOCAB, tiny_model, tiny_batch
 
 FUSIONS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy")
