@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 import compile_passes
 from chronicals import compile_model
-from tests.models import EXPECTED, VOCAB, tiny_model, tiny_batch
+from tests.models import EXPECTED, VOCAB, tiny_batch, tiny_model
 
 FUSIONS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy")
 
@@ -28,7 +28,7 @@ def _rows(n: int = 16) -> list[dict[str, list[int]]]:
 
 
 def _fired_in_training(reports) -> dict[str, int]:
-    """Fusions fired summed over the graphs compiled for training (they hold a backward)."""
+    """Fusions fired, summed over the graphs of `reports`."""
     fired = dict.fromkeys(FUSIONS, 0)
     for report in reports:
         for name in FUSIONS:
@@ -52,7 +52,8 @@ def test_compile_model_keeps_the_model_and_its_signature():
 def test_compile_model_keeps_a_peft_model():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(
-        tiny_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        tiny_model("qwen2"),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     assert compile_model(model) is model
     assert isinstance(model, peft.PeftModelForCausalLM)
@@ -63,7 +64,8 @@ def test_compile_model_keeps_a_peft_model():
     out.loss.backward()
     assert out.logits is None
     assert _fired_in_training(compile_passes.fusion_reports())["linear_cross_entropy"] == 1
-    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight.grad is not None
+    lora_b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default
+    assert lora_b.weight.grad is not None
 
 
 def test_compile_model_refuses_a_model_without_lm_head():
@@ -80,7 +82,8 @@ def test_training_loss_is_the_models_own(kwargs):
     ids, labels = tiny_batch()
     inputs = {"input_ids": ids, "labels": labels, **kwargs}
     if inputs.pop("shift", False):
-        inputs["shift_labels"] = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        inputs["shift_labels"] = shifted.contiguous()
         inputs["shift_labels"][:, 5] = -100  # differs from labels' own shift
     want = eager.train()(**inputs, use_cache=False).loss
     got = compiled.train()(**inputs)
