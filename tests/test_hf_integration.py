@@ -185,3 +185,38 @@ def test_saved_model_folder_reloads_the_bundled_tokenizer(tmp_path):
     assert type(reloaded) is type(bundled)
     text = default_data_path().read_text(encoding="utf-8")[:20_000] + "\n    x"
     assert reloaded(text)["input_ids"] == bundled(text)["input_ids"]
+
+
+def test_full_fine_tune_reloads_from_a_moved_folder_with_its_logged_eval_loss(tmp_path):
+    """The job's final/ (model + tokenizer), moved elsewhere and loaded with the Auto classes,
+    tokenises the data as the run did and gives the eval loss the run logged last."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chronicals import cli
+    from chronicals import data as data_lib
+    from chronicals.config import FinetuneConfig
+    from chronicals.train import compile_loss, evaluate_loss
+
+    config = FinetuneConfig(output_dir=str(tmp_path / "run"), max_len=128, overlong="split",
+                            batch_size=2, steps=4, eval_every=4, compile="none", progress=False)
+    cli.finetune(config)
+    logged = [json.loads(line) for line in (tmp_path / "run" / cli.LOG_FILE).open()]
+    eval_loss = [r["eval_loss"] for r in logged if r["kind"] == "eval"][-1]
+    moved = tmp_path / "elsewhere"
+    shutil.move(tmp_path / "run", moved)
+
+    model = AutoModelForCausalLM.from_pretrained(moved / "final")
+    tokenizer = AutoTokenizer.from_pretrained(moved / "final")
+    examples = data_lib.tokenize_records(
+        data_lib.load_records(str(data_lib.default_data_path())), tokenizer)
+    _, eval_examples = data_lib.split_eval(examples, eval_fraction=config.eval_fraction,
+                                           seed=config.seed)
+    rows = data_lib.make_rows(eval_examples, max_len=config.max_len,
+                              pad_id=tokenizer.pad_token_id, packing=config.packing,
+                              overlong=config.overlong)
+    batches = list(data_lib.eval_batches(rows, config.batch_size))
+    got = evaluate_loss(compile_loss(model, backend=None), model, batches).item()
+    assert got == pytest.approx(eval_loss, rel=1e-5)
