@@ -24,6 +24,7 @@ __all__ = [
     "PackingStats",
     "StepMetrics",
     "compile_loss",
+    "compile_model",
     "evaluate_loss",
     "lora_plus_param_groups",
     "pack",
@@ -31,6 +32,15 @@ __all__ = [
     "train_step",
     "use_packed_attention",
 ]
+
+
+def __getattr__(name: str):
+    # compile_model imports transformers, which `import chronicals` does not need otherwise.
+    if name == "compile_model":
+        from chronicals.hf import compile_model
+
+        return compile_model
+    raise AttributeError(f"module 'chronicals' has no attribute {name!r}")
 
 
 def _register_backend_for_source_checkout() -> None:

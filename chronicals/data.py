@@ -70,14 +70,21 @@ def build_default_tokenizer(out_dir: str | Path, *, vocab_size: int = 2048) -> N
     Special tokens: <|endoftext|> (eos), <|pad|>, and <|im_start|>/<|im_end|> for its ChatML
     template.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = []
     for record in _read_json_records(default_data_path()):
         texts += [record["prompt"], record["completion"]]
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Qwen2Tokenizer's normalizer and pre-tokenizer, which it imposes on any tokenizer.json it
+    # loads (transformers 5.17 and 5.25): trained with them, the tokenizer reads the same whether
+    # it loads as its own class or, from a saved Qwen2 model's folder, as Qwen2Tokenizer.
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -92,12 +99,23 @@ def build_default_tokenizer(out_dir: str | Path, *, vocab_size: int = 2048) -> N
     )
     tokenizer.chat_template = _CHATML_TEMPLATE
     tokenizer.save_pretrained(str(out_dir))
-    # transformers 5.24 records its class as 'TokenizersBackend'; the older name loads on every
-    # transformers the project supports (5.17 on the GPU machine included).
+    # AutoTokenizer loads the class a folder's tokenizer_config.json names, except that for some
+    # model types (qwen2 and phi3 in transformers 5.25) it loads the model type's class whatever
+    # the file says. Naming Qwen2Tokenizer here makes the bundled folder and a saved Qwen2-shaped
+    # model's folder (the job's default model) load as the same class with the same pre-tokenizer.
     config_path = Path(out_dir) / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["tokenizer_class"] = "Qwen2Tokenizer"
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+# Qwen2Tokenizer's pre-tokenization regex (transformers/models/qwen2/tokenization_qwen2.py, the
+# same in 5.17 and 5.25): contractions, letters, single digits, punctuation runs, newline runs,
+# and whitespace.
+_QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 # ---------------------------------------------------------------------------------------------
