@@ -44,6 +44,7 @@ __all__ = [
     "register_replacement",
     "resumed_after_graph_break",
     "run_on_match",
+    "size_hint",
     "trace_pre_dispatch",
 ]
 
@@ -529,24 +530,13 @@ def unique_graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def flash_attention_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    scale: float | None,
-    sliding_window: int | None,
-) -> torch.Tensor:
-    """Causal flash attention over variable-length segments (PyTorch's own flash kernel, CUDA).
+def size_hint(size: int | torch.SymInt) -> int:
+    """A concrete value for a (possibly symbolic) size: the example value Dynamo traced with,
+    read without adding a guard. torch 2.11 calls the reader `hint_int`, 2.13
+    `optimization_hint`."""
+    if isinstance(size, int):
+        return size
+    from torch.fx.experimental import symbolic_shapes
 
-    q: (T, Hq, D), k/v: (T, Hkv, D), cu_seqlens: int32 (segments + 1,) boundaries shared by q
-    and k. Returns (T, Hq, D). Calls `aten._flash_attention_forward`, whose signature is the same
-    on torch 2.11 and 2.13 (the public `torch.nn.attention.varlen` wrapper's is not).
-    """
-    return torch.ops.aten._flash_attention_forward(
-        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False,
-        scale=scale,
-        window_size_left=-1 if sliding_window is None else sliding_window - 1,
-        window_size_right=-1 if sliding_window is None else 0,
-    )[0]
+    read = getattr(symbolic_shapes, "hint_int", None) or symbolic_shapes.optimization_hint
+    return int(read(size))

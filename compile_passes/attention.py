@@ -16,9 +16,10 @@ shows. Other inputs the mask reads get random values in each probe, so a mask th
 rewritten to `chronicals::attention(q, k, v, position_ids | None, scale, window)`; transformers'
 `repeat_kv` expansion of K/V for GQA is undone (the kernels share K/V heads).
 
-Not fused, with the reason in the report: dropout > 0, masks that are not causal-by-documents,
-graph inputs of symbolic shape (the proof needs concrete shapes), attention inside a checkpointed
-region whose mask comes from outside it, dtypes or head dims no kernel takes.
+Under dynamic shapes the probes run at the sizes Dynamo traced with (read without a guard); the
+mask's subgraph is the same code at every size. Not fused, with the reason in the report:
+dropout > 0, masks that are not causal-by-documents, dtypes or head dims no kernel takes.
+Inside a checkpointed layer the mask is proven in the graph around it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from chronicals import reference
 from chronicals.ops import attention as ops
+from compile_passes._torch_api import size_hint
 from compile_passes.fusion import Fusion, GraphFacts, reject_node, val
 
 aten = torch.ops.aten
@@ -43,7 +45,7 @@ def _is_candidate(node: Node) -> bool:
 
 
 def _diagnose(node: Node) -> str:
-    return "not examined (attention inside a checkpointed region or a nested graph)"
+    return "not examined (attention inside a nested graph other than a checkpointed layer)"
 
 
 def _sdpa_args(node: Node) -> dict:
@@ -68,12 +70,18 @@ def _unrepeated(kv: Node) -> Node:
     x, repeated, expanded = val(source), val(kv), val(expand)
     if not all(isinstance(t, torch.Tensor) for t in (x, repeated, expanded)):
         return kv
-    b, hk, s, d = x.shape if x.dim() == 4 else (None,) * 4
-    if hk is None or expanded.dim() != 5 or tuple(expanded.shape) != (
-        b, hk, expanded.shape[2], s, d
-    ) or tuple(repeated.shape) != (b, hk * expanded.shape[2], s, d):
+    if x.dim() != 4 or expanded.dim() != 5:
+        return kv
+    b, hk, s, d = _shape(x)
+    n = _shape(expanded)[2]
+    if _shape(expanded) != (b, hk, n, s, d) or _shape(repeated) != (b, hk * n, s, d):
         return kv
     return source
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    """The example shape Dynamo traced with (symbolic sizes read without a guard)."""
+    return tuple(size_hint(s) for s in t.shape)
 
 
 def _ancestors(node: Node) -> list[Node]:
@@ -93,11 +101,6 @@ def _subgraph(mask: Node) -> tuple[GraphModule, list[Node]] | str:
     graph, env, inputs = Graph(), {}, []
     for n in nodes:
         if n.op == "placeholder":
-            if isinstance(val(n), torch.SymInt) or (
-                isinstance(val(n), torch.Tensor)
-                and not all(isinstance(s, int) for s in val(n).shape)
-            ):
-                return "the mask depends on a symbolic shape (compiled with dynamic shapes)"
             env[n] = graph.placeholder(n.name)
             inputs.append(n)
         elif n.op == "call_function":
@@ -131,11 +134,12 @@ def _probe_positions(shape: tuple[int, int], probe: int, gen: torch.Generator) -
 
 
 def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    shape = _shape(t)
     if t.dtype == torch.bool:
-        return torch.randint(0, 2, t.shape, generator=gen).bool()
+        return torch.randint(0, 2, shape, generator=gen).bool()
     if t.is_floating_point():
-        return torch.randn(t.shape, generator=gen).to(t.dtype)
-    return torch.randint(0, 5, t.shape, generator=gen).to(t.dtype)
+        return torch.randn(shape, generator=gen).to(t.dtype)
+    return torch.randint(0, 5, shape, generator=gen).to(t.dtype)
 
 
 def _allowed(mask: torch.Tensor) -> torch.Tensor | None:
@@ -165,7 +169,7 @@ def _prove(mask: Node, batch: int, seq: int) -> tuple[Node | None, int] | str:
         p for p in inputs
         if isinstance(val(p), torch.Tensor) and not val(p).is_floating_point()
         and val(p).dtype != torch.bool and val(p).dim() == 2
-        and tuple(val(p).shape) in ((batch, seq), (1, seq))
+        and _shape(val(p)) in ((batch, seq), (1, seq))
     ]
     failures = []
     for positions in [None, *ints] if not ints else ints:
@@ -186,10 +190,12 @@ def _check_candidate(module: GraphModule, inputs: list[Node], positions: Node | 
         for p in inputs:
             example = val(p)
             if p is positions:
-                pos = _probe_positions(tuple(example.shape), probe, gen).to(example.dtype)
+                pos = _probe_positions(_shape(example), probe, gen).to(example.dtype)
                 args.append(pos.to(example.device))
             elif isinstance(example, torch.Tensor):
                 args.append(_random_like(example, gen).to(example.device))
+            elif isinstance(example, torch.SymInt):
+                args.append(size_hint(example))
             else:
                 args.append(example)
         with torch.no_grad():
@@ -216,10 +222,50 @@ def _check_candidate(module: GraphModule, inputs: list[Node], positions: Node | 
 def _finalize(graph: torch.fx.Graph, facts: GraphFacts) -> None:
     for node in list(graph.nodes):
         if _is_candidate(node):
-            _rewrite(node)
+            _rewrite(node, _Region())
+        elif node.op == "call_function" and node.target is _CHECKPOINT:
+            body = getattr(graph.owning_module, node.args[0].target)
+            region = _Region(node, body)
+            for inner in list(body.graph.nodes):
+                if _is_candidate(inner):
+                    _rewrite(inner, region)
 
 
-def _rewrite(node: Node) -> None:
+_CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
+
+
+class _Region:
+    """Where an attention node sits: the top graph, or the body of a checkpointed layer
+    (`tag_activation_checkpoint(body, *operands)`, whose placeholders are the operands). A mask is
+    proven where it is computed, in the graph around the region; the positions it is proven
+    from are then passed into the region as one more operand."""
+
+    def __init__(self, call: Node | None = None, body: GraphModule | None = None) -> None:
+        self.call, self.body = call, body
+
+    def outer(self, node: Node) -> Node:
+        """The node of the enclosing graph that a body placeholder stands for."""
+        if self.call is None or node.op != "placeholder":
+            return node
+        placeholders = [n for n in self.body.graph.nodes if n.op == "placeholder"]
+        return self.call.args[1 + placeholders.index(node)]
+
+    def inner(self, node: Node | None) -> Node | None:
+        """`node` of the enclosing graph as seen inside the region (added as an operand)."""
+        if self.call is None or node is None:
+            return node
+        placeholders = [n for n in self.body.graph.nodes if n.op == "placeholder"]
+        operands = list(self.call.args[1:])
+        if node in operands:
+            return placeholders[operands.index(node)]
+        with self.body.graph.inserting_after(placeholders[-1]):
+            placeholder = self.body.graph.placeholder(f"{node.name}_positions")
+        placeholder.meta.update(node.meta)
+        self.call.args = (*self.call.args, node)
+        return placeholder
+
+
+def _rewrite(node: Node, region: _Region) -> None:
     args = _sdpa_args(node)
     q, k, v, mask = args["query"], args["key"], args["value"], args.get("attn_mask")
     if args.get("dropout_p", 0.0):
@@ -227,12 +273,12 @@ def _rewrite(node: Node) -> None:
     qv = val(q)
     if not isinstance(qv, torch.Tensor) or qv.dim() != 4:
         return reject_node(node, "query is not a (B, H, S, D) tensor")
-    batch, _, seq, head_dim = qv.shape
-    if not all(isinstance(s, int) for s in qv.shape):
-        return reject_node(node, "the query has a symbolic shape (compiled with dynamic shapes)")
-    if val(k).shape[2] != seq:
+    batch, _, seq, head_dim = _shape(qv)
+    if _shape(val(k))[2] != seq:
         return reject_node(node, "keys and queries cover different positions (a KV cache)")
-    k, v = _unrepeated(k), _unrepeated(v)
+    k_source, v_source = _unrepeated(k), _unrepeated(v)
+    if (k_source is k) == (v_source is v):  # both repeated by repeat_kv, or neither
+        k, v = k_source, v_source
     why = ops.unsupported(qv, val(k))
     if why:
         return reject_node(node, why)
@@ -243,10 +289,10 @@ def _rewrite(node: Node) -> None:
     elif args.get("is_causal", False):
         return reject_node(node, "attention with both a mask and is_causal")
     else:
-        proven = _prove(mask, batch, seq)
+        proven = _prove(region.outer(mask), batch, seq)
         if isinstance(proven, str):
             return reject_node(node, proven)
-        positions, window = proven
+        positions, window = region.inner(proven[0]), proven[1]
     scale = node.kwargs.get("scale")
     scale = head_dim ** -0.5 if scale is None else float(scale)
     with node.graph.inserting_before(node):

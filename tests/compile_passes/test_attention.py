@@ -20,11 +20,15 @@ def _attention_inputs(b=2, hq=4, hk=2, s=10, d=8):
     return [torch.randn(b, s, h, d, generator=g).transpose(1, 2) for h in (hq, hk, hk)]
 
 
-def _model_losses(family, seq=12, position_ids=None, attention_mask=None, **overrides):
+def _model_losses(family, seq=12, position_ids=None, attention_mask=None, checkpointing=False,
+                  **overrides):
     """Compiled and eager loss and gradients of a tiny model, and the compile's report."""
     torch.compiler.reset()
     model = tiny_model(family, **overrides)
     eager = copy.deepcopy(model)
+    if checkpointing:
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, labels = tiny_batch(seq=seq)
     kwargs = {k: v for k, v in (("position_ids", position_ids),
                                 ("attention_mask", attention_mask)) if v is not None}
@@ -65,6 +69,16 @@ def test_packed_positions_reach_the_op_and_keep_documents_apart():
     _, loss_rows, _, _ = _model_losses("qwen2")
     assert abs(loss - loss_eager) <= 1e-5 * abs(loss_eager)
     assert abs(loss - loss_rows) > 1e-3  # the documents changed the answer
+
+
+def test_checkpointed_layers_get_positions_from_the_graph_around_them():
+    """Under gradient checkpointing each layer is a region whose mask is an operand: the mask is
+    proven in the top graph and position_ids passed into the region."""
+    report, loss, loss_eager, grad_err = _model_losses("llama", position_ids=PACKED,
+                                                       checkpointing=True)
+    assert report.fired["attention"] == LAYERS, report.summary()
+    assert not _rejections(report)
+    assert abs(loss - loss_eager) <= 1e-5 * abs(loss_eager) and grad_err <= 1e-5
 
 
 def test_sliding_window_is_read_from_the_mask(monkeypatch):
