@@ -29,6 +29,7 @@ import operator
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from chronicals import attention as packed_attention
 from chronicals import reference
 from chronicals.ops import attention as ops
 from compile_passes._torch_api import size_hint
@@ -38,6 +39,9 @@ aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
 _RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 _PROBES = 6
+# Calls from chronicals' packed attention (its CPU/fp32 path runs sdpa with a mask it builds from
+# cu_seq_lens) are recognised by their source file.
+_PACKED_ATTENTION_SOURCE = f'File "{packed_attention.__file__}"'
 
 
 def _is_candidate(node: Node) -> bool:
@@ -266,6 +270,10 @@ class _Region:
 
 
 def _rewrite(node: Node, region: _Region) -> None:
+    if _PACKED_ATTENTION_SOURCE in (node.meta.get("stack_trace") or ""):
+        return reject_node(node, f"{packed_attention.PACKED_ATTENTION}'s reference path: its mask comes from the "
+                                 "packer's cu_seq_lens, already one block per document",
+                           declined=True)
     args = _sdpa_args(node)
     q, k, v, mask = args["query"], args["key"], args["value"], args.get("attn_mask")
     if args.get("dropout_p", 0.0):

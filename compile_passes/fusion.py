@@ -86,11 +86,12 @@ def decline(match: _torch_api.Match, reason: str) -> bool:
     return _record(match, Reason(reason, declined=True))
 
 
-def reject_node(node: Node, reason: str) -> None:
-    """Record why a candidate node found by a finalize pass (not a pattern) is not fused."""
+def reject_node(node: Node, reason: str, *, declined: bool = False) -> None:
+    """Record why a candidate node found by a finalize pass (not a pattern) is not fused
+    (`declined`: left as written on purpose, as `decline` says)."""
     reasons = _REASONS.get()
     if reasons is not None:
-        reasons.setdefault(node.name, Reason(reason, declined=False))
+        reasons.setdefault(node.name, Reason(reason, declined=declined))
 
 
 def accepts_operands(match: _torch_api.Match, *names: str, example: str, fused_into: str) -> bool:

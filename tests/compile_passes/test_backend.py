@@ -250,9 +250,10 @@ def test_a_graph_break_is_reported_with_its_reason_and_source_line():
         )
 
 
-def _one_token_loss(hidden, norm_weight, head, labels):
-    """An LM head + loss on one token's hidden state, (H,) rather than (..., H)."""
-    logits = F.linear(_norm(hidden, norm_weight), head).float()
+def _featureless_loss(hidden, head, labels):
+    """An LM head + loss on hidden states with no features (H = 0): every logit is 0, which
+    eager computes; the fused op wants at least one hidden column."""
+    logits = F.linear(hidden, head).float()
     return F.cross_entropy(logits.view(-1, head.shape[0]), labels.view(-1), ignore_index=-100)
 
 
@@ -264,14 +265,14 @@ def _norm_with_infinite_eps(x, w):
 @pytest.mark.parametrize(
     "fn, make_inputs, rejected, reason, fired",
     [
-        (_one_token_loss,
-         lambda: (torch.randn(16), torch.randn(16), torch.randn(40, 16),
-                  torch.randint(0, 40, (1,))),
-         "linear_cross_entropy", "hidden must be (..., H) with at least 2 dims", {"rms_norm": 1}),
+        (_featureless_loss,
+         lambda: (torch.randn(2, 6, 0), torch.randn(40, 0), torch.randint(0, 40, (2, 6))),
+         "linear_cross_entropy", "weight must have at least one vocab row and hidden column",
+         {"linear_cross_entropy": 0}),
         (_norm_with_infinite_eps, lambda: (torch.randn(4, 24), torch.randn(24)),
          "rms_norm", "eps must be finite and > 0", {"rms_norm": 0}),
     ],
-    ids=["lce_one_token", "rms_norm_infinite_eps"],
+    ids=["lce_featureless", "rms_norm_infinite_eps"],
 )
 def test_a_candidate_the_fused_op_refuses_is_rejected_and_compiled_as_written(
         fn, make_inputs, rejected, reason, fired):
