@@ -132,16 +132,8 @@ def _replacement(head: _Head, shifted: bool, reduction: str):
 
 
 def _scalar(match, head: _Head) -> float | None:
-    """The head's scalar in a match as a Python float (None if it is not one). torch 2.11 leaves
-    a scalar that differs from the placeholder out of the re-checked match's kwargs; it is then
-    read from the node that consumes it."""
-    if head.scalar in match.kwargs:
-        return literal_float(_torch_api.match_value(match, head.scalar))
-    for node in match.nodes:
-        first = node.args[0] if node.args else None
-        if node.target is head.scalar_op and getattr(first, "target", None) is aten.linear.default:
-            return literal_float(node.args[1])
-    return None
+    """The head's scalar in a match as a Python float (None if it is not one)."""
+    return literal_float(_torch_api.match_value(match, head.scalar))
 
 
 def _extra_check(match, head: _Head) -> bool:
@@ -178,6 +170,9 @@ def _example_inputs(dtype: torch.dtype, shifted: bool, head: _Head) -> list:
 
 
 def register(pattern_pass) -> None:
+    for head in _HEADS:
+        if head.scalar is not None:  # read as `linear(...) <scalar_op> scalar`
+            _torch_api.scalar_consumers[head.scalar] = (head.scalar_op, 1, aten.linear.default)
     for dtype, head, shifted, reduction in itertools.product(
         FLOAT_DTYPES, _HEADS, (True, False), _REDUCTIONS
     ):
