@@ -80,7 +80,8 @@ class FinetuneResult:
     resumed run's start at the checkpoint), the last step, the trained model, where the outputs
     are, and what was left out of training."""
 
-    model: nn.Module
+    model: nn.Module | None
+    """None when the run had already finished (`already_finished`)."""
     losses: list[float]
     eval_losses: list[tuple[int, float]]
     step: int
@@ -93,6 +94,8 @@ class FinetuneResult:
     (--skip-nonfinite): the optimizer did not step."""
     examples_without_labels: int
     """Examples that lost every label token to overlong='truncate' (trained on nothing)."""
+    already_finished: bool = False
+    """The resumed run was at its last step with its final/ written: nothing was done."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,17 +313,23 @@ def _optimizer(model: nn.Module, config: FinetuneConfig, device: torch.device) -
     return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
 
 
+def _warmup(config: FinetuneConfig, total_steps: int) -> int:
+    return config.warmup_steps if config.warmup_steps is not None else total_steps // 20
+
+
 def _scheduler(
-    optimizer: torch.optim.Optimizer, config: FinetuneConfig
+    optimizer: torch.optim.Optimizer, config: FinetuneConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = config.warmup_steps if config.warmup_steps is not None else config.steps // 20
+    """The learning-rate factor as a function of the step number and the run's total steps; a
+    run extended on resume gets the function of its new total from the step it resumes at."""
+    warmup = _warmup(config, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if config.lr_schedule == "constant":
             return 1.0
-        progress = (step - warmup) / max(1, config.steps - warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
         # Cosine from the peak down to 10% of it at the last step.
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
@@ -363,7 +372,9 @@ def _save_model(model: nn.Module, tokenizer: Any, directory: Path) -> None:
 class _RunLog:
     """log.jsonl, the progress bar and the loss history."""
 
-    def __init__(self, path: Path, config: FinetuneConfig, start_step: int) -> None:
+    def __init__(
+        self, path: Path, config: FinetuneConfig, start_step: int, total_steps: int
+    ) -> None:
         self.path = path
         if start_step:
             ckpt.trim_log(path, start_step)
@@ -375,7 +386,7 @@ class _RunLog:
         if config.progress:
             from tqdm.auto import tqdm  # a dependency of transformers
 
-            self.bar = tqdm(total=config.steps, initial=start_step, unit="step", file=sys.stderr,
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr,
                             dynamic_ncols=True)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -544,6 +555,28 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             "labels lie beyond --max-len %d); they are trained on nothing. Raise --max-len or "
             "use --overlong split to keep them.", unlabeled, len(examples), config.max_len,
         )
+    total_steps = config.steps
+    if resume_from is not None:
+        at = resume.state["step"]
+        if at > total_steps:
+            raise ValueError(
+                f"resume: {resume_from} is at step {at}, past --steps {total_steps}; resume with "
+                f"--steps {at} or more, or from an earlier checkpoint."
+            )
+        if at == total_steps and ckpt.holds_weights_of(output_dir / "final", resume.manifest):
+            # A finished run asked to continue: rerunning the command that made it (a requeued
+            # job) must neither fail nor redo anything.
+            logger.info(
+                "run in %s already finished: %s is its last step (--steps %d) and final/ holds "
+                "its model; nothing to do. To train further, resume with a higher --steps "
+                "(the learning-rate schedule is then recomputed for the new total).",
+                output_dir, resume_from, total_steps,
+            )
+            return FinetuneResult(
+                model=None, losses=[], eval_losses=[], step=at, output_dir=output_dir,
+                final_dir=output_dir / "final", skipped_steps=[], nonfinite_steps=[],
+                examples_without_labels=unlabeled, already_finished=True,
+            )
     model = _load_model(config, tokenizer, dtype, None if config.lora_r else resume_from)
     if config.lora_r:
         _check_lora_target(model, config)
@@ -565,13 +598,24 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     model.train()
 
     optimizer = _optimizer(model, config, device)
-    scheduler = _scheduler(optimizer, config)
+    scheduler = _scheduler(optimizer, config, total_steps)
     step = cursor = 0  # optimizer steps taken; rows of the training stream consumed
     if resume_from is not None:
         ckpt.restore_training_state(resume_from, resume.state, optimizer, scheduler)
         step, cursor = resume.state["step"], resume.state["cursor"]
         ckpt.kept_log_lines(output_dir / LOG_FILE, step)  # a damaged log refused here
         logger.info("resumed from %s at step %d", resume_from, step)
+        before = resume.run_config.get("total_steps", resume.run_config.get("steps"))
+        if before != total_steps:
+            # The optimizer's saved lr is the old schedule's for the next step: set the new one.
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+            logger.info(
+                "--steps changed from %s to %d: the learning-rate schedule is recomputed for %d "
+                "steps (%s, warm-up %d steps); lr %.3g at step %d", before, total_steps,
+                total_steps, config.lr_schedule, _warmup(config, total_steps),
+                optimizer.param_groups[0]["lr"], step + 1,
+            )
     else:
         if resume is not None:
             logger.info("resumed %s from step 0: it stopped before its first checkpoint",
@@ -581,13 +625,14 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     # Everything is checked: the output directory is written from here on.
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt.remove_stale(output_dir)
-    run_config = json.dumps({**config.to_dict(), "data_fingerprint": fingerprint}, indent=2)
+    run_config = json.dumps({**config.to_dict(), "total_steps": total_steps,
+                             "data_fingerprint": fingerprint}, indent=2)
     (output_dir / CONFIG_FILE).write_text(run_config, "utf-8")
     if resume_from is not None:
         # The run's line of checkpoints continues from here, not from a later one on disk.
         ckpt.set_latest(output_dir, resume_from, resume.manifest)
 
-    run_log = _RunLog(output_dir / LOG_FILE, config, step)
+    run_log = _RunLog(output_dir / LOG_FILE, config, step, total_steps)
     options = None
     if backend == "chronicals":
         def report(fusion_report: Any) -> None:
@@ -640,7 +685,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     nonfinite: list[int] = []
     window_start = time.perf_counter()
     try:
-        while step < config.steps:
+        while step < total_steps:
             micro_batches, real_tokens, label_tokens = [], 0, 0
             for _ in range(config.grad_accum):
                 batch, n = data_lib.batch_at(train_rows, cursor, config.batch_size,
@@ -668,9 +713,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                     scheduler.step()
             step += 1
             pending.append((step, metrics, real_tokens))
-            evaluate = config.eval_every and step % config.eval_every == 0 or step == config.steps
+            evaluate = config.eval_every and step % config.eval_every == 0 or step == total_steps
             checkpoint = config.save_every and step % config.save_every == 0 or (
-                step == config.steps
+                step == total_steps
             )
             too_many = len(nonfinite) > config.skip_nonfinite
             if len(pending) >= config.log_every or evaluate or checkpoint or too_many:
@@ -828,7 +873,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=defaults.steps,
-                   help="optimizer steps (default: %(default)s)")
+                   help="optimizer steps; higher on --resume extends the run, with the "
+                   "learning-rate schedule recomputed for the new total (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="rows per micro-batch (default: %(default)s)")
     g.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
@@ -893,7 +939,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     g.add_argument("--resume", help="checkpoint directory to continue from, or 'auto': the "
                    "latest checkpoint of the run in --output-dir (of the line that ran last), or "
-                   "its start if it stopped before its first (default: none, a fresh run)")
+                   "its start if it stopped before its first; a finished run (final/ written) is "
+                   "left as it is (default: none, a fresh run)")
     g.add_argument("--allow-data-change", action="store_true",
                    help="resume on data other than the run's (its fingerprint, a hash of the "
                    "tokenised examples, differs) (default: off, an error)")
@@ -935,6 +982,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"chronicals finetune: interrupted; {hint}.", file=sys.stderr)
         return 130
+    if result.already_finished:
+        return 0
     summary = f"done: {result.step} steps"
     if result.skipped_steps:
         summary += (f" ({len(result.skipped_steps)} skipped: no label tokens in their "

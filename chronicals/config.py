@@ -16,13 +16,14 @@ OVERLONG = ("error", "truncate", "split")
 LORA_DTYPES = ("fp32", "model")
 
 # Settings a resumed run may change: where and how often it reports and saves, how it compiles
-# (compiled and eager steps compute the same thing), what it does with a non-finite step, and
-# where its data comes from (the data's content is checked by its fingerprint instead, see
-# chronicals.checkpoint). Every other field must equal the checkpoint's, or the resumed run would
-# not continue the same run.
+# (compiled and eager steps compute the same thing), what it does with a non-finite step, where
+# its data comes from (the data's content is checked by its fingerprint instead, see
+# chronicals.checkpoint), and how long it runs (a higher `steps` extends a run: the learning-rate
+# schedule is recomputed for the new total, see chronicals.cli). Every other field must equal the
+# checkpoint's, or the resumed run would not continue the same run.
 RESUME_MAY_CHANGE = frozenset(
     {"output_dir", "resume", "eval_every", "save_every", "log_every", "compile", "device",
-     "plot", "progress", "data", "data_split", "allow_data_change", "skip_nonfinite"}
+     "plot", "progress", "data", "data_split", "allow_data_change", "skip_nonfinite", "steps"}
 )
 
 
@@ -51,6 +52,8 @@ class FinetuneConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     steps: int = 40
+    """Optimizer steps. Resuming with more extends the run from its checkpoint: the learning-rate
+    schedule (and the default warm-up, 5% of the steps) is recomputed for the new total."""
     lr: float | None = None
     """None: 2e-4 with LoRA, 2e-5 for a full fine-tune, 2e-3 for the built-in (untrained) model."""
     lr_schedule: str = "cosine"

@@ -378,3 +378,41 @@ def test_bundled_tokenizer_is_reproducible(tmp_path):
     data_lib.build_default_tokenizer(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (tmp_path / name).read_text() == (data_lib.DATA_DIR / name).read_text(), name
+
+
+def test_resume_of_a_finished_run_does_nothing_and_says_so(tmp_path, caplog, capsys):
+    # Before: it loaded everything, ran no step and wrote final/ again.
+    config = _small(tmp_path, steps=2, eval_every=0)
+    cli.finetune(config)
+    out = Path(config.output_dir)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    caplog.set_level(logging.INFO, logger="chronicals.finetune")
+    assert cli.main(["finetune", "--output-dir", str(out), "--max-len", "128", "--overlong",
+                     "split", "--steps", "2", "--eval-every", "0", "--compile", "none",
+                     "--no-progress", "--resume", "auto"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "already finished" in said and "nothing to do" in said
+    assert "resume with a higher --steps" in said and "done:" not in said
+
+
+def test_resume_with_more_steps_extends_the_run_on_a_recomputed_schedule(tmp_path):
+    # Before: --steps differing from the checkpoint's was refused as "other settings".
+    # Rows of 256: at 128 step 5's rows hold only prompt pieces, and such a step is skipped.
+    cli.finetune(_small(tmp_path, steps=4, max_len=256))
+    result = cli.finetune(_small(tmp_path, steps=6, max_len=256, resume="auto"))
+    out = Path(result.output_dir)
+    assert len(result.losses) == 2 and result.step == 6
+    train = _log(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in _log(out, "eval")] == [2, 4, 6]
+    assert (out / "checkpoint-6").is_dir() and (out / "checkpoint-4").is_dir()
+    # Steps 5 and 6 have the 6-step schedule's learning rates, as a 6-step run has them.
+    fresh = _log(Path(cli.finetune(_small(tmp_path, "fresh", steps=6, max_len=256)).output_dir),
+                 "train")
+    assert [r["lr"] for r in train[4:]] == pytest.approx([r["lr"] for r in fresh[4:]], rel=1e-6)
+    assert train[3]["lr"] != pytest.approx(fresh[3]["lr"])  # step 4 ran on the 4-step one
+
+    with pytest.raises(ValueError, match=r"checkpoint-6 is at step 6, past --steps 5; resume "
+                       r"with --steps 6 or more"):
+        cli.finetune(_small(tmp_path, steps=5, max_len=256, resume="auto"))
