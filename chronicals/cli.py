@@ -383,7 +383,9 @@ class _RunLog:
         self.losses: list[float] = []
         self.eval_losses: list[tuple[int, float]] = []
         self.bar = None
-        if config.progress:
+        # Without a terminal (a log file, a CI job) a bar's redraws are carriage returns and
+        # blank lines there: plain log lines instead.
+        if config.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm  # a dependency of transformers
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr,
@@ -948,7 +950,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not write loss.svg (default: off, it is written)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="log a line per --log-every steps instead of a progress bar (default: "
-                   "off, a progress bar)")
+                   "off, a progress bar when stderr is a terminal, log lines otherwise)")
     return parser
 
 

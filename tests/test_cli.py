@@ -416,3 +416,17 @@ def test_resume_with_more_steps_extends_the_run_on_a_recomputed_schedule(tmp_pat
     with pytest.raises(ValueError, match=r"checkpoint-6 is at step 6, past --steps 5; resume "
                        r"with --steps 6 or more"):
         cli.finetune(_small(tmp_path, steps=5, max_len=256, resume="auto"))
+
+
+def test_progress_without_a_terminal_is_plain_log_lines(tmp_path, capsys, caplog):
+    # Before: the bar's redraws went to a log file or CI log as carriage returns and blank lines.
+    caplog.set_level(logging.INFO, logger="chronicals.finetune")
+    out = tmp_path / "out"
+    assert cli.main(["finetune", "--output-dir", str(out), "--max-len", "256", "--overlong",
+                     "split", "--steps", "3", "--log-every", "1", "--eval-every", "2",
+                     "--compile", "none"]) == 0
+    assert "step/s" not in capsys.readouterr().err  # the bar's unit
+    said = [r.getMessage() for r in caplog.records]
+    assert [m.split(":")[0] for m in said if m.startswith("step ")] == [
+        "step 1", "step 2", "step 2", "step 3", "step 3"]  # steps, and the evaluations
+    assert any(m.startswith("step 2: eval loss") for m in said)
