@@ -580,6 +580,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 examples_without_labels=unlabeled, already_finished=True,
             )
     model = _load_model(config, tokenizer, dtype, None if config.lora_r else resume_from)
+    if config.gradient_checkpointing:
+        # Non-reentrant: it needs no input that requires grad (frozen embeddings under LoRA), and
+        # is the variant torch.compile traces.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_r:
         _check_lora_target(model, config)
     base_dir = (output_dir / "base-model").resolve()
@@ -891,6 +895,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
                    help="AdamW decoupled weight decay of the weight matrices: each step scales "
                    "them by 1 - lr x this (default: %(default)s)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward pass instead of "
+                   "keeping them: less memory, more compute; the fusions fire as without it "
+                   "(default: off)")
     g.add_argument("--skip-nonfinite", type=int, default=defaults.skip_nonfinite, metavar="N",
                    help="skip up to N steps whose loss or gradient norm is NaN or infinite (the "
                    "optimizer does not step; detecting them syncs with the device every step); "

@@ -18,12 +18,14 @@ LORA_DTYPES = ("fp32", "model")
 # Settings a resumed run may change: where and how often it reports and saves, how it compiles
 # (compiled and eager steps compute the same thing), what it does with a non-finite step, where
 # its data comes from (the data's content is checked by its fingerprint instead, see
-# chronicals.checkpoint), and how long it runs (a higher `steps` extends a run: the learning-rate
+# chronicals.checkpoint), whether activations are recomputed (gradient checkpointing: the same
+# values), and how long it runs (a higher `steps` extends a run: the learning-rate
 # schedule is recomputed for the new total, see chronicals.cli). Every other field must equal the
 # checkpoint's, or the resumed run would not continue the same run.
 RESUME_MAY_CHANGE = frozenset(
     {"output_dir", "resume", "eval_every", "save_every", "log_every", "compile", "device",
-     "plot", "progress", "data", "data_split", "allow_data_change", "skip_nonfinite", "steps"}
+     "plot", "progress", "data", "data_split", "allow_data_change", "skip_nonfinite", "steps",
+     "gradient_checkpointing"}
 )
 
 
@@ -60,6 +62,10 @@ class FinetuneConfig:
     warmup_steps: int | None = None
     """None: 5% of the steps."""
     weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (transformers' gradient checkpointing, non-reentrant): less memory, about a third more
+    compute. The backend fuses inside checkpointed layers as outside them."""
     max_grad_norm: float | None = 1.0
     lora_r: int = 0
     """LoRA rank; 0: full fine-tune."""

@@ -430,3 +430,38 @@ def test_progress_without_a_terminal_is_plain_log_lines(tmp_path, capsys, caplog
     assert [m.split(":")[0] for m in said if m.startswith("step ")] == [
         "step 1", "step 2", "step 2", "step 3", "step 3"]  # steps, and the evaluations
     assert any(m.startswith("step 2: eval loss") for m in said)
+
+
+def test_gradient_checkpointing_keeps_every_fusion(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as in test_default_job_runs_and_loss_falls
+    runs = {}
+    for flags in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / f"out{len(flags)}"
+        assert cli.main(["finetune", "--output-dir", str(out), "--steps", "2", "--max-len",
+                         "512", "--overlong", "split", "--eval-every", "0", "--no-progress",
+                         *flags]) == 0
+        runs[bool(flags)] = out
+    checkpointed, plain = (_log(runs[k], "compile") for k in (True, False))
+    assert len(checkpointed) == len(plain) == 2
+    for with_, without in zip(checkpointed, plain):
+        # Every fusion fires as often, none is rejected. Of the 5 norms, the training graph
+        # fuses 2 more under checkpointing: the residual adds before the two decoder layers'
+        # input norms lie outside their checkpointed regions, so those norms are not declined
+        # as following an add (see test_default_job_runs_and_loss_falls); each norm is fused or
+        # declined either way.
+        fired, fired_plain = dict(with_["fired"]), dict(without["fired"])
+        assert fired.pop("rms_norm") + with_["declined"] == (
+            fired_plain.pop("rms_norm") + without["declined"])
+        assert fired == fired_plain and fired["linear_cross_entropy"] == 1
+        assert fired["swiglu"] == fired["rope"] == 2
+        assert with_["rejected"] == without["rejected"] == 0
+    assert [r["fired"]["rms_norm"] for r in checkpointed] == [3, 1]  # training, evaluation
+    # Recomputing the activations changes nothing that is computed.
+    losses = {k: [r["loss"] for r in _log(out, "train")] for k, out in runs.items()}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_gradient_checkpointing_is_on_in_the_model(tmp_path):
+    model = cli.finetune(_small(tmp_path, steps=1, gradient_checkpointing=True)).model
+    assert model.is_gradient_checkpointing
+    assert not cli.finetune(_small(tmp_path, "plain", steps=1)).model.is_gradient_checkpointing
