@@ -52,7 +52,7 @@ from chronicals import checkpoint as ckpt
 from chronicals import data as data_lib
 from chronicals.attention import PACKED_ATTENTION, register_packed_attention
 from chronicals.checkpoint import CONFIG_FILE, LATEST_FILE, LOG_FILE, STATE_FILE
-from chronicals.config import COMPILE_BACKENDS, LORA_DTYPES, FinetuneConfig
+from chronicals.config import COMPILE_BACKENDS, DEFAULT_STEPS, LORA_DTYPES, FinetuneConfig
 from chronicals.lora_plus import lora_plus_param_groups
 from chronicals.train import (
     StepMetrics,
@@ -313,6 +313,20 @@ def _optimizer(model: nn.Module, config: FinetuneConfig, device: torch.device) -
     return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
 
 
+def _total_steps(config: FinetuneConfig, train_rows: int) -> int:
+    """The run's optimizer steps: --steps, or those of --epochs passes over the training rows."""
+    if config.epochs is None:
+        return config.steps if config.steps is not None else DEFAULT_STEPS
+    rows_per_step = config.batch_size * config.grad_accum
+    total = math.ceil(config.epochs * train_rows / rows_per_step)
+    if config.warmup_steps is not None and config.warmup_steps > total:
+        raise ValueError(f"finetune: warmup_steps must be in [0, steps={total}] (--epochs "
+                         f"{config.epochs}). Got {config.warmup_steps}.")
+    logger.info("--epochs %d: %d passes over %d training rows, %d rows a step: %d steps",
+                config.epochs, config.epochs, train_rows, rows_per_step, total)
+    return total
+
+
 def _warmup(config: FinetuneConfig, total_steps: int) -> int:
     return config.warmup_steps if config.warmup_steps is not None else total_steps // 20
 
@@ -557,7 +571,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             "labels lie beyond --max-len %d); they are trained on nothing. Raise --max-len or "
             "use --overlong split to keep them.", unlabeled, len(examples), config.max_len,
         )
-    total_steps = config.steps
+    total_steps = _total_steps(config, len(train_rows))
     if resume_from is not None:
         at = resume.state["step"]
         if at > total_steps:
@@ -880,7 +894,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=defaults.steps,
                    help="optimizer steps; higher on --resume extends the run, with the "
-                   "learning-rate schedule recomputed for the new total (default: %(default)s)")
+                   f"learning-rate schedule recomputed for the new total (default: {DEFAULT_STEPS}, "
+                   "or those of --epochs)")
+    g.add_argument("--epochs", type=int, default=defaults.epochs,
+                   help="passes over the training rows instead of --steps: ceil(epochs x rows / "
+                   "(batch size x grad accum)) steps (default: off, --steps)")
     g.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="rows per micro-batch (default: %(default)s)")
     g.add_argument("--grad-accum", type=int, default=defaults.grad_accum,

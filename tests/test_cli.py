@@ -465,3 +465,31 @@ def test_gradient_checkpointing_is_on_in_the_model(tmp_path):
     model = cli.finetune(_small(tmp_path, steps=1, gradient_checkpointing=True)).model
     assert model.is_gradient_checkpointing
     assert not cli.finetune(_small(tmp_path, "plain", steps=1)).model.is_gradient_checkpointing
+
+
+def test_epochs_set_the_steps_from_the_training_rows(tmp_path, monkeypatch):
+    # 10 examples, one padded row each, 2 rows a step (batch 1 x 2 micro-batches): 3 passes are
+    # 15 steps, each row trained on 3 times.
+    data = _write(tmp_path / "data.jsonl", _records(10))
+    seen = []
+    real_batch_at = cli.data_lib.batch_at
+
+    def recording_batch_at(rows, cursor, batch_size, *, seed):
+        batch, n = real_batch_at(rows, cursor, batch_size, seed=seed)
+        seen.extend(tuple(row) for row in batch["input_ids"].tolist())
+        return batch, n
+
+    monkeypatch.setattr(cli.data_lib, "batch_at", recording_batch_at)
+    result = cli.finetune(_small(tmp_path, data=data, packing=False, max_len=16, batch_size=1,
+                                 grad_accum=2, eval_fraction=0, steps=None, epochs=3))
+    assert result.step == 15
+    assert [r["step"] for r in _log(Path(result.output_dir), "train")] == list(range(1, 16))
+    assert len(seen) == 30 and all(seen.count(t) == 3 for t in set(seen)) and len(set(seen)) == 10
+
+
+def test_steps_and_epochs_together_is_an_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["finetune", "--output-dir", str(out), "--steps", "5", "--epochs", "2"]) == 1
+    assert ("give steps or epochs, not both. Got steps=5 and epochs=2"
+            in capsys.readouterr().err)
+    assert not out.exists()
