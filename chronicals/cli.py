@@ -16,7 +16,10 @@ Output directory:
                          --resume, and manifest.json (the size and SHA-256 of every file)
     latest.json          the latest checkpoint of the run's current line, which --resume auto
                          continues
-    final/               model + tokenizer of the last step (with its manifest.json)
+    final/               model + tokenizer of the last step (with its manifest.json); of a LoRA
+                         run on the built-in model or --from-config, also a copy of its base,
+                         so `AutoModelForCausalLM.from_pretrained(final)` loads base and adapter
+                         wherever the folder is moved
     base-model/          the randomly initialised base of a LoRA run on a model built from a
                          config, so the adapter has a base to load onto
     loss.svg             the loss curve
@@ -37,6 +40,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import time
@@ -613,6 +617,11 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 ckpt.remove_stale(output_dir)
                 ckpt.write_atomically(base_dir, lambda d: _save_model(model, tokenizer, d))
             model.name_or_path = model.config.name_or_path = str(base_dir)
+        elif Path(config.model).expanduser().is_dir():
+            # Absolute, so the adapters find their base from any working directory and after the
+            # output folder moves (as given, "./my-model" would be read from the loader's).
+            local = str(Path(config.model).expanduser().resolve())
+            model.name_or_path = model.config.name_or_path = local
         model = _add_lora(model, config, resume_from)
     model = model.to(device)
     model.train()
@@ -761,7 +770,22 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         base = model.get_base_model() if config.lora_r else model
         base.set_attn_implementation("sdpa")
     final_dir = output_dir / "final"
-    ckpt.write_atomically(final_dir, lambda d: _save_model(model, tokenizer, d))
+    own_base = config.lora_r and (config.model is None or config.from_config)
+
+    def write_final(d: Path) -> None:
+        _save_model(model, tokenizer, d)
+        if own_base:
+            # PEFT's AutoPeftModelForCausalLM loads base_model_name_or_path as written (from the
+            # working directory), so adapters naming the run's base-model/ would not load once
+            # the output folder moved. A folder holding a model and an adapter loads as both with
+            # AutoModelForCausalLM.from_pretrained(folder) (transformers' PEFT integration), so
+            # final/ carries a copy of its base.
+            for source in sorted(base_dir.iterdir()):
+                if source.name in ("config.json", "generation_config.json") or (
+                        source.name.startswith("model") and ".safetensors" in source.name):
+                    shutil.copyfile(source, d / source.name)
+
+    ckpt.write_atomically(final_dir, write_final)
     history = _logged_losses(output_dir / LOG_FILE)  # a resumed run's earlier steps included
     if config.plot and history["train"]:
         plot_losses(output_dir / "loss.svg", history["train"], history["eval"])

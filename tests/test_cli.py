@@ -97,10 +97,12 @@ def test_lora_adapter_reloads_through_peft_with_same_logits(tmp_path):
     result = cli.finetune(config)
     final = Path(config.output_dir) / "final"
     assert (final / "adapter_model.safetensors").is_file()
-    assert not (final / "model.safetensors").exists()
     adapter_config = json.loads((final / "adapter_config.json").read_text())
     base_dir = Path(adapter_config["base_model_name_or_path"])
     assert base_dir == (Path(config.output_dir) / "base-model").resolve()
+    # Its model.safetensors is a copy of the base (test_lora_output_..._after_the_folder_moves).
+    assert (final / "model.safetensors").read_bytes() == (
+        base_dir / "model.safetensors").read_bytes()
 
     reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final)
     ids = torch.randint(0, 2048, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -493,3 +495,45 @@ def test_steps_and_epochs_together_is_an_error(tmp_path, capsys):
     assert ("give steps or epochs, not both. Got steps=5 and epochs=2"
             in capsys.readouterr().err)
     assert not out.exists()
+
+
+def _eval_loss(model, tokenizer, config: FinetuneConfig) -> float:
+    """`model`'s loss on the held-out rows of a run of `config` on the bundled data, as the job
+    computes its eval loss (for outputs reloaded elsewhere)."""
+    records = data_lib.load_records(data_lib.default_data_path())
+    examples = data_lib.tokenize_records(records, tokenizer)
+    held_out = data_lib.split_eval(examples, eval_fraction=config.eval_fraction,
+                                   seed=config.seed)[1]
+    rows = data_lib.make_rows(held_out, max_len=config.max_len, pad_id=tokenizer.pad_token_id,
+                              packing=config.packing, overlong=config.overlong)
+    batches = data_lib.eval_batches(rows, config.batch_size)
+    return cli.evaluate_loss(cli.compile_loss(model, backend=None), model, batches).item()
+
+
+def test_lora_output_on_its_own_base_loads_after_the_folder_moves(tmp_path):
+    # Before: adapter_config.json named <output>/base-model by its absolute path, so a moved
+    # folder did not load. Padded rows: the reloaded model's sdpa then computes what the job did.
+    config = _small(tmp_path, lora_r=4, steps=3, lr=1e-2, packing=False, max_len=256,
+                    eval_every=3)
+    cli.finetune(config)
+    logged = _log(Path(config.output_dir), "eval")[-1]["eval_loss"]
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    Path(config.output_dir).rename(moved)
+
+    model = AutoModelForCausalLM.from_pretrained(moved / "final")
+    assert sum("lora_" in n for n, _ in model.named_parameters()) > 0
+    tokenizer = AutoTokenizer.from_pretrained(moved / "final")
+    assert _eval_loss(model, tokenizer, config) == pytest.approx(logged, rel=1e-5)
+
+
+def test_lora_on_a_local_model_names_it_by_its_absolute_path(tmp_path, monkeypatch):
+    # Given as ./<dir>, the adapters named it as given: read from the loader's working directory.
+    first = _small(tmp_path, "first", lora_r=4, steps=1, eval_every=0)
+    cli.finetune(first)
+    monkeypatch.chdir(tmp_path)
+    config = _small(tmp_path, lora_r=4, steps=1, eval_every=0, model="./first/base-model")
+    cli.finetune(config)
+    adapter_config = json.loads((Path(config.output_dir) / "final" / "adapter_config.json")
+                                .read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tmp_path / "first" / "base-model")
