@@ -602,6 +602,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         # Non-reentrant: it needs no input that requires grad (frozen embeddings under LoRA), and
         # is the variant torch.compile traces.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.17 also hooks the embeddings to call requires_grad_() on their output,
+        # which only reentrant checkpointing needs; under torch.compile that call breaks the
+        # graph in evaluation (no_grad), and the LM-head + CE fusion is rejected there.
+        model.disable_input_require_grads()
     if config.lora_r:
         _check_lora_target(model, config)
     base_dir = (output_dir / "base-model").resolve()
@@ -640,7 +644,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
                 group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
             logger.info(
-                "--steps changed from %s to %d: the learning-rate schedule is recomputed for %d "
+                "the run's steps changed from %s to %d: the learning-rate schedule is recomputed for %d "
                 "steps (%s, warm-up %d steps); lr %.3g at step %d", before, total_steps,
                 total_steps, config.lr_schedule, _warmup(config, total_steps),
                 optimizer.param_groups[0]["lr"], step + 1,
