@@ -583,20 +583,6 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 f"resume: {resume_from} is at step {at}, past --steps {total_steps}; resume with "
                 f"--steps {at} or more, or from an earlier checkpoint."
             )
-        if at == total_steps and ckpt.holds_weights_of(output_dir / "final", resume.manifest):
-            # A finished run asked to continue: rerunning the command that made it (a requeued
-            # job) must neither fail nor redo anything.
-            logger.info(
-                "run in %s already finished: %s is its last step (--steps %d) and final/ holds "
-                "its model; nothing to do. To train further, resume with a higher --steps "
-                "(the learning-rate schedule is then recomputed for the new total).",
-                output_dir, resume_from, total_steps,
-            )
-            return FinetuneResult(
-                model=None, losses=[], eval_losses=[], step=at, output_dir=output_dir,
-                final_dir=output_dir / "final", skipped_steps=[], nonfinite_steps=[],
-                examples_without_labels=unlabeled, already_finished=True,
-            )
     model = _load_model(config, tokenizer, dtype, None if config.lora_r else resume_from)
     if config.gradient_checkpointing:
         # Non-reentrant: it needs no input that requires grad (frozen embeddings under LoRA), and
@@ -658,6 +644,21 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     # Everything is checked: the output directory is written from here on.
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt.remove_stale(output_dir)
+    if step == total_steps and resume_from is not None and ckpt.holds_weights_of(
+            output_dir / "final", resume.manifest):
+        # A finished run asked to continue (every check above passed): rerunning the command
+        # that made it, as a requeued job does, must neither fail nor redo anything.
+        logger.info(
+            "run in %s already finished: %s is its last step (--steps %d) and final/ holds its "
+            "model; nothing to do. To train further, resume with a higher --steps (the "
+            "learning-rate schedule is then recomputed for the new total).",
+            output_dir, resume_from, total_steps,
+        )
+        return FinetuneResult(
+            model=None, losses=[], eval_losses=[], step=step, output_dir=output_dir,
+            final_dir=output_dir / "final", skipped_steps=[], nonfinite_steps=[],
+            examples_without_labels=unlabeled, already_finished=True,
+        )
     run_config = json.dumps({**config.to_dict(), "total_steps": total_steps,
                              "data_fingerprint": fingerprint}, indent=2)
     (output_dir / CONFIG_FILE).write_text(run_config, "utf-8")
