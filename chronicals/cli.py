@@ -584,14 +584,6 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 f"--steps {at} or more, or from an earlier checkpoint."
             )
     model = _load_model(config, tokenizer, dtype, None if config.lora_r else resume_from)
-    if config.gradient_checkpointing:
-        # Non-reentrant: it needs no input that requires grad (frozen embeddings under LoRA), and
-        # is the variant torch.compile traces.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # transformers 5.17 also hooks the embeddings to call requires_grad_() on their output,
-        # which only reentrant checkpointing needs; under torch.compile that call breaks the
-        # graph in evaluation (no_grad), and the LM-head + CE fusion is rejected there.
-        model.disable_input_require_grads()
     if config.lora_r:
         _check_lora_target(model, config)
     base_dir = (output_dir / "base-model").resolve()
@@ -613,6 +605,16 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             local = str(Path(config.model).expanduser().resolve())
             model.name_or_path = model.config.name_or_path = local
         model = _add_lora(model, config, resume_from)
+    if config.gradient_checkpointing:
+        # After LoRA is added: PEFT, finding checkpointing on, would hook the embeddings as below.
+        base = model.get_base_model() if config.lora_r else model
+        # Non-reentrant: it needs no input that requires grad (frozen embeddings under LoRA), and
+        # is the variant torch.compile traces.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers (5.17 always, 5.25 for PEFT) also hooks the embeddings to call
+        # requires_grad_() on their output, which only reentrant checkpointing needs; under
+        # torch.compile that call breaks the graph, and the LM-head + CE fusion is rejected.
+        base.disable_input_require_grads()
     model = model.to(device)
     model.train()
 

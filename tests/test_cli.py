@@ -469,6 +469,20 @@ def test_gradient_checkpointing_is_on_in_the_model(tmp_path):
     assert not cli.finetune(_small(tmp_path, "plain", steps=1)).model.is_gradient_checkpointing
 
 
+def test_gradient_checkpointing_with_lora_keeps_one_graph_and_the_lm_head_fusion(tmp_path,
+                                                                                  monkeypatch):
+    # Before: PEFT hooked the embeddings to call requires_grad_(), a graph break that split the
+    # training graph and left the logits to exist (the LM-head + CE fusion rejected).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    config = _small(tmp_path, lora_r=4, steps=1, max_len=256, eval_every=0,
+                    compile="chronicals", gradient_checkpointing=True)
+    model = cli.finetune(config).model
+    assert model.get_base_model().is_gradient_checkpointing
+    reports = _log(Path(config.output_dir), "compile")
+    assert len(reports) == 2  # training, and the evaluation at the end
+    assert all(r["fired"]["linear_cross_entropy"] == 1 and r["rejected"] == 0 for r in reports)
+
+
 def test_epochs_set_the_steps_from_the_training_rows(tmp_path, monkeypatch):
     # 10 examples, one padded row each, 2 rows a step (batch 1 x 2 micro-batches): 3 passes are
     # 15 steps, each row trained on 3 times.
