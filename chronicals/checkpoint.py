@@ -374,6 +374,20 @@ def restore_training_state(
                                   f"({type(e).__name__}: {str(e).strip()[:200]})") from e
 
 
+def holds_weights_of(directory: Path, manifest: Mapping[str, Any]) -> bool:
+    """Whether `directory` (a run's final/) is intact and holds the weight files of the
+    checkpoint with `manifest`, byte for byte (same SHA-256); False if it is missing or damaged."""
+    weights = {n: e["sha256"] for n, e in manifest["files"].items() if n.endswith(".safetensors")}
+    if not weights or not (directory / MANIFEST_FILE).is_file():
+        return False
+    try:
+        files = verify(directory)["files"]
+    except CheckpointError as e:
+        logger.warning("%s; it is written again", e)
+        return False
+    return all(files.get(n, {}).get("sha256") == sha for n, sha in weights.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # The line of checkpoints and what to resume from
 

@@ -16,7 +16,10 @@ Output directory:
                          --resume, and manifest.json (the size and SHA-256 of every file)
     latest.json          the latest checkpoint of the run's current line, which --resume auto
                          continues
-    final/               model + tokenizer of the last step (with its manifest.json)
+    final/               model + tokenizer of the last step (with its manifest.json); of a LoRA
+                         run on the built-in model or --from-config, also a copy of its base,
+                         so `AutoModelForCausalLM.from_pretrained(final)` loads base and adapter
+                         wherever the folder is moved
     base-model/          the randomly initialised base of a LoRA run on a model built from a
                          config, so the adapter has a base to load onto
     loss.svg             the loss curve
@@ -37,6 +40,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import time
@@ -52,7 +56,7 @@ from chronicals import checkpoint as ckpt
 from chronicals import data as data_lib
 from chronicals.attention import PACKED_ATTENTION, register_packed_attention
 from chronicals.checkpoint import CONFIG_FILE, LATEST_FILE, LOG_FILE, STATE_FILE
-from chronicals.config import COMPILE_BACKENDS, LORA_DTYPES, FinetuneConfig
+from chronicals.config import COMPILE_BACKENDS, DEFAULT_STEPS, LORA_DTYPES, FinetuneConfig
 from chronicals.lora_plus import lora_plus_param_groups
 from chronicals.train import (
     StepMetrics,
@@ -80,7 +84,8 @@ class FinetuneResult:
     resumed run's start at the checkpoint), the last step, the trained model, where the outputs
     are, and what was left out of training."""
 
-    model: nn.Module
+    model: nn.Module | None
+    """None when the run had already finished (`already_finished`)."""
     losses: list[float]
     eval_losses: list[tuple[int, float]]
     step: int
@@ -93,6 +98,8 @@ class FinetuneResult:
     (--skip-nonfinite): the optimizer did not step."""
     examples_without_labels: int
     """Examples that lost every label token to overlong='truncate' (trained on nothing)."""
+    already_finished: bool = False
+    """The resumed run was at its last step with its final/ written: nothing was done."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,17 +317,37 @@ def _optimizer(model: nn.Module, config: FinetuneConfig, device: torch.device) -
     return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
 
 
+def _total_steps(config: FinetuneConfig, train_rows: int) -> int:
+    """The run's optimizer steps: --steps, or those of --epochs passes over the training rows."""
+    if config.epochs is None:
+        return config.steps if config.steps is not None else DEFAULT_STEPS
+    rows_per_step = config.batch_size * config.grad_accum
+    total = math.ceil(config.epochs * train_rows / rows_per_step)
+    if config.warmup_steps is not None and config.warmup_steps > total:
+        raise ValueError(f"finetune: warmup_steps must be in [0, steps={total}] (--epochs "
+                         f"{config.epochs}). Got {config.warmup_steps}.")
+    logger.info("--epochs %d: %d passes over %d training rows, %d rows a step: %d steps",
+                config.epochs, config.epochs, train_rows, rows_per_step, total)
+    return total
+
+
+def _warmup(config: FinetuneConfig, total_steps: int) -> int:
+    return config.warmup_steps if config.warmup_steps is not None else total_steps // 20
+
+
 def _scheduler(
-    optimizer: torch.optim.Optimizer, config: FinetuneConfig
+    optimizer: torch.optim.Optimizer, config: FinetuneConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = config.warmup_steps if config.warmup_steps is not None else config.steps // 20
+    """The learning-rate factor as a function of the step number and the run's total steps; a
+    run extended on resume gets the function of its new total from the step it resumes at."""
+    warmup = _warmup(config, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if config.lr_schedule == "constant":
             return 1.0
-        progress = (step - warmup) / max(1, config.steps - warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
         # Cosine from the peak down to 10% of it at the last step.
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
@@ -363,7 +390,9 @@ def _save_model(model: nn.Module, tokenizer: Any, directory: Path) -> None:
 class _RunLog:
     """log.jsonl, the progress bar and the loss history."""
 
-    def __init__(self, path: Path, config: FinetuneConfig, start_step: int) -> None:
+    def __init__(
+        self, path: Path, config: FinetuneConfig, start_step: int, total_steps: int
+    ) -> None:
         self.path = path
         if start_step:
             ckpt.trim_log(path, start_step)
@@ -372,10 +401,12 @@ class _RunLog:
         self.losses: list[float] = []
         self.eval_losses: list[tuple[int, float]] = []
         self.bar = None
-        if config.progress:
+        # Without a terminal (a log file, a CI job) a bar's redraws are carriage returns and
+        # blank lines there: plain log lines instead.
+        if config.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm  # a dependency of transformers
 
-            self.bar = tqdm(total=config.steps, initial=start_step, unit="step", file=sys.stderr,
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr,
                             dynamic_ncols=True)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -544,6 +575,14 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             "labels lie beyond --max-len %d); they are trained on nothing. Raise --max-len or "
             "use --overlong split to keep them.", unlabeled, len(examples), config.max_len,
         )
+    total_steps = _total_steps(config, len(train_rows))
+    if resume_from is not None:
+        at = resume.state["step"]
+        if at > total_steps:
+            raise ValueError(
+                f"resume: {resume_from} is at step {at}, past --steps {total_steps}; resume with "
+                f"--steps {at} or more, or from an earlier checkpoint."
+            )
     model = _load_model(config, tokenizer, dtype, None if config.lora_r else resume_from)
     if config.lora_r:
         _check_lora_target(model, config)
@@ -560,18 +599,44 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 ckpt.remove_stale(output_dir)
                 ckpt.write_atomically(base_dir, lambda d: _save_model(model, tokenizer, d))
             model.name_or_path = model.config.name_or_path = str(base_dir)
+        elif Path(config.model).expanduser().is_dir():
+            # Absolute, so the adapters find their base from any working directory and after the
+            # output folder moves (as given, "./my-model" would be read from the loader's).
+            local = str(Path(config.model).expanduser().resolve())
+            model.name_or_path = model.config.name_or_path = local
         model = _add_lora(model, config, resume_from)
+    if config.gradient_checkpointing:
+        # After LoRA is added: PEFT, finding checkpointing on, would hook the embeddings as below.
+        base = model.get_base_model() if config.lora_r else model
+        # Non-reentrant: it needs no input that requires grad (frozen embeddings under LoRA), and
+        # is the variant torch.compile traces.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers (5.17 always, 5.25 for PEFT) also hooks the embeddings to call
+        # requires_grad_() on their output, which only reentrant checkpointing needs; under
+        # torch.compile that call breaks the graph, and the LM-head + CE fusion is rejected.
+        base.disable_input_require_grads()
     model = model.to(device)
     model.train()
 
     optimizer = _optimizer(model, config, device)
-    scheduler = _scheduler(optimizer, config)
+    scheduler = _scheduler(optimizer, config, total_steps)
     step = cursor = 0  # optimizer steps taken; rows of the training stream consumed
     if resume_from is not None:
         ckpt.restore_training_state(resume_from, resume.state, optimizer, scheduler)
         step, cursor = resume.state["step"], resume.state["cursor"]
         ckpt.kept_log_lines(output_dir / LOG_FILE, step)  # a damaged log refused here
         logger.info("resumed from %s at step %d", resume_from, step)
+        before = resume.run_config.get("total_steps", resume.run_config.get("steps"))
+        if before != total_steps:
+            # The optimizer's saved lr is the old schedule's for the next step: set the new one.
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+            logger.info(
+                "the run's steps changed from %s to %d: the learning-rate schedule is recomputed for %d "
+                "steps (%s, warm-up %d steps); lr %.3g at step %d", before, total_steps,
+                total_steps, config.lr_schedule, _warmup(config, total_steps),
+                optimizer.param_groups[0]["lr"], step + 1,
+            )
     else:
         if resume is not None:
             logger.info("resumed %s from step 0: it stopped before its first checkpoint",
@@ -581,13 +646,29 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     # Everything is checked: the output directory is written from here on.
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt.remove_stale(output_dir)
-    run_config = json.dumps({**config.to_dict(), "data_fingerprint": fingerprint}, indent=2)
+    if step == total_steps and resume_from is not None and ckpt.holds_weights_of(
+            output_dir / "final", resume.manifest):
+        # A finished run asked to continue (every check above passed): rerunning the command
+        # that made it, as a requeued job does, must neither fail nor redo anything.
+        logger.info(
+            "run in %s already finished: %s is its last step (--steps %d) and final/ holds its "
+            "model; nothing to do. To train further, resume with a higher --steps (the "
+            "learning-rate schedule is then recomputed for the new total).",
+            output_dir, resume_from, total_steps,
+        )
+        return FinetuneResult(
+            model=None, losses=[], eval_losses=[], step=step, output_dir=output_dir,
+            final_dir=output_dir / "final", skipped_steps=[], nonfinite_steps=[],
+            examples_without_labels=unlabeled, already_finished=True,
+        )
+    run_config = json.dumps({**config.to_dict(), "total_steps": total_steps,
+                             "data_fingerprint": fingerprint}, indent=2)
     (output_dir / CONFIG_FILE).write_text(run_config, "utf-8")
     if resume_from is not None:
         # The run's line of checkpoints continues from here, not from a later one on disk.
         ckpt.set_latest(output_dir, resume_from, resume.manifest)
 
-    run_log = _RunLog(output_dir / LOG_FILE, config, step)
+    run_log = _RunLog(output_dir / LOG_FILE, config, step, total_steps)
     options = None
     if backend == "chronicals":
         def report(fusion_report: Any) -> None:
@@ -640,7 +721,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     nonfinite: list[int] = []
     window_start = time.perf_counter()
     try:
-        while step < config.steps:
+        while step < total_steps:
             micro_batches, real_tokens, label_tokens = [], 0, 0
             for _ in range(config.grad_accum):
                 batch, n = data_lib.batch_at(train_rows, cursor, config.batch_size,
@@ -668,9 +749,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                     scheduler.step()
             step += 1
             pending.append((step, metrics, real_tokens))
-            evaluate = config.eval_every and step % config.eval_every == 0 or step == config.steps
+            evaluate = config.eval_every and step % config.eval_every == 0 or step == total_steps
             checkpoint = config.save_every and step % config.save_every == 0 or (
-                step == config.steps
+                step == total_steps
             )
             too_many = len(nonfinite) > config.skip_nonfinite
             if len(pending) >= config.log_every or evaluate or checkpoint or too_many:
@@ -696,7 +777,22 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         base = model.get_base_model() if config.lora_r else model
         base.set_attn_implementation("sdpa")
     final_dir = output_dir / "final"
-    ckpt.write_atomically(final_dir, lambda d: _save_model(model, tokenizer, d))
+    own_base = config.lora_r and (config.model is None or config.from_config)
+
+    def write_final(d: Path) -> None:
+        _save_model(model, tokenizer, d)
+        if own_base:
+            # PEFT's AutoPeftModelForCausalLM loads base_model_name_or_path as written (from the
+            # working directory), so adapters naming the run's base-model/ would not load once
+            # the output folder moved. A folder holding a model and an adapter loads as both with
+            # AutoModelForCausalLM.from_pretrained(folder) (transformers' PEFT integration), so
+            # final/ carries a copy of its base.
+            for source in sorted(base_dir.iterdir()):
+                if source.name in ("config.json", "generation_config.json") or (
+                        source.name.startswith("model") and ".safetensors" in source.name):
+                    shutil.copyfile(source, d / source.name)
+
+    ckpt.write_atomically(final_dir, write_final)
     history = _logged_losses(output_dir / LOG_FILE)  # a resumed run's earlier steps included
     if config.plot and history["train"]:
         plot_losses(output_dir / "loss.svg", history["train"], history["eval"])
@@ -828,7 +924,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=defaults.steps,
-                   help="optimizer steps (default: %(default)s)")
+                   help="optimizer steps; higher on --resume extends the run, with the "
+                   f"learning-rate schedule recomputed for the new total (default: {DEFAULT_STEPS}, "
+                   "or those of --epochs)")
+    g.add_argument("--epochs", type=int, default=defaults.epochs,
+                   help="passes over the training rows instead of --steps: ceil(epochs x rows / "
+                   "(batch size x grad accum)) steps (default: off, --steps)")
     g.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="rows per micro-batch (default: %(default)s)")
     g.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
@@ -843,6 +944,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
                    help="AdamW decoupled weight decay of the weight matrices: each step scales "
                    "them by 1 - lr x this (default: %(default)s)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward pass instead of "
+                   "keeping them: less memory, more compute; the fusions fire as without it "
+                   "(default: off)")
     g.add_argument("--skip-nonfinite", type=int, default=defaults.skip_nonfinite, metavar="N",
                    help="skip up to N steps whose loss or gradient norm is NaN or infinite (the "
                    "optimizer does not step; detecting them syncs with the device every step); "
@@ -893,7 +998,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     g.add_argument("--resume", help="checkpoint directory to continue from, or 'auto': the "
                    "latest checkpoint of the run in --output-dir (of the line that ran last), or "
-                   "its start if it stopped before its first (default: none, a fresh run)")
+                   "its start if it stopped before its first; a finished run (final/ written) is "
+                   "left as it is (default: none, a fresh run)")
     g.add_argument("--allow-data-change", action="store_true",
                    help="resume on data other than the run's (its fingerprint, a hash of the "
                    "tokenised examples, differs) (default: off, an error)")
@@ -901,7 +1007,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not write loss.svg (default: off, it is written)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="log a line per --log-every steps instead of a progress bar (default: "
-                   "off, a progress bar)")
+                   "off, a progress bar when stderr is a terminal, log lines otherwise)")
     return parser
 
 
@@ -935,6 +1041,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"chronicals finetune: interrupted; {hint}.", file=sys.stderr)
         return 130
+    if result.already_finished:
+        return 0
     summary = f"done: {result.step} steps"
     if result.skipped_steps:
         summary += (f" ({len(result.skipped_steps)} skipped: no label tokens in their "

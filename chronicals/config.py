@@ -14,15 +14,20 @@ DTYPES = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "constant")
 OVERLONG = ("error", "truncate", "split")
 LORA_DTYPES = ("fp32", "model")
+DEFAULT_STEPS = 40
+"""Optimizer steps of a run given neither `steps` nor `epochs`."""
 
 # Settings a resumed run may change: where and how often it reports and saves, how it compiles
-# (compiled and eager steps compute the same thing), what it does with a non-finite step, and
-# where its data comes from (the data's content is checked by its fingerprint instead, see
-# chronicals.checkpoint). Every other field must equal the checkpoint's, or the resumed run would
-# not continue the same run.
+# (compiled and eager steps compute the same thing), what it does with a non-finite step, where
+# its data comes from (the data's content is checked by its fingerprint instead, see
+# chronicals.checkpoint), whether activations are recomputed (gradient checkpointing: the same
+# values), and how long it runs (a higher `steps` extends a run: the learning-rate
+# schedule is recomputed for the new total, see chronicals.cli). Every other field must equal the
+# checkpoint's, or the resumed run would not continue the same run.
 RESUME_MAY_CHANGE = frozenset(
     {"output_dir", "resume", "eval_every", "save_every", "log_every", "compile", "device",
-     "plot", "progress", "data", "data_split", "allow_data_change", "skip_nonfinite"}
+     "plot", "progress", "data", "data_split", "allow_data_change", "skip_nonfinite", "steps",
+     "epochs", "gradient_checkpointing"}
 )
 
 
@@ -50,13 +55,24 @@ class FinetuneConfig:
     """Rows per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    steps: int = 40
+    steps: int | None = None
+    """Optimizer steps; None: DEFAULT_STEPS, or those of `epochs`. Resuming with more extends the
+    run from its checkpoint: the learning-rate schedule (and the default warm-up, 5% of the
+    steps) is recomputed for the new total."""
+    epochs: int | None = None
+    """Passes over the training rows instead of `steps`: ceil(epochs x rows / (batch_size x
+    grad_accum)) steps, so every row is trained on `epochs` times (the last step's batch may be
+    filled up with rows of the next pass). Not with `steps`."""
     lr: float | None = None
     """None: 2e-4 with LoRA, 2e-5 for a full fine-tune, 2e-3 for the built-in (untrained) model."""
     lr_schedule: str = "cosine"
     warmup_steps: int | None = None
     """None: 5% of the steps."""
     weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (transformers' gradient checkpointing, non-reentrant): less memory, about a third more
+    compute. The backend fuses inside checkpointed layers as outside them."""
     max_grad_norm: float | None = 1.0
     lora_r: int = 0
     """LoRA rank; 0: full fine-tune."""
@@ -103,7 +119,10 @@ class FinetuneConfig:
              f"{self.max_len}."),
             (self.batch_size >= 1, f"batch_size must be >= 1. Got {self.batch_size}."),
             (self.grad_accum >= 1, f"grad_accum must be >= 1. Got {self.grad_accum}."),
-            (self.steps >= 1, f"steps must be >= 1. Got {self.steps}."),
+            (self.steps is None or self.epochs is None, "give steps or epochs, not both. Got "
+             f"steps={self.steps} and epochs={self.epochs}."),
+            (self.steps is None or self.steps >= 1, f"steps must be >= 1. Got {self.steps}."),
+            (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1. Got {self.epochs}."),
             (self.lr is None or 0 < self.lr < math.inf,
              f"lr must be finite and > 0. Got {self.lr}."),
             (self.lora_r >= 0, f"lora_r must be >= 0 (0: full fine-tune). Got {self.lora_r}."),
@@ -118,8 +137,9 @@ class FinetuneConfig:
             (min(self.eval_every, self.save_every) >= 0 and self.log_every >= 1,
              "eval_every and save_every must be >= 0 and log_every >= 1. Got "
              f"{self.eval_every}, {self.save_every}, {self.log_every}."),
-            (self.warmup_steps is None or 0 <= self.warmup_steps <= self.steps,
-             f"warmup_steps must be in [0, steps={self.steps}]. Got {self.warmup_steps}."),
+            (self.warmup_steps is None or 0 <= self.warmup_steps <= self._steps_bound(),
+             f"warmup_steps must be in [0, steps={self._steps_bound()}]. Got "
+             f"{self.warmup_steps}."),
             (self.max_grad_norm is None or 0 < self.max_grad_norm < math.inf,
              f"max_grad_norm must be finite and > 0, or None. Got {self.max_grad_norm}."),
             (self.skip_nonfinite >= 0,
@@ -141,6 +161,12 @@ class FinetuneConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"finetune: {message}")
+
+    def _steps_bound(self) -> float:
+        """The steps, or an upper bound before the data gives those of `epochs`."""
+        if self.steps is not None:
+            return self.steps
+        return DEFAULT_STEPS if self.epochs is None else math.inf
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,52 +129,100 @@ def _looks_like_path(source: str) -> bool:
     ).exists()
 
 
-def _read_json_records(path: Path) -> list[dict[str, Any]]:
+def _read_json_records(path: Path) -> Records:
     """The records of a .json file (one JSON array of objects, or JSON lines) or a .jsonl file
-    (JSON lines: one object per line)."""
+    (JSON lines: one object per line), each with its `file:line`."""
     # utf-8-sig: a byte-order mark (as some Windows editors write) is not part of the JSON.
     text = path.read_text(encoding="utf-8-sig")
-    data = None
-    if path.suffix == ".json":
+    json_lines = "JSON lines (one record object per line)"
+    if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # not one JSON document: JSON lines, read below
-        if isinstance(data, dict) and "\n" in text.strip():
-            # One line holding one object is JSON lines with one record; an object spread over
-            # lines is neither format, and guessing where its records are would be a guess.
+            items, lines = _json_array(text)
+        except json.JSONDecodeError as e:
             raise ValueError(
-                f"data: {path} holds one JSON object spread over several lines (keys "
-                f"{sorted(data)}); expected a JSON array of record objects ([{{...}}, {{...}}]) "
-                "or JSON lines (one record object per line)."
-            )
-    if not isinstance(data, list):
-        expected = (
-            "a JSON array of record objects or JSON lines (one record object per line)"
-            if path.suffix == ".json" else "JSON lines (one record object per line)"
-        )
-        data = []
-        for line_no, line in enumerate(text.splitlines(), 1):
+                f"data: {path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); expected "
+                "a JSON array of record objects."
+            ) from e
+    else:
+        if path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:
+                data = None  # not one JSON document: JSON lines, read below
+            if isinstance(data, dict) and "\n" in text.strip():
+                # One line holding one object is JSON lines with one record; an object spread
+                # over lines is neither format, and guessing where its records are would be a
+                # guess.
+                raise ValueError(
+                    f"data: {path} holds one JSON object spread over several lines (keys "
+                    f"{sorted(data)}); expected a JSON array of record objects ([{{...}}, "
+                    f"{{...}}]) or {json_lines}."
+                )
+        expected = f"a JSON array of record objects or {json_lines}" if (
+            path.suffix == ".json") else json_lines
+        items, lines = [], []
+        # "\n" only: str.splitlines also splits at U+2028 and other separators that JSON allows
+        # inside a string, and editors number lines by "\n".
+        for line_no, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
-                data.append(json.loads(line))
+                items.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(
-                    f"data: {path} line {line_no} is not valid JSON ({e}); expected {expected}."
+                    f"data: {path}:{line_no}: not valid JSON ({e.msg}, column {e.colno}); "
+                    f"expected {expected}."
                 ) from e
-    bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
-    if bad is not None:
-        raise ValueError(
-            f"data: {path} must hold JSON objects (one per record). Record {bad} is a "
-            f"{type(data[bad]).__name__}."
-        )
-    return data
+            lines.append(line_no)
+    records = Records(items, [f"{path}:{n}" for n in lines])
+    for record, where in zip(records, records.locations):
+        if not isinstance(record, dict):
+            raise ValueError(f"data: {where}: expected a JSON object (one per record). Got a "
+                             f"JSON {_json_type(record)}.")
+    return records
 
 
-def load_records(source: str | Path, *, split: str = "train") -> list[dict[str, Any]]:
+def _json_array(text: str) -> tuple[list[Any], list[int]]:
+    """The items of the JSON array `text` and the 1-based line each one starts on."""
+    items = json.loads(text)  # a malformed document raises here, with its line
+    decoder = json.JSONDecoder()
+    lines, line, counted = [], 1, 0
+    pos = text.index("[") + 1
+    for _ in items:
+        pos = _JSON_SPACE.match(text, pos).end()
+        line += text.count("\n", counted, pos)
+        counted = pos
+        lines.append(line)
+        _, pos = decoder.raw_decode(text, pos)
+        pos = _JSON_SPACE.match(text, pos).end() + 1  # past the ',' (or the closing ']')
+    return items, lines
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+class Records(list):
+    """The records (dicts) of a data source, in order, with where each one is: `file:line` (the
+    1-based line it starts on) for .json and .jsonl files, `file row N` (1-based) for parquet and
+    `name (split) row N` for a `datasets` name. Errors about a record name it by its location."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], locations: Sequence[str]) -> None:
+        super().__init__(records)
+        if len(locations) != len(records):
+            raise ValueError(f"data: {len(records)} records need as many locations. Got "
+                             f"{len(locations)}.")
+        self.locations = list(locations)
+
+
+def load_records(source: str | Path, *, split: str = "train") -> Records:
     """Records (dicts) from a local .json (one JSON array of objects, or JSON lines) / .jsonl
-    (JSON lines) / .parquet file, or from a `datasets` name (its `split`).
+    (JSON lines) / .parquet file, or from a `datasets` name (its `split`), with the location of
+    each (`Records`).
 
     Raises:
         FileNotFoundError: `source` looks like a path (has a data-file suffix or starts with
@@ -192,7 +241,8 @@ def load_records(source: str | Path, *, split: str = "train") -> list[dict[str, 
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq  # a dependency of `datasets`; imported only here
 
-            records = pq.read_table(path).to_pylist()
+            rows = pq.read_table(path).to_pylist()
+            records = Records(rows, [f"{path} row {i}" for i in range(1, len(rows) + 1)])
         else:
             raise ValueError(
                 f"data: unsupported file type {path.suffix!r} for {path}; expected one of "
@@ -207,7 +257,7 @@ def load_records(source: str | Path, *, split: str = "train") -> list[dict[str, 
                 "`datasets` package, which is not installed."
             ) from e
         try:
-            records = datasets.load_dataset(source, split=split).to_list()
+            rows = datasets.load_dataset(source, split=split).to_list()
         except (OSError, ValueError) as e:
             # Not found, not reachable (offline: ConnectionError is an OSError), no such split.
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -216,9 +266,17 @@ def load_records(source: str | Path, *, split: str = "train") -> list[dict[str, 
                 f"(split {split!r}): {reason}. Give a .json/.jsonl/.parquet file, or a dataset "
                 "name that is cached or reachable on the Hub."
             ) from e
+        records = Records(rows, [f"{source} ({split}) row {i}" for i in range(1, len(rows) + 1)])
     if not records:
         raise ValueError(f"data: {source} holds no records (the dataset is empty).")
     return records
+
+
+def _locations(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Where each record is: `Records.locations`, or `records[i]` for records given in memory."""
+    if isinstance(records, Records):
+        return records.locations
+    return [f"records[{i}]" for i in range(len(records))]
 
 
 def detect_format(records: Sequence[Mapping[str, Any]]) -> str:
@@ -229,9 +287,10 @@ def detect_format(records: Sequence[Mapping[str, Any]]) -> str:
         return "chat"
     if {"prompt", "completion"} <= columns:
         return "prompt_completion"
+    where = f"{_locations(records)[0]}: " if records else ""
     raise ValueError(
-        "data: expected a 'messages' column (chat format) or 'prompt' and 'completion' columns. "
-        f"Got columns {sorted(columns)}."
+        f"data: {where}expected a 'messages' column (chat format) or 'prompt' and 'completion' "
+        f"columns. Got columns {sorted(columns)}."
     )
 
 
@@ -245,19 +304,22 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    where: str | None = None
+    """The record's location (`Records.locations`), for errors; None for an example made
+    otherwise."""
 
 
-def _field(record: Mapping[str, Any], key: str, index: int) -> Any:
+def _field(record: Mapping[str, Any], key: str, where: str) -> Any:
     if key not in record:
-        raise ValueError(f"data: record {index} has no {key!r} field. Got fields {sorted(record)}.")
+        raise ValueError(f"data: {where}: expected a {key!r} field. Got fields {sorted(record)}.")
     return record[key]
 
 
-def _prompt_completion(tokenizer: Any, record: Mapping[str, Any], index: int) -> Example:
-    prompt, completion = _field(record, "prompt", index), _field(record, "completion", index)
+def _prompt_completion(tokenizer: Any, record: Mapping[str, Any], where: str) -> Example:
+    prompt, completion = _field(record, "prompt", where), _field(record, "completion", where)
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise ValueError(
-            f"data: record {index}: 'prompt' and 'completion' must be strings. Got "
+            f"data: {where}: 'prompt' and 'completion' must be strings. Got "
             f"{type(prompt).__name__} and {type(completion).__name__}."
         )
     # Tokenized apart so the loss mask falls exactly on the completion's tokens.
@@ -267,7 +329,7 @@ def _prompt_completion(tokenizer: Any, record: Mapping[str, Any], index: int) ->
         completion_ids = completion_ids + [tokenizer.eos_token_id]
     return Example(
         input_ids=prompt_ids + completion_ids,
-        labels=[IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+        labels=[IGNORE_INDEX] * len(prompt_ids) + completion_ids, where=where,
     )
 
 
@@ -286,23 +348,23 @@ def _message_problem(message: Any) -> str | None:
     return None
 
 
-def _chat(tokenizer: Any, record: Mapping[str, Any], index: int) -> Example:
-    messages = _field(record, "messages", index)
+def _chat(tokenizer: Any, record: Mapping[str, Any], where: str) -> Example:
+    messages = _field(record, "messages", where)
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if messages == [] else type(messages).__name__
         raise ValueError(
-            f"data: record {index}: 'messages' must be a non-empty list of {{'role', 'content'}} "
+            f"data: {where}: 'messages' must be a non-empty list of {{'role', 'content'}} "
             f"objects. Got {got}."
         )
     for j, message in enumerate(messages):
         problem = _message_problem(message)
         if problem is not None:
-            raise ValueError(f"data: record {index}: message {j} {problem}")
+            raise ValueError(f"data: {where}: messages[{j}] {problem}")
     if not any(m["role"] == "assistant" for m in messages):
         # The loss is taken on assistant replies only: such a record would train on nothing.
         raise ValueError(
-            f"data: record {index} has no 'assistant' message, so it has nothing to train on; "
-            f"every chat record needs at least one assistant reply. Got roles "
+            f"data: {where}: no 'assistant' message, so nothing to train on; every chat record "
+            f"needs at least one assistant reply. Got roles "
             f"{[m['role'] for m in messages]}."
         )
     if tokenizer.chat_template is None:
@@ -321,7 +383,7 @@ def _chat(tokenizer: Any, record: Mapping[str, Any], index: int) -> Example:
         before, through = render(messages[:i], True), render(messages[: i + 1], False)
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError(
-                f"data: record {index}: the tokenizer's chat template does not render a "
+                f"data: {where}: the tokenizer's chat template does not render a "
                 "conversation as the concatenation of its turns, so the assistant replies cannot "
                 "be located for the loss mask."
             )
@@ -332,13 +394,14 @@ def _chat(tokenizer: Any, record: Mapping[str, Any], index: int) -> Example:
         token if any(s <= begin < e for s, e in spans) else IGNORE_INDEX
         for token, (begin, _) in zip(ids, encoded["offset_mapping"])
     ]
-    return Example(input_ids=ids, labels=labels)
+    return Example(input_ids=ids, labels=labels, where=where)
 
 
 def tokenize_records(
     records: Sequence[Mapping[str, Any]], tokenizer: Any, *, fmt: str | None = None
 ) -> list[Example]:
-    """Token ids and loss labels for each record: one `Example` per record, in order.
+    """Token ids and loss labels for each record: one `Example` per record, in order, with the
+    record's location (`Records`, or `records[i]` for records made in memory).
 
     fmt 'prompt_completion': prompt ids (with the tokenizer's special tokens) + completion ids +
     eos; the loss is on the completion and eos. fmt 'chat': the conversation through the
@@ -352,7 +415,7 @@ def tokenize_records(
     if fmt not in FORMATS:
         raise ValueError(f"data: format must be one of {FORMATS}. Got {fmt!r}.")
     make = _chat if fmt == "chat" else _prompt_completion
-    examples = [make(tokenizer, r, i) for i, r in enumerate(records)]
+    examples = [make(tokenizer, r, where) for r, where in zip(records, _locations(records))]
     if not any(_has_labels(ex.labels) for ex in examples):
         raise ValueError(
             f"data: none of the {len(examples)} records has a token to train on (every "
@@ -458,15 +521,15 @@ def make_rows(
 
 def check_lengths(examples: Sequence[Example], max_len: int) -> None:
     """A ValueError if any example is longer than `max_len` tokens, with how many are and which
-    is the longest (by its index in `examples`: the record's index for the output of
-    `tokenize_records`)."""
+    is the longest (by its record's location, or else its index in `examples`)."""
     lengths = [len(ex.input_ids) for ex in examples]
     over = [i for i, n in enumerate(lengths) if n > max_len]
     if over:
         longest = max(over, key=lengths.__getitem__)
+        where = examples[longest].where or f"examples[{longest}]"
         raise ValueError(
             f"data: {len(over)} of {len(lengths)} examples are longer than max_len={max_len} "
-            f"tokens (the longest, record {longest}, has {lengths[longest]}). Raise --max-len, "
+            f"tokens (the longest, {where}, has {lengths[longest]}). Raise --max-len, "
             "or pass --overlong truncate / split to cut them."
         )
 

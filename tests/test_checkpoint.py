@@ -321,7 +321,8 @@ def test_changed_data_is_refused_unless_allowed(tmp_path, capsys):
             f"{moved} gives 12 examples") in _error(capsys)
     assert _files(out) == before
 
-    assert _main(out, *args, "--resume", "auto", "--allow-data-change") == 0
+    # One step more: resuming the finished run without it does nothing (test_cli).
+    assert _main(out, *args, "--steps", "3", "--resume", "auto", "--allow-data-change") == 0
     now = json.loads((out / ckpt.CONFIG_FILE).read_text())["data_fingerprint"]
     assert now["sha256"] != saved["sha256"]
 

@@ -97,10 +97,12 @@ def test_lora_adapter_reloads_through_peft_with_same_logits(tmp_path):
     result = cli.finetune(config)
     final = Path(config.output_dir) / "final"
     assert (final / "adapter_model.safetensors").is_file()
-    assert not (final / "model.safetensors").exists()
     adapter_config = json.loads((final / "adapter_config.json").read_text())
     base_dir = Path(adapter_config["base_model_name_or_path"])
     assert base_dir == (Path(config.output_dir) / "base-model").resolve()
+    # Its model.safetensors is a copy of the base (test_lora_output_..._after_the_folder_moves).
+    assert (final / "model.safetensors").read_bytes() == (
+        base_dir / "model.safetensors").read_bytes()
 
     reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final)
     ids = torch.randint(0, 2048, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -219,24 +221,27 @@ def _chat_lines(bad: dict) -> str:
         (lambda d: ["--data", str(d / "missing.jsonl")], "data: file not found: .*missing.jsonl"),
         (lambda d: ["--data", _write(d / "empty.jsonl", "\n")], "holds no records"),
         (lambda d: ["--data", _write(d / "text.jsonl", '{"text": "hello"}\n')],
-         r"expected a 'messages' column .* Got columns \['text'\]"),
+         r"text.jsonl:1: expected a 'messages' column .* Got columns \['text'\]"),
         (lambda d: ["--max-len", "64"],
-         r"examples are longer than max_len=64 tokens \(the longest, record \d+, .*overlong"),
-        # Record 7 is the one too long; with 4 of 20 records held out it is the 6th of the
-        # training split, which the error named before.
+         r"examples are longer than max_len=64 tokens \(the longest, \S*humaneval.jsonl:\d+, "
+         ".*overlong"),
+        # The record on line 8 is the one too long; with 4 of 20 records held out it is the 6th
+        # of the training split, which the error named before, then "record 7".
         (lambda d: ["--data", _write(d / "long.jsonl", _records(20, long=(7,))), "--max-len",
                     "64", "--eval-fraction", "0.2"],
-         r"1 of 20 examples are longer than max_len=64 tokens \(the longest, record 7, has"),
+         r"1 of 20 examples are longer than max_len=64 tokens \(the longest, \S*long.jsonl:8, "
+         "has"),
         (lambda d: ["--data", _write(d / "chat.jsonl", _chat_lines(
             {"messages": [{"role": "user", "content": "Hi"}]}))],
-         r"data: record 3 has no 'assistant' message"),
+         r"data: \S*chat.jsonl:4: no 'assistant' message"),
         (lambda d: ["--data", _write(d / "chat.jsonl", _chat_lines(
             {"messages": [{"role": "bot", "content": "Hi"}]}))],
-         r"data: record 3: message 0 has role 'bot'; expected one of"),
+         r"data: \S*chat.jsonl:4: messages\[0\] has role 'bot'; expected one of"),
         (lambda d: ["--data", _write(d / "chat.jsonl", _chat_lines(
             {"messages": [{"role": "user", "content": ["Hi"]},
                           {"role": "assistant", "content": "Hello"}]}))],
-         r"data: record 3: message 0 \(user\) must have a string 'content'. Got list"),
+         r"data: \S*chat.jsonl:4: messages\[0\] \(user\) must have a string 'content'. Got "
+         "list"),
         (lambda d: ["--data", _write(d / "data.json", json.dumps({"data": []}, indent=1))],
          "holds one JSON object spread over several lines"),
         (lambda d: ["--data", "chronicals-test/no-such-data"],
@@ -375,3 +380,174 @@ def test_bundled_tokenizer_is_reproducible(tmp_path):
     data_lib.build_default_tokenizer(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (tmp_path / name).read_text() == (data_lib.DATA_DIR / name).read_text(), name
+
+
+def test_resume_of_a_finished_run_does_nothing_and_says_so(tmp_path, caplog, capsys):
+    # Before: it loaded everything, ran no step and wrote final/ again.
+    config = _small(tmp_path, steps=2, eval_every=0)
+    cli.finetune(config)
+    out = Path(config.output_dir)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    caplog.set_level(logging.INFO, logger="chronicals.finetune")
+    assert cli.main(["finetune", "--output-dir", str(out), "--max-len", "128", "--overlong",
+                     "split", "--steps", "2", "--eval-every", "0", "--compile", "none",
+                     "--no-progress", "--resume", "auto"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "already finished" in said and "nothing to do" in said
+    assert "resume with a higher --steps" in said and "done:" not in said
+
+
+def test_resume_with_more_steps_extends_the_run_on_a_recomputed_schedule(tmp_path):
+    # Before: --steps differing from the checkpoint's was refused as "other settings".
+    # Rows of 256: at 128 step 5's rows hold only prompt pieces, and such a step is skipped.
+    cli.finetune(_small(tmp_path, steps=4, max_len=256))
+    result = cli.finetune(_small(tmp_path, steps=6, max_len=256, resume="auto"))
+    out = Path(result.output_dir)
+    assert len(result.losses) == 2 and result.step == 6
+    train = _log(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in _log(out, "eval")] == [2, 4, 6]
+    assert (out / "checkpoint-6").is_dir() and (out / "checkpoint-4").is_dir()
+    # Steps 5 and 6 have the 6-step schedule's learning rates, as a 6-step run has them.
+    fresh = _log(Path(cli.finetune(_small(tmp_path, "fresh", steps=6, max_len=256)).output_dir),
+                 "train")
+    assert [r["lr"] for r in train[4:]] == pytest.approx([r["lr"] for r in fresh[4:]], rel=1e-6)
+    assert train[3]["lr"] != pytest.approx(fresh[3]["lr"])  # step 4 ran on the 4-step one
+
+    with pytest.raises(ValueError, match=r"checkpoint-6 is at step 6, past --steps 5; resume "
+                       r"with --steps 6 or more"):
+        cli.finetune(_small(tmp_path, steps=5, max_len=256, resume="auto"))
+
+
+def test_progress_without_a_terminal_is_plain_log_lines(tmp_path, capsys, caplog):
+    # Before: the bar's redraws went to a log file or CI log as carriage returns and blank lines.
+    caplog.set_level(logging.INFO, logger="chronicals.finetune")
+    out = tmp_path / "out"
+    assert cli.main(["finetune", "--output-dir", str(out), "--max-len", "256", "--overlong",
+                     "split", "--steps", "3", "--log-every", "1", "--eval-every", "2",
+                     "--compile", "none"]) == 0
+    assert "step/s" not in capsys.readouterr().err  # the bar's unit
+    said = [r.getMessage() for r in caplog.records]
+    assert [m.split(":")[0] for m in said if m.startswith("step ")] == [
+        "step 1", "step 2", "step 2", "step 3", "step 3"]  # steps, and the evaluations
+    assert any(m.startswith("step 2: eval loss") for m in said)
+
+
+def test_gradient_checkpointing_keeps_every_fusion(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as in test_default_job_runs_and_loss_falls
+    runs = {}
+    for flags in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / f"out{len(flags)}"
+        assert cli.main(["finetune", "--output-dir", str(out), "--steps", "2", "--max-len",
+                         "512", "--overlong", "split", "--eval-every", "0", "--no-progress",
+                         *flags]) == 0
+        runs[bool(flags)] = out
+    checkpointed, plain = (_log(runs[k], "compile") for k in (True, False))
+    assert len(checkpointed) == len(plain) == 2
+    for with_, without in zip(checkpointed, plain):
+        # Every fusion fires as often, none is rejected. Of the 5 norms, the training graph
+        # fuses 2 more under checkpointing: the residual adds before the two decoder layers'
+        # input norms lie outside their checkpointed regions, so those norms are not declined
+        # as following an add (see test_default_job_runs_and_loss_falls); each norm is fused or
+        # declined either way.
+        fired, fired_plain = dict(with_["fired"]), dict(without["fired"])
+        assert fired.pop("rms_norm") + with_["declined"] == (
+            fired_plain.pop("rms_norm") + without["declined"])
+        assert fired == fired_plain and fired["linear_cross_entropy"] == 1
+        assert fired["swiglu"] == fired["rope"] == 2
+        assert with_["rejected"] == without["rejected"] == 0
+    assert [r["fired"]["rms_norm"] for r in checkpointed] == [3, 1]  # training, evaluation
+    # Recomputing the activations changes nothing that is computed.
+    losses = {k: [r["loss"] for r in _log(out, "train")] for k, out in runs.items()}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_gradient_checkpointing_is_on_in_the_model(tmp_path):
+    model = cli.finetune(_small(tmp_path, steps=1, gradient_checkpointing=True)).model
+    assert model.is_gradient_checkpointing
+    assert not cli.finetune(_small(tmp_path, "plain", steps=1)).model.is_gradient_checkpointing
+
+
+def test_gradient_checkpointing_with_lora_keeps_one_graph_and_the_lm_head_fusion(tmp_path,
+                                                                                  monkeypatch):
+    # Before: PEFT hooked the embeddings to call requires_grad_(), a graph break that split the
+    # training graph and left the logits to exist (the LM-head + CE fusion rejected).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    config = _small(tmp_path, lora_r=4, steps=1, max_len=256, eval_every=0,
+                    compile="chronicals", gradient_checkpointing=True)
+    model = cli.finetune(config).model
+    assert model.get_base_model().is_gradient_checkpointing
+    reports = _log(Path(config.output_dir), "compile")
+    assert len(reports) == 2  # training, and the evaluation at the end
+    assert all(r["fired"]["linear_cross_entropy"] == 1 and r["rejected"] == 0 for r in reports)
+
+
+def test_epochs_set_the_steps_from_the_training_rows(tmp_path, monkeypatch):
+    # 10 examples, one padded row each, 2 rows a step (batch 1 x 2 micro-batches): 3 passes are
+    # 15 steps, each row trained on 3 times.
+    data = _write(tmp_path / "data.jsonl", _records(10))
+    seen = []
+    real_batch_at = cli.data_lib.batch_at
+
+    def recording_batch_at(rows, cursor, batch_size, *, seed):
+        batch, n = real_batch_at(rows, cursor, batch_size, seed=seed)
+        seen.extend(tuple(row) for row in batch["input_ids"].tolist())
+        return batch, n
+
+    monkeypatch.setattr(cli.data_lib, "batch_at", recording_batch_at)
+    result = cli.finetune(_small(tmp_path, data=data, packing=False, max_len=16, batch_size=1,
+                                 grad_accum=2, eval_fraction=0, steps=None, epochs=3))
+    assert result.step == 15
+    assert [r["step"] for r in _log(Path(result.output_dir), "train")] == list(range(1, 16))
+    assert len(seen) == 30 and all(seen.count(t) == 3 for t in set(seen)) and len(set(seen)) == 10
+
+
+def test_steps_and_epochs_together_is_an_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["finetune", "--output-dir", str(out), "--steps", "5", "--epochs", "2"]) == 1
+    assert ("give steps or epochs, not both. Got steps=5 and epochs=2"
+            in capsys.readouterr().err)
+    assert not out.exists()
+
+
+def _eval_loss(model, tokenizer, config: FinetuneConfig) -> float:
+    """`model`'s loss on the held-out rows of a run of `config` on the bundled data, as the job
+    computes its eval loss (for outputs reloaded elsewhere)."""
+    records = data_lib.load_records(data_lib.default_data_path())
+    examples = data_lib.tokenize_records(records, tokenizer)
+    held_out = data_lib.split_eval(examples, eval_fraction=config.eval_fraction,
+                                   seed=config.seed)[1]
+    rows = data_lib.make_rows(held_out, max_len=config.max_len, pad_id=tokenizer.pad_token_id,
+                              packing=config.packing, overlong=config.overlong)
+    batches = data_lib.eval_batches(rows, config.batch_size)
+    return cli.evaluate_loss(cli.compile_loss(model, backend=None), model, batches).item()
+
+
+def test_lora_output_on_its_own_base_loads_after_the_folder_moves(tmp_path):
+    # Before: adapter_config.json named <output>/base-model by its absolute path, so a moved
+    # folder did not load. Padded rows: the reloaded model's sdpa then computes what the job did.
+    config = _small(tmp_path, lora_r=4, steps=3, lr=1e-2, packing=False, max_len=256,
+                    eval_every=3)
+    cli.finetune(config)
+    logged = _log(Path(config.output_dir), "eval")[-1]["eval_loss"]
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    Path(config.output_dir).rename(moved)
+
+    model = AutoModelForCausalLM.from_pretrained(moved / "final")
+    assert sum("lora_" in n for n, _ in model.named_parameters()) > 0
+    tokenizer = AutoTokenizer.from_pretrained(moved / "final")
+    assert _eval_loss(model, tokenizer, config) == pytest.approx(logged, rel=1e-5)
+
+
+def test_lora_on_a_local_model_names_it_by_its_absolute_path(tmp_path, monkeypatch):
+    # Given as ./<dir>, the adapters named it as given: read from the loader's working directory.
+    first = _small(tmp_path, "first", lora_r=4, steps=1, eval_every=0)
+    cli.finetune(first)
+    monkeypatch.chdir(tmp_path)
+    config = _small(tmp_path, lora_r=4, steps=1, eval_every=0, model="./first/base-model")
+    cli.finetune(config)
+    adapter_config = json.loads((Path(config.output_dir) / "final" / "adapter_config.json")
+                                .read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tmp_path / "first" / "base-model")

@@ -21,33 +21,76 @@ def _chat(*turns: tuple[str, object]) -> dict:
 
 
 _GOOD = _chat(("user", "What is 1 + 1?"), ("assistant", "2"))
+_RECORDS = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
 
 
 @pytest.mark.parametrize(
     ("record", "message"),
     [
         (_chat(("system", "Be brief."), ("user", "Hi")),
-         r"record 2 has no 'assistant' message.*Got roles \['system', 'user'\]"),
+         r"records\[2\]: no 'assistant' message.*Got roles \['system', 'user'\]"),
         (_chat(("human", "Hi"), ("assistant", "Hello")),
-         r"record 2: message 0 has role 'human'; expected one of \('system', 'user', "),
+         r"records\[2\]: messages\[0\] has role 'human'; expected one of \('system', 'user', "),
         (_chat(("user", [{"type": "text", "text": "Hi"}]), ("assistant", "Hello")),
-         r"record 2: message 0 \(user\) must have a string 'content'. Got list"),
+         r"records\[2\]: messages\[0\] \(user\) must have a string 'content'. Got list"),
         (_chat(("user", "Hi"), ("assistant", None)),
-         r"record 2: message 1 \(assistant\) must have a string 'content'. Got NoneType"),
-        ({"messages": []}, r"record 2: 'messages' must be a non-empty list .* Got an empty list"),
+         r"records\[2\]: messages\[1\] \(assistant\) must have a string 'content'. Got "
+         "NoneType"),
+        ({"messages": []},
+         r"records\[2\]: 'messages' must be a non-empty list .* Got an empty list"),
         ({"messages": [{"role": "user"}]},
-         r"record 2: message 0 must be an object with 'role' and 'content'. Got keys \['role'\]"),
+         r"records\[2\]: messages\[0\] must be an object with 'role' and 'content'. Got keys "
+         r"\['role'\]"),
     ],
     ids=["no-assistant", "unknown-role", "list-content", "none-content", "empty", "no-content"],
 )
 def test_bad_chat_record_is_an_error_naming_it(tokenizer, record, message):
     # Before: the first two were trained on nothing without a word, the next two raised a
-    # TypeError from inside the chat template.
+    # TypeError from inside the chat template. Records given in memory are named by their index.
     with pytest.raises(ValueError, match=message):
         data_lib.tokenize_records([_GOOD, _GOOD, record, _GOOD], tokenizer)
 
 
-_RECORDS = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
+def _json_lines(records: list, blank_after: int = -1) -> str:
+    return "".join(json.dumps(r) + ("\n\n" if i == blank_after else "\n")
+                   for i, r in enumerate(records))
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        # Before: "record 6" for the record on line 8 (records counted from 0, blank lines not
+        # counted), without the file's name.
+        ("data.jsonl", _json_lines([_GOOD] * 6 + [_chat(("user", "Hi"))], blank_after=2),
+         r"data: \S*data.jsonl:8: no 'assistant' message.* Got roles \['user'\]"),
+        ("data.jsonl", _json_lines([_RECORDS[0], {"prompt": "p", "completion": 7}]),
+         r"data: \S*data.jsonl:2: 'prompt' and 'completion' must be strings. Got str and int"),
+        ("data.jsonl", _json_lines([_RECORDS[0], {"prompt": "p", "answer": "a"}]),
+         r"data: \S*data.jsonl:2: expected a 'completion' field. Got fields \['answer', 'prompt'\]"),
+        ("data.jsonl", _json_lines([{"text": "t"}]),
+         r"data: \S*data.jsonl:1: expected a 'messages' column .* Got columns \['text'\]"),
+        # A pretty-printed array: the line the record's object starts on.
+        ("data.json", json.dumps([_GOOD, _GOOD, _chat(("user", "Hi"))], indent=2),
+         r"data: \S*data.json:%d: no 'assistant' message"
+         % (2 + 2 * len(json.dumps(_GOOD, indent=2).splitlines()))),
+    ],
+    ids=["jsonl-blank-line", "jsonl-type", "jsonl-missing-field", "jsonl-columns", "json-array"],
+)
+def test_record_error_names_file_and_line(tokenizer, tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        data_lib.tokenize_records(data_lib.load_records(path), tokenizer)
+
+
+def test_json_array_locations_are_the_lines_records_start_on(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"prompt": "a", "completion": "b"},\n\n  {"prompt": "c",\n'
+                    '   "completion": "d"}, {"prompt": "e", "completion": "f"}\n]\n')
+    records = data_lib.load_records(path)
+    assert records == [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"},
+                       {"prompt": "e", "completion": "f"}]
+    assert records.locations == [f"{path}:2", f"{path}:4", f"{path}:5"]
 
 
 @pytest.mark.parametrize(
@@ -67,11 +110,19 @@ def test_json_file_holds_an_array_or_json_lines(tmp_path, text, encoding):
     ("name", "text", "message"),
     [("data.json", json.dumps({"data": _RECORDS}, indent=2),
       r"one JSON object spread over several lines \(keys \['data'\]\); expected a JSON array"),
-     ("data.json", '[{"prompt": "p"},\n',
-      r"line 1 is not valid JSON .*; expected a JSON array of record objects or JSON lines"),
+     # Before: "line 1", where reading it as JSON lines failed; the array ends on line 3.
+     ("data.json", '[{"prompt": "p"},\n\n',
+      r"data.json:3: not valid JSON \(Expecting value, column 1\); expected a JSON array of "
+      "record objects"),
+     ("data.json", '{"prompt": "p", "completion": "c"}\n{"prompt": "p"\n',
+      r"data.json:2: not valid JSON \(.*\); expected a JSON array of record objects or JSON "
+      "lines"),
      ("data.jsonl", json.dumps(_RECORDS, indent=2),
-      r"line 1 is not valid JSON .*; expected JSON lines \(one record object per line\)")],
-    ids=["json-object", "json-cut-short", "jsonl-array"],
+      r"data.jsonl:1: not valid JSON .*; expected JSON lines \(one record object per line\)"),
+     ("data.jsonl", '{"prompt": "p", "completion": "c"}\n["p", "c"]\n',
+      r"data.jsonl:2: expected a JSON object \(one per record\). Got a JSON array")],
+    ids=["json-object", "json-cut-short", "json-lines-cut-short", "jsonl-array",
+         "jsonl-not-object"],
 )
 def test_json_file_in_another_shape_says_what_is_expected(tmp_path, name, text, message):
     path = tmp_path / name
@@ -130,6 +181,6 @@ def test_truncate_counts_examples_that_lose_every_label():
 def test_overlong_error_names_the_longest_example(packing):
     examples = [_example(5, 1), _example(30, 1), _example(12, 1), _example(40, 1)]
     with pytest.raises(ValueError, match=r"3 of 4 examples are longer than max_len=10 tokens "
-                       r"\(the longest, record 3, has 40\)"):
+                       r"\(the longest, examples\[3\], has 40\)"):
         data_lib.make_rows(examples, max_len=10, pad_id=0, packing=packing)
 
