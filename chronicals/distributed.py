@@ -19,6 +19,11 @@ forward's output holds them): they must exist, and the LM-head + cross-entropy f
 norm and LM head are gathered the way FSDP2 gathers any weight), one compiled function for the
 backbone's hidden states and one for the head and the model's own loss function; the second
 returns only the loss, so the fusion fires on the gathered head weight.
+
+What the graph split costs: each decoder layer is a graph of its own, so the causal mask of padded
+rows, built in the backbone's first graph, reaches the layer's graph as an input, and the attention
+pass rejects the `sdpa` call (it cannot prove an input's values causal). Packed rows with
+`PACKED_ATTENTION` do not go through that pass. Norms, SwiGLU and RoPE fire inside the layers.
 """
 
 from __future__ import annotations

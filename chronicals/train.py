@@ -91,15 +91,17 @@ def compile_loss(
     if isinstance(model, FSDPModule):
         from chronicals.distributed import compile_sharded_loss
 
-        return compile_sharded_loss(model, backend=backend, options=options, dynamic=dynamic)
+        compiled = compile_sharded_loss(model, backend=backend, options=options, dynamic=dynamic)
+        if backend is None:
+            return compiled
+    else:
+        def loss_fn(batch: Mapping[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
+            return model(**batch, num_items_in_batch=num_items_in_batch, use_cache=False).loss
 
-    def loss_fn(batch: Mapping[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
-        return model(**batch, num_items_in_batch=num_items_in_batch, use_cache=False).loss
-
-    if backend is None:
-        return loss_fn
-    kwargs = {} if options is None else {"options": dict(options)}
-    compiled = torch.compile(loss_fn, backend=backend, dynamic=dynamic, **kwargs)
+        if backend is None:
+            return loss_fn
+        kwargs = {} if options is None else {"options": dict(options)}
+        compiled = torch.compile(loss_fn, backend=backend, dynamic=dynamic, **kwargs)
     # The one private torch API this needs lives in the backend's adapter file.
     from compile_passes._torch_api import mark_dynamic
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from chronicals.train import compile_loss, train_step
-from tests.models import LAYERS, VOCAB, tiny_model
+from tests.models import VOCAB, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
@@ -188,6 +188,18 @@ def test_fsdp2_two_ranks_equal_one_process(mode, tmp_path):
     total = {name: sum(r[name] for r in got["fired"]) for name in got["fired"][0]}
     assert total["linear_cross_entropy"] == 1, got["fired"]
     assert total["attention"] == 0, got["fired"]
+
+def test_errors_name_what_was_expected(tmp_path):
+    from chronicals.distributed import compile_sharded_loss, load_checkpoint, shard_model
+
+    model = tiny_model("qwen2")
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        shard_model(model)
+    with pytest.raises(TypeError, match="expected a model sharded with FSDP2.*Got Qwen2ForCausalLM"):
+        compile_sharded_loss(model)
+    with pytest.raises(FileNotFoundError, match="not a complete torch.distributed.checkpoint"):
+        load_checkpoint(tmp_path, model, _optimizer(model))
+
 
 if __name__ == "__main__":
     _worker(sys.argv[1], Path(sys.argv[2]))
