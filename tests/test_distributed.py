@@ -3,8 +3,9 @@ and a resume from a sharded checkpoint, for full fine-tuning and LoRA, with back
 
 The test launches this file with `torchrun --standalone --nproc-per-node 2` (the `__main__`
 block below is the worker); each rank trains on its half of every global batch, two micro-batches
-per step, and rank 0 writes what it measured. The test then runs the same global batches in this
-process, eager and unsharded, and compares.
+per step, and rank 0 writes what it measured; a second launch resumes from the sharded checkpoint
+the first wrote. The test then runs the same global batches in this process, eager and
+unsharded, and compares.
 """
 
 from __future__ import annotations
@@ -70,12 +71,15 @@ def _scheduler(optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5**s)
 
 
-def _worker(mode: str, out: Path) -> None:
+def _worker(mode: str, phase: str, out: Path) -> None:
+    """phase 'train': STEPS steps from the initial weights, the checkpoint saved after
+    RESUME_AFTER of them; 'resume': a new launch on a model of other weights, restored from the
+    checkpoint, runs the steps after it. Rank 0 writes `<phase>.json`."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from chronicals.distributed import load_checkpoint, save_checkpoint, shard_model
-    from compile_passes.report import clear_fusion_reports, fusion_reports
+    from compile_passes.report import fusion_reports
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=_TIMEOUT_S // 2))
     rank = dist.get_rank()
@@ -84,52 +88,48 @@ def _worker(mode: str, out: Path) -> None:
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
 
-    def build(seed):
-        model = shard_model(_model(mode, seed))
-        optimizer = _optimizer(model)
-        return model, optimizer, _scheduler(optimizer), compile_loss(model)
-
-    def step(loss_fn, optimizer, scheduler, i):
+    def step(i):
         mine = _global_batch(i)[MICRO * rank : MICRO * (rank + 1)]
         metrics = train_step(loss_fn, optimizer, mine, scheduler=scheduler,
                              max_grad_norm=MAX_GRAD_NORM, data_parallel=dist.group.WORLD)
         return metrics.item()
 
-    model, optimizer, scheduler, loss_fn = build(seed=0)
-    before = full_state(model)
-    steps = [step(loss_fn, optimizer, scheduler, 0)]
-    after = full_state(model)
-    grads = {k: (before[k] - after[k]) / LR for k in before}
-    fired = [dict(r.fired) for r in fusion_reports()]
-    for i in range(1, STEPS):
-        if i == RESUME_AFTER:
-            save_checkpoint(out / "ckpt", model, optimizer, scheduler, step=i)
-        steps.append(step(loss_fn, optimizer, scheduler, i))
-
-    # A fresh model of other weights, its optimizer and scheduler, restored from the checkpoint.
-    clear_fusion_reports()
-    model, optimizer, scheduler, loss_fn = build(seed=1)
-    resumed_at = load_checkpoint(out / "ckpt", model, optimizer, scheduler)
-    resumed = [step(loss_fn, optimizer, scheduler, i) for i in range(resumed_at, STEPS)]
+    model = shard_model(_model(mode, seed=0 if phase == "train" else 1))
+    optimizer = _optimizer(model)
+    scheduler = _scheduler(optimizer)
+    loss_fn = compile_loss(model)
+    result = {}
+    if phase == "train":
+        before = full_state(model)
+        result["steps"] = [step(0)]
+        after = full_state(model)
+        grads = {k: (before[k] - after[k]) / LR for k in before}
+        result["fired"] = [dict(r.fired) for r in fusion_reports()]
+        for i in range(1, STEPS):
+            if i == RESUME_AFTER:
+                save_checkpoint(out / "ckpt", model, optimizer, scheduler, step=i)
+            result["steps"].append(step(i))
+        if rank == 0:
+            torch.save(grads, out / "grads.pt")
+    else:
+        result["resumed_at"] = load_checkpoint(out / "ckpt", model, optimizer, scheduler)
+        result["steps"] = [step(i) for i in range(result["resumed_at"], STEPS)]
     if rank == 0:
-        torch.save(grads, out / "grads.pt")
-        (out / "result.json").write_text(json.dumps(
-            {"steps": steps, "resumed": resumed, "resumed_at": resumed_at, "fired": fired}
-        ))
+        (out / f"{phase}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-def _run_workers(mode: str, out: Path) -> dict:
+def _run_workers(mode: str, phase: str, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
     # --standalone: a rendezvous on a free local port, so parallel runs never collide.
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-         str(RANKS), __file__, mode, str(out)],
+         str(RANKS), __file__, mode, phase, str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    return json.loads((out / "result.json").read_text())
+    return json.loads((out / f"{phase}.json").read_text())
 
 
 def _reference(mode: str):
@@ -151,7 +151,8 @@ def _reference(mode: str):
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fsdp2_two_ranks_equal_one_process(mode, tmp_path):
-    got = _run_workers(mode, tmp_path)
+    got = _run_workers(mode, "train", tmp_path)
+    resumed = _run_workers(mode, "resume", tmp_path)
     want_steps, want_grads = _reference(mode)
 
     for i, (g, w) in enumerate(zip(got["steps"], want_steps, strict=True)):
@@ -160,9 +161,10 @@ def test_fsdp2_two_ranks_equal_one_process(mode, tmp_path):
         # fp32 sums in another order (two ranks, fused kernels): relative error ~1e-7.
         for key in ("loss", "grad_norm"):
             assert g[key] == pytest.approx(w[key], rel=1e-5), (i, key, g, w)
-    # The resumed run's steps equal the uninterrupted run's, to the rounding of equal arithmetic.
-    assert got["resumed_at"] == RESUME_AFTER
-    for g, w in zip(got["resumed"], got["steps"][RESUME_AFTER:], strict=True):
+    # The resumed run's steps (new processes, a model of other weights restored from the sharded
+    # checkpoint) equal the uninterrupted run's, to the rounding of equal arithmetic.
+    assert resumed["resumed_at"] == RESUME_AFTER
+    for g, w in zip(resumed["steps"], got["steps"][RESUME_AFTER:], strict=True):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-6, abs=1e-7), (g, w)
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-6), (g, w)
 
@@ -202,4 +204,4 @@ def test_errors_name_what_was_expected(tmp_path):
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], Path(sys.argv[2]))
+    _worker(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
