@@ -174,6 +174,22 @@ def _fused_head_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
     return args, {**kwargs, "fused_lm_head": False, _FUSED_HEAD: True}
 
 
+def check_plain_head(lm: nn.Module, where: str) -> nn.Linear:
+    """The LM head of `lm` if its logits are `hidden @ W.T` with no bias and no rescaling
+    (a logit softcap is allowed: the op takes it); else a ValueError starting with `where`."""
+    head = lm.get_output_embeddings()
+    config = lm.config.get_text_config()
+    scales = {name: getattr(config, name) for name in _LOGIT_SCALES
+              if getattr(config, name, None) not in (None, 1, 1.0)}
+    if scales or getattr(head, "bias", None) is not None or not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"{where} needs a plain linear LM head without bias or logit scaling. Got "
+            f"{type(head).__name__}, bias {getattr(head, 'bias', None) is not None}, scales "
+            f"{scales}."
+        )
+    return head
+
+
 def _fused_head(lm: nn.Module, inputs: dict[str, Any]) -> FusedHeadOutput:
     """TRL's fused-LM-head contract on the chronicals op: per-token log-probabilities of the
     next-token labels (or of `shift_labels`, already shifted), and the loss they sum to."""
@@ -186,16 +202,8 @@ def _fused_head(lm: nn.Module, inputs: dict[str, Any]) -> FusedHeadOutput:
             "chronicals.compile_model: fused_lm_head=True needs labels or shift_labels. Got "
             f"neither (keys {sorted(inputs)})."
         )
-    head = lm.get_output_embeddings()
+    head = check_plain_head(lm, "chronicals.compile_model: fused_lm_head=True")
     config = lm.config.get_text_config()
-    scales = {name: getattr(config, name) for name in _LOGIT_SCALES
-              if getattr(config, name, None) not in (None, 1, 1.0)}
-    if scales or getattr(head, "bias", None) is not None or not isinstance(head, nn.Linear):
-        raise ValueError(
-            "chronicals.compile_model: fused_lm_head=True needs a plain linear LM head without "
-            f"bias or logit scaling. Got {type(head).__name__}, bias "
-            f"{getattr(head, 'bias', None) is not None}, scales {scales}."
-        )
     inputs["use_cache"] = False
     hidden = lm.base_model(**inputs).last_hidden_state
     shifted = shift_labels is None

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100
 """Label of a position the loss skips (prompt, padding): -100, as Hugging Face's causal-LM loss."""
@@ -81,15 +82,26 @@ def compile_loss(
     called with `use_cache=False`: a cache in the graph adds KV outputs and turns off HF's
     packed-sequence masking (research/compile-backend.md section 6).
 
-    Build it once per model: each call of `compile_loss` makes a new compiled function.
+    Build it once per model: each call of `compile_loss` makes a new compiled function. A model
+    sharded with FSDP2 (`chronicals.distributed.shard_model`) gets
+    `chronicals.distributed.compile_sharded_loss`, which keeps the LM-head + cross-entropy fusion.
     """
-    def loss_fn(batch: Mapping[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
-        return model(**batch, num_items_in_batch=num_items_in_batch, use_cache=False).loss
+    from torch.distributed.fsdp import FSDPModule
 
-    if backend is None:
-        return loss_fn
-    kwargs = {} if options is None else {"options": dict(options)}
-    compiled = torch.compile(loss_fn, backend=backend, dynamic=dynamic, **kwargs)
+    if isinstance(model, FSDPModule):
+        from chronicals.distributed import compile_sharded_loss
+
+        compiled = compile_sharded_loss(model, backend=backend, options=options, dynamic=dynamic)
+        if backend is None:
+            return compiled
+    else:
+        def loss_fn(batch: Mapping[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
+            return model(**batch, num_items_in_batch=num_items_in_batch, use_cache=False).loss
+
+        if backend is None:
+            return loss_fn
+        kwargs = {} if options is None else {"options": dict(options)}
+        compiled = torch.compile(loss_fn, backend=backend, dynamic=dynamic, **kwargs)
     # The one private torch API this needs lives in the backend's adapter file.
     from compile_passes._torch_api import mark_dynamic
 
@@ -147,6 +159,7 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     max_grad_norm: float | None = None,
     skip_nonfinite: bool = False,
+    data_parallel: torch.distributed.ProcessGroup | None = None,
 ) -> StepMetrics:
     """One optimizer step from `micro_batches`, with no host sync.
 
@@ -171,6 +184,13 @@ def train_step(
             weights and moments stay finite); the scheduler still steps, and
             `StepMetrics.skipped` says so. Without it a non-finite step updates the weights,
             and the caller finds out when it reads the metrics.
+        data_parallel: the process group whose ranks each run their own micro-batches of one
+            global batch, with gradients averaged over its ranks (as FSDP2 and DDP do by
+            default). The label-token count is summed over the group (an all-reduce, no host
+            sync) and each rank's loss is scaled so that the averaged gradients, the loss and
+            `num_tokens` are those of one process running the global batch; the gradient norm
+            (and clipping) covers the whole model when its gradients are DTensors (FSDP2).
+            Call it on every rank of the group. None: this process alone.
     """
     micro_batches = _check_batches("train_step: micro_batches", micro_batches)
     if max_grad_norm is not None and not max_grad_norm > 0:
@@ -179,13 +199,24 @@ def train_step(
     # Setting grads to None costs nothing (no kernel), unlike zeroing them in place.
     optimizer.zero_grad(set_to_none=True)
     num_tokens = torch.stack([count_label_tokens(mb["labels"]) for mb in micro_batches]).sum()
-    # A step whose labels are all ignored gets loss 0 and zero gradients, not 0/0 = NaN.
+    ranks = 1
+    if data_parallel is not None:
+        torch.distributed.all_reduce(num_tokens, group=data_parallel)
+        ranks = torch.distributed.get_world_size(data_parallel)
+    # A step whose labels are all ignored gets loss 0 and zero gradients, not 0/0 = NaN. Each of
+    # `ranks` ranks divides by 1/ranks of the global count: the average of their gradients is
+    # then the global batch's gradient.
     denominator = num_tokens.clamp(min=1)
+    if ranks > 1:
+        denominator = denominator / ranks
     loss = torch.zeros((), dtype=torch.float32, device=num_tokens.device)
     for mb in micro_batches:
         mb_loss = loss_fn(mb, denominator)
         mb_loss.backward()
         loss = loss + mb_loss.detach().float()
+    if ranks > 1:
+        torch.distributed.all_reduce(loss, group=data_parallel)
+        loss = loss / ranks
 
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if not grads:
@@ -198,6 +229,10 @@ def train_step(
     else:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+    if isinstance(grad_norm, DTensor):
+        # FSDP2's gradients are DTensors: their norm is one too, already reduced over the ranks
+        # (replicated); its local value is the norm of the whole model's gradients.
+        grad_norm = grad_norm.full_tensor()
 
     lr = float(optimizer.param_groups[0]["lr"])
     skipped = skip_nonfinite and not bool(torch.isfinite(torch.stack([loss, grad_norm.float()]))
