@@ -1,4 +1,5 @@
-"""Where each op runs, and launch heuristics shared by the kernels.
+"""What the ops share: where each op runs, input checks, launch heuristics and the Triton helpers
+every kernel uses.
 
 Chronicals ops run their Triton kernels on CUDA tensors. On CPU tensors they run the same Triton
 kernels through Triton's interpreter when `TRITON_INTERPRET=1` is set (Triton's own convention, used
@@ -9,11 +10,14 @@ a kernel fails.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import torch
 import triton
+import triton.language as tl
+from torch import Tensor
 
 
 def interpreter_on() -> bool:
@@ -59,3 +63,34 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(n)
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs one program at
+    a time)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def empty_token_major(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised (B, H, S, D) tensor shaped like x (of x's dtype unless given), stored as
+    (B, S, H, D): the layout attention and RoPE write, so the heads' projection reads it as a
+    view."""
+    batch, heads, seq, head_dim = x.shape
+    return x.new_empty((batch, seq, heads, head_dim), dtype=dtype).transpose(1, 2)
+
+
+@triton.jit
+def cast_nearest(v, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 v cast to DTYPE rounding to nearest-even, as PyTorch and the GPU do. The interpreter
+    truncates fp32 -> bf16 conversions (research/environment.md), so there the rounding is done on
+    the bits first and the conversion is then exact. Truncated values would bias every gradient
+    GEMM the same way, which the GPU's round-to-nearest store does not."""
+    if INTERPRET:
+        if DTYPE == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            v = bits.to(tl.float32, bitcast=True)
+    return v.to(DTYPE)

@@ -36,6 +36,7 @@ from chronicals._torch_private import (
     flash_attention_backward,
     flash_attention_forward,
 )
+from chronicals.ops._launch import empty_token_major
 
 KERNELS = ("cudnn", "flash-varlen", "reference")
 _HALF = (torch.float16, torch.bfloat16)
@@ -141,14 +142,10 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, 
     return _forward(q, k, v, position_ids, scale, window)
 
 
-def _empty_token_major(b: int, h: int, s: int, d: int, like: Tensor) -> Tensor:
-    return like.new_empty((b, s, h, d)).transpose(1, 2)
-
-
 @_attention_op.register_fake
 def _attention_fake(q, k, v, position_ids, scale, window):
     b, hq, s, d = q.shape
-    return _empty_token_major(b, hq, s, d, q), q.new_empty((b * hq * s,), dtype=torch.float32)
+    return empty_token_major(q), q.new_empty((b * hq * s,), dtype=torch.float32)
 
 
 @torch.library.custom_op("chronicals::attention_backward", mutates_args=())
@@ -183,10 +180,7 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(dout, q, k, v, out, lse, position_ids, scale, window):
-    b, hq, s, d = q.shape
-    hk = k.shape[1]
-    return (_empty_token_major(b, hq, s, d, q), _empty_token_major(b, hk, s, d, k),
-            _empty_token_major(b, hk, s, d, v))
+    return empty_token_major(q), empty_token_major(k), empty_token_major(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -76,7 +76,6 @@ and gradient NaN, so the loss, grad norm and weights show it instead of training
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -89,10 +88,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from chronicals import reference
 from chronicals.ops._launch import (
     as_rows,
+    cast_nearest,
     check_float,
     check_same_device,
     implementation,
     interpreter_on,
+    next_power_of_2,
+    sm_count,
     use_triton,
 )
 
@@ -131,16 +133,6 @@ def _tanh(x):
     small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
     t = tl.where(a < 0.1, small, big)
     return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def _round_to_bf16_nearest(x):
-    """x rounded to the nearest bf16 (ties to even), still as fp32. The interpreter's fp32 -> bf16
-    store truncates; dlogits truncated toward zero bias every gradient GEMM the same way, which
-    the GPU's round-to-nearest store does not. Only used when INTERPRET."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -398,10 +390,7 @@ def _lce_bwd_dlogits_kernel(
                 logits, offs_v[None, :], label[:, None], lse[:, None], g[:, None], softcap,
                 z_loss, label_smoothing, V, HAS_SOFTCAP, HAS_Z, HAS_SMOOTHING,
             )
-            if INTERPRET:
-                if dl_ptr.dtype.element_ty == tl.bfloat16:
-                    dl = _round_to_bf16_nearest(dl)
-            dl = dl.to(dl_ptr.dtype.element_ty)
+            dl = cast_nearest(dl, dl_ptr.dtype.element_ty, INTERPRET)
             if TMA:
                 dl_desc.store([row0, c0], dl)  # rows past N, columns past the chunk: clipped
             else:
@@ -464,10 +453,7 @@ def _lce_block_kernel(
         if HAS_SOFTCAP:
             capped = x / softcap
             p = p * (1.0 - capped * capped)
-        if INTERPRET:
-            if block_ptr.dtype.element_ty == tl.bfloat16:
-                p = _round_to_bf16_nearest(p)
-        tl.store(row + offs, p.to(block_ptr.dtype.element_ty), mask=mask)
+        tl.store(row + offs, cast_nearest(p, block_ptr.dtype.element_ty, INTERPRET), mask=mask)
     if m > m_old:
         acc_row = acc_ptr + r.to(tl.int64) * H
         for h0 in range(0, H, BLOCK_H):
@@ -544,11 +530,8 @@ def _lce_frozen_finish_kernel(
         dh -= coef_y * w_y
         if HAS_SMOOTHING:
             dh -= (g * label_smoothing / V) * tl.load(w_sum_ptr + offs_h, mask=mask_h, other=0.0)
-        if INTERPRET:
-            if dh_ptr.dtype.element_ty == tl.bfloat16:
-                dh = _round_to_bf16_nearest(dh)
-        tl.store(dh_ptr + token.to(tl.int64) * H + offs_h, dh.to(dh_ptr.dtype.element_ty),
-                 mask=mask_h)
+        tl.store(dh_ptr + token.to(tl.int64) * H + offs_h,
+                 cast_nearest(dh, dh_ptr.dtype.element_ty, INTERPRET), mask=mask_h)
 
 
 @triton.jit
@@ -557,10 +540,7 @@ def _scale_kernel(x_ptr, g_ptr, out_ptr, n, INTERPRET: tl.constexpr, BLOCK: tl.c
     mask = offs < n
     y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = y * tl.load(g_ptr).to(tl.float32)
-    if INTERPRET:
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            y = _round_to_bf16_nearest(y)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, cast_nearest(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,13 +585,6 @@ def _tma_ok(*tensors: Tensor) -> bool:
 
 def _descriptor(t: Tensor, block: list[int], tma: bool) -> Optional[TensorDescriptor]:
     return TensorDescriptor.from_tensor(t, block) if tma else None
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
 
 
 def _or_one(option: Optional[float]) -> float:
@@ -772,7 +745,7 @@ def _lce_fwd(
     tiles = _tiles(hidden.dtype)
     blocks_n = triton.cdiv(N, tiles.block_n)
     tiles_v = triton.cdiv(V, tiles.block_v)
-    wanted = triton.next_power_of_2(triton.cdiv(_FWD_WAVES * _sm_count(hidden.device), blocks_n))
+    wanted = next_power_of_2(triton.cdiv(_FWD_WAVES * sm_count(hidden.device), blocks_n))
     tiles_per_split = triton.cdiv(tiles_v, min(wanted, tiles_v))
     splits = triton.cdiv(tiles_v, tiles_per_split)
     part = torch.empty((4, splits, N), dtype=torch.float32, device=hidden.device)
@@ -858,12 +831,12 @@ def _lce_fwd_d_hidden(
     w_sum = weight.sum(0, dtype=torch.float32) if smoothing else acc  # acc: a pointer never read
     flags = dict(HAS_SCALE=logit_scale is not None, HAS_SOFTCAP=softcap is not None,
                  HAS_SMOOTHING=smoothing, SHIFT=shift, INTERPRET=interpreter_on(),
-                 BLOCK_H=min(triton.next_power_of_2(H), 1024))
+                 BLOCK_H=min(next_power_of_2(H), 1024))
     # Loop-invariant launch arguments, made once: the loop's Python cost is per block.
     block_args = (N, labels2d.shape[1], labels2d.stride(0), labels2d.stride(1), ignore_index,
                   _or_one(logit_scale), _or_one(softcap))
     block_meta = dict(V=V, H=H, MAX_COLS=cols, **flags,
-                      BLOCK=min(triton.next_power_of_2(cols), 64 if interpreter_on() else 4096))
+                      BLOCK=min(next_power_of_2(cols), 64 if interpreter_on() else 4096))
     for t0 in range(0, N, rows):
         n = min(rows, N - t0)
         for v0 in range(0, V, cols):
@@ -923,7 +896,7 @@ def _lce_bwd(
         for v0 in range(0, V, chunk):
             cols = min(chunk, V - v0)
             chunk_tiles = blocks_n * triton.cdiv(cols, tiles.block_v)
-            programs = 1 if interpreter_on() else min(chunk_tiles, _sm_count(hidden.device))
+            programs = 1 if interpreter_on() else min(chunk_tiles, sm_count(hidden.device))
             _lce_bwd_dlogits_kernel[(programs,)](
                 h2, weight, h_desc, w_desc,
                 _descriptor(dl_buf[:, :cols], [tiles.block_n, tiles.block_v], tma),

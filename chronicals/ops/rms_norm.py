@@ -27,7 +27,6 @@ Rows longer than `_MAX_BLOCK_COLS` are processed in column blocks (two passes ov
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -38,10 +37,12 @@ from torch import Tensor
 from chronicals import reference
 from chronicals.ops._launch import (
     as_rows,
+    cast_nearest,
     check_float,
     check_same_device,
     interpreter_on,
     next_power_of_2,
+    sm_count,
     use_triton,
 )
 
@@ -81,19 +82,6 @@ _INTERPRETER_BWD_PROGRAMS = 4
 
 
 @triton.jit
-def _round(v, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
-    """fp32 v rounded to nearest-even in DTYPE, as PyTorch and the GPU do. The interpreter
-    truncates fp32 -> bf16 conversions (research/environment.md), so there the rounding is done on
-    the bits first and the conversion is then exact."""
-    if INTERPRETED:
-        if DTYPE == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
-    return v.to(DTYPE)
-
-
-@triton.jit
 def _normalize(x, rstd, w, x_dtype: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr):
     """fp32 output tile from fp32 x, rstd per row and fp32 w, in the variant's cast order: Gemma
     scales by (1 + w) in fp32 before the final cast; Llama rounds the normalised value to x's
@@ -101,7 +89,7 @@ def _normalize(x, rstd, w, x_dtype: tl.constexpr, GEMMA: tl.constexpr, INTERPRET
     normed = x * rstd[:, None]
     if GEMMA:
         return normed * (1.0 + w[None, :])
-    return _round(normed, x_dtype, INTERPRETED).to(tl.float32) * w[None, :]
+    return cast_nearest(normed, x_dtype, INTERPRETED).to(tl.float32) * w[None, :]
 
 
 @triton.jit
@@ -117,7 +105,7 @@ def _dw_normed(x, rstd, x_dtype: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED:
     """n as dW = sum(dy * n) sees it: rounded to x's dtype for Llama (the forward's cast)."""
     normed = x * rstd[:, None]
     if not GEMMA:
-        normed = _round(normed, x_dtype, INTERPRETED).to(tl.float32)
+        normed = cast_nearest(normed, x_dtype, INTERPRETED).to(tl.float32)
     return normed
 
 
@@ -164,7 +152,7 @@ def _rms_norm_fwd_kernel(
         # Every program reads all of w: keep it in L2.
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")
         y = _normalize(x, rstd, w.to(tl.float32), x_ptr.dtype.element_ty, GEMMA, INTERPRETED)
-        tl.store(y_rows + cols[None, :], _round(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+        tl.store(y_rows + cols[None, :], cast_nearest(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
     else:
         sum_sq = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
         for block in range(NUM_BLOCKS):
@@ -183,7 +171,7 @@ def _rms_norm_fwd_kernel(
             x = x.to(tl.float32)
             w = tl.load(w_ptr + c, mask=col_mask, other=0.0, eviction_policy="evict_last")
             y = _normalize(x, rstd, w.to(tl.float32), x_ptr.dtype.element_ty, GEMMA, INTERPRETED)
-            tl.store(y_rows + c[None, :], _round(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+            tl.store(y_rows + c[None, :], cast_nearest(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
 @triton.jit
@@ -251,7 +239,7 @@ def _rms_norm_bwd_kernel(
             dx = _dx(xf, dyf, w, rstd, mean_gn)
             tl.store(
                 dx_ptr + rows[:, None] * stride_dx_row + cols[None, :],
-                _round(dx, dx_ptr.dtype.element_ty, INTERPRETED),
+                cast_nearest(dx, dx_ptr.dtype.element_ty, INTERPRETED),
                 mask=mask,
             )
             if HAS_DW:
@@ -282,7 +270,7 @@ def _rms_norm_bwd_kernel(
                 x, dy, w, col_mask, mask = _load_bwd_block(
                     x_rows, dy_rows, w_ptr, c, row_mask, n_cols, GEMMA
                 )
-                dx = _round(_dx(x, dy, w, rstd, mean_gn), dx_ptr.dtype.element_ty, INTERPRETED)
+                dx = cast_nearest(_dx(x, dy, w, rstd, mean_gn), dx_ptr.dtype.element_ty, INTERPRETED)
                 tl.store(dx_rows + c[None, :], dx, mask=mask)
                 if HAS_DW:
                     normed = _dw_normed(x, rstd, x_ptr.dtype.element_ty, GEMMA, INTERPRETED)
@@ -320,7 +308,7 @@ def _rms_norm_dw_kernel(
         mask = (r < n_partials)[:, None] & col_mask[None, :]
         acc += tl.load(partial_ptr + r[:, None] * stride_partial_row + cols[None, :], mask=mask,
                        other=0.0)
-    dw = _round(tl.sum(acc, axis=0), dw_ptr.dtype.element_ty, INTERPRETED)
+    dw = cast_nearest(tl.sum(acc, axis=0), dw_ptr.dtype.element_ty, INTERPRETED)
     tl.store(dw_ptr + cols, dw, mask=col_mask)
 
 
@@ -367,11 +355,6 @@ def _fwd_config(n_rows: int, n_cols: int, max_block_cols: int) -> tuple[int, int
     return block_rows, block_cols, num_blocks, num_warps
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _rms_norm_fwd(
     x: Tensor, weight: Tensor, eps: float, gemma: bool, *,
     max_block_cols: int = _FWD_MAX_BLOCK_COLS,
@@ -407,7 +390,7 @@ def _rms_norm_bwd(
     block_rows, block_cols, num_blocks, num_warps = _config(n_rows, n_cols, max_block_cols)
     num_tiles = triton.cdiv(n_rows, block_rows)
     if x.device.type == "cuda":
-        target_programs = _sm_count(x.device.index) * max(_BWD_WARPS_PER_SM // num_warps, 1)
+        target_programs = sm_count(x.device) * max(_BWD_WARPS_PER_SM // num_warps, 1)
     else:
         target_programs = _INTERPRETER_BWD_PROGRAMS
     # A power of two so the constexpr loop bound compiles a handful of variants, not one per

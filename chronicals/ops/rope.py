@@ -62,7 +62,13 @@ import triton.language as tl
 from torch import Tensor
 
 from chronicals import reference
-from chronicals.ops._launch import check_float, check_same_device, next_power_of_2, use_triton
+from chronicals.ops._launch import (
+    check_float,
+    check_same_device,
+    empty_token_major,
+    next_power_of_2,
+    use_triton,
+)
 
 
 @triton.jit
@@ -280,16 +286,9 @@ def _check_inputs(op: str, names: tuple[str, str], q: Tensor, k: Tensor, cos: Te
     check_same_device(op, **{nq: q, nk: k, "cos": cos, "sin": sin})
 
 
-def _empty_token_major(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """An uninitialised (B, H, S, D) tensor shaped like x, stored as (B, S, H, D) (module
-    docstring)."""
-    batch, heads, seq, head_dim = x.shape
-    return x.new_empty((batch, seq, heads, head_dim), dtype=dtype).transpose(1, 2)
-
-
 def _token_major(x: Tensor, dtype: torch.dtype) -> Tensor:
     """x in the output layout and dtype (the plain-PyTorch path; strides exactly the fake's)."""
-    return _empty_token_major(x, dtype).copy_(x)
+    return empty_token_major(x, dtype).copy_(x)
 
 
 def _launch_config(heads_q: int, heads_k: int, half: int) -> dict[str, int]:
@@ -318,7 +317,7 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str, ba
                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     # The kernel needs unit stride only in the last dim; other strides are passed through.
     q, k, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
-    q_out, k_out = _empty_token_major(q, out_dtype), _empty_token_major(k, out_dtype)
+    q_out, k_out = empty_token_major(q, out_dtype), empty_token_major(k, out_dtype)
     batch, heads_q, seq, head_dim = q.shape
     heads_k = k.shape[1]
     rot = cos.shape[-1]
@@ -388,7 +387,7 @@ def _rope_fake(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, layout: str = "ha
                ) -> tuple[Tensor, Tensor]:
     _check_inputs("rope", ("q", "k"), q, k, cos, sin, layout)
     dtype = _out_dtype(q, cos)
-    return _empty_token_major(q, dtype), _empty_token_major(k, dtype)
+    return empty_token_major(q, dtype), empty_token_major(k, dtype)
 
 
 @torch.library.custom_op("chronicals::rope_backward", mutates_args=())
@@ -406,7 +405,7 @@ def _rope_backward_op(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor, dtype: t
 def _rope_backward_fake(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype,
                         layout: str = "half") -> tuple[Tensor, Tensor]:
     _check_inputs("rope_backward", ("dq", "dk"), dq, dk, cos, sin, layout)
-    return _empty_token_major(dq, dtype), _empty_token_major(dk, dtype)
+    return empty_token_major(dq, dtype), empty_token_major(dk, dtype)
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
