@@ -46,8 +46,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from compile_passes._torch_api import mark_dynamic, unique_graphs_compiled  # noqa: E402
+from compile_passes._torch_api import unique_graphs_compiled  # noqa: E402
 
+from chronicals._torch_private import mark_dynamic  # noqa: E402
 from chronicals.attention import (  # noqa: E402
     PACKED_ATTENTION,
     implementation,

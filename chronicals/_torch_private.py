@@ -1,4 +1,6 @@
-"""PyTorch's private attention kernels (`torch.ops.aten._*attention*`), reached from one place.
+"""The private PyTorch APIs the `chronicals` package uses, reached from one place: the attention
+kernels (`torch.ops.aten._*attention*`) and Dynamo's dynamic-dimension mark. (The backend's own
+private APIs are in `compile_passes/_torch_api.py`; `chronicals` does not import `compile_passes`.)
 
 Their schemas are the same on torch 2.11 and 2.13; a torch upgrade that changes them touches this
 file only. Dropout is always 0 here, so the random-state arguments are passed as None.
@@ -65,3 +67,9 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, 
     `_flash_attention_forward`), for transformers' AttentionInterface path
     (chronicals/attention.py)."""
     return flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window or 0)[0]
+
+
+def mark_dynamic(tensor: Tensor, dim: int) -> None:
+    """Compile `tensor`'s dimension `dim` as dynamic from the first graph on (no recompile when
+    its length changes), unless Dynamo finds it must be static."""
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from chronicals._torch_private import mark_dynamic
+
 IGNORE_INDEX = -100
 """Label of a position the loss skips (prompt, padding): -100, as Hugging Face's causal-LM loss."""
 # Document boundaries of packed rows (chronicals.packing), named as HF forwards them to attention.
@@ -102,9 +104,6 @@ def compile_loss(
             return loss_fn
         kwargs = {} if options is None else {"options": dict(options)}
         compiled = torch.compile(loss_fn, backend=backend, dynamic=dynamic, **kwargs)
-    # The one private torch API this needs lives in the backend's adapter file.
-    from compile_passes._torch_api import mark_dynamic
-
     def compiled_loss_fn(batch: Mapping[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
         # Packed rows hold a different number of documents per batch: the length of their
         # boundaries is dynamic from the start, or the second batch would compile a second graph.

@@ -517,12 +517,6 @@ def is_dynamo_signal(exc: BaseException) -> bool:
     return isinstance(exc, torch._dynamo.exc.TorchDynamoException)
 
 
-def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
-    """Compile `tensor`'s dimension `dim` as dynamic from the first graph on (no recompile when
-    its length changes), unless Dynamo finds it must be static."""
-    torch._dynamo.maybe_mark_dynamic(tensor, dim)
-
-
 def unique_graphs_compiled() -> int:
     """Graphs Dynamo has compiled in this process (to check that none compile while timing)."""
     from torch._dynamo.utils import counters
