@@ -23,6 +23,7 @@ import torch
 from _timing import time_graph_and_call
 
 import chronicals.ops.linear_cross_entropy as lce
+import chronicals.ops.linear_cross_entropy_frozen as frozen_head
 
 SHAPES = [(16384, 896, 151936), (16384, 2048, 128256), (8192, 4096, 128256), (8192, 2304, 256000)]
 BUDGETS_MIB = [16, 32, 48]
@@ -39,7 +40,7 @@ def _two_pass(h, w, labels):
 
 
 def _one_pass(h, w, labels):
-    loss, _, d_hidden = lce._lce_fwd_d_hidden(h, w, labels, None, *_OPTS)
+    loss, _, d_hidden = frozen_head._lce_fwd_d_hidden(h, w, labels, None, *_OPTS)
     return loss, d_hidden
 
 
@@ -89,10 +90,10 @@ def sweep(N: int, H: int, V: int) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     scale = want.abs().max().item()
     for budget, rows in _configs(N, H, V):
-        blocks = lce._frozen_blocks(N, H, V, 2)
+        blocks = frozen_head._frozen_blocks(N, H, V, 2)
         if rows is not None:
-            blocks = (rows, lce._frozen_cols(budget, rows, H, V, 2))
-        with mock.patch.object(lce, "_frozen_blocks", lambda *a: blocks):
+            blocks = (rows, frozen_head._frozen_cols(budget, rows, H, V, 2))
+        with mock.patch.object(frozen_head, "_frozen_blocks", lambda *a: blocks):
             loss, got = _one_pass(h, w, labels)
             diff = (got.float() - want.float()).abs().max().item() / scale
             timing = time_graph_and_call(lambda: _one_pass(h, w, labels))

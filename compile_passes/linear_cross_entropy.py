@@ -270,10 +270,10 @@ def _finalize(graph: torch.fx.Graph, facts: GraphFacts) -> None:
         while weight.op == "call_function" and weight.target in CASTS:
             weight = weight.args[0]  # autocast's cast of an fp32 head is as frozen as the head
         frozen = weight.op == "placeholder" and weight.name in facts.frozen_inputs
-        wanted = facts.training and frozen and ops.can_take_grad_in_forward(
+        wanted = facts.training and frozen and ops.frozen_head_path_supports(
             args["weight"].meta["val"], reduction=args["reduction"], softcap=args["softcap"],
             label_smoothing=args["label_smoothing"])
-        node.args, node.kwargs = (), {**args, "grad_in_forward": wanted}
+        node.args, node.kwargs = (), {**args, "d_hidden_in_forward": wanted}
 
 
 FUSION = Fusion(

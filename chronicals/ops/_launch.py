@@ -2,10 +2,10 @@
 every kernel uses.
 
 Chronicals ops run their Triton kernels on CUDA tensors. On CPU tensors they run the same Triton
-kernels through Triton's interpreter when `TRITON_INTERPRET=1` is set (Triton's own convention, used
-by the tests), and otherwise the plain PyTorch definition in `chronicals/reference.py`. That choice is
-made per device, stated here once, and reported by `implementation()`; there is no fallback after
-a kernel fails.
+kernels through Triton's interpreter when `TRITON_INTERPRET=1` is set (Triton's own convention,
+used by the tests), and otherwise the plain PyTorch definition in `chronicals/reference.py`. That
+choice is made per device, stated here once, and reported by `implementation()`; there is no
+fallback after a kernel fails.
 """
 
 from __future__ import annotations

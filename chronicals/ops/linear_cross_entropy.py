@@ -9,7 +9,8 @@ Cohere multiplies by it, Granite divides; then l <- c tanh(l / c) with a softcap
 
 times 1 - (l_v / c)^2 under a softcap, and times a for the gradient of h_n W^T. `reduction` sums
 the token losses and divides the sum by the number of valid tokens ("mean"), by
-`num_items_in_batch` when given, or not at all ("sum"); "none" returns them per token. Counts stay on the device: nothing syncs with the host.
+`num_items_in_batch` when given, or not at all ("sum"); "none" returns them per token. Counts stay
+on the device: nothing syncs with the host.
 
 Forward (Triton): programs tile (token blocks) x (vocab splits). Each loops over its vocab range in
 BLOCK_V tiles; a tile is a `tl.dot` over H (bf16/fp16 operands on tensor cores, fp32 accumulator),
@@ -28,22 +29,8 @@ complete, so every dW element is rounded once) and adds dlogits @ W[chunk] into 
 accumulator for dh, rounded once at the end. dW is skipped entirely when weight needs no gradient
 (frozen LM head under LoRA), dh when hidden needs none.
 
-Frozen weight (LoRA's LM head), scalar loss, bf16/fp32, not softcap with label smoothing
-together (`grads_in_forward`): the forward computes d loss / d hidden for an upstream gradient
-of 1 and saves it instead of its inputs; the backward scales it by the upstream gradient (fp32,
-rounded once; doing it in place would save a copy, but AOTAutograd's partitioner rejects a
-backward that mutates a saved tensor). d loss / d hidden = softmax(l) @ W - W_y is computed the
-way attention's output is: per chunk of tokens, over blocks of vocab columns, cuBLAS writes the
-block's logits in the input dtype (as eager's LM head does), `_lce_block_kernel` turns them into
-exp(l - m) against each token's running max m (rescaling the token's accumulator when m grows),
-cuBLAS adds block @ W[block] into an fp32 accumulator [tokens, H], and
-`_lce_frozen_finish_kernel` divides by the sum of exps, subtracts the label's row (and the
-options' terms) and rounds once. Two GEMMs instead of the three below, and nothing [N, V]: block
-and accumulator take under 1% of the logits' bytes, or the kept gradient's if more
-(`_frozen_blocks`). H200, bf16, forward + backward: 18.6 / 29.1 / 27.0 / 32.7 ms at the four
-shapes of `benchmarks/bench_linear_cross_entropy.py`, against 19.6 / 31.3 / 28.1 / 35.1 for
-torch.compile. fp16 keeps the other path: its d_hidden for an upstream gradient of 1 would
-underflow before a loss scale reached it.
+A frozen weight (LoRA's LM head) with a scalar loss takes another path, which computes hidden's
+gradient in the forward: `linear_cross_entropy_frozen.py`.
 
 Numerics contract: lse, token losses and the reduction are fp32; the loss comes back fp32,
 gradients in the input dtype. The fused kernels keep the logits in fp32 (eager PyTorch rounds
@@ -53,19 +40,14 @@ backward is computed.
 
 Memory beyond inputs and gradients: lse [N] and the partials (16 * splits bytes a token), the
 dlogits chunk (`_DLOGITS_CHUNK_ELEMENTS` elements at most, 64 MiB in bf16, independent of V) and
-the fp32 dh accumulator [N, H] (none for fp32 inputs, which accumulate in dh itself). The
-frozen-weight path: the logits block and accumulator (0.93% of the logits' bytes or the kept
-gradient's, within 8-48 MiB),
-state of 16 bytes a token, and d_hidden, which its forward keeps for the backward in place of
-hidden (one gradient-sized tensor, H / V of the logits' bytes, until the backward has scaled it).
+the fp32 dh accumulator [N, H] (none for fp32 inputs, which accumulate in dh itself).
 
 Cost: four GEMM-sized passes (forward, recompute, dW, dh) where eager runs three plus ~6 passes
-over [N, V] fp32 logits. On an H200 with 16k tokens, H=896, V=151936 (bf16): forward 7.5 ms and
-forward + backward 32.6 ms, against 6.9 ms for one cuBLAS GEMM of that size (the backward's fp32
-dh accumulator adds ~2 ms of traffic: 117 MB read and written per 2048-column chunk). The
-recompute is why an op that never holds the logits trails a compiled graph that does (26.7 ms
-here, with 4.6 GiB of logits): recomputing a logit costs 2H FLOPs, storing and re-reading it
-~8 bytes, so the gap widens with H.
+over [N, V] fp32 logits (the backward's fp32 dh accumulator adds 117 MB read and written per
+2048-column chunk at H=896). The recompute is why an op that never holds the logits trails a
+compiled graph that does: recomputing a logit costs 2H FLOPs, storing and re-reading it ~8 bytes,
+so the gap widens with H. Timings against torch.compile, eager and other ops: README.md, "LM head
++ CE".
 
 Labels outside [0, V) that are not `ignore_index`: never read out of bounds. On CPU tensors the op
 raises IndexError("... Target 7 is out of bounds.") as PyTorch's CPU cross-entropy does (a host
@@ -87,7 +69,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from chronicals import reference
 from chronicals.ops._launch import (
-    as_rows,
     cast_nearest,
     check_float,
     check_same_device,
@@ -97,22 +78,27 @@ from chronicals.ops._launch import (
     sm_count,
     use_triton,
 )
+from chronicals.ops._lce_common import (
+    _accumulate_d_hidden,
+    _as_kernel_operands,
+    _load_labels,
+    _logits,
+    _or_one,
+    _reduce,
+    _token_loss,
+    _token_weight,
+)
+from chronicals.ops.linear_cross_entropy_frozen import (
+    _lce_fwd_d_hidden,
+    _scale_op,
+    frozen_head_path_supports,
+    takes_frozen_head_path,
+)
 
 # Upper bound on the dlogits chunk of the backward, in elements (64 MiB in bf16). With 16k tokens
 # it is 2048 vocab columns: the dh update is then a K=2048 GEMM that stays compute-bound although
 # it reads and writes the fp32 accumulator.
 _DLOGITS_CHUNK_ELEMENTS = 1 << 25
-# Memory of the frozen-weight path (`_lce_fwd_d_hidden`), its logits block and fp32 accumulator
-# together: 0.93% of what the logits [N, V] would take (with the per-token state and the
-# allocator's rounding, under 1%; 0.95% picked a 9728-column block at 16k x 896 x 152k that
-# cuBLAS ran 2-12% slower than 9472 or 10240 columns), or as much as the gradient [N, H] the path
-# keeps from forward to backward anyway if that is more, within [8, 48] MiB; the accumulator
-# [tokens, H] takes at most a third, for at most 2048 tokens
-# (`benchmarks/sweep_lce_frozen_blocks.py`).
-_FROZEN_SHARE_OF_LOGITS = 0.0093
-_FROZEN_MIN_BYTES = 8 << 20
-_FROZEN_MAX_BYTES = 48 << 20
-_FROZEN_MAX_ROWS = 2048
 # Forward programs aimed at per SM: a few waves keep the last wave's tail short.
 _FWD_WAVES = 4
 
@@ -120,41 +106,6 @@ _FWD_WAVES = 4
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tanh(x):
-    # No tanh in tl.math (and libdevice does not run in the interpreter). The series keeps full
-    # fp32 precision near 0, where (1 - e) / (1 + e) would lose it to cancellation.
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    a2 = a * a
-    small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
-    t = tl.where(a < 0.1, small, big)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def _load_labels(
-    labels_ptr, rows, row_mask, seq_len, stride_labels_b, stride_labels_s, ignore_index, V,
-    SHIFT: tl.constexpr,
-):
-    """Label of each token row as (label or -1, valid, out_of_range). Token n sits at (b, s) of
-    labels viewed as [B, seq_len]; with SHIFT it is scored against (b, s + 1), the last position
-    of each row against nothing."""
-    b = rows // seq_len
-    s = rows % seq_len
-    if SHIFT:
-        s = s + 1
-        row_mask = row_mask & (s < seq_len)
-    offs = b.to(tl.int64) * stride_labels_b + s.to(tl.int64) * stride_labels_s
-    label = tl.load(labels_ptr + offs, mask=row_mask, other=ignore_index).to(tl.int64)
-    valid = label != ignore_index
-    bad = valid & ((label < 0) | (label >= V))
-    # int32 for the per-element compare against vocab columns; -1 never matches a column.
-    label32 = tl.where(valid & ~bad, label, -1).to(tl.int32)
-    return label32, valid, bad
 
 
 @triton.jit
@@ -186,29 +137,6 @@ def _operands(
         h = h.to(tl.float32)
         w = w.to(tl.float32)
     return h, w
-
-
-@triton.jit
-def _logits(acc, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """Logits from h W^T: times the logit scale, then softcapped."""
-    if HAS_SCALE:
-        acc = acc * logit_scale
-    if HAS_SOFTCAP:
-        acc = softcap * _tanh(acc / softcap)
-    return acc
-
-
-@triton.jit
-def _token_loss(lse, target, total, valid, bad, z_loss, label_smoothing, V: tl.constexpr,
-                HAS_Z: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """A token's loss from its lse, label logit and (smoothing) sum of logits: 0 where ignored,
-    NaN where the label is out of range."""
-    loss = lse - target
-    if HAS_SMOOTHING:
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - total / V)
-    if HAS_Z:
-        loss += z_loss * lse * lse
-    return tl.where(bad, float("nan"), tl.where(valid, loss, 0.0))
 
 
 @triton.jit
@@ -399,150 +327,6 @@ def _lce_bwd_dlogits_kernel(
             acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
 
 
-@triton.jit
-def _row_logits(row, c0, cols, logit_scale, softcap, HAS_SCALE: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """Columns [c0, c0 + BLOCK) of a row of h W^T of `cols`: (offsets, in-range mask, fp32 logits
-    (scaled, softcapped), 0 past the row)."""
-    offs = c0 + tl.arange(0, BLOCK)
-    mask = offs < cols
-    x = tl.load(row + offs, mask=mask, other=0.0).to(tl.float32)
-    return offs, mask, _logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-
-
-@triton.jit
-def _lce_block_kernel(
-    block_ptr, acc_ptr, state_ptr, labels_ptr,
-    row0, v0, cols, N, seq_len, stride_labels_b, stride_labels_s, ignore_index, logit_scale,
-    softcap, V: tl.constexpr, H: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    SHIFT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
-    MAX_COLS: tl.constexpr,
-):
-    """Row r of a logits block (token row0 + r; vocab columns [v0, v0 + cols), contiguous rows,
-    cols <= MAX_COLS: the loops run to that constexpr bound, which triton 3.6's interpreter needs):
-    the token's running max m and sum s of exp(l - m), its label's logit and (smoothing) its sum
-    of logits are updated in state[4, N]; exp(l - m) (times the softcap's derivative) is written
-    over the row in place; where m grew, the token's fp32 accumulator row of exp(l - m) @ W is
-    rescaled to the new max (set to 0 on the token's first block)."""
-    r = tl.program_id(0)
-    token = row0 + r
-    row = block_ptr + r.to(tl.int64) * cols
-    label, _, _ = _load_labels(
-        labels_ptr, token, r >= 0, seq_len, stride_labels_b, stride_labels_s, ignore_index, V,
-        SHIFT,
-    )
-    m_old = tl.load(state_ptr + token)
-    block_max = tl.max(tl.full((BLOCK,), float("-inf"), dtype=tl.float32), axis=0)
-    target = tl.zeros((BLOCK,), dtype=tl.float32)
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c0 in range(0, MAX_COLS, BLOCK):
-        offs, mask, x = _row_logits(row, c0, cols, logit_scale, softcap, HAS_SCALE,
-                                      HAS_SOFTCAP, BLOCK)
-        block_max = tl.maximum(block_max, tl.max(tl.where(mask, x, float("-inf")), axis=0))
-        target += tl.where(mask & (v0 + offs == label), x, 0.0)
-        if HAS_SMOOTHING:
-            total += tl.where(mask, x, 0.0)
-    m = tl.maximum(m_old, block_max)
-    s = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c0 in range(0, MAX_COLS, BLOCK):
-        offs, mask, x = _row_logits(row, c0, cols, logit_scale, softcap, HAS_SCALE,
-                                      HAS_SOFTCAP, BLOCK)
-        p = tl.where(mask, tl.exp(x - m), 0.0)
-        s += p
-        if HAS_SOFTCAP:
-            capped = x / softcap
-            p = p * (1.0 - capped * capped)
-        tl.store(row + offs, cast_nearest(p, block_ptr.dtype.element_ty, INTERPRET), mask=mask)
-    if m > m_old:
-        acc_row = acc_ptr + r.to(tl.int64) * H
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            if m_old == float("-inf"):  # the token's first block: the accumulator is garbage
-                tl.store(acc_row + offs_h, tl.zeros((BLOCK_H,), dtype=tl.float32), mask=mask_h)
-            else:
-                a = tl.load(acc_row + offs_h, mask=mask_h, other=0.0)
-                tl.store(acc_row + offs_h, a * tl.exp(m_old - m), mask=mask_h)
-    s_old = tl.load(state_ptr + N + token)
-    tl.store(state_ptr + token, m)
-    tl.store(state_ptr + N + token, s_old * tl.exp(m_old - m) + tl.sum(s, axis=0))
-    tl.store(state_ptr + 2 * N + token, tl.load(state_ptr + 2 * N + token) + tl.sum(target, axis=0))
-    if HAS_SMOOTHING:
-        tl.store(state_ptr + 3 * N + token,
-                 tl.load(state_ptr + 3 * N + token) + tl.sum(total, axis=0))
-
-
-@triton.jit
-def _lce_frozen_finish_kernel(
-    acc_ptr, state_ptr, w_ptr, w_sum_ptr, labels_ptr, g_ptr, lse_ptr, loss_ptr, dh_ptr,
-    row0, N, seq_len, stride_w_v, stride_labels_b, stride_labels_s, ignore_index,
-    logit_scale, softcap, z_loss, label_smoothing,
-    V: tl.constexpr, H: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr, SHIFT: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """Token row0 + r after its last block: lse and loss from the state, and d loss / d hidden
-    times g (the token's weight in the returned loss), rounded once:
-    a g ((1 + 2 z lse) acc / s - (1 - eps) c'(l_y) W_y - eps / V sum_v W_v), a the logit scale,
-    c' the softcap's derivative (1 without one; the smoothing term is only taken without a
-    softcap)."""
-    r = tl.program_id(0)
-    token = row0 + r
-    label, valid, bad = _load_labels(
-        labels_ptr, token, r >= 0, seq_len, stride_labels_b, stride_labels_s, ignore_index, V,
-        SHIFT,
-    )
-    m = tl.load(state_ptr + token)
-    s = tl.load(state_ptr + N + token)
-    target = tl.load(state_ptr + 2 * N + token)
-    total = 0.0
-    if HAS_SMOOTHING:
-        total = tl.load(state_ptr + 3 * N + token)
-    lse = m + tl.log(s)
-    tl.device_assert(~bad, "linear_cross_entropy: label out of bounds [0, V)")
-    tl.store(lse_ptr + token, lse)
-    tl.store(loss_ptr + token, _token_loss(
-        lse, target, total, valid, bad, z_loss, label_smoothing, V, HAS_Z, HAS_SMOOTHING,
-    ))
-    g = tl.load(g_ptr).to(tl.float32)
-    g = tl.where(bad, float("nan"), tl.where(valid, g, 0.0))
-    if HAS_SCALE:
-        g = g * logit_scale
-    coef_p = g / s
-    if HAS_Z:
-        coef_p = coef_p * (1.0 + 2.0 * z_loss * lse)
-    coef_y = g
-    if HAS_SMOOTHING:
-        coef_y = coef_y * (1.0 - label_smoothing)
-    if HAS_SOFTCAP:
-        capped = target / softcap
-        coef_y = coef_y * (1.0 - capped * capped)
-    acc_row = acc_ptr + r.to(tl.int64) * H
-    # An ignored token's label reads row 0 (with coef_y = g = 0); an out-of-range one is NaN.
-    w_row = w_ptr + tl.maximum(label, 0).to(tl.int64) * stride_w_v
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
-        dh = coef_p * tl.load(acc_row + offs_h, mask=mask_h, other=0.0)
-        w_y = tl.load(w_row + offs_h, mask=mask_h, other=0.0).to(tl.float32)
-        dh -= coef_y * w_y
-        if HAS_SMOOTHING:
-            dh -= (g * label_smoothing / V) * tl.load(w_sum_ptr + offs_h, mask=mask_h, other=0.0)
-        tl.store(dh_ptr + token.to(tl.int64) * H + offs_h,
-                 cast_nearest(dh, dh_ptr.dtype.element_ty, INTERPRET), mask=mask_h)
-
-
-@triton.jit
-def _scale_kernel(x_ptr, g_ptr, out_ptr, n, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = y * tl.load(g_ptr).to(tl.float32)
-    tl.store(out_ptr + offs, cast_nearest(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
@@ -587,21 +371,9 @@ def _descriptor(t: Tensor, block: list[int], tma: bool) -> Optional[TensorDescri
     return TensorDescriptor.from_tensor(t, block) if tma else None
 
 
-def _or_one(option: Optional[float]) -> float:
-    """A kernel's float argument for an optional scale (ignored by the kernel when None)."""
-    return 1.0 if option is None else float(option)
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get full fp32 products, as eager PyTorch's default matmul precision does.
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _labels_2d(labels: Tensor) -> Tensor:
-    """labels as [B, S] (S = the dim `shift` works along); a view whenever reshape can give one."""
-    if labels.dim() == 1:
-        return labels.unsqueeze(0)
-    return labels.reshape(math.prod(labels.shape[:-1]), labels.shape[-1])  # no -1: S may be 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,7 +385,7 @@ def _check_inputs(
     hidden: Tensor, weight: Tensor, labels: Tensor, num_items_tensor: Optional[Tensor],
     num_items_int: Optional[int], ignore_index: int, reduction: str, softcap: Optional[float],
     logit_scale: Optional[float], z_loss: float, label_smoothing: float,
-    grad_in_forward: bool = False,
+    d_hidden_in_forward: bool = False,
 ) -> None:
     op = "linear_cross_entropy"
     check_float(op, hidden=hidden, weight=weight)
@@ -664,11 +436,11 @@ def _check_inputs(
         raise ValueError(f"{op}: z_loss must be finite and >= 0. Got {z_loss}.")
     if num_items_int is not None and num_items_int < 1:
         raise ValueError(f"{op}: num_items_in_batch must be >= 1. Got {num_items_int}.")
-    if grad_in_forward and not can_take_grad_in_forward(hidden, reduction, softcap,
-                                                         label_smoothing):
+    if d_hidden_in_forward and not frozen_head_path_supports(hidden, reduction, softcap,
+                                                             label_smoothing):
         raise ValueError(
-            f"{op}: grad_in_forward needs a scalar loss (reduction 'mean' or 'sum'), bf16 or fp32 "
-            f"inputs, the Triton path, and not softcap with label_smoothing. Got "
+            f"{op}: d_hidden_in_forward needs a scalar loss (reduction 'mean' or 'sum'), bf16 or "
+            f"fp32 inputs, the Triton path, and not softcap with label_smoothing. Got "
             f"reduction={reduction!r}, dtype {hidden.dtype}, implementation "
             f"{implementation(hidden.device)!r}, softcap={softcap}, "
             f"label_smoothing={label_smoothing}."
@@ -690,43 +462,6 @@ def _check_label_range(labels: Tensor, ignore_index: int, vocab: int) -> None:
 
 def _num_items(num_items_tensor: Optional[Tensor], num_items_int: Optional[int]):
     return num_items_tensor.reshape(()) if num_items_tensor is not None else num_items_int
-
-
-def _reduce(
-    token_loss: Tensor, labels2d: Tensor, out_shape: torch.Size, ignore_index: int,
-    reduction: str, shift: bool, num_items,
-) -> Tensor:
-    if reduction == "none":
-        return token_loss.view(out_shape)
-    return token_loss.sum() / _divisor(labels2d, ignore_index, reduction, shift, num_items)
-
-
-def _token_weight(
-    grad_loss: Tensor, labels2d: Tensor, ignore_index: int, reduction: str, shift: bool, num_items,
-) -> Tensor:
-    """d(returned loss) / d(loss_n): a 0-d fp32 tensor (same for every token) or [N] for 'none'."""
-    grad = grad_loss.float()
-    if reduction == "none":
-        return grad.reshape(-1).contiguous()
-    return grad / _divisor(labels2d, ignore_index, reduction, shift, num_items)
-
-
-def _divisor(labels2d: Tensor, ignore_index: int, reduction: str, shift: bool, num_items):
-    """What the summed token losses are divided by: `num_items_in_batch` when given, else the
-    number of scored tokens for 'mean' (at least 1: no NaN when all are ignored; counted on the
-    device, no host sync), else 1 ('sum')."""
-    if num_items is not None:
-        return num_items
-    if reduction == "sum":
-        return 1
-    scored = labels2d[:, 1:] if shift else labels2d
-    return (scored != ignore_index).sum().clamp(min=1)
-
-
-def _as_kernel_operands(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
-    """hidden as [N, H] rows with a unit last-dim stride, weight contiguous, labels as [B, seq]
-    (views where possible)."""
-    return as_rows(hidden), weight.contiguous(), _labels_2d(labels)
 
 
 def _lce_fwd(
@@ -774,98 +509,6 @@ def _lce_fwd(
     )
     loss = _reduce(token_loss, labels2d, labels.shape, ignore_index, reduction, shift, num_items)
     return loss, lse
-
-
-def _frozen_blocks(N: int, H: int, V: int, element_size: int) -> tuple[int, int]:
-    """(tokens, vocab columns) of the frozen-weight path's logits blocks. The fp32 accumulator
-    [tokens, H] and the block [tokens, columns] share the budget; tokens are the largest power of
-    two up to `_FROZEN_MAX_ROWS` whose accumulator takes at most a third of it (at most N),
-    columns a multiple of 256 filling the rest. On an H200 long blocks won: cuBLAS's accumulate
-    GEMM (K = columns) keeps its speed with few tokens, and fewer blocks mean fewer launches."""
-    if interpreter_on():
-        return max(1, min(N, 8)), min(V, 64)
-    budget = max(int(_FROZEN_SHARE_OF_LOGITS * N * V * element_size), N * H * element_size)
-    budget = min(max(budget, _FROZEN_MIN_BYTES), _FROZEN_MAX_BYTES)
-    rows = 1
-    while rows < _FROZEN_MAX_ROWS and 3 * 4 * (rows * 2) * H <= budget:
-        rows *= 2
-    rows = max(1, min(rows, N))  # no tokens: the loops over them run no step
-    return rows, _frozen_cols(budget, rows, H, V, element_size)
-
-
-def _frozen_cols(budget: int, rows: int, H: int, V: int, element_size: int) -> int:
-    """Vocab columns of a block of `rows` tokens: what the budget leaves beside the fp32
-    accumulator, a multiple of 256 (at least one, at most V rounded up)."""
-    cols = (budget - 4 * rows * H) // (element_size * rows) // 256 * 256
-    return max(256, min(cols, triton.cdiv(V, 256) * 256))
-
-
-def _lce_fwd_d_hidden(
-    hidden: Tensor, weight: Tensor, labels: Tensor, num_items, ignore_index: int, reduction: str,
-    shift: bool, softcap: Optional[float], logit_scale: Optional[float], z_loss: float,
-    label_smoothing: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, lse [N] fp32, d loss / d hidden) for a frozen weight, in one pass over the logits.
-
-    d loss / d hidden = softmax(l) @ W - W_y (plus the options' terms) is computed as attention
-    is: per chunk of tokens, over blocks of vocab columns, cuBLAS writes the block's logits (in
-    the input dtype, as eager's LM head does), `_lce_block_kernel` turns them into exp(l - m)
-    against each token's running max m (rescaling what was accumulated when m grows), and cuBLAS
-    adds block @ W[block] into an fp32 accumulator. `_lce_frozen_finish_kernel` divides by the
-    sum of exps, subtracts the label's row and rounds once. Two GEMMs and no [N, V] anything: the
-    block and the accumulator stay within `_frozen_blocks`'s budget."""
-    h2, weight, labels2d = _as_kernel_operands(hidden, weight, labels)
-    (N, H), V = h2.shape, weight.shape[0]
-    device, dtype = hidden.device, hidden.dtype
-    lse = torch.empty(N, dtype=torch.float32, device=device)
-    token_loss = torch.empty(N, dtype=torch.float32, device=device)
-    d_hidden = torch.empty((N, H), dtype=dtype, device=device)
-    g = _token_weight(torch.ones((), device=device), labels2d, ignore_index, reduction, shift,
-                      num_items)
-    rows, cols = _frozen_blocks(N, H, V, hidden.element_size())
-    state = torch.zeros((4, N), dtype=torch.float32, device=device)  # m, s, label logit, sum
-    state[0] = float("-inf")
-    block = torch.empty(rows * cols, dtype=dtype, device=device)
-    acc = torch.empty((rows, H), dtype=torch.float32, device=device)
-    smoothing = label_smoothing != 0.0
-    w_sum = weight.sum(0, dtype=torch.float32) if smoothing else acc  # acc: a pointer never read
-    flags = dict(HAS_SCALE=logit_scale is not None, HAS_SOFTCAP=softcap is not None,
-                 HAS_SMOOTHING=smoothing, SHIFT=shift, INTERPRET=interpreter_on(),
-                 BLOCK_H=min(next_power_of_2(H), 1024))
-    # Loop-invariant launch arguments, made once: the loop's Python cost is per block.
-    block_args = (N, labels2d.shape[1], labels2d.stride(0), labels2d.stride(1), ignore_index,
-                  _or_one(logit_scale), _or_one(softcap))
-    block_meta = dict(V=V, H=H, MAX_COLS=cols, **flags,
-                      BLOCK=min(next_power_of_2(cols), 64 if interpreter_on() else 4096))
-    for t0 in range(0, N, rows):
-        n = min(rows, N - t0)
-        for v0 in range(0, V, cols):
-            c = min(cols, V - v0)
-            blk = block[: n * c].view(n, c)
-            w_blk = weight[v0 : v0 + c]
-            torch.mm(h2[t0 : t0 + n], w_blk.t(), out=blk)
-            _lce_block_kernel[(n,)](blk, acc, state, labels2d, t0, v0, c, *block_args,
-                                    **block_meta, num_warps=8)
-            _accumulate_d_hidden(acc[:n], blk, w_blk)
-        _lce_frozen_finish_kernel[(n,)](
-            acc, state, weight, w_sum, labels2d, g, lse, token_loss, d_hidden,
-            t0, N, labels2d.shape[1], weight.stride(0), labels2d.stride(0), labels2d.stride(1),
-            ignore_index, _or_one(logit_scale), _or_one(softcap), float(z_loss),
-            float(label_smoothing), V=V, H=H, HAS_Z=z_loss != 0.0, **flags, num_warps=4,
-        )
-    loss = _reduce(token_loss, labels2d, labels.shape, ignore_index, reduction, shift, num_items)
-    return loss, lse, d_hidden.view(hidden.shape)
-
-
-def _accumulate_d_hidden(acc: Tensor, dlogits: Tensor, w_chunk: Tensor) -> None:
-    if acc.dtype == dlogits.dtype:
-        acc.addmm_(dlogits, w_chunk)
-    elif acc.is_cuda:
-        # bf16/fp16 operands, fp32 accumulator read and written by cuBLAS itself.
-        torch.addmm(acc, dlogits, w_chunk, out_dtype=torch.float32, out=acc)
-    else:
-        # CPU has no mixed-dtype addmm; the upcasts are exact, so the result is the same.
-        acc.addmm_(dlogits.float(), w_chunk.float())
 
 
 def _lce_bwd(
@@ -959,19 +602,19 @@ def _linear_cross_entropy_op(
     hidden: Tensor, weight: Tensor, labels: Tensor, num_items_tensor: Optional[Tensor],
     num_items_int: Optional[int], ignore_index: int, reduction: str, shift: bool,
     softcap: Optional[float], logit_scale: Optional[float], z_loss: float, label_smoothing: float,
-    grad_in_forward: bool,
+    d_hidden_in_forward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, lse [N], d_hidden): d_hidden is d loss / d hidden for an upstream gradient of 1
-    when `grad_in_forward` (frozen weight, scalar loss), else an empty tensor."""
+    when `d_hidden_in_forward` (frozen weight, scalar loss), else an empty tensor."""
     _check_inputs(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index,
-                  reduction, softcap, logit_scale, z_loss, label_smoothing, grad_in_forward)
+                  reduction, softcap, logit_scale, z_loss, label_smoothing, d_hidden_in_forward)
     if labels.device.type == "cpu":
         # With shift, each row's first label is never scored (as in HF's shifted labels).
         _check_label_range(labels[..., 1:] if shift else labels, ignore_index, weight.shape[0])
     num_items = _num_items(num_items_tensor, num_items_int)
     options = (ignore_index, reduction, shift, softcap, logit_scale, z_loss, label_smoothing)
     if use_triton(hidden):
-        if grad_in_forward:
+        if d_hidden_in_forward:
             return _lce_fwd_d_hidden(hidden, weight, labels, num_items, *options)
         loss, lse = _lce_fwd(hidden, weight, labels, num_items, *options)
         return loss, lse, hidden.new_empty(0)
@@ -983,12 +626,12 @@ def _linear_cross_entropy_op(
 
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index, reduction, shift,
-      softcap, logit_scale, z_loss, label_smoothing, grad_in_forward):
+      softcap, logit_scale, z_loss, label_smoothing, d_hidden_in_forward):
     _check_inputs(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index,
-                  reduction, softcap, logit_scale, z_loss, label_smoothing, grad_in_forward)
+                  reduction, softcap, logit_scale, z_loss, label_smoothing, d_hidden_in_forward)
     loss_shape = labels.shape if reduction == "none" else ()
     loss = hidden.new_empty(loss_shape, dtype=torch.float32)
-    d_hidden = hidden.new_empty(hidden.shape if grad_in_forward else (0,))
+    d_hidden = hidden.new_empty(hidden.shape if d_hidden_in_forward else (0,))
     return loss, hidden.new_empty((labels.numel(),), dtype=torch.float32), d_hidden
 
 
@@ -1034,34 +677,14 @@ def _(grad_loss, hidden, weight, labels, lse, num_items_tensor, num_items_int, i
     return d_hidden, d_weight
 
 
-@torch.library.custom_op("chronicals::linear_cross_entropy_scale", mutates_args=())
-def _scale_op(d_hidden: Tensor, grad_loss: Tensor) -> Tensor:
-    """d_hidden (the forward's gradient, for an upstream gradient of 1) times the upstream
-    gradient, in fp32 and rounded once, without an fp32 copy of d_hidden (Triton path only: the
-    forward computes d_hidden there alone)."""
-    out = torch.empty_like(d_hidden)
-    n = d_hidden.numel()
-    block = 64 if interpreter_on() else 4096
-    if n:
-        _scale_kernel[(triton.cdiv(n, block),)](
-            d_hidden, grad_loss, out, n, INTERPRET=interpreter_on(), BLOCK=block, num_warps=4,
-        )
-    return out
-
-
-@_scale_op.register_fake
-def _(d_hidden, grad_loss):
-    return torch.empty_like(d_hidden)
-
-
 _SCALARS = ("num_items_int", "ignore_index", "reduction", "shift", "softcap", "logit_scale",
             "z_loss", "label_smoothing")
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, labels, num_items_tensor, *scalars, grad_in_forward = inputs
-    ctx.grad_in_forward = grad_in_forward
-    if grad_in_forward:
+    hidden, weight, labels, num_items_tensor, *scalars, d_hidden_in_forward = inputs
+    ctx.d_hidden_in_forward = d_hidden_in_forward
+    if d_hidden_in_forward:
         ctx.save_for_backward(output[2])
     else:
         ctx.save_for_backward(hidden, weight, labels, output[1], num_items_tensor)
@@ -1074,11 +697,12 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_loss, _grad_lse, _grad_d_hidden):
     need_d_hidden, need_d_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if ctx.grad_in_forward:
+    if ctx.d_hidden_in_forward:
         if need_d_weight:
             raise RuntimeError(
                 "linear_cross_entropy: weight needs a gradient, but the op ran with "
-                "grad_in_forward=True, which computes hidden's alone (it is for a frozen weight)."
+                "d_hidden_in_forward=True, which computes hidden's alone (it is for a frozen "
+                "weight)."
             )
         (d_hidden_unit,) = ctx.saved_tensors
         d_hidden = _scale_op(d_hidden_unit, grad_loss)
@@ -1092,7 +716,8 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_d_hidden):
     return (
         d_hidden if need_d_hidden else None,
         d_weight if need_d_weight else None,
-        *([None] * (3 + len(_SCALARS))),  # labels, num_items_tensor, scalars, grad_in_forward
+        # labels, num_items_tensor, the scalars, d_hidden_in_forward
+        *([None] * (3 + len(_SCALARS))),
     )
 
 
@@ -1139,35 +764,8 @@ def linear_cross_entropy(
         hidden, weight, labels, num_items_tensor, num_items_int, ignore_index, reduction, shift,
         None if softcap is None else float(softcap),
         None if logit_scale is None else float(logit_scale), float(z_loss), float(label_smoothing),
-        grads_in_forward(hidden, weight, reduction, softcap, label_smoothing),
+        takes_frozen_head_path(hidden, weight, reduction, softcap, label_smoothing),
     )
     return loss
 
 
-def grads_in_forward(
-    hidden: Tensor, weight: Tensor, reduction: str, softcap: Optional[float] = None,
-    label_smoothing: float = 0.0,
-) -> bool:
-    """Whether the op computes d loss / d hidden in its forward: a backward will want hidden's
-    gradient alone (grad mode on, hidden requires grad, weight does not: LoRA's frozen LM head)
-    and `can_take_grad_in_forward` allows it."""
-    return (
-        torch.is_grad_enabled()
-        and hidden.requires_grad
-        and not weight.requires_grad
-        and can_take_grad_in_forward(hidden, reduction, softcap, label_smoothing)
-    )
-
-
-def can_take_grad_in_forward(
-    hidden: Tensor, reduction: str, softcap: Optional[float] = None, label_smoothing: float = 0.0,
-) -> bool:
-    """A scalar loss (its upstream gradient is applied in the backward), bf16/fp32 (fp16's
-    d_hidden for an upstream gradient of 1 would underflow before the loss scale reaches it), the
-    Triton kernels (the reference path, plain PyTorch on CPU, computes gradients in the backward
-    only), and not softcap with label smoothing together (the smoothing term would need a second
-    GEMM through the softcap's derivative)."""
-    return (
-        reduction != "none" and hidden.dtype != torch.float16 and use_triton(hidden)
-        and not (softcap is not None and label_smoothing != 0.0)
-    )

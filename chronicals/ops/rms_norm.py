@@ -152,7 +152,8 @@ def _rms_norm_fwd_kernel(
         # Every program reads all of w: keep it in L2.
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")
         y = _normalize(x, rstd, w.to(tl.float32), x_ptr.dtype.element_ty, GEMMA, INTERPRETED)
-        tl.store(y_rows + cols[None, :], cast_nearest(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+        tl.store(y_rows + cols[None, :], cast_nearest(y, y_ptr.dtype.element_ty, INTERPRETED),
+                 mask=mask)
     else:
         sum_sq = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
         for block in range(NUM_BLOCKS):
@@ -171,7 +172,8 @@ def _rms_norm_fwd_kernel(
             x = x.to(tl.float32)
             w = tl.load(w_ptr + c, mask=col_mask, other=0.0, eviction_policy="evict_last")
             y = _normalize(x, rstd, w.to(tl.float32), x_ptr.dtype.element_ty, GEMMA, INTERPRETED)
-            tl.store(y_rows + c[None, :], cast_nearest(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+            tl.store(y_rows + c[None, :], cast_nearest(y, y_ptr.dtype.element_ty, INTERPRETED),
+                     mask=mask)
 
 
 @triton.jit
@@ -270,7 +272,8 @@ def _rms_norm_bwd_kernel(
                 x, dy, w, col_mask, mask = _load_bwd_block(
                     x_rows, dy_rows, w_ptr, c, row_mask, n_cols, GEMMA
                 )
-                dx = cast_nearest(_dx(x, dy, w, rstd, mean_gn), dx_ptr.dtype.element_ty, INTERPRETED)
+                dx = _dx(x, dy, w, rstd, mean_gn)
+                dx = cast_nearest(dx, dx_ptr.dtype.element_ty, INTERPRETED)
                 tl.store(dx_rows + c[None, :], dx, mask=mask)
                 if HAS_DW:
                     normed = _dw_normed(x, rstd, x_ptr.dtype.element_ty, GEMMA, INTERPRETED)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import chronicals.ops.linear_cross_entropy as lce
+import chronicals.ops.linear_cross_entropy_frozen as frozen_head
 from chronicals import reference
 from chronicals.ops.linear_cross_entropy import linear_cross_entropy
 from tests.helpers import ULP, assert_no_worse_than_eager, count_frozen_lce_calls, devices
@@ -75,13 +76,13 @@ def _check(hidden, weight, labels, grad_hidden=True, grad_weight=True, **kwargs)
     return out
 
 
-@pytest.mark.parametrize("grad_in_forward", [False, True])
-def test_opcheck(grad_in_forward):
+@pytest.mark.parametrize("d_hidden_in_forward", [False, True])
+def test_opcheck(d_hidden_in_forward):
     hidden, weight, labels = _inputs((2, 3), 16, 40, torch.float32, "cpu")
     hidden.requires_grad_()
-    weight.requires_grad_(not grad_in_forward)
+    weight.requires_grad_(not d_hidden_in_forward)
     args = (hidden, weight, labels, None, None, -100, "mean", True, None, 0.37, 0.0, 0.0,
-            grad_in_forward)
+            d_hidden_in_forward)
     torch.library.opcheck(torch.ops.chronicals.linear_cross_entropy.default, args)
     loss, lse, _ = torch.ops.chronicals.linear_cross_entropy(*args)
     bwd_args = (torch.ones(()), hidden.detach(), weight.detach(), labels, lse, None, None, -100,
@@ -194,7 +195,7 @@ def test_frozen_weight_gradient_in_the_forward(device, dtype, options, monkeypat
     tokens x 48 vocab columns: 5 token chunks (the last one short) x 3 blocks (the last 35
     columns), so running maxima grow and accumulators are rescaled between blocks."""
     calls = count_frozen_lce_calls(monkeypatch)
-    monkeypatch.setattr(lce, "_frozen_blocks", lambda *a: (8, 48))
+    monkeypatch.setattr(frozen_head, "_frozen_blocks", lambda *a: (8, 48))
     hidden, weight, labels = _inputs((2, 19), 24, 131, dtype, device, scale=4.0)
     _check(hidden, weight, labels, grad_weight=False, **OPTIONS_FROZEN[options])
     assert calls == [1]
@@ -203,7 +204,7 @@ def test_frozen_weight_gradient_in_the_forward(device, dtype, options, monkeypat
 @pytest.mark.parametrize("device", devices())
 def test_frozen_weight_all_options_and_ignored_rows(device, monkeypatch):
     calls = count_frozen_lce_calls(monkeypatch)
-    monkeypatch.setattr(lce, "_frozen_blocks", lambda *a: (3, 320))
+    monkeypatch.setattr(frozen_head, "_frozen_blocks", lambda *a: (3, 320))
     hidden, weight, labels = _inputs((2, 5), 24, 1000, torch.bfloat16, device, scale=4.0)
     labels[1] = -100
     common = dict(grad_weight=False, shift=True, logit_scale=1.7, z_loss=1e-3,
@@ -221,7 +222,7 @@ def test_frozen_weight_growing_maxima_rescale_exactly(device, monkeypatch):
     """Logits that rise block after block (each token's running max grows at every block, so its
     accumulator is rescaled each time) and a batch whose every label is ignored (zero loss and
     gradient, not NaN)."""
-    monkeypatch.setattr(lce, "_frozen_blocks", lambda *a: (4, 16))
+    monkeypatch.setattr(frozen_head, "_frozen_blocks", lambda *a: (4, 16))
     hidden = torch.randn(6, 24, device=device, dtype=torch.float64)
     ramp = torch.linspace(0, 12, 80, device=device, dtype=torch.float64)[:, None]
     weight = torch.randn(80, 24, device=device, dtype=torch.float64) * 0.2 + ramp * hidden.mean(0)
@@ -237,37 +238,37 @@ def test_frozen_blocks_stay_within_their_budget(monkeypatch):
     """The GPU's block choice (the interpreter's tiny blocks aside): block + fp32 accumulator
     within 1% of the bf16 logits, or within the gradient [N, H] the path keeps anyway, or within
     the 8 MiB floor for small problems, and never above 48 MiB."""
-    monkeypatch.setattr(lce, "interpreter_on", lambda: False)
+    monkeypatch.setattr(frozen_head, "interpreter_on", lambda: False)
     shapes = [(16384, 896, 151936), (16384, 2048, 128256), (8192, 4096, 128256),
               (8192, 2304, 256000), (300, 64, 1000), (5, 8192, 32000), (65536, 16384, 32000),
               (0, 896, 151936)]
     for N, H, V in shapes:
-        rows, cols = lce._frozen_blocks(N, H, V, 2)
+        rows, cols = frozen_head._frozen_blocks(N, H, V, 2)
         assert 1 <= rows <= max(1, min(N, 2048)) and cols % 256 == 0 and 256 <= cols < V + 256
         used = 4 * rows * H + 2 * rows * cols
-        allowed = max(0.01 * N * V * 2, N * H * 2, lce._FROZEN_MIN_BYTES)
-        assert used <= min(allowed, lce._FROZEN_MAX_BYTES), (N, H, V, rows, cols)
-    assert lce._frozen_blocks(16384, 896, 151936, 2) == (2048, 9472)
-    assert lce._frozen_blocks(8192, 4096, 128256, 2) == (1024, 16384)
-    assert lce._frozen_blocks(300, 64, 1000, 2) == (300, 1024)  # one block
+        allowed = max(0.01 * N * V * 2, N * H * 2, frozen_head._FROZEN_MIN_BYTES)
+        assert used <= min(allowed, frozen_head._FROZEN_MAX_BYTES), (N, H, V, rows, cols)
+    assert frozen_head._frozen_blocks(16384, 896, 151936, 2) == (2048, 9472)
+    assert frozen_head._frozen_blocks(8192, 4096, 128256, 2) == (1024, 16384)
+    assert frozen_head._frozen_blocks(300, 64, 1000, 2) == (300, 1024)  # one block
 
 
 def test_gradient_in_the_forward_only_when_a_backward_wants_hidden_alone(monkeypatch):
     h = torch.zeros(3, 4, requires_grad=True)
     w = torch.zeros(5, 4)
-    assert lce.grads_in_forward(h, w, "mean") and lce.grads_in_forward(h, w, "sum")
-    assert not lce.grads_in_forward(h, w, "none")  # per-token upstream gradients
-    assert not lce.grads_in_forward(h, w.requires_grad_(), "mean")  # dW needs the backward
-    assert not lce.grads_in_forward(h.detach(), w.detach(), "mean")
-    assert not lce.grads_in_forward(h.half(), w.detach().half(), "mean")  # fp16 loss scaling
+    assert lce.takes_frozen_head_path(h, w, "mean") and lce.takes_frozen_head_path(h, w, "sum")
+    assert not lce.takes_frozen_head_path(h, w, "none")  # per-token upstream gradients
+    assert not lce.takes_frozen_head_path(h, w.requires_grad_(), "mean")  # dW needs the backward
+    assert not lce.takes_frozen_head_path(h.detach(), w.detach(), "mean")
+    assert not lce.takes_frozen_head_path(h.half(), w.detach().half(), "mean")  # fp16 loss scale
     frozen = w.detach()
-    assert lce.grads_in_forward(h, frozen, "mean", softcap=2.0)
-    assert lce.grads_in_forward(h, frozen, "mean", label_smoothing=0.1)
-    assert not lce.grads_in_forward(h, frozen, "mean", softcap=2.0, label_smoothing=0.1)
+    assert lce.takes_frozen_head_path(h, frozen, "mean", softcap=2.0)
+    assert lce.takes_frozen_head_path(h, frozen, "mean", label_smoothing=0.1)
+    assert not lce.takes_frozen_head_path(h, frozen, "mean", softcap=2.0, label_smoothing=0.1)
     with torch.no_grad():
-        assert not lce.grads_in_forward(h, w.detach(), "mean")
+        assert not lce.takes_frozen_head_path(h, w.detach(), "mean")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference path: gradients in the backward
-    assert not lce.grads_in_forward(h, w.detach(), "mean")
+    assert not lce.takes_frozen_head_path(h, w.detach(), "mean")
 
 
 def test_gradient_in_the_forward_refuses_a_weight_that_needs_grad():
@@ -275,12 +276,13 @@ def test_gradient_in_the_forward_refuses_a_weight_that_needs_grad():
     args = (hidden.requires_grad_(), weight.requires_grad_(), labels, None, None, -100, "mean",
             False, None, None, 0.0, 0.0, True)
     loss, _, _ = torch.ops.chronicals.linear_cross_entropy(*args)
-    with pytest.raises(RuntimeError, match="grad_in_forward=True, which computes hidden's alone"):
+    with pytest.raises(RuntimeError,
+                       match="d_hidden_in_forward=True, which computes hidden's alone"):
         loss.backward()
     for reduction, dtype in (("none", torch.float32), ("mean", torch.float16)):
         args = (hidden.detach().to(dtype), weight.detach().to(dtype), labels, None, None, -100,
                 reduction, False, None, None, 0.0, 0.0, True)
-        with pytest.raises(ValueError, match=f"grad_in_forward needs a scalar loss .* Got "
+        with pytest.raises(ValueError, match=f"d_hidden_in_forward needs a scalar loss .* Got "
                                              f"reduction='{reduction}', dtype {dtype}"):
             torch.ops.chronicals.linear_cross_entropy(*args)
 
