@@ -24,23 +24,23 @@ from _timing import time_graph_and_call
 
 import chronicals.ops.linear_cross_entropy as lce
 import chronicals.ops.linear_cross_entropy_frozen as frozen_head
+from chronicals.ops._lce_common import LossOptions
 
 SHAPES = [(16384, 896, 151936), (16384, 2048, 128256), (8192, 4096, 128256), (8192, 2304, 256000)]
 BUDGETS_MIB = [16, 32, 48]
 ROWS = [512, 1024, 2048, 4096]
-# ignore_index, reduction, shift, softcap, logit_scale, z-loss, label smoothing
-_OPTS = (-100, "mean", False, None, None, 0.0, 0.0)
+_OPTS = LossOptions()  # the defaults: mean over the labels that are not -100
 
 
 def _two_pass(h, w, labels):
-    loss, lse = lce._lce_fwd(h, w, labels, None, *_OPTS)
-    d_hidden, _ = lce._lce_bwd(torch.ones_like(loss), h, w, labels, lse, None, *_OPTS, True,
+    loss, lse = lce._lce_fwd(h, w, labels, None, _OPTS)
+    d_hidden, _ = lce._lce_bwd(torch.ones_like(loss), h, w, labels, lse, None, _OPTS, True,
                                False)
     return loss, d_hidden
 
 
 def _one_pass(h, w, labels):
-    loss, _, d_hidden = frozen_head._lce_fwd_d_hidden(h, w, labels, None, *_OPTS)
+    loss, _, d_hidden = frozen_head._lce_fwd_d_hidden(h, w, labels, None, _OPTS)
     return loss, d_hidden
 
 

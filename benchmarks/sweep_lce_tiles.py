@@ -21,6 +21,7 @@ from _timing import time_graph_and_call
 from triton.runtime.errors import OutOfResources
 
 import chronicals.ops.linear_cross_entropy as lce
+from chronicals.ops._lce_common import LossOptions
 
 SHAPES = [(16384, 896, 151936), (8192, 4096, 128256)]
 # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages)
@@ -33,13 +34,12 @@ CONFIGS = [
 
 
 def _fwd(h, w, labels):
-    return lce._lce_fwd(h, w, labels, None, -100, "mean", False, None, None, 0.0, 0.0)
+    return lce._lce_fwd(h, w, labels, None, LossOptions())
 
 
 def _fwd_bwd(h, w, labels):
     loss, lse = _fwd(h, w, labels)
-    return lce._lce_bwd(torch.ones_like(loss), h, w, labels, lse, None, -100, "mean", False, None,
-                        0.0, 0.0, True, True)
+    return lce._lce_bwd(torch.ones_like(loss), h, w, labels, lse, None, LossOptions(), True, True)
 
 
 def sweep(N: int, H: int, V: int) -> None:

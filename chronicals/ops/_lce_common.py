@@ -5,6 +5,7 @@ and on the host the kernels' operands, the reduction and the gradient accumulati
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -83,6 +84,26 @@ def _token_loss(lse, target, total, valid, bad, z_loss, label_smoothing, V: tl.c
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class LossOptions:
+    """What the loss computes beside CE(hidden @ weight.T, labels), as `linear_cross_entropy`
+    takes it (semantics: `chronicals.reference.linear_cross_entropy`). The custom ops carry these
+    fields as scalar arguments of the same names (a custom op's schema takes no dataclass); the
+    launchers take them as one value."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    shift: bool = False
+    softcap: float | None = None
+    logit_scale: float | None = None
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+
+    def reference_kwargs(self, num_items) -> dict:
+        """Keyword arguments of `chronicals.reference.linear_cross_entropy`."""
+        return {**dataclasses.asdict(self), "num_items_in_batch": num_items}
+
+
 def _or_one(option: Optional[float]) -> float:
     """A kernel's float argument for an optional scale (ignored by the kernel when None)."""
     return 1.0 if option is None else float(option)
@@ -96,34 +117,31 @@ def _labels_2d(labels: Tensor) -> Tensor:
 
 
 def _reduce(
-    token_loss: Tensor, labels2d: Tensor, out_shape: torch.Size, ignore_index: int,
-    reduction: str, shift: bool, num_items,
+    token_loss: Tensor, labels2d: Tensor, out_shape: torch.Size, options: LossOptions, num_items,
 ) -> Tensor:
-    if reduction == "none":
+    if options.reduction == "none":
         return token_loss.view(out_shape)
-    return token_loss.sum() / _divisor(labels2d, ignore_index, reduction, shift, num_items)
+    return token_loss.sum() / _divisor(labels2d, options, num_items)
 
 
-def _token_weight(
-    grad_loss: Tensor, labels2d: Tensor, ignore_index: int, reduction: str, shift: bool, num_items,
-) -> Tensor:
+def _token_weight(grad_loss: Tensor, labels2d: Tensor, options: LossOptions, num_items) -> Tensor:
     """d(returned loss) / d(loss_n): a 0-d fp32 tensor (same for every token) or [N] for 'none'."""
     grad = grad_loss.float()
-    if reduction == "none":
+    if options.reduction == "none":
         return grad.reshape(-1).contiguous()
-    return grad / _divisor(labels2d, ignore_index, reduction, shift, num_items)
+    return grad / _divisor(labels2d, options, num_items)
 
 
-def _divisor(labels2d: Tensor, ignore_index: int, reduction: str, shift: bool, num_items):
+def _divisor(labels2d: Tensor, options: LossOptions, num_items):
     """What the summed token losses are divided by: `num_items_in_batch` when given, else the
     number of scored tokens for 'mean' (at least 1: no NaN when all are ignored; counted on the
     device, no host sync), else 1 ('sum')."""
     if num_items is not None:
         return num_items
-    if reduction == "sum":
+    if options.reduction == "sum":
         return 1
-    scored = labels2d[:, 1:] if shift else labels2d
-    return (scored != ignore_index).sum().clamp(min=1)
+    scored = labels2d[:, 1:] if options.shift else labels2d
+    return (scored != options.ignore_index).sum().clamp(min=1)
 
 
 def _as_kernel_operands(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, ...]:

@@ -79,6 +79,7 @@ from chronicals.ops._launch import (
     use_triton,
 )
 from chronicals.ops._lce_common import (
+    LossOptions,
     _accumulate_d_hidden,
     _as_kernel_operands,
     _load_labels,
@@ -465,9 +466,7 @@ def _num_items(num_items_tensor: Optional[Tensor], num_items_int: Optional[int])
 
 
 def _lce_fwd(
-    hidden: Tensor, weight: Tensor, labels: Tensor, num_items, ignore_index: int, reduction: str,
-    shift: bool, softcap: Optional[float], logit_scale: Optional[float], z_loss: float,
-    label_smoothing: float,
+    hidden: Tensor, weight: Tensor, labels: Tensor, num_items, options: LossOptions,
 ) -> tuple[Tensor, Tensor]:
     """(loss, lse [N] fp32) with the Triton kernels."""
     h2, weight, labels2d = _as_kernel_operands(hidden, weight, labels)
@@ -475,8 +474,7 @@ def _lce_fwd(
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
     token_loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
     if N == 0:
-        return _reduce(token_loss, labels2d, labels.shape, ignore_index, reduction, shift,
-                       num_items), lse
+        return _reduce(token_loss, labels2d, labels.shape, options, num_items), lse
     tiles = _tiles(hidden.dtype)
     blocks_n = triton.cdiv(N, tiles.block_n)
     tiles_v = triton.cdiv(V, tiles.block_v)
@@ -484,17 +482,17 @@ def _lce_fwd(
     tiles_per_split = triton.cdiv(tiles_v, min(wanted, tiles_v))
     splits = triton.cdiv(tiles_v, tiles_per_split)
     part = torch.empty((4, splits, N), dtype=torch.float32, device=hidden.device)
-    has_smoothing = label_smoothing != 0.0
+    has_smoothing = options.label_smoothing != 0.0
     tma = _tma_ok(h2, weight)
     _lce_fwd_kernel[(blocks_n, splits)](
         h2, weight, _descriptor(h2, [tiles.block_n, tiles.block_k], tma),
         _descriptor(weight, [tiles.block_v, tiles.block_k], tma), labels2d, part,
         N, labels2d.shape[1], h2.stride(0), weight.stride(0),
-        labels2d.stride(0), labels2d.stride(1), ignore_index, _or_one(logit_scale),
-        _or_one(softcap),
+        labels2d.stride(0), labels2d.stride(1), options.ignore_index, _or_one(options.logit_scale),
+        _or_one(options.softcap),
         V=V, H=H, SPLITS=splits, TILES_PER_SPLIT=tiles_per_split,
-        HAS_SCALE=logit_scale is not None, HAS_SOFTCAP=softcap is not None,
-        HAS_SMOOTHING=has_smoothing, SHIFT=shift, TMA=tma,
+        HAS_SCALE=options.logit_scale is not None, HAS_SOFTCAP=options.softcap is not None,
+        HAS_SMOOTHING=has_smoothing, SHIFT=options.shift, TMA=tma,
         INTERPRET=interpreter_on(), DOT_PRECISION=_dot_precision(hidden.dtype),
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k,
         STAGES=tiles.num_stages, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -502,20 +500,18 @@ def _lce_fwd(
     merge_block = 1024 if hidden.is_cuda else 64
     _lce_merge_kernel[(triton.cdiv(N, merge_block),)](
         part, labels2d, lse, token_loss,
-        N, labels2d.shape[1], labels2d.stride(0), labels2d.stride(1), ignore_index,
-        float(z_loss), float(label_smoothing),
-        V=V, SPLITS=splits, HAS_Z=z_loss != 0.0, HAS_SMOOTHING=has_smoothing, SHIFT=shift,
-        BLOCK=merge_block, num_warps=4,
+        N, labels2d.shape[1], labels2d.stride(0), labels2d.stride(1), options.ignore_index,
+        float(options.z_loss), float(options.label_smoothing),
+        V=V, SPLITS=splits, HAS_Z=options.z_loss != 0.0, HAS_SMOOTHING=has_smoothing,
+        SHIFT=options.shift, BLOCK=merge_block, num_warps=4,
     )
-    loss = _reduce(token_loss, labels2d, labels.shape, ignore_index, reduction, shift, num_items)
+    loss = _reduce(token_loss, labels2d, labels.shape, options, num_items)
     return loss, lse
 
 
 def _lce_bwd(
     grad_loss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, num_items,
-    ignore_index: int, reduction: str, shift: bool, softcap: Optional[float],
-    logit_scale: Optional[float], z_loss: float, label_smoothing: float, need_d_hidden: bool,
-    need_d_weight: bool,
+    options: LossOptions, need_d_hidden: bool, need_d_weight: bool,
 ) -> tuple[Tensor, Tensor]:
     """(d_hidden, d_weight) with the Triton dlogits kernel and cuBLAS; empty tensors for the
     gradients not asked for."""
@@ -530,7 +526,7 @@ def _lce_bwd(
         tiles = _tiles(dtype)
         chunk = max(tiles.block_v, _DLOGITS_CHUNK_ELEMENTS // N // tiles.block_v * tiles.block_v)
         chunk = min(chunk, triton.cdiv(V, tiles.block_v) * tiles.block_v)
-        g = _token_weight(grad_loss, labels2d, ignore_index, reduction, shift, num_items)
+        g = _token_weight(grad_loss, labels2d, options, num_items)
         dl_buf = torch.empty((N, chunk), dtype=dtype, device=hidden.device)
         tma = _tma_ok(h2, weight, dl_buf)
         h_desc = _descriptor(h2, [tiles.block_n, tiles.block_k], tma)
@@ -547,10 +543,11 @@ def _lce_bwd(
                 N, labels2d.shape[1], v0, cols,
                 h2.stride(0), weight.stride(0), labels2d.stride(0), labels2d.stride(1),
                 0 if g.dim() == 0 else 1, dl_buf.stride(0),
-                ignore_index, _or_one(logit_scale), _or_one(softcap), float(z_loss),
-                float(label_smoothing), V=V, H=H, HAS_SCALE=logit_scale is not None,
-                HAS_SOFTCAP=softcap is not None, HAS_Z=z_loss != 0.0,
-                HAS_SMOOTHING=label_smoothing != 0.0, SHIFT=shift, TMA=tma,
+                options.ignore_index, _or_one(options.logit_scale), _or_one(options.softcap),
+                float(options.z_loss), float(options.label_smoothing),
+                V=V, H=H, HAS_SCALE=options.logit_scale is not None,
+                HAS_SOFTCAP=options.softcap is not None, HAS_Z=options.z_loss != 0.0,
+                HAS_SMOOTHING=options.label_smoothing != 0.0, SHIFT=options.shift, TMA=tma,
                 INTERPRET=interpreter_on(), DOT_PRECISION=_dot_precision(dtype),
                 BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k,
                 STAGES=tiles.num_stages, INTERPRETER_TILES=chunk_tiles if interpreter_on() else 0,
@@ -568,17 +565,6 @@ def _lce_bwd(
 # ----------------------------------------------------------------------------------------------
 # Reference path (CPU without the interpreter)
 # ----------------------------------------------------------------------------------------------
-
-
-def _reference_kwargs(
-    ignore_index: int, reduction: str, shift: bool, softcap: Optional[float],
-    logit_scale: Optional[float], z_loss: float, label_smoothing: float, num_items,
-) -> dict:
-    return dict(
-        ignore_index=ignore_index, reduction=reduction, shift=shift, softcap=softcap,
-        logit_scale=logit_scale, z_loss=z_loss, label_smoothing=label_smoothing,
-        num_items_in_batch=num_items,
-    )
 
 
 def _reference_lse(
@@ -612,14 +598,17 @@ def _linear_cross_entropy_op(
         # With shift, each row's first label is never scored (as in HF's shifted labels).
         _check_label_range(labels[..., 1:] if shift else labels, ignore_index, weight.shape[0])
     num_items = _num_items(num_items_tensor, num_items_int)
-    options = (ignore_index, reduction, shift, softcap, logit_scale, z_loss, label_smoothing)
+    options = LossOptions(
+        ignore_index=ignore_index, reduction=reduction, shift=shift, softcap=softcap,
+        logit_scale=logit_scale, z_loss=z_loss, label_smoothing=label_smoothing,
+    )
     if use_triton(hidden):
         if d_hidden_in_forward:
-            return _lce_fwd_d_hidden(hidden, weight, labels, num_items, *options)
-        loss, lse = _lce_fwd(hidden, weight, labels, num_items, *options)
+            return _lce_fwd_d_hidden(hidden, weight, labels, num_items, options)
+        loss, lse = _lce_fwd(hidden, weight, labels, num_items, options)
         return loss, lse, hidden.new_empty(0)
     loss = reference.linear_cross_entropy(hidden, weight, labels,
-                                          **_reference_kwargs(*options, num_items))
+                                          **options.reference_kwargs(num_items))
     lse = _reference_lse(hidden, weight, softcap, logit_scale)
     return loss.contiguous(), lse, hidden.new_empty(0)
 
@@ -645,12 +634,14 @@ def _linear_cross_entropy_backward_op(
     """(d_hidden, d_weight); a gradient not asked for comes back as an empty tensor (custom ops
     cannot return None)."""
     num_items = _num_items(num_items_tensor, num_items_int)
+    options = LossOptions(
+        ignore_index=ignore_index, reduction=reduction, shift=shift, softcap=softcap,
+        logit_scale=logit_scale, z_loss=z_loss, label_smoothing=label_smoothing,
+    )
     if use_triton(hidden):
-        return _lce_bwd(grad_loss, hidden, weight, labels, lse, num_items, ignore_index,
-                        reduction, shift, softcap, logit_scale, z_loss, label_smoothing,
+        return _lce_bwd(grad_loss, hidden, weight, labels, lse, num_items, options,
                         need_d_hidden, need_d_weight)
-    kwargs = _reference_kwargs(ignore_index, reduction, shift, softcap, logit_scale, z_loss,
-                               label_smoothing, num_items)
+    kwargs = options.reference_kwargs(num_items)
 
     def loss_of(*wrt: Tensor) -> Tensor:
         given = iter(wrt)
@@ -677,10 +668,6 @@ def _(grad_loss, hidden, weight, labels, lse, num_items_tensor, num_items_int, i
     return d_hidden, d_weight
 
 
-_SCALARS = ("num_items_int", "ignore_index", "reduction", "shift", "softcap", "logit_scale",
-            "z_loss", "label_smoothing")
-
-
 def _setup_context(ctx, inputs, output) -> None:
     hidden, weight, labels, num_items_tensor, *scalars, d_hidden_in_forward = inputs
     ctx.d_hidden_in_forward = d_hidden_in_forward
@@ -688,7 +675,8 @@ def _setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(output[2])
     else:
         ctx.save_for_backward(hidden, weight, labels, output[1], num_items_tensor)
-    ctx.scalars = dict(zip(_SCALARS, scalars))
+    # num_items_int and the options, which the backward op takes in the forward op's order.
+    ctx.scalars = tuple(scalars)
     ctx.mark_non_differentiable(output[1], output[2])
     # Otherwise autograd hands the backward zeros shaped like lse and d_hidden (a gradient-sized
     # allocation) for the outputs that get no gradient.
@@ -710,14 +698,14 @@ def _backward(ctx, grad_loss, _grad_lse, _grad_d_hidden):
     else:
         hidden, weight, labels, lse, num_items_tensor = ctx.saved_tensors
         d_hidden, d_weight = _linear_cross_entropy_backward_op(
-            grad_loss, hidden, weight, labels, lse, num_items_tensor, **ctx.scalars,
+            grad_loss, hidden, weight, labels, lse, num_items_tensor, *ctx.scalars,
             need_d_hidden=need_d_hidden, need_d_weight=need_d_weight,
         )
     return (
         d_hidden if need_d_hidden else None,
         d_weight if need_d_weight else None,
         # labels, num_items_tensor, the scalars, d_hidden_in_forward
-        *([None] * (3 + len(_SCALARS))),
+        *([None] * (3 + len(ctx.scalars))),
     )
 
 

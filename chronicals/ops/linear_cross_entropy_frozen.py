@@ -36,6 +36,7 @@ from torch import Tensor
 
 from chronicals.ops._launch import cast_nearest, interpreter_on, next_power_of_2, use_triton
 from chronicals.ops._lce_common import (
+    LossOptions,
     _accumulate_d_hidden,
     _as_kernel_operands,
     _load_labels,
@@ -238,9 +239,7 @@ def _frozen_cols(budget: int, rows: int, H: int, V: int, element_size: int) -> i
 
 
 def _lce_fwd_d_hidden(
-    hidden: Tensor, weight: Tensor, labels: Tensor, num_items, ignore_index: int, reduction: str,
-    shift: bool, softcap: Optional[float], logit_scale: Optional[float], z_loss: float,
-    label_smoothing: float,
+    hidden: Tensor, weight: Tensor, labels: Tensor, num_items, options: LossOptions,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, lse [N] fp32, d loss / d hidden) for a frozen weight, in one pass over the logits.
 
@@ -257,21 +256,21 @@ def _lce_fwd_d_hidden(
     lse = torch.empty(N, dtype=torch.float32, device=device)
     token_loss = torch.empty(N, dtype=torch.float32, device=device)
     d_hidden = torch.empty((N, H), dtype=dtype, device=device)
-    g = _token_weight(torch.ones((), device=device), labels2d, ignore_index, reduction, shift,
-                      num_items)
+    g = _token_weight(torch.ones((), device=device), labels2d, options, num_items)
     rows, cols = _frozen_blocks(N, H, V, hidden.element_size())
     state = torch.zeros((4, N), dtype=torch.float32, device=device)  # m, s, label logit, sum
     state[0] = float("-inf")
     block = torch.empty(rows * cols, dtype=dtype, device=device)
     acc = torch.empty((rows, H), dtype=torch.float32, device=device)
-    smoothing = label_smoothing != 0.0
+    smoothing = options.label_smoothing != 0.0
     w_sum = weight.sum(0, dtype=torch.float32) if smoothing else acc  # acc: a pointer never read
-    flags = dict(HAS_SCALE=logit_scale is not None, HAS_SOFTCAP=softcap is not None,
-                 HAS_SMOOTHING=smoothing, SHIFT=shift, INTERPRET=interpreter_on(),
+    flags = dict(HAS_SCALE=options.logit_scale is not None,
+                 HAS_SOFTCAP=options.softcap is not None, HAS_SMOOTHING=smoothing,
+                 SHIFT=options.shift, INTERPRET=interpreter_on(),
                  BLOCK_H=min(next_power_of_2(H), 1024))
     # Loop-invariant launch arguments, made once: the loop's Python cost is per block.
-    block_args = (N, labels2d.shape[1], labels2d.stride(0), labels2d.stride(1), ignore_index,
-                  _or_one(logit_scale), _or_one(softcap))
+    block_args = (N, labels2d.shape[1], labels2d.stride(0), labels2d.stride(1),
+                  options.ignore_index, _or_one(options.logit_scale), _or_one(options.softcap))
     block_meta = dict(V=V, H=H, MAX_COLS=cols, **flags,
                       BLOCK=min(next_power_of_2(cols), 64 if interpreter_on() else 4096))
     for t0 in range(0, N, rows):
@@ -287,10 +286,11 @@ def _lce_fwd_d_hidden(
         _lce_frozen_finish_kernel[(n,)](
             acc, state, weight, w_sum, labels2d, g, lse, token_loss, d_hidden,
             t0, N, labels2d.shape[1], weight.stride(0), labels2d.stride(0), labels2d.stride(1),
-            ignore_index, _or_one(logit_scale), _or_one(softcap), float(z_loss),
-            float(label_smoothing), V=V, H=H, HAS_Z=z_loss != 0.0, **flags, num_warps=4,
+            options.ignore_index, _or_one(options.logit_scale), _or_one(options.softcap),
+            float(options.z_loss), float(options.label_smoothing),
+            V=V, H=H, HAS_Z=options.z_loss != 0.0, **flags, num_warps=4,
         )
-    loss = _reduce(token_loss, labels2d, labels.shape, ignore_index, reduction, shift, num_items)
+    loss = _reduce(token_loss, labels2d, labels.shape, options, num_items)
     return loss, lse, d_hidden.view(hidden.shape)
 
 
