@@ -27,7 +27,7 @@ import math
 import os
 import platform
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -168,8 +168,8 @@ def bench_shape(
 
 def _table(rows: list[dict]) -> str:
     lines = [
-        "| tokens | hidden | vocab | head | variant | ms | TFLOP/s | extra GiB | % of logits | "
-        "err loss | err dh | err dw |",
+        ("| tokens | hidden | vocab | head | variant | ms | TFLOP/s | extra GiB | % of logits | "
+         "err loss | err dh | err dw |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

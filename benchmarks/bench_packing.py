@@ -46,16 +46,15 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from compile_passes._torch_api import unique_graphs_compiled  # noqa: E402
-
-from chronicals._torch_private import mark_dynamic  # noqa: E402
-from chronicals.attention import (  # noqa: E402
+from chronicals._torch_private import mark_dynamic
+from chronicals.attention import (
     PACKED_ATTENTION,
     implementation,
     use_packed_attention,
     varlen_attention,
 )
-from chronicals.packing import PackedBatch, pack  # noqa: E402
+from chronicals.packing import PackedBatch, pack
+from compile_passes._torch_api import unique_graphs_compiled
 
 VOCAB = 151936
 

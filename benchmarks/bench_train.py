@@ -69,11 +69,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from compile_passes._torch_api import unique_graphs_compiled  # noqa: E402
-from compile_passes.backend import FUSION_NAMES  # noqa: E402
-
-from chronicals.lora_plus import lora_plus_param_groups  # noqa: E402
-from chronicals.train import compile_loss, train_step  # noqa: E402
+from chronicals.lora_plus import lora_plus_param_groups
+from chronicals.train import compile_loss, train_step
+from compile_passes._torch_api import unique_graphs_compiled
+from compile_passes.backend import FUSION_NAMES
 
 # The stacks run in this process: name -> torch.compile backend of the loss function (None: eager).
 STACKS = {"hf_eager": None, "hf_compile": "inductor", "chronicals": "chronicals"}

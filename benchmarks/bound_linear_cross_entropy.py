@@ -45,8 +45,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _timing import time_graph_and_call  # noqa: E402
-from bench_linear_cross_entropy import SHAPES, bench_shape  # noqa: E402
+from _timing import time_graph_and_call
+from bench_linear_cross_entropy import SHAPES, bench_shape
 
 BF16 = torch.bfloat16
 
@@ -157,8 +157,8 @@ def bound_shape(N: int, H: int, V: int, budget: float) -> dict:
 
 
 def _report(r: dict) -> str:
-    lines = [f"## {r['tokens']} x {r['hidden']} x {r['vocab']}: budget {r['budget']:.1%} of the "
-             f"logits = {r['budget_mib']:.1f} MiB",
+    lines = [(f"## {r['tokens']} x {r['hidden']} x {r['vocab']}: budget {r['budget']:.1%} of the "
+              f"logits = {r['budget_mib']:.1f} MiB"),
              "cuBLAS GEMMs (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in r["gemm_ms"].items())]
     for head in ("trainable", "frozen"):
         compile_ms, _ = r["measured"][f"compile_{head}"]

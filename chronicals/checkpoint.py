@@ -218,7 +218,7 @@ def check_weights(
     for path in weight_files:
         try:
             with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open's handle is not iterable)
                     name = aliases.get(key, key)
                     found[name] = tuple(f.get_slice(key).get_shape())
                     where[name] = path.name

@@ -115,12 +115,12 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_len >= 2, f"max_len must be >= 2 (one input and one label). Got "
-             f"{self.max_len}."),
+            (self.max_len >= 2,
+             f"max_len must be >= 2 (one input and one label). Got {self.max_len}."),
             (self.batch_size >= 1, f"batch_size must be >= 1. Got {self.batch_size}."),
             (self.grad_accum >= 1, f"grad_accum must be >= 1. Got {self.grad_accum}."),
-            (self.steps is None or self.epochs is None, "give steps or epochs, not both. Got "
-             f"steps={self.steps} and epochs={self.epochs}."),
+            (self.steps is None or self.epochs is None,
+             f"give steps or epochs, not both. Got steps={self.steps} and epochs={self.epochs}."),
             (self.steps is None or self.steps >= 1, f"steps must be >= 1. Got {self.steps}."),
             (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1. Got {self.epochs}."),
             (self.lr is None or 0 < self.lr < math.inf,
@@ -130,16 +130,16 @@ class FinetuneConfig:
              f"lora_alpha must be finite and > 0, or None. Got {self.lora_alpha}."),
             (0 <= self.lora_dropout < 1,
              f"lora_dropout must be in [0, 1). Got {self.lora_dropout}."),
-            (0 < self.lora_plus_ratio < math.inf, f"lora_plus_ratio must be finite and > 0. Got "
-             f"{self.lora_plus_ratio}."),
-            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1). Got "
-             f"{self.eval_fraction}."),
+            (0 < self.lora_plus_ratio < math.inf,
+             f"lora_plus_ratio must be finite and > 0. Got {self.lora_plus_ratio}."),
+            (0 <= self.eval_fraction < 1,
+             f"eval_fraction must be in [0, 1). Got {self.eval_fraction}."),
             (min(self.eval_every, self.save_every) >= 0 and self.log_every >= 1,
-             "eval_every and save_every must be >= 0 and log_every >= 1. Got "
-             f"{self.eval_every}, {self.save_every}, {self.log_every}."),
+             ("eval_every and save_every must be >= 0 and log_every >= 1. Got "
+              f"{self.eval_every}, {self.save_every}, {self.log_every}.")),
             (self.warmup_steps is None or 0 <= self.warmup_steps <= self._steps_bound(),
-             f"warmup_steps must be in [0, steps={self._steps_bound()}]. Got "
-             f"{self.warmup_steps}."),
+             (f"warmup_steps must be in [0, steps={self._steps_bound()}]. Got "
+              f"{self.warmup_steps}.")),
             (self.max_grad_norm is None or 0 < self.max_grad_norm < math.inf,
              f"max_grad_norm must be finite and > 0, or None. Got {self.max_grad_norm}."),
             (self.skip_nonfinite >= 0,

@@ -161,12 +161,12 @@ def _checkpoint_bodies_traceable(gm: torch.fx.GraphModule) -> Iterator[None]:
 
     patched = []
     for module in gm.modules():
-        if isinstance(module, torch.fx.GraphModule) and module is not gm:
-            if "_checkpoint_context_fn" not in module.meta:
-                module.meta["_checkpoint_context_fn"] = (
-                    lambda: create_selective_checkpoint_contexts(recompute_all)
-                )
-                patched.append(module)
+        if (isinstance(module, torch.fx.GraphModule) and module is not gm
+                and "_checkpoint_context_fn" not in module.meta):
+            module.meta["_checkpoint_context_fn"] = (
+                lambda: create_selective_checkpoint_contexts(recompute_all)
+            )
+            patched.append(module)
     try:
         yield
     finally:
@@ -358,7 +358,7 @@ class _AutocastCasts(torch.fx.Interpreter):
         try:
             with _ambient_autocast_off():
                 return super().run_node(n)
-        except Exception:
+        except Exception:  # noqa: BLE001 (any failure: the op needs autocast's cast, see above)
             return _FAILED
         finally:
             fake_log.setLevel(level)

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable
-from typing import Union
 
 logger = logging.getLogger("chronicals.compile")
 
@@ -93,7 +92,7 @@ class FusionReport:
         return json.dumps(dataclasses.asdict(self))
 
 
-ReportSink = Union[str, Callable[[FusionReport], None]]
+ReportSink = str | Callable[[FusionReport], None]
 
 
 def publish(report: FusionReport, sink: ReportSink) -> None:

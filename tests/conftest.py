@@ -4,8 +4,8 @@ import os
 # chronicals module is imported. The tests run every kernel on CPU through the interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def pytest_collection_modifyitems(config, items):

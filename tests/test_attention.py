@@ -7,6 +7,7 @@ backend).
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -158,7 +159,7 @@ def per_document_truth(q, k, v, cu, scale, window=None):
     vf = v.double().repeat_interleave(rep, 1).transpose(1, 2).reshape(b * s, hq, d)
     out = torch.empty_like(qf)
     bounds = cu.tolist()
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         n = hi - lo
         scores = torch.einsum("qhd,khd->hqk", qf[lo:hi], kf[lo:hi]) * scale
         i = torch.arange(n, device=q.device)

@@ -123,8 +123,8 @@ _DAMAGES = {
     "tensor-deleted-resealed": (
         "full", lambda c, o: (_edit_weights(c / "model.safetensors", lambda t: t.pop(_UP)),
                               _reseal(c)),
-        rf"model.safetensors lacks tensor\(s\) {_UP} of the model \(loading would "
-        "re-initialise them at random\\)"),
+        (rf"model.safetensors lacks tensor\(s\) {_UP} of the model \(loading would "
+         "re-initialise them at random\\)")),
     "tensor-added-resealed": (
         "full", lambda c, o: (_edit_weights(c / "model.safetensors",
                                             lambda t: t.update(extra=torch.zeros(3))),
@@ -138,8 +138,8 @@ _DAMAGES = {
     "config-size-resealed": (
         "full", lambda c, o: (_edit_json(c / "config.json",
                                          lambda j: {**j, "intermediate_size": 320}), _reseal(c)),
-        r"tensor model.layers.0.mlp.gate_proj.weight in model.safetensors has shape \[384, "
-        r"128\], the model's is \[320, 128\]"),
+        (r"tensor model.layers.0.mlp.gate_proj.weight in model.safetensors has shape \[384, "
+         r"128\], the model's is \[320, 128\]")),
     "config-invalid-json-resealed": (
         "full", lambda c, o: ((c / "config.json").write_text("{"), _reseal(c)),
         "config.json cannot be loaded"),
@@ -173,12 +173,12 @@ _DAMAGES = {
                             r"!resume: .*latest.json is not valid JSON"),
     "latest-names-a-replaced-checkpoint": (
         "full", lambda c, o: _edit_json(c / ckpt.MANIFEST_FILE, lambda j: {**j, "id": "0"}),
-        r"!resume: .*latest.json names .*checkpoint-4 as the run's latest checkpoint, which was "
-        "replaced since"),
+        (r"!resume: .*latest.json names .*checkpoint-4 as the run's latest checkpoint, which was "
+         "replaced since")),
     "latest-deleted": (
         "full", lambda c, o: (o / ckpt.LATEST_FILE).unlink(),
-        r"!resume: .*out holds checkpoint-2, checkpoint-4 but no latest.json naming the run's "
-        r"latest checkpoint; resume from one by its directory \(--resume DIR\)\.$"),
+        (r"!resume: .*out holds checkpoint-2, checkpoint-4 but no latest.json naming the run's "
+         r"latest checkpoint; resume from one by its directory \(--resume DIR\)\.$")),
     "log-line-torn-before-the-last": (
         "full", lambda c, o: _edit_log(o, 1, '{"kind": "tra'),
         r"!resume: .*log.jsonl line 2 is not valid JSON .*only the last line may be cut short"),
@@ -191,8 +191,8 @@ _DAMAGES = {
         "adapter_model.safetensors does not match its sha256 in manifest.json"),
     "lora-base-model-damaged": (
         "lora", lambda c, o: _flip_tensor_bytes(o / "base-model" / "model.safetensors"),
-        r"!resume: .*base-model is damaged or incomplete: model.safetensors does not match .*; "
-        r"delete it to have it written again \(the model built from the config with --seed\)\.$"),
+        (r"!resume: .*base-model is damaged or incomplete: model.safetensors does not match .*; "
+         r"delete it to have it written again \(the model built from the config with --seed\)\.$")),
 }
 
 

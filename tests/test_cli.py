@@ -223,14 +223,14 @@ def _chat_lines(bad: dict) -> str:
         (lambda d: ["--data", _write(d / "text.jsonl", '{"text": "hello"}\n')],
          r"text.jsonl:1: expected a 'messages' column .* Got columns \['text'\]"),
         (lambda d: ["--max-len", "64"],
-         r"examples are longer than max_len=64 tokens \(the longest, \S*humaneval.jsonl:\d+, "
-         ".*overlong"),
+         (r"examples are longer than max_len=64 tokens \(the longest, \S*humaneval.jsonl:\d+, "
+          ".*overlong")),
         # The record on line 8 is the one too long; with 4 of 20 records held out it is the 6th
         # of the training split, which the error named before, then "record 7".
         (lambda d: ["--data", _write(d / "long.jsonl", _records(20, long=(7,))), "--max-len",
                     "64", "--eval-fraction", "0.2"],
-         r"1 of 20 examples are longer than max_len=64 tokens \(the longest, \S*long.jsonl:8, "
-         "has"),
+         (r"1 of 20 examples are longer than max_len=64 tokens \(the longest, \S*long.jsonl:8, "
+          "has")),
         (lambda d: ["--data", _write(d / "chat.jsonl", _chat_lines(
             {"messages": [{"role": "user", "content": "Hi"}]}))],
          r"data: \S*chat.jsonl:4: no 'assistant' message"),
@@ -240,8 +240,8 @@ def _chat_lines(bad: dict) -> str:
         (lambda d: ["--data", _write(d / "chat.jsonl", _chat_lines(
             {"messages": [{"role": "user", "content": ["Hi"]},
                           {"role": "assistant", "content": "Hello"}]}))],
-         r"data: \S*chat.jsonl:4: messages\[0\] \(user\) must have a string 'content'. Got "
-         "list"),
+         (r"data: \S*chat.jsonl:4: messages\[0\] \(user\) must have a string 'content'. Got "
+          "list")),
         (lambda d: ["--data", _write(d / "data.json", json.dumps({"data": []}, indent=1))],
          "holds one JSON object spread over several lines"),
         (lambda d: ["--data", "chronicals-test/no-such-data"],

@@ -34,13 +34,13 @@ _RECORDS = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
         (_chat(("user", [{"type": "text", "text": "Hi"}]), ("assistant", "Hello")),
          r"records\[2\]: messages\[0\] \(user\) must have a string 'content'. Got list"),
         (_chat(("user", "Hi"), ("assistant", None)),
-         r"records\[2\]: messages\[1\] \(assistant\) must have a string 'content'. Got "
-         "NoneType"),
+         (r"records\[2\]: messages\[1\] \(assistant\) must have a string 'content'. Got "
+          "NoneType")),
         ({"messages": []},
          r"records\[2\]: 'messages' must be a non-empty list .* Got an empty list"),
         ({"messages": [{"role": "user"}]},
-         r"records\[2\]: messages\[0\] must be an object with 'role' and 'content'. Got keys "
-         r"\['role'\]"),
+         (r"records\[2\]: messages\[0\] must be an object with 'role' and 'content'. Got keys "
+          r"\['role'\]")),
     ],
     ids=["no-assistant", "unknown-role", "list-content", "none-content", "empty", "no-content"],
 )
@@ -71,8 +71,8 @@ def _json_lines(records: list, blank_after: int = -1) -> str:
          r"data: \S*data.jsonl:1: expected a 'messages' column .* Got columns \['text'\]"),
         # A pretty-printed array: the line the record's object starts on.
         ("data.json", json.dumps([_GOOD, _GOOD, _chat(("user", "Hi"))], indent=2),
-         r"data: \S*data.json:%d: no 'assistant' message"
-         % (2 + 2 * len(json.dumps(_GOOD, indent=2).splitlines()))),
+         (rf"data: \S*data.json:{2 + 2 * len(json.dumps(_GOOD, indent=2).splitlines())}: "
+          "no 'assistant' message")),
     ],
     ids=["jsonl-blank-line", "jsonl-type", "jsonl-missing-field", "jsonl-columns", "json-array"],
 )
@@ -112,11 +112,11 @@ def test_json_file_holds_an_array_or_json_lines(tmp_path, text, encoding):
       r"one JSON object spread over several lines \(keys \['data'\]\); expected a JSON array"),
      # Before: "line 1", where reading it as JSON lines failed; the array ends on line 3.
      ("data.json", '[{"prompt": "p"},\n\n',
-      r"data.json:3: not valid JSON \(Expecting value, column 1\); expected a JSON array of "
-      "record objects"),
+      (r"data.json:3: not valid JSON \(Expecting value, column 1\); expected a JSON array of "
+       "record objects")),
      ("data.json", '{"prompt": "p", "completion": "c"}\n{"prompt": "p"\n',
-      r"data.json:2: not valid JSON \(.*\); expected a JSON array of record objects or JSON "
-      "lines"),
+      (r"data.json:2: not valid JSON \(.*\); expected a JSON array of record objects or JSON "
+       "lines")),
      ("data.jsonl", json.dumps(_RECORDS, indent=2),
       r"data.jsonl:1: not valid JSON .*; expected JSON lines \(one record object per line\)"),
      ("data.jsonl", '{"prompt": "p", "completion": "c"}\n["p", "c"]\n',

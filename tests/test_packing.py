@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
@@ -71,8 +72,8 @@ def check_layout(packed: PackedBatch, examples: list[dict], max_len: int, pad_id
     assert packed.cu_seqlens.dtype == torch.int32
     bounds = packed.cu_seqlens.tolist()
     assert bounds[0] == 0 and bounds[-1] == rows * max_len
-    assert all(b > a for a, b in zip(bounds, bounds[1:]))
-    seg_lens = [b - a for a, b in zip(bounds, bounds[1:])]
+    assert all(b > a for a, b in itertools.pairwise(bounds))
+    seg_lens = [b - a for a, b in itertools.pairwise(bounds)]
     assert packed.max_seqlen == max(seg_lens)
     expected_bounds = []
     placed: dict[int, list[Document]] = {}

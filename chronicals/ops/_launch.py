@@ -88,7 +88,7 @@ def cast_nearest(v, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     truncates fp32 -> bf16 conversions (research/environment.md), so there the rounding is done on
     the bits first and the conversion is then exact. Truncated values would bias every gradient
     GEMM the same way, which the GPU's round-to-nearest store does not."""
-    if INTERPRET:
+    if INTERPRET:  # noqa: SIM102 (two constexpr branches, as every kernel here writes them)
         if DTYPE == tl.bfloat16:
             bits = v.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -104,7 +103,7 @@ class LossOptions:
         return {**dataclasses.asdict(self), "num_items_in_batch": num_items}
 
 
-def _or_one(option: Optional[float]) -> float:
+def _or_one(option: float | None) -> float:
     """A kernel's float argument for an optional scale (ignored by the kernel when None)."""
     return 1.0 if option is None else float(option)
 

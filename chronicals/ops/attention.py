@@ -144,7 +144,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, 
 
 @_attention_op.register_fake
 def _attention_fake(q, k, v, position_ids, scale, window):
-    b, hq, s, d = q.shape
+    b, hq, s, _d = q.shape
     return empty_token_major(q), q.new_empty((b * hq * s,), dtype=torch.float32)
 
 

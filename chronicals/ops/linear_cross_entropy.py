@@ -59,7 +59,7 @@ and gradient NaN, so the loss, grad norm and weights show it instead of training
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import triton
@@ -368,7 +368,7 @@ def _tma_ok(*tensors: Tensor) -> bool:
     return True
 
 
-def _descriptor(t: Tensor, block: list[int], tma: bool) -> Optional[TensorDescriptor]:
+def _descriptor(t: Tensor, block: list[int], tma: bool) -> TensorDescriptor | None:
     return TensorDescriptor.from_tensor(t, block) if tma else None
 
 
@@ -383,9 +383,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _check_inputs(
-    hidden: Tensor, weight: Tensor, labels: Tensor, num_items_tensor: Optional[Tensor],
-    num_items_int: Optional[int], ignore_index: int, reduction: str, softcap: Optional[float],
-    logit_scale: Optional[float], z_loss: float, label_smoothing: float,
+    hidden: Tensor, weight: Tensor, labels: Tensor, num_items_tensor: Tensor | None,
+    num_items_int: int | None, ignore_index: int, reduction: str, softcap: float | None,
+    logit_scale: float | None, z_loss: float, label_smoothing: float,
     d_hidden_in_forward: bool = False,
 ) -> None:
     op = "linear_cross_entropy"
@@ -461,7 +461,7 @@ def _check_label_range(labels: Tensor, ignore_index: int, vocab: int) -> None:
         raise IndexError(f"linear_cross_entropy: Target {target} is out of bounds.")
 
 
-def _num_items(num_items_tensor: Optional[Tensor], num_items_int: Optional[int]):
+def _num_items(num_items_tensor: Tensor | None, num_items_int: int | None):
     return num_items_tensor.reshape(()) if num_items_tensor is not None else num_items_int
 
 
@@ -568,7 +568,7 @@ def _lce_bwd(
 
 
 def _reference_lse(
-    hidden: Tensor, weight: Tensor, softcap: Optional[float], logit_scale: Optional[float],
+    hidden: Tensor, weight: Tensor, softcap: float | None, logit_scale: float | None,
 ) -> Tensor:
     logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.T).float()
     if logit_scale is not None:
@@ -585,9 +585,9 @@ def _reference_lse(
 
 @torch.library.custom_op("chronicals::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy_op(
-    hidden: Tensor, weight: Tensor, labels: Tensor, num_items_tensor: Optional[Tensor],
-    num_items_int: Optional[int], ignore_index: int, reduction: str, shift: bool,
-    softcap: Optional[float], logit_scale: Optional[float], z_loss: float, label_smoothing: float,
+    hidden: Tensor, weight: Tensor, labels: Tensor, num_items_tensor: Tensor | None,
+    num_items_int: int | None, ignore_index: int, reduction: str, shift: bool,
+    softcap: float | None, logit_scale: float | None, z_loss: float, label_smoothing: float,
     d_hidden_in_forward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, lse [N], d_hidden): d_hidden is d loss / d hidden for an upstream gradient of 1
@@ -627,8 +627,8 @@ def _(hidden, weight, labels, num_items_tensor, num_items_int, ignore_index, red
 @torch.library.custom_op("chronicals::linear_cross_entropy_backward", mutates_args=())
 def _linear_cross_entropy_backward_op(
     grad_loss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
-    num_items_tensor: Optional[Tensor], num_items_int: Optional[int], ignore_index: int,
-    reduction: str, shift: bool, softcap: Optional[float], logit_scale: Optional[float],
+    num_items_tensor: Tensor | None, num_items_int: int | None, ignore_index: int,
+    reduction: str, shift: bool, softcap: float | None, logit_scale: float | None,
     z_loss: float, label_smoothing: float, need_d_hidden: bool, need_d_weight: bool,
 ) -> tuple[Tensor, Tensor]:
     """(d_hidden, d_weight); a gradient not asked for comes back as an empty tensor (custom ops

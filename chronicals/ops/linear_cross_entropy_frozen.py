@@ -27,8 +27,6 @@ logits' bytes, until the backward has scaled it).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -320,7 +318,7 @@ def _(d_hidden, grad_loss):
 
 
 def takes_frozen_head_path(
-    hidden: Tensor, weight: Tensor, reduction: str, softcap: Optional[float] = None,
+    hidden: Tensor, weight: Tensor, reduction: str, softcap: float | None = None,
     label_smoothing: float = 0.0,
 ) -> bool:
     """Whether the op computes d loss / d hidden in its forward: a backward will want hidden's
@@ -335,7 +333,7 @@ def takes_frozen_head_path(
 
 
 def frozen_head_path_supports(
-    hidden: Tensor, reduction: str, softcap: Optional[float] = None, label_smoothing: float = 0.0,
+    hidden: Tensor, reduction: str, softcap: float | None = None, label_smoothing: float = 0.0,
 ) -> bool:
     """A scalar loss (its upstream gradient is applied in the backward), bf16/fp32 (fp16's
     d_hidden for an upstream gradient of 1 would underflow before the loss scale reaches it), the

@@ -166,7 +166,7 @@ def test_mask_from_a_float_input_is_rejected():
     def fn(q, k, v, bias):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias > 0, enable_gqa=True)
 
-    out, report = compile_fn(fn, q, k, v, bias)
+    _out, report = compile_fn(fn, q, k, v, bias)
     assert report.fired["attention"] == 0 and _rejections(report)
 
 

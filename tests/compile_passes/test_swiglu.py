@@ -103,7 +103,7 @@ def test_activation_with_another_user_is_left_alone():
         return act * up, act
 
     gate, up = torch.randn(4, 24), torch.randn(4, 24)
-    (out, act), report = compile_fn(mlp, gate, up)
+    (out, _act), report = compile_fn(mlp, gate, up)
     assert report.fired["swiglu"] == 0
     (rejection,) = report.rejected
     assert "used 2 times" in rejection.reason

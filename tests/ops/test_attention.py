@@ -89,9 +89,9 @@ def test_forward_backward_against_fp64(case, dtype, device):
 
 
 def test_output_is_token_major():
-    q, k, v, pos, window = _inputs(CASES[1], torch.float32, "cpu")
+    q, k, v, pos, _window = _inputs(CASES[1], torch.float32, "cpu")
     out = ops.attention(q, k, v, pos)
-    b, h, s, d = out.shape
+    _b, h, s, d = out.shape
     assert out.stride() == (s * h * d, d, h * d, 1)
     assert out.transpose(1, 2).is_contiguous()
 

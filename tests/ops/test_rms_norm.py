@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from chronicals import reference
-from chronicals.ops._launch import as_rows, use_triton
 from chronicals.ops import rms_norm as rms_norm_module
+from chronicals.ops._launch import as_rows, use_triton
 from chronicals.ops.rms_norm import rms_norm
 from tests.helpers import ULP, assert_no_worse_than_eager, devices
 

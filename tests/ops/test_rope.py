@@ -76,7 +76,7 @@ def _truth_and_eager(q, k, cos, sin, gq, gk, rope_layout):
 
 
 def _assert_token_major(name, t):
-    batch, heads, seq, head_dim = t.shape
+    _batch, heads, seq, head_dim = t.shape
     expected = (seq * heads * head_dim, head_dim, heads * head_dim, 1)
     assert t.stride() == expected, f"{name}: strides {t.stride()} != token-major {expected}"
 
