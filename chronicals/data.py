@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chronicals.packing import OVERLONG_POLICIES, pack
+from chronicals.packing import OVERLONG_POLICIES, pack, segment_bounds, split_pieces
 from chronicals.train import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -554,11 +554,9 @@ def _fit(
             truncated += 1
             truncated_to_no_labels += _has_labels(ex.labels) and not _has_labels(fitted[-1].labels)
         else:
-            # Starts every max_len - 1 tokens: a piece begins with the last token of the one
-            # before. They stop before n - 1, since a 1-token piece would have no label to score.
             fitted += [
-                Example(input_ids=ex.input_ids[s : s + max_len], labels=ex.labels[s : s + max_len])
-                for s in range(0, n - 1, max_len - 1)
+                Example(input_ids=ex.input_ids[s : s + k], labels=ex.labels[s : s + k])
+                for s, k in split_pieces(n, max_len)
             ]
             split += 1
     return fitted, OverlongCounts(
@@ -626,8 +624,7 @@ def select(rows: Rows, index: Sequence[int]) -> dict[str, Any]:
     batch: dict[str, Any] = {"input_ids": rows.input_ids[index], "labels": rows.labels[index]}
     if rows.position_ids is not None:
         positions = rows.position_ids[index]
-        starts = (positions.flatten() == 0).nonzero().flatten()
-        cu_seqlens = torch.cat([starts, torch.tensor([positions.numel()])]).to(torch.int32)
+        cu_seqlens = segment_bounds(positions)
         row_len = positions.shape[1]
         batch.update(
             position_ids=positions, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,

@@ -30,9 +30,10 @@ boundaries of any selection of rows also follow from its `position_ids` (and HF'
 finds documents from position ids, sees the same segments).
 
 Examples longer than `max_len` follow an explicit policy: "error" (default) raises, "truncate"
-keeps the first `max_len` tokens, "split" cuts the example into documents of `max_len` tokens
-(each piece is attended on its own and its first label is masked). Either is counted in `stats`;
-nothing is dropped.
+keeps the first `max_len` tokens, "split" cuts the example into documents of at most `max_len`
+tokens that overlap by one token (`split_pieces`): each piece is attended on its own and its first
+label is masked, which the piece before has scored, so every label is scored once. Either is
+counted in `stats`; nothing is dropped.
 """
 
 from __future__ import annotations
@@ -173,16 +174,16 @@ class PackedBatch:
         for begin in range(0, len(order), rows):
             idx = order[begin : begin + rows]
             index = torch.tensor(idx, dtype=torch.long)
-            documents = tuple(self.documents[i] for i in idx)
-            cu_seqlens, max_seqlen = _segments(documents, self.max_len)
+            position_ids = self.position_ids.index_select(0, index)
+            cu_seqlens = segment_bounds(position_ids)
             out.append(
                 PackedBatch(
                     input_ids=self.input_ids.index_select(0, index),
                     labels=self.labels.index_select(0, index),
-                    position_ids=self.position_ids.index_select(0, index),
+                    position_ids=position_ids,
                     cu_seqlens=cu_seqlens,
-                    max_seqlen=max_seqlen,
-                    documents=documents,
+                    max_seqlen=_longest(cu_seqlens),
+                    documents=tuple(self.documents[i] for i in idx),
                     overlong=self.overlong,
                 )
             )
@@ -242,9 +243,7 @@ def pack(
         elif overlong == "truncate":
             pieces.append(Document(i, 0, max_len, n))
         else:
-            pieces.extend(
-                Document(i, s, min(max_len, n - s), n) for s in range(0, n, max_len)
-            )
+            pieces.extend(Document(i, s, k, n) for s, k in split_pieces(n, max_len))
 
     bins = best_fit_decreasing([d.length for d in pieces], max_len)
     documents = tuple(tuple(pieces[j] for j in row) for row in bins)
@@ -266,13 +265,14 @@ def pack(
             slot = end
         position_ids[r, slot:] = arange[: max_len - slot] % PAD_SEGMENT
 
-    cu_seqlens, max_seqlen = _segments(documents, max_len)
+    position_ids = torch.from_numpy(position_ids)
+    cu_seqlens = segment_bounds(position_ids)
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids),
         labels=torch.from_numpy(labels),
-        position_ids=torch.from_numpy(position_ids),
+        position_ids=position_ids,
         cu_seqlens=cu_seqlens,
-        max_seqlen=max_seqlen,
+        max_seqlen=_longest(cu_seqlens),
         documents=documents,
         overlong=overlong,
     )
@@ -347,26 +347,29 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
-def _segments(
-    documents: tuple[tuple[Document, ...], ...], max_len: int
-) -> tuple[Tensor, int]:
-    """cu_seqlens (int32) over the flattened rows, pad tails cut into PAD_SEGMENT pieces, and the
-    longest segment."""
-    bounds = [0]
-    longest = 0
-    for r, row in enumerate(documents):
-        slot = r * max_len
-        for doc in row:
-            slot += doc.length
-            bounds.append(slot)
-            longest = max(longest, doc.length)
-        row_end = (r + 1) * max_len
-        while slot < row_end:
-            end = min(slot + PAD_SEGMENT, row_end)
-            longest = max(longest, end - slot)
-            slot = end
-            bounds.append(slot)
-    return torch.tensor(bounds, dtype=torch.int32), longest
+def split_pieces(length: int, max_len: int) -> list[tuple[int, int]]:
+    """(start, length) of the pieces an example of `length` tokens is cut into for rows of
+    `max_len` >= 2 slots; one piece when it fits. Consecutive pieces overlap by one token: a
+    piece's first label is never scored (no token before it in the piece predicts it), so it must
+    be one the piece before has scored, and then every label is scored exactly once. Pieces start
+    every max_len - 1 tokens and stop before the last token, which the piece before holds (a
+    1-token piece would score nothing)."""
+    if length <= max_len:
+        return [(0, length)]
+    return [(s, min(max_len, length - s)) for s in range(0, length - 1, max_len - 1)]
+
+
+def segment_bounds(position_ids: Tensor) -> Tensor:
+    """cu_seqlens (int32) over the flattened rows of `position_ids`, in which every segment (a
+    document or a pad piece) starts at position 0: the boundaries variable-length attention takes,
+    ending at the number of slots."""
+    flat = position_ids.flatten()
+    starts = (flat == 0).nonzero().flatten()
+    return torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+
+
+def _longest(cu_seqlens: Tensor) -> int:
+    return int(torch.diff(cu_seqlens).max())
 
 
 def _check_int(

@@ -103,15 +103,25 @@ def check_layout(packed: PackedBatch, examples: list[dict], max_len: int, pad_id
     # Position 0 marks exactly the segment starts: the boundaries follow from position_ids.
     starts = (packed.position_ids.flatten() == 0).nonzero().flatten().tolist()
     assert starts + [rows * max_len] == bounds
-    # Every example's tokens appear exactly once, in order (the truncation policy keeps a prefix).
+    # Every example's tokens appear in order (the truncation policy keeps a prefix); split pieces
+    # overlap by exactly one token, every other token is placed once.
     for i, ex in enumerate(examples):
         pieces = sorted(placed.pop(i), key=lambda d: d.start)
+        for before, after in itertools.pairwise(pieces):
+            assert after.start == before.start + before.length - 1
         tokens = [t for d in pieces for t in ex["input_ids"][d.start : d.start + d.length]]
         if packed.overlong == "truncate":
             assert tokens == ex["input_ids"][:max_len]
         else:
-            assert tokens == ex["input_ids"]
+            assert [t for j, t in enumerate(tokens) if j not in _seams(pieces)] == ex["input_ids"]
     assert not placed
+
+
+def _seams(pieces: list[Document]) -> set[int]:
+    """Indices, in the pieces' concatenated tokens, of each later piece's first token (the
+    overlapping one)."""
+    ends = list(itertools.accumulate(d.length for d in pieces))
+    return set(ends[:-1])
 
 
 @pytest.mark.parametrize("kind", ["uniform", "lognormal", "third-to-half", "bimodal"])
@@ -261,9 +271,28 @@ def test_overlong_split_keeps_every_token_and_counts_it():
     check_layout(packed, examples, 8)
     s = packed.stats
     assert (s.truncated_examples, s.truncated_tokens, s.split_examples) == (0, 0, 2)
-    assert s.real_tokens == 48 and s.examples == 4 and s.documents == 3 + 1 + 1 + 3
+    # 20 tokens: pieces at 0, 7, 14 (22 slots); 17 tokens: 0, 7, 14 (19 slots).
+    assert s.real_tokens == 22 + 3 + 8 + 19 and s.examples == 4 and s.documents == 3 + 1 + 1 + 3
     pieces = sorted((d.start, d.length) for row in packed.documents for d in row if d.example == 0)
-    assert pieces == [(0, 8), (8, 8), (16, 4)]
+    assert pieces == [(0, 8), (7, 8), (14, 6)]
+
+
+@pytest.mark.parametrize("n", [9, 14, 15, 16, 22, 50])
+@pytest.mark.parametrize("max_len", [2, 3, 8])
+def test_overlong_split_scores_every_label_once(n, max_len):
+    """Labels unique across examples: the labels the packed rows score (position t predicts label
+    t + 1; a document's first label is masked) are exactly each example's labels after its first,
+    none lost at a piece boundary and none scored twice."""
+    examples = [
+        {"input_ids": list(range(n)), "labels": [IGNORE] * 2 + list(range(1002, 1000 + n))},
+        {"input_ids": [5] * 3, "labels": [IGNORE, 2001, 2002]},
+    ]
+    packed = pack(examples, max_len=max_len, overlong="split")
+    check_layout(packed, examples, max_len)
+    scored = sorted(packed.labels[packed.labels != IGNORE].tolist())
+    expected = sorted(label for ex in examples for label in ex["labels"][1:] if label != IGNORE)
+    assert scored == expected
+    assert packed.stats.split_examples == 1 + (max_len < 3)
 
 
 def test_batches_split_rows_with_their_own_boundaries_and_drop_nothing():
