@@ -83,7 +83,7 @@ _INTERPRETER_BWD_PROGRAMS = 4
 @triton.jit
 def _round(v, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     """fp32 v rounded to nearest-even in DTYPE, as PyTorch and the GPU do. The interpreter
-    truncates fp32 -> bf16 conversions (research/environment.md), so there the rounding is done on
+    truncates fp32 -> bf16 conversions (it keeps the top 16 bits), so there the rounding is done on
     the bits first and the conversion is then exact."""
     if INTERPRETED:
         if DTYPE == tl.bfloat16:
