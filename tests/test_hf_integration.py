@@ -159,12 +159,20 @@ def test_sft_trainer_fuses_everything_and_learns(tmp_path, caplog, packing, grad
     assert all(fired[name] >= EXPECTED["qwen2"][name] for name in FUSIONS), fired
     losses = _losses(trainer)
     assert losses[-1] < 0.8 * losses[0], losses
-    # TRL's entropy and token accuracy: NaN, said once.
+    # TRL's evaluation runs the fused head too (no grad): a finite loss.
+    with caplog.at_level(logging.WARNING, logger="chronicals.hf"):
+        evaluated = trainer.evaluate(dataset.select(range(4)))
+    assert math.isfinite(evaluated["eval_loss"])
+    # TRL's entropy and token accuracy, in training and evaluation: NaN, said once.
     assert [r.message for r in caplog.records].count(
-        "chronicals.compile_model: the fused LM head returns log-probabilities only; entropy "
-        "and top-1 accuracy are NaN (the op keeps no softmax rows)"
+        "chronicals.compile_model: TRL's entropy and mean_token_accuracy metrics are skipped "
+        "(logged as nan): the fused LM head returns log-probabilities only (the op keeps no "
+        "softmax rows)"
     ) == 1
-    assert math.isnan(trainer.state.log_history[0]["mean_token_accuracy"])
+    for metrics in (trainer.state.log_history[0], evaluated):
+        prefix = "eval_" if metrics is evaluated else ""
+        assert math.isnan(metrics[f"{prefix}mean_token_accuracy"])
+        assert math.isnan(metrics[f"{prefix}entropy"])
 
     model.eval()
     batch = tokenizer.pad([{"input_ids": r["input_ids"]} for r in _rows(2)], return_tensors="pt")
