@@ -1,5 +1,6 @@
-"""compile_model inside Hugging Face Trainer and TRL's SFTTrainer: the same model object, every
-fusion fired in training (LM head + cross-entropy included), the loss falls, eval gives logits."""
+"""compile_model inside Hugging Face Trainer, TRL's SFTTrainer and an Accelerate loop: the same
+model object, every fusion fired in training (LM head + cross-entropy included), the loss falls,
+eval gives logits."""
 
 from __future__ import annotations
 
@@ -128,6 +129,35 @@ def test_trainer_fuses_everything_and_learns(tmp_path):
 
     predictions = trainer.predict(rows[:4])
     assert predictions.predictions.shape == (4, 10, VOCAB)
+
+
+def test_accelerate_loop_fuses_everything_and_learns():
+    from accelerate import Accelerator
+
+    model = tiny_model("qwen2")
+    compile_model(model)
+    rows = [torch.tensor(r["input_ids"][:10]) for r in _rows()]
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=4, collate_fn=lambda b: {"input_ids": torch.stack(b),
+                                                  "labels": torch.stack(b)})
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    prepared.train()
+    compile_passes.clear_fusion_reports()
+    losses = []
+    for _ in range(2):
+        for batch in loader:
+            out = prepared(**batch)
+            assert out.logits is None
+            accelerator.backward(out.loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(out.loss.item())
+    reports = compile_passes.fusion_reports()
+    assert reports and all(r.fired[name] == EXPECTED["qwen2"][name] for r in reports
+                           for name in FUSIONS), [r.summary() for r in reports]
+    assert losses[-1] < 0.8 * losses[0], losses
 
 
 @pytest.mark.parametrize(
