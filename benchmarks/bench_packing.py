@@ -13,8 +13,7 @@ the loss function, plain Inductor):
   to 64), pad labels ignored, no attention_mask, HF sdpa (is_causal: the flash kernel).
 - padded-to-max_len (eager, compiled): the same, padded to max_len. Compiled padded batches use
   this: a width per batch means a dynamic-shape graph (its compile took 54 s for 2 layers against
-  15 s for packed), and HF materialises a causal mask under compile anyway
-  (research/compile-backend.md section 6).
+  15 s for packed), and HF materialises a causal mask under compile anyway.
 - packed (eager, compiled): examples from the same law packed by `chronicals.packing.pack` (BFD),
   batches of `--rows` full rows of max_len, `chronicals_varlen` attention.
 - packed-sdpa (eager): the same packed rows through HF sdpa with its dense document mask.

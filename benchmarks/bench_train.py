@@ -6,7 +6,7 @@ script itself (numbers meaningless). The unsloth stack is asked for by name and 
 `--stacks hf_compile,chronicals,unsloth --peers DIR`, where DIR holds Unsloth and its dependencies
 unpacked (wheels unzipped into one folder; the GPU machine has no package registry).
 
-Workload (DESIGN.md's baseline setup): a Qwen2.5-0.5B-shaped model (Qwen2Config: hidden 896,
+Workload (the baselines' setup, benchmarks/README.md): a Qwen2.5-0.5B-shaped model (Qwen2Config: hidden 896,
 24 layers, 14 heads, 2 KV heads, intermediate 4864, vocab 151936, tied embeddings, rope theta 1e6)
 or, with `--model llama-3.2-1b`, a Llama-3.2-1B-shaped one (LlamaConfig: hidden 2048, 16 layers,
 32 heads, 8 KV heads, head dim 64, intermediate 8192, vocab 128256, tied embeddings, rope theta
@@ -81,10 +81,12 @@ STACKS = {"hf_eager": None, "hf_compile": "inductor", "chronicals": "chronicals"
 PEER_STACKS = {"unsloth": "bench_unsloth.py"}
 MODES = ("full", "lora")
 MODELS = ("qwen2.5-0.5b", "llama-3.2-1b")
-# Rows of 2048 tokens when --rows is not given; DESIGN.md measured Llama-3.2-1B at 4 x 2048.
+# Rows of 2048 tokens when --rows is not given; Llama-3.2-1B's baseline (benchmarks/README.md) is
+# 4 x 2048.
 DEFAULT_ROWS = {"qwen2.5-0.5b": 8, "llama-3.2-1b": 4}
 REQUIRED_FUSIONS = ("rms_norm", "swiglu", "rope", "attention", "linear_cross_entropy")
-# DESIGN.md, H200, Qwen2.5-0.5B, same workload: (full tok/s, full GiB, LoRA tok/s, LoRA GiB).
+# H200, Qwen2.5-0.5B, this workload (benchmarks/README.md, "Baselines and targets"):
+# (full tok/s, full GiB, LoRA tok/s, LoRA GiB).
 BASELINES = {"hf_eager": (85_173, 56.4, 56_937, 63.8), "hf_compile": (111_050, 33.0, None, None)}
 TARGETS = {"full": (150_000, 18.0), "lora": (180_000, 15.0)}
 
@@ -151,7 +153,7 @@ def _check_peers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     wanted = "unsloth" in args.stacks
     if wanted and args.peers is None:
         p.error("--stacks unsloth needs --peers DIR: the folder Unsloth and its dependencies were "
-                "unpacked into (e.g. `tar -xJf .peers/peers.tar.xz -C DIR`)")
+                "unpacked into (wheels unzipped into one folder)")
     if not wanted and args.peers is not None:
         p.error("--peers is read by the unsloth stack only; add unsloth to --stacks or drop it")
     if not wanted:
@@ -479,7 +481,7 @@ def main() -> None:
               "(build s) | batch-0 loss first -> last | baseline tok/s, GiB | ok |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        # The baselines and targets are DESIGN.md's, for the Qwen2.5-0.5B workload.
+        # The baselines and targets of benchmarks/README.md, for the Qwen2.5-0.5B workload.
         base = BASELINES.get(r["stack"]) if args.model == "qwen2.5-0.5b" else None
         col = 0 if r["mode"] == "full" else 2
         ref = f"{base[col]:,} / {base[col + 1]}" if base and base[col] else "-"

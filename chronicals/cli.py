@@ -1,16 +1,15 @@
 """`python -m chronicals finetune` (console script `chronicals finetune`): the main job.
 
     data (chronicals.data) -> model (+ PEFT LoRA with LoRA+ groups) -> compile_loss -> loop of
-    train_step -> JSONL log, progress bar, held-out eval loss, checkpoints, loss plot
+    train_step -> JSONL log, progress bar, held-out eval loss, checkpoints, plot
+    (chronicals.run_log, chronicals.plot)
 
 With no arguments it fine-tunes a tiny Qwen2-shaped model (built from a config) on the bundled
 HumanEval prompt/completion data with the bundled tokenizer, in about a minute on a laptop CPU.
 
 Output directory:
-    log.jsonl            one line per step ({"kind": "train", ...}; "skip" for a step whose
-                         micro-batches hold no label token, where the optimizer does not step;
-                         "nonfinite" for a step whose loss or gradient norm was NaN or infinite),
-                         per evaluation ("eval") and per compiled graph's fusion report ("compile")
+    log.jsonl            one line per step, evaluation and compiled graph's fusion report
+                         (chronicals.run_log)
     checkpoint-<step>/   model (safetensors; a PEFT adapter or the full model) + tokenizer, loadable
                          with `from_pretrained`, training_state.pt and run_config.json for
                          --resume, and manifest.json (the size and SHA-256 of every file)
@@ -22,7 +21,9 @@ Output directory:
                          wherever the folder is moved
     base-model/          the randomly initialised base of a LoRA run on a model built from a
                          config, so the adapter has a base to load onto
-    loss.svg             the loss curve
+    metrics.png          loss and eval loss, gradient norm, learning rate and tokens/s against
+                         the step, redrawn at each evaluation (chronicals.plot; without
+                         matplotlib installed the run says so in one log line and goes on)
     run_config.json      the settings and the data's fingerprint
 
 Checkpoints are written to a temporary directory, sealed with their manifest and renamed into
@@ -58,8 +59,9 @@ from chronicals.attention import PACKED_ATTENTION, register_packed_attention
 from chronicals.checkpoint import CONFIG_FILE, LATEST_FILE, LOG_FILE, STATE_FILE
 from chronicals.config import COMPILE_BACKENDS, DEFAULT_STEPS, LORA_DTYPES, FinetuneConfig
 from chronicals.lora_plus import lora_plus_param_groups
+from chronicals.plot import PLOT_FILE
+from chronicals.run_log import Pending, RunLog
 from chronicals.train import (
-    StepMetrics,
     TrainingDiverged,
     compile_loss,
     count_label_tokens,
@@ -384,119 +386,6 @@ def _save_model(model: nn.Module, tokenizer: Any, directory: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reporting
-
-
-class _RunLog:
-    """log.jsonl, the progress bar and the loss history."""
-
-    def __init__(
-        self, path: Path, config: FinetuneConfig, start_step: int, total_steps: int
-    ) -> None:
-        self.path = path
-        if start_step:
-            ckpt.trim_log(path, start_step)
-        elif path.exists():
-            path.unlink()
-        self.losses: list[float] = []
-        self.eval_losses: list[tuple[int, float]] = []
-        self.bar = None
-        # Without a terminal (a log file, a CI job) a bar's redraws are carriage returns and
-        # blank lines there: plain log lines instead.
-        if config.progress and sys.stderr.isatty():
-            from tqdm.auto import tqdm  # a dependency of transformers
-
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr,
-                            dynamic_ncols=True)
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def steps(self, records: list[dict[str, Any]], n_steps: int) -> None:
-        """Log steps' records: "train" ones, and "skip" ones of steps that did not train."""
-        for r in records:
-            self.write(r)
-            if r["kind"] == "train":
-                self.losses.append(r["loss"])
-            elif r["kind"] == "skip":
-                self.note(f"step {r['step']}: skipped ({r['reason']})")
-            else:
-                self.note(f"step {r['step']}: {r['reason']}")
-        trained = [r for r in records if r["kind"] == "train"]
-        postfix = {} if not trained else {
-            "loss": f"{trained[-1]['loss']:.4f}", "tok/s": f"{trained[-1]['tokens_per_s']:,.0f}",
-            "mem": f"{trained[-1]['mem_gib']:.2f}GiB",
-        }
-        if self.bar is not None:
-            self.bar.update(n_steps)
-            self.bar.set_postfix(postfix)
-        elif trained:
-            logger.info("step %d: %s", trained[-1]["step"], postfix)
-
-    def eval(self, step: int, loss: float) -> None:
-        self.write({"kind": "eval", "step": step, "eval_loss": loss})
-        self.eval_losses.append((step, loss))
-        self.note(f"step {step}: eval loss {loss:.4f}")
-
-    def note(self, message: str) -> None:
-        """A line for the user, printed above the progress bar."""
-        if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
-        else:
-            logger.info("%s", message)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def plot_losses(
-    path: Path, losses: Sequence[tuple[int, float]], eval_losses: Sequence[tuple[int, float]]
-) -> None:
-    """Write the loss curve as a small standalone SVG (train loss line, eval loss dots)."""
-    width, height, pad = 640, 360, 48
-    points = list(losses) + list(eval_losses)
-    x_lo, x_hi = min(s for s, _ in points), max(s for s, _ in points)
-    y_lo, y_hi = min(v for _, v in points), max(v for _, v in points)
-    x_hi, y_hi = max(x_hi, x_lo + 1), max(y_hi, y_lo + 1e-6)
-
-    def xy(step: float, value: float) -> str:
-        x = pad + (step - x_lo) / (x_hi - x_lo) * (width - 2 * pad)
-        y = height - pad - (value - y_lo) / (y_hi - y_lo) * (height - 2 * pad)
-        return f"{x:.1f},{y:.1f}"
-
-    line = " ".join(xy(s, v) for s, v in losses)
-    dots = "".join(
-        f'<circle cx="{xy(s, v).split(",")[0]}" cy="{xy(s, v).split(",")[1]}" r="3.5" '
-        'fill="#d62728"/>' for s, v in eval_losses
-    )
-    text = (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'font-family="sans-serif" font-size="12">'
-        f'<rect width="100%" height="100%" fill="white"/>'
-        f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" '
-        'fill="none" stroke="#999"/>'
-        f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>{dots}'
-        f'<text x="{pad}" y="{pad - 10}">loss (blue: train, red: eval)</text>'
-        f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end">{y_hi:.3g}</text>'
-        f'<text x="{pad - 4}" y="{height - pad}" text-anchor="end">{y_lo:.3g}</text>'
-        f'<text x="{pad}" y="{height - pad + 16}">{x_lo}</text>'
-        f'<text x="{width - pad}" y="{height - pad + 16}" text-anchor="end">step {x_hi}</text>'
-        "</svg>\n"
-    )
-    path.write_text(text, encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------------------
 # The job
 
 
@@ -668,7 +557,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         # The run's line of checkpoints continues from here, not from a later one on disk.
         ckpt.set_latest(output_dir, resume_from, resume.manifest)
 
-    run_log = _RunLog(output_dir / LOG_FILE, config, step, total_steps)
+    run_log = RunLog(output_dir / LOG_FILE, start_step=step, total_steps=total_steps,
+                     progress=config.progress,
+                     plot=output_dir / PLOT_FILE if config.plot else None)
     options = None
     if backend == "chronicals":
         def report(fusion_report: Any) -> None:
@@ -716,7 +607,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         if eval_batches is not None:
             run_log.eval(at_step, evaluate_loss(loss_fn, model, eval_batches).item())
 
-    pending: list[tuple[int, StepMetrics | None, int]] = []  # None: a skipped step
+    pending: Pending = []  # None: a skipped step
     skipped: list[int] = []
     nonfinite: list[int] = []
     window_start = time.perf_counter()
@@ -755,7 +646,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             )
             too_many = len(nonfinite) > config.skip_nonfinite
             if len(pending) >= config.log_every or evaluate or checkpoint or too_many:
-                window_start = _flush(pending, run_log, window_start, device, last_good)
+                window_start, diverged = run_log.flush(pending, window_start, device)
+                if diverged is not None:
+                    raise TrainingDiverged(f"{diverged}. {_kept(last_good)}")
             if too_many:
                 raise TrainingDiverged(
                     f"step {step}: {len(nonfinite)} steps with a NaN or infinite loss or "
@@ -764,6 +657,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 )
             if evaluate:
                 run_eval(step)
+                run_log.write_plot()
             if checkpoint:
                 save(step)
             if evaluate or checkpoint:
@@ -793,9 +687,6 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                     shutil.copyfile(source, d / source.name)
 
     ckpt.write_atomically(final_dir, write_final)
-    history = _logged_losses(output_dir / LOG_FILE)  # a resumed run's earlier steps included
-    if config.plot and history["train"]:
-        plot_losses(output_dir / "loss.svg", history["train"], history["eval"])
     return FinetuneResult(
         model=model, losses=run_log.losses, eval_losses=run_log.eval_losses, step=step,
         output_dir=output_dir, final_dir=final_dir, skipped_steps=skipped,
@@ -810,66 +701,6 @@ def _kept(last_good: Path | None) -> str:
     if last_good is None:
         return f"No checkpoint was saved before it; {remedy} (from step 0)."
     return f"The last good checkpoint, {last_good}, is kept; {remedy}."
-
-
-def _flush(
-    pending: list[tuple[int, StepMetrics | None, int]], run_log: _RunLog, window_start: float,
-    device: torch.device, last_good: Path | None,
-) -> float:
-    """Read the pending steps' metrics from the device (one sync per step's values) and log them;
-    tokens/s is the window's real tokens over its wall time (a skipped step's are not trained
-    on and not counted). Returns the new window start. A step with a NaN or infinite loss or
-    gradient norm that was not skipped is logged, and raises TrainingDiverged: the steps after
-    it trained on its update and are not logged."""
-    values = [None if m is None else m.item() for _, m, _ in pending]
-    now = time.perf_counter()
-    tokens = sum(n for _, m, n in pending if m is not None)
-    rate = tokens / max(now - window_start, 1e-9)
-    memory = _memory_gib(device)
-    records, diverged = [], None
-    for (s, m, n), v in zip(pending, values):
-        if v is None:
-            records.append({
-                "kind": "skip", "step": s, "tokens": n, "label_tokens": 0,
-                "reason": "no label tokens in the step's micro-batches: the optimizer did not step"
-            })
-        elif m.skipped or not (math.isfinite(v["loss"]) and math.isfinite(v["grad_norm"])):
-            # JSON has no NaN or infinity: they are logged as text.
-            loss, norm = (x if math.isfinite(x) else str(x) for x in (v["loss"], v["grad_norm"]))
-            action = ("skipped (--skip-nonfinite): the optimizer did not step" if m.skipped
-                      else "the run stopped")
-            records.append({"kind": "nonfinite", "step": s, "loss": loss, "grad_norm": norm,
-                            "lr": v["lr"],
-                            "reason": f"loss {loss}, gradient norm {norm}: {action}"})
-            if not m.skipped:
-                which = " and ".join(name for name, x in (("loss", loss), ("gradient norm", norm))
-                                     if isinstance(x, str))
-                diverged = (f"step {s}: non-finite {which} (loss {loss}, gradient norm "
-                            f"{norm})")
-                break
-        else:
-            records.append({
-                "kind": "train", "step": s, "loss": v["loss"], "grad_norm": v["grad_norm"],
-                "lr": v["lr"], "tokens": n, "label_tokens": v["num_tokens"], "tokens_per_s": rate,
-                "mem_gib": memory,
-            })
-    run_log.steps(records, len(records))
-    pending.clear()
-    if diverged is not None:
-        raise TrainingDiverged(f"{diverged}; nothing after step {records[-1]['step'] - 1} was "
-                               f"saved. {_kept(last_good)}")
-    return now
-
-
-def _logged_losses(path: Path) -> dict[str, list[tuple[int, float]]]:
-    out: dict[str, list[tuple[int, float]]] = {"train": [], "eval": []}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        if r["kind"] == "train":
-            out["train"].append((r["step"], r["loss"]))
-        elif r["kind"] == "eval":
-            out["eval"].append((r["step"], r["eval_loss"]))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1004,7 +835,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume on data other than the run's (its fingerprint, a hash of the "
                    "tokenised examples, differs) (default: off, an error)")
     g.add_argument("--no-plot", dest="plot", action="store_false",
-                   help="do not write loss.svg (default: off, it is written)")
+                   help=f"do not write {PLOT_FILE} (default: off, it is written at each "
+                   "evaluation)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="log a line per --log-every steps instead of a progress bar (default: "
                    "off, a progress bar when stderr is a terminal, log lines otherwise)")

@@ -15,8 +15,10 @@ which then drops every dataset column. `compile_model` keeps the model object, i
 - TRL's fused LM head (`model(..., fused_lm_head=True)`, which TRL's trainers call for their
   loss and metrics): a compiled function that runs the backbone and scores each label with
   `chronicals.ops.linear_cross_entropy(reduction="none")`, returning per-token log-probabilities.
-  Entropy and top-1 accuracy need the full softmax row, which the op does not keep; they come back
-  as NaN (TRL logs them as nan) and one log line says so.
+  Entropy and top-1 accuracy need the full softmax row, which the op does not keep (they would
+  take another pass over the vocabulary): they come back as NaN, so TRL's `entropy` and
+  `mean_token_accuracy` metrics are skipped (TRL logs nan; it reads the fields unconditionally, so
+  None would crash it), and one log line says so.
 - anything else without a KV cache (evaluation): the compiled forward, logits included.
 - calls with a KV cache (`generate`): the model's own eager forward. Each decoding step has a new
   cache length, so compiling it would trade one graph per length for kernels tuned to training.
@@ -107,8 +109,9 @@ def compile_model(model: nn.Module, *, dynamic: bool | None = None, **options: A
             if not metrics_skipped_logged:
                 metrics_skipped_logged = True
                 logger.warning(
-                    "chronicals.compile_model: the fused LM head returns log-probabilities only; "
-                    "entropy and top-1 accuracy are NaN (the op keeps no softmax rows)"
+                    "chronicals.compile_model: TRL's entropy and mean_token_accuracy metrics are "
+                    "skipped (logged as nan): the fused LM head returns log-probabilities only "
+                    "(the op keeps no softmax rows)"
                 )
             return fused_head_fn(inputs)
         if inputs.get("past_key_values") is not None:

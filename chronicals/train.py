@@ -10,7 +10,8 @@ It never reads a value back from the device; `StepMetrics` does that when asked.
 The loss comes from `compile_loss(model)`, which compiles a function returning only the loss with
 `torch.compile(backend="chronicals")`. Returning only the loss matters: a compiled graph that
 returns the logits must materialise them, which stops the LM-head + cross-entropy fusion from firing
-(research/compile-backend.md section 1). Build it once per model and reuse it every step.
+(tests/compile_passes/test_linear_cross_entropy.py shows the rejection). Build it once per model and
+reuse it every step.
 
 A custom loop:
 
@@ -81,8 +82,8 @@ def compile_loss(
 
     `batch` holds the model inputs: `input_ids` and `labels` of shape (rows, seq), plus
     `attention_mask` for padded rows or `position_ids` (and no mask) for packed rows. The model is
-    called with `use_cache=False`: a cache in the graph adds KV outputs and turns off HF's
-    packed-sequence masking (research/compile-backend.md section 6).
+    called with `use_cache=False`: a cache in the graph adds KV outputs, and with a cache HF does
+    not derive the packed documents' mask from `position_ids`.
 
     Build it once per model: each call of `compile_loss` makes a new compiled function. A model
     sharded with FSDP2 (`chronicals.distributed.shard_model`) gets

@@ -2,8 +2,8 @@
 
 Everything the backend needs from `torch._dynamo`, `torch._inductor`, `torch._functorch`,
 `torch._guards` and `torch.fx.experimental` is imported or wrapped here, so a torch upgrade
-changes this file and no other. Checked on torch 2.11 and 2.13 in CI (research/compile-backend.md
-§5); the test suite also passed on 2.12.1 once, by hand.
+changes this file and no other. Checked on torch 2.11 and 2.13 in CI (.ci/run's two stages); the
+test suite also passed on 2.12.1 once, by hand.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Hugging Face code casts with `.to(dtype)` whether or not the dtype changes, and slices with
 `hidden_states[:, slice(0, None), :]`. In a pre-dispatch ATen graph those become `aten.to.*` and
 `aten.alias` nodes that return their input. In fp32 such a no-op cast ties later users of a
-residual to the cast node, which hides every RMSNorm but one from the patterns (research
-compile-backend.md §2). Removing them gives one canonical form per computation.
+residual to the cast node, which hides every RMSNorm but one from the patterns. Removing them
+gives one canonical form per computation.
 """
 
 from __future__ import annotations

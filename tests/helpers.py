@@ -1,11 +1,18 @@
-"""Shared test helpers: devices to run on and the numerics rule of DESIGN.md."""
+"""Shared test helpers: devices to run on and the numerics rule.
+
+The numerics rule: on random inputs, compare the kernel and eager PyTorch in the same dtype against
+an fp32/fp64 truth; the kernel's error must be no worse than eager's plus a small tolerance. Never
+NaN; non-power-of-two shapes always. In the Triton interpreter loads are upcast to fp32 (its bf16
+arithmetic is wrong) and one bf16 ulp is allowed (its stores truncate).
+"""
 
 from __future__ import annotations
 
 import torch
 
 # Relative spacing of each dtype (one ulp at 1.0). In the Triton interpreter bf16 stores truncate
-# instead of rounding (research/environment.md), so bf16 results may be one ulp off.
+# instead of rounding (they keep the top 16 bits of the fp32 value), so bf16 results may be one
+# ulp off.
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 

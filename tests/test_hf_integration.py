@@ -1,5 +1,6 @@
-"""compile_model inside Hugging Face Trainer and TRL's SFTTrainer: the same model object, every
-fusion fired in training (LM head + cross-entropy included), the loss falls, eval gives logits."""
+"""compile_model inside Hugging Face Trainer, TRL's SFTTrainer and an Accelerate loop: the same
+model object, every fusion fired in training (LM head + cross-entropy included), the loss falls,
+eval gives logits."""
 
 from __future__ import annotations
 
@@ -130,6 +131,35 @@ def test_trainer_fuses_everything_and_learns(tmp_path):
     assert predictions.predictions.shape == (4, 10, VOCAB)
 
 
+def test_accelerate_loop_fuses_everything_and_learns():
+    from accelerate import Accelerator
+
+    model = tiny_model("qwen2")
+    compile_model(model)
+    rows = [torch.tensor(r["input_ids"][:10]) for r in _rows()]
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=4, collate_fn=lambda b: {"input_ids": torch.stack(b),
+                                                  "labels": torch.stack(b)})
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    prepared.train()
+    compile_passes.clear_fusion_reports()
+    losses = []
+    for _ in range(2):
+        for batch in loader:
+            out = prepared(**batch)
+            assert out.logits is None
+            accelerator.backward(out.loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(out.loss.item())
+    reports = compile_passes.fusion_reports()
+    assert reports and all(r.fired[name] == EXPECTED["qwen2"][name] for r in reports
+                           for name in FUSIONS), [r.summary() for r in reports]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
 @pytest.mark.parametrize(
     "packing, gradient_checkpointing",
     [(False, False), (True, False), (True, True)],
@@ -159,12 +189,20 @@ def test_sft_trainer_fuses_everything_and_learns(tmp_path, caplog, packing, grad
     assert all(fired[name] >= EXPECTED["qwen2"][name] for name in FUSIONS), fired
     losses = _losses(trainer)
     assert losses[-1] < 0.8 * losses[0], losses
-    # TRL's entropy and token accuracy: NaN, said once.
+    # TRL's evaluation runs the fused head too (no grad): a finite loss.
+    with caplog.at_level(logging.WARNING, logger="chronicals.hf"):
+        evaluated = trainer.evaluate(dataset.select(range(4)))
+    assert math.isfinite(evaluated["eval_loss"])
+    # TRL's entropy and token accuracy, in training and evaluation: NaN, said once.
     assert [r.message for r in caplog.records].count(
-        "chronicals.compile_model: the fused LM head returns log-probabilities only; entropy "
-        "and top-1 accuracy are NaN (the op keeps no softmax rows)"
+        "chronicals.compile_model: TRL's entropy and mean_token_accuracy metrics are skipped "
+        "(logged as nan): the fused LM head returns log-probabilities only (the op keeps no "
+        "softmax rows)"
     ) == 1
-    assert math.isnan(trainer.state.log_history[0]["mean_token_accuracy"])
+    for metrics in (trainer.state.log_history[0], evaluated):
+        prefix = "eval_" if metrics is evaluated else ""
+        assert math.isnan(metrics[f"{prefix}mean_token_accuracy"])
+        assert math.isnan(metrics[f"{prefix}entropy"])
 
     model.eval()
     batch = tokenizer.pad([{"input_ids": r["input_ids"]} for r in _rows(2)], return_tensors="pt")

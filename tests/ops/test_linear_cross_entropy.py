@@ -1,4 +1,4 @@
-"""chronicals::linear_cross_entropy against an fp64 truth (numerics rule of DESIGN.md).
+"""chronicals::linear_cross_entropy against an fp64 truth (the numerics rule of tests/helpers.py).
 
 On CPU the Triton kernels run in the interpreter (conftest), so shapes are tiny but odd: H=24 is
 not a multiple of BLOCK_K, N=37/38 and V=131/1000 are not multiples of BLOCK_N/BLOCK_V, the

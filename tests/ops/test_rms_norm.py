@@ -1,4 +1,4 @@
-"""chronicals::rms_norm against an fp64 truth under the numerics rule of DESIGN.md."""
+"""chronicals::rms_norm against an fp64 truth under the numerics rule of tests/helpers.py."""
 
 from __future__ import annotations
 
