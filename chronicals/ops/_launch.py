@@ -85,7 +85,7 @@ def empty_token_major(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 @triton.jit
 def cast_nearest(v, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 v cast to DTYPE rounding to nearest-even, as PyTorch and the GPU do. The interpreter
-    truncates fp32 -> bf16 conversions (research/environment.md), so there the rounding is done on
+    truncates fp32 -> bf16 conversions, so there the rounding is done on
     the bits first and the conversion is then exact. Truncated values would bias every gradient
     GEMM the same way, which the GPU's round-to-nearest store does not."""
     if INTERPRET:  # noqa: SIM102 (two constexpr branches, as every kernel here writes them)
