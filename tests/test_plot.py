@@ -99,8 +99,8 @@ def test_job_without_matplotlib_says_so_once_and_finishes(tmp_path, monkeypatch,
                      "split", "--batch-size", "2", "--steps", "4", "--eval-every", "2",
                      "--compile", "none", "--no-progress"]) == 0, capsys.readouterr().err
     said = [r.getMessage() for r in caplog.records if "not installed" in r.getMessage()]
-    assert said == [f"plot: matplotlib is not installed, so {out / plot_lib.PLOT_FILE} is not "
-                    "written; the run goes on without it (pip install matplotlib to get it)"]
+    assert said == [(f"plot: matplotlib is not installed, so {out / plot_lib.PLOT_FILE} is not "
+                    "written; the run goes on without it (pip install matplotlib to get it)")]
     assert not (out / plot_lib.PLOT_FILE).exists()
     assert (out / "final" / "model.safetensors").is_file()
     evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -121,7 +121,6 @@ def test_broken_matplotlib_install_is_an_error_not_a_missing_plot(monkeypatch):
         def find_spec(self, name, path=None, target=None):
             if name == "matplotlib":
                 raise ModuleNotFoundError("No module named 'kiwisolver'", name="kiwisolver")
-            return None
 
     monkeypatch.delitem(sys.modules, "matplotlib", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])

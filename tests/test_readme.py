@@ -51,14 +51,14 @@ def _pyproject_bounds() -> dict[str, SpecifierSet]:
 
 
 def _ci_function(name: str) -> str:
-    match = re.search(rf"^{name}\(\) \{{(.*?)\}}$", CI, re.M | re.S)
+    match = re.search(rf"^{name}\(\) \{{(.*?)\}}$", CI, re.MULTILINE | re.DOTALL)
     assert match, f".ci/run has no function {name}"
     return match.group(1)
 
 
 def _second_stage_pins() -> dict[str, str]:
     """package -> version pinned by .ci/run's install_gpu_stack, its variables substituted."""
-    variables = dict(re.findall(r"^([A-Z_]+)=([0-9.]+)$", CI, re.M))
+    variables = dict(re.findall(r"^([A-Z_]+)=([0-9.]+)$", CI, re.MULTILINE))
     body = re.sub(r"\$\{?([A-Z_]+)\}?", lambda m: variables[m.group(1)],
                   _ci_function("install_gpu_stack"))
     return dict(re.findall(r"""['"]([a-z0-9_-]+)==([0-9.]+)['"]""", body))
@@ -104,8 +104,8 @@ def test_second_stage_is_ci_run_install_gpu_stack():
 
 
 def test_ci_runs_the_readmes_test_command():
-    first_block = re.search(r"```bash\n(.*?)```", README, re.S).group(1)
+    first_block = re.search(r"```bash\n(.*?)```", README, re.DOTALL).group(1)
     commands = [line.split("#", 1)[0].strip() for line in first_block.splitlines()]
     assert commands == ["pip install -e '.[test]' && python -m chronicals finetune",
                         "TRITON_INTERPRET=1 python -m pytest -q"]
-    assert re.search(r"^\s+TRITON_INTERPRET=1 python -m pytest -q$", CI, re.M)
+    assert re.search(r"^\s+TRITON_INTERPRET=1 python -m pytest -q$", CI, re.MULTILINE)
