@@ -109,7 +109,15 @@ def test_metrics_stay_on_device_until_read():
     assert all(p.grad is None for p in model.parameters())
 
 
+def _fresh_compile_caches() -> None:
+    """Forget the compiles of earlier tests: compile_loss's inner function is one code object for
+    every model, and once earlier tests hit Dynamo's recompile limit on it, Dynamo runs it eagerly
+    (the counting backend below would then see no compile at all)."""
+    torch.compiler.reset()
+
+
 def test_compiled_loss_compiles_once():
+    _fresh_compile_caches()
     compiles = []
 
     def counting_backend(gm, example_inputs):
@@ -214,6 +222,7 @@ def test_packed_batches_with_different_document_counts_compile_once():
     from chronicals.attention import PACKED_ATTENTION, register_packed_attention
     from chronicals.packing import pack
 
+    _fresh_compile_caches()
     compiles = []
 
     def counting_backend(gm, example_inputs):
