@@ -32,6 +32,9 @@ class Comparison:
     """max over parameters of ||g - g_truth|| / ||g_truth||, compiled model"""
     grad_err_eager: float
     """the same for eager in the same dtype"""
+    reports: tuple = ()
+    """Every graph's FusionReport, the one counted above last (a model that breaks into several
+    graphs has one each)."""
 
     def assert_counts(self, family: str, checkpointed: bool = False) -> None:
         """Exactly the family's fusions fired and declined (tests/models.py), none rejected."""
@@ -122,6 +125,7 @@ def compile_and_compare(
         loss_truth=losses[1],
         grad_err=relative_grad_error(g, g_truth),
         grad_err_eager=relative_grad_error(g_eager, g_truth),
+        reports=tuple(compile_passes.fusion_reports()),
     )
 
 

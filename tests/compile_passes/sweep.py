@@ -111,6 +111,7 @@ def sweep(family: str) -> Result:
     modules = _count_modules(model, batch)
     try:
         comparison = compile_and_compare(family, torch.float32, model=model, batch=batch)
+        comparison = _all_graphs(comparison)
     except Exception as e:
         return Result(family, modules=modules, compile_error=_error(e),
                       plain_compile_error=_plain_compile_error(family, batch))
@@ -122,6 +123,17 @@ def sweep(family: str) -> Result:
         rejected=tuple((r.fusion, r.reason) for r in comparison.rejected),
         modules=modules,
     )
+
+
+def _all_graphs(c: Comparison) -> Comparison:
+    """The comparison with fired, declined and rejected summed over every graph compiled."""
+    fired = collections.Counter({f: 0 for f in FUSIONS})
+    declined: collections.Counter[str] = collections.Counter()
+    for report in c.reports:
+        fired.update(report.fired)
+        declined.update(r.fusion for r in report.declined)
+    rejected = tuple(r for report in c.reports for r in report.rejected)
+    return dataclasses.replace(c, fired=dict(fired), declined=dict(declined), rejected=rejected)
 
 
 def _rounding_sensitivity(family: str, batch) -> float:
@@ -181,11 +193,23 @@ def _cell(result: Result, *fusions: str) -> str:
 
 
 def _short(reason: str) -> str:
+    """One line, without the graph's node names (they differ between runs and releases)."""
+    reason = re.sub(r"intermediate \w+ \(", "an intermediate (", reason)
+    reason = re.sub(r" \(arg\d+_1(, arg\d+_1)*,?( arg)?\w*\)?", "", reason)
     return re.sub(r"\s+", " ", reason).replace("|", "/")[:140]
 
 
 def _note(result: Result) -> str:
-    notes = [f"{fusion}: {_short(reason)}" for fusion, reason in sorted(set(result.rejected))]
+    notes = sorted({f"{fusion}: {_short(reason)}" for fusion, reason in result.rejected})
+    reports = result.comparison.reports
+    for text in sorted({r.skipped for r in reports if r.skipped}):
+        notes.insert(0, f"not fused: {_short(text)}")
+    for text in sorted({r.error for r in reports if r.error}):
+        notes.insert(0, f"fusions failed, compiled unchanged: {_short(text)}")
+    breaks = sum(len(r.graph_breaks) for r in reports)
+    if breaks:
+        reasons = sorted({_short(b.reason)[:80] for r in reports for b in r.graph_breaks})
+        notes.insert(0, f"{len(reports)} graphs ({breaks} graph breaks: {'; '.join(reasons)})")
     m = result.modules
     if m.experts:
         notes.insert(0, "mixture of experts")
@@ -198,9 +222,9 @@ def table(results: list[Result]) -> str:
         BEGIN,
         f"transformers {transformers.__version__}: {len(results)} causal LM families in "
         f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, {len(swept)} swept. Each cell is how many of that "
-        "fusion fired in the family's tiny model (2 layers); \"declined\" ones are left to "
-        "Inductor on purpose (a norm after a residual add), \"not fused\" ones are explained in "
-        "the note, and – means the graph has no such subgraph (e.g. LayerNorm instead of "
+        f"fusion fired in the family's tiny model ({families.LAYERS} layer); \"declined\" ones "
+        "are left to Inductor on purpose (a norm after a residual add), \"not fused\" ones are "
+        "explained in the note, and – means the graph has no such subgraph (e.g. LayerNorm instead of "
         "RMSNorm, a plain GELU MLP, no rotary embedding). Every swept family's compiled loss and "
         "gradients match eager (fp32).",
         "",
