@@ -199,7 +199,7 @@ def _short(reason: str) -> str:
     return re.sub(r"\s+", " ", reason).replace("|", "/")[:140]
 
 
-def _note(result: Result) -> str:
+def note(result: Result) -> str:
     notes = sorted({f"{fusion}: {_short(reason)}" for fusion, reason in result.rejected})
     reports = result.comparison.reports
     for text in sorted({r.skipped for r in reports if r.skipped}):
@@ -224,7 +224,8 @@ def table(results: list[Result]) -> str:
         f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, {len(swept)} swept. Each cell is how many of that "
         f"fusion fired in the family's tiny model ({families.LAYERS} layer); \"declined\" ones "
         "are left to Inductor on purpose (a norm after a residual add), \"not fused\" ones are "
-        "explained in the note, and – means the graph has no such subgraph (e.g. LayerNorm instead of "
+        "explained in the note, and – means the graph has no such subgraph (e.g. LayerNorm "
+        "instead of "
         "RMSNorm, a plain GELU MLP, no rotary embedding). Every swept family's compiled loss and "
         "gradients match eager (fp32).",
         "",
@@ -234,7 +235,7 @@ def table(results: list[Result]) -> str:
     for r in swept:
         cells = [_cell(r, "rms_norm"), _cell(r, "swiglu", "geglu"), _cell(r, "rope"),
                  _cell(r, "attention"), _cell(r, "linear_cross_entropy")]
-        lines.append(f"| {r.family} | " + " | ".join(cells) + f" | {_note(r)} |")
+        lines.append(f"| {r.family} | " + " | ".join(cells) + f" | {note(r)} |")
     failed = [r for r in results if r.compile_error is not None]
     if failed:
         lines += ["", "Compile fails:", ""]
