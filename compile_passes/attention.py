@@ -284,6 +284,11 @@ def _rewrite(node: Node, region: _Region) -> None:
     batch, _, seq, head_dim = _shape(qv)
     if _shape(val(k))[2] != seq:
         return reject_node(node, "keys and queries cover different positions (a KV cache)")
+    if _shape(val(v))[3] != head_dim:
+        # Multi-head latent attention (DeepSeek-V2): q/k carry the rotary channels, v does not;
+        # the kernels' output has q's head dim.
+        return reject_node(node, f"value head dim {_shape(val(v))[3]} differs from the query's "
+                                 f"{head_dim} (multi-head latent attention)")
     k_source, v_source = _unrepeated(k), _unrepeated(v)
     if (k_source is k) == (v_source is v):  # both repeated by repeat_kv, or neither
         k, v = k_source, v_source

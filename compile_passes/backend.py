@@ -210,6 +210,16 @@ def _graph_facts(agm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Gr
     )
 
 
+def _custom_autograd_function(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The first call of a custom torch.autograd.Function in the Dynamo graph, if any."""
+    apply = torch.ops.higher_order.autograd_function_apply
+    for module in graph_modules(gm):
+        for node in module.graph.nodes:
+            if node.op == "call_function" and node.target is apply:
+                return node
+    return None
+
+
 def chronicals_backend(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -226,22 +236,36 @@ def chronicals_backend(
     fusions = [all_fusions[name] for name in FUSION_NAMES if name in opts.fusions]
     error = skipped = None
     declined: list[Rejection] = []
+    custom_function = _custom_autograd_function(gm) if torch.is_grad_enabled() else None
     try:
-        try:
-            # The pattern stage traces with autocast off: the casts autocast makes inside ops are
-            # written into the graph first, so the patterns see the dtypes it really computes in.
-            explicit = _torch_api.make_autocast_explicit(gm, example_inputs) if fusions else gm
-        except _torch_api.AutocastNotExplicit as failed:
-            line = source_line(failed.node) if failed.node is not None else ""
-            where = f"{failed.why}: {line}" if line else failed.why
+        if custom_function is not None:
+            # Pre-dispatch tracing inlines a custom autograd.Function's forward under no_grad
+            # and drops its backward: the rewritten graph would lose every gradient through it
+            # (Bloom's BloomGelu: no gradient reached its MLPs).
             skipped = (
-                f"torch.autocast changes dtypes in this graph ({where}) in a way the backend "
-                "cannot write out as casts; no fusion applied (load the model in the autocast "
-                "dtype, e.g. bf16, and autocast casts nothing)"
+                "the graph calls a custom torch.autograd.Function "
+                f"({source_line(custom_function) or custom_function.name}), whose backward "
+                "the pattern stage's tracing would drop; no fusion applied"
             )
             compiled_gm, fired, rejected = gm, {f.name: 0 for f in fusions}, []
         else:
-            compiled_gm, fired, rejected, declined = rewrite(explicit, example_inputs, fusions)
+            try:
+                # The pattern stage traces with autocast off: the casts autocast makes inside ops
+                # are written into the graph first, so the patterns see the dtypes it really
+                # computes in.
+                explicit = (_torch_api.make_autocast_explicit(gm, example_inputs) if fusions
+                            else gm)
+            except _torch_api.AutocastNotExplicit as failed:
+                line = source_line(failed.node) if failed.node is not None else ""
+                where = f"{failed.why}: {line}" if line else failed.why
+                skipped = (
+                    f"torch.autocast changes dtypes in this graph ({where}) in a way the "
+                    "backend cannot write out as casts; no fusion applied (load the model in the "
+                    "autocast dtype, e.g. bf16, and autocast casts nothing)"
+                )
+                compiled_gm, fired, rejected = gm, {f.name: 0 for f in fusions}, []
+            else:
+                compiled_gm, fired, rejected, declined = rewrite(explicit, example_inputs, fusions)
     except Exception as exc:
         if opts.strict:
             raise

@@ -181,6 +181,23 @@ def test_dropout_and_non_causal_are_rejected():
     assert any("not causal" in r for r in _rejections(report))
 
 
+def test_value_head_dim_other_than_the_querys_is_rejected():
+    """Multi-head latent attention (DeepSeek-V2): q and k of 24 channels (16 + 8 rotary), v of
+    16. Fused, the op returned q's head dim and the graph's reshape after it failed."""
+    q, k, _ = _attention_inputs(hq=4, hk=4, d=24)
+    v = _attention_inputs(hq=4, hk=4, d=16)[2]
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(
+            2, 10, 4 * 16)
+
+    out, report = compile_fn(attend, q, k, v)
+    assert report.fired["attention"] == 0 and report.error is None, report
+    assert _rejections(report) == ["value head dim 16 differs from the query's 24 (multi-head "
+                                   "latent attention)"]
+    torch.testing.assert_close(out, attend(q, k, v))
+
+
 def test_attention_fusion_can_be_turned_off():
     q, k, v = _attention_inputs()
     fusions = [f for f in compile_passes.backend.FUSION_NAMES if f != "attention"]

@@ -429,3 +429,43 @@ def test_inductor_cache_keys_carry_our_sources(monkeypatch):
     assert user.ran == 1 and wrapped.uuid() == (b"ours", "user")
     # A plain function has no uuid: Inductor then does not cache, and neither do we.
     assert _torch_api._SourcesInCacheKey(lambda graph: None, b"ours").uuid() is None
+
+
+class _TanhGelu(torch.autograd.Function):
+    """A custom autograd.Function as Bloom's BloomGelu is one (its own backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+        d = 0.5 * x * ((1 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + t)
+        return grad * d
+
+
+def _norm_then_custom_function(x, w, up):
+    return _TanhGelu.apply(_norm(x, w) @ up).sum()
+
+
+def test_custom_autograd_function_keeps_its_gradients_unfused():
+    """Pre-dispatch tracing runs a custom autograd.Function's forward under no_grad and drops
+    its backward: with a fusion applied, no gradient reached Bloom's MLPs. Such a graph is
+    compiled as written, and the report says why; without grad the norm fuses."""
+    x, w, up = torch.randn(4, 24), torch.randn(24), torch.randn(24, 8)
+    args = [t.clone().requires_grad_() for t in (x, w, up)]
+    out, report = compile_fn(_norm_then_custom_function, *args)
+    out.backward()
+    expected = [t.clone().requires_grad_() for t in (x, w, up)]
+    _norm_then_custom_function(*expected).backward()
+    for got, want in zip(args, expected):
+        torch.testing.assert_close(got.grad, want.grad)
+    assert report.fired["rms_norm"] == 0
+    assert report.skipped.startswith("the graph calls a custom torch.autograd.Function "), report
+    with torch.no_grad():
+        out, report = compile_fn(_norm_then_custom_function, x, w, up)
+    assert report.fired["rms_norm"] == 1 and report.skipped is None, report
+    torch.testing.assert_close(out, _norm_then_custom_function(x, w, up))
