@@ -193,7 +193,9 @@ def _cell(result: Result, *fusions: str) -> str:
 
 
 def _short(reason: str) -> str:
-    """One line, without the graph's node names (they differ between runs and releases)."""
+    """One line, without the graph's node names (they differ between runs and releases) or where
+    packages are installed."""
+    reason = re.sub(r"\S*/site-packages/", "", reason)
     reason = re.sub(r"intermediate \w+ \(", "an intermediate (", reason)
     reason = re.sub(r" \(arg\d+_1(, arg\d+_1)*,?( arg)?\w*\)?", "", reason)
     return re.sub(r"\s+", " ", reason).replace("|", "/")[:140]
