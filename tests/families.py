@@ -105,7 +105,7 @@ def _has_field(config, name: str) -> bool:
 
 def _is_randomness(name: str, value: object) -> bool:
     return isinstance(value, float) and not isinstance(value, bool) and (
-        "dropout" in name or name.endswith("pdrop") or name.endswith("_drop")
+        "dropout" in name or name.endswith(("pdrop", "_drop"))
     )
 
 

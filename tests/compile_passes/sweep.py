@@ -112,7 +112,7 @@ def sweep(family: str) -> Result:
     try:
         comparison = compile_and_compare(family, torch.float32, model=model, batch=batch)
         comparison = _all_graphs(comparison)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (any failure of the backend's compile is the result)
         return Result(family, modules=modules, compile_error=_error(e),
                       plain_compile_error=_plain_compile_error(family, batch))
     return Result(
@@ -166,7 +166,7 @@ def _plain_compile_error(family: str, batch) -> str | None:
             lambda i, l: model(input_ids=i, labels=l, use_cache=False).loss, backend="aot_eager"
         )(*batch)
         loss.backward()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (any failure of plain torch.compile is the result)
         return _error(e)
     return None
 
@@ -222,14 +222,13 @@ def table(results: list[Result]) -> str:
     swept = [r for r in results if r.not_swept is None and r.compile_error is None]
     lines = [
         BEGIN,
-        f"transformers {transformers.__version__}: {len(results)} causal LM families in "
-        f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, {len(swept)} swept. Each cell is how many of that "
-        f"fusion fired in the family's tiny model ({families.LAYERS} layer); \"declined\" ones "
-        "are left to Inductor on purpose (a norm after a residual add), \"not fused\" ones are "
-        "explained in the note, and – means the graph has no such subgraph (e.g. LayerNorm "
-        "instead of "
-        "RMSNorm, a plain GELU MLP, no rotary embedding). Every swept family's compiled loss and "
-        "gradients match eager (fp32).",
+        (f"transformers {transformers.__version__}: {len(results)} causal LM families in "
+         f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, {len(swept)} swept. Each cell is how many of that "
+         f"fusion fired in the family's tiny model ({families.LAYERS} layer); \"declined\" ones "
+         "are left to Inductor on purpose (a norm after a residual add), \"not fused\" ones are "
+         "explained in the note, and – means the graph has no such subgraph (e.g. LayerNorm "
+         "instead of RMSNorm, a plain GELU MLP, no rotary embedding). Every swept family's "
+         "compiled loss and gradients match eager (fp32)."),
         "",
         "| family | rms_norm | swiglu / geglu | rope | attention | LM head + CE | note |",
         "|---|---|---|---|---|---|---|",

@@ -193,8 +193,8 @@ def test_value_head_dim_other_than_the_querys_is_rejected():
 
     out, report = compile_fn(attend, q, k, v)
     assert report.fired["attention"] == 0 and report.error is None, report
-    assert _rejections(report) == ["value head dim 16 differs from the query's 24 (multi-head "
-                                   "latent attention)"]
+    assert _rejections(report) == [("value head dim 16 differs from the query's 24 (multi-head "
+                                    "latent attention)")]
     torch.testing.assert_close(out, attend(q, k, v))
 
 
