@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from chronicals.packing import OVERLONG_POLICIES as OVERLONG
+
 COMPILE_BACKENDS = ("chronicals", "inductor", "aot_eager", "none")
 DTYPES = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "constant")
-OVERLONG = ("error", "truncate", "split")
 LORA_DTYPES = ("fp32", "model")
 DEFAULT_STEPS = 40
 """Optimizer steps of a run given neither `steps` nor `epochs`."""

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chronicals.packing import OVERLONG_POLICIES, pack, segment_bounds, split_pieces
+from chronicals.packing import OVERLONG_POLICIES, pack, split_pieces, varlen_kwargs
 from chronicals.train import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -615,21 +615,13 @@ def batch_at(
 
 
 def select(rows: Rows, index: Sequence[int]) -> dict[str, Any]:
-    """Model inputs for the rows `index`. Packed rows also get the segment boundaries of the
-    flattened rows under the names HF forwards to variable-length attention (`cu_seq_lens_q/k`,
-    `max_length_q/k`, as `chronicals.packing.PackedBatch.model_inputs` gives them); every segment
-    (document or pad piece) starts at position 0, so they follow from the position ids, here on
-    the host. max_length is the row length, an upper bound that stays constant, so a compiled
-    model is not specialised on each batch's longest document."""
+    """Model inputs for the rows `index`; packed rows also get the attention's segment boundaries
+    (`chronicals.packing.varlen_kwargs`, as `PackedBatch.model_inputs` gives them), on the
+    host."""
     batch: dict[str, Any] = {"input_ids": rows.input_ids[index], "labels": rows.labels[index]}
     if rows.position_ids is not None:
         positions = rows.position_ids[index]
-        cu_seqlens = segment_bounds(positions)
-        row_len = positions.shape[1]
-        batch.update(
-            position_ids=positions, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
-            max_length_q=row_len, max_length_k=row_len,
-        )
+        batch.update(position_ids=positions, **varlen_kwargs(positions))
     if rows.attention_mask is not None:
         batch["attention_mask"] = rows.attention_mask[index]
     return batch

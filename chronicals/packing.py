@@ -142,9 +142,8 @@ class PackedBatch:
 
     def model_inputs(self, device: torch.device | str | None = None) -> dict[str, Tensor | int]:
         """Keyword arguments for a Hugging Face causal LM: `model(**batch.model_inputs(dev),
-        use_cache=False)`. `cu_seq_lens_q/k` and `max_length_q/k` are the names HF forwards to the
-        attention function (its FlashAttentionKwargs); pass no attention_mask."""
-        cu = self.cu_seqlens.to(device) if device is not None else self.cu_seqlens
+        use_cache=False)`, with the attention's inputs of `varlen_kwargs`; pass no
+        attention_mask."""
         out: dict[str, Tensor | int] = {
             "input_ids": self.input_ids,
             "labels": self.labels,
@@ -152,11 +151,7 @@ class PackedBatch:
         }
         if device is not None:
             out = {k: v.to(device) for k, v in out.items()}
-        out.update(
-            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=self.max_seqlen,
-            max_length_k=self.max_seqlen,
-        )
-        return out
+        return {**out, **varlen_kwargs(self.position_ids, device)}
 
     def batches(self, rows: int, *, seed: int | None = None) -> list[PackedBatch]:
         """Split into batches of `rows` rows each (the last may have fewer; none is dropped). With
@@ -366,6 +361,23 @@ def segment_bounds(position_ids: Tensor) -> Tensor:
     flat = position_ids.flatten()
     starts = (flat == 0).nonzero().flatten()
     return torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+
+
+def varlen_kwargs(
+    position_ids: Tensor, device: torch.device | str | None = None
+) -> dict[str, Tensor | int]:
+    """The variable-length attention inputs of packed rows under the names HF forwards to the
+    attention function (its FlashAttentionKwargs): `cu_seq_lens_q/k`, one tensor of
+    `segment_bounds` (built on the host, then moved to `device`), and `max_length_q/k`, the row
+    length. The row length bounds every segment and stays the same from batch to batch, so a
+    compiled model is not specialised on each batch's longest document
+    (`PackedBatch.max_seqlen` is that longest one)."""
+    cu_seqlens = segment_bounds(position_ids)
+    if device is not None:
+        cu_seqlens = cu_seqlens.to(device)
+    row_len = position_ids.shape[1]
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens,
+            "max_length_q": row_len, "max_length_k": row_len}
 
 
 def _longest(cu_seqlens: Tensor) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from chronicals import data as data_lib
 from chronicals.packing import (
     PAD_SEGMENT,
     Document,
@@ -350,7 +351,17 @@ def test_model_inputs_share_one_boundary_tensor():
     assert set(inputs) == {"input_ids", "labels", "position_ids", "cu_seq_lens_q",
                            "cu_seq_lens_k", "max_length_q", "max_length_k"}
     assert inputs["cu_seq_lens_q"] is inputs["cu_seq_lens_k"]
-    assert inputs["max_length_q"] == inputs["max_length_k"] == packed.max_seqlen == 3
+    # max_length is the row length, not the longest document (packed.max_seqlen): the same for
+    # every batch, so a compiled model is not specialised on it; the finetune job's batches
+    # (data.select) get the same.
+    assert packed.max_seqlen == 3
+    assert inputs["max_length_q"] == inputs["max_length_k"] == packed.max_len == 4
+    rows = data_lib.make_rows([data_lib.Example(input_ids=[1, 2, 3], labels=[1, 2, 3]),
+                               data_lib.Example(input_ids=[4, 5], labels=[4, 5])],
+                              max_len=4, pad_id=0, packing=True, overlong="error")
+    selected = data_lib.select(rows, range(len(rows)))
+    for name in ("cu_seq_lens_q", "max_length_q", "max_length_k"):
+        assert torch.equal(torch.as_tensor(selected[name]), torch.as_tensor(inputs[name])), name
 
 
 def test_collator_returns_model_inputs_and_stats():
