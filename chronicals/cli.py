@@ -36,15 +36,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
 import time
+import typing
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,11 +60,13 @@ from chronicals import checkpoint as ckpt
 from chronicals import data as data_lib
 from chronicals.attention import PACKED_ATTENTION, register_packed_attention
 from chronicals.checkpoint import CONFIG_FILE, LATEST_FILE, LOG_FILE, STATE_FILE
-from chronicals.config import COMPILE_BACKENDS, DEFAULT_STEPS, LORA_DTYPES, FinetuneConfig
+from chronicals.config import CHOICES, DEFAULT_STEPS, FinetuneConfig, field_docs
 from chronicals.lora_plus import lora_plus_param_groups
 from chronicals.plot import PLOT_FILE
 from chronicals.run_log import Pending, RunLog
 from chronicals.train import (
+    LossFn,
+    StepMetrics,
     TrainingDiverged,
     compile_loss,
     count_label_tokens,
@@ -396,6 +401,55 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """The run's rows, checked: every split has label tokens."""
+
+    source: str
+    fingerprint: dict[str, Any]
+    train_rows: data_lib.Rows
+    eval_rows: data_lib.Rows | None
+    unlabeled: int
+    """Examples that lost every label token to overlong='truncate'."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """Everything a run needs, prepared and checked before its output directory is written."""
+
+    config: FinetuneConfig
+    device: torch.device
+    output_dir: Path
+    resume: ckpt.Resume | None
+    tokenizer: Any
+    data: _Data
+    total_steps: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    start_step: int
+    start_cursor: int
+    """Rows of the training stream consumed before the first step of this process."""
+
+    @property
+    def resume_from(self) -> Path | None:
+        return None if self.resume is None else self.resume.checkpoint
+
+
+@dataclasses.dataclass
+class _Progress:
+    """The loop's state, read by the checkpoints and the compiled graphs' fusion reports."""
+
+    step: int
+    """Optimizer steps taken."""
+    cursor: int
+    """Rows of the training stream consumed."""
+    last_good: Path | None
+    """The run's latest checkpoint."""
+    skipped: list[int] = dataclasses.field(default_factory=list)
+    nonfinite: list[int] = dataclasses.field(default_factory=list)
+
+
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Run the fine-tuning job described by `config` (see the module docstring for the outputs).
 
@@ -416,9 +470,44 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         TrainingDiverged: a non-finite loss, gradient norm or weight; the last checkpoint saved
             is the last good one.
     """
+    job = _prepare(config)
+    # Everything is checked: the output directory is written from here on.
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_stale(job.output_dir)
+    if _finished(job):
+        return FinetuneResult(
+            model=None, losses=[], eval_losses=[], step=job.start_step,
+            output_dir=job.output_dir, final_dir=job.output_dir / "final", skipped_steps=[],
+            nonfinite_steps=[], examples_without_labels=job.data.unlabeled,
+            already_finished=True,
+        )
+    run_config = _write_run_config(job)
+    run_log = RunLog(job.output_dir / LOG_FILE, start_step=job.start_step,
+                     total_steps=job.total_steps, progress=config.progress,
+                     plot=job.output_dir / PLOT_FILE if config.plot else None)
+    try:
+        progress = _train(job, run_log, run_config)
+    finally:
+        run_log.close()
+    final_dir = _write_final(job)
+    return FinetuneResult(
+        model=job.model, losses=run_log.losses, eval_losses=run_log.eval_losses,
+        step=progress.step, output_dir=job.output_dir, final_dir=final_dir,
+        skipped_steps=progress.skipped, nonfinite_steps=progress.nonfinite,
+        examples_without_labels=job.data.unlabeled,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing: every check that can fail, before anything is written
+
+
+def _prepare(config: FinetuneConfig) -> _Job:
+    """The job's inputs, each checked: device, output directory, checkpoint to resume from,
+    tokenizer, data, model, optimizer. Writes nothing, except the random base model of a LoRA
+    run (base-model/, atomically): PEFT changes the model in place."""
     device = _device(config)
     dtype = _dtype(config, device)
-    backend = None if config.compile == "none" else config.compile
     output_dir = Path(config.output_dir)
     _check_output_dir(output_dir)
     resume = ckpt.resolve_resume(config)
@@ -429,18 +518,46 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             f"output dir {config.output_dir} already holds a run ({CONFIG_FILE}). Continue it "
             "with --resume auto, or give another --output-dir (or delete this one)."
         )
-
-    # Inputs first: every check that can fail runs before anything is written.
     if config.model is not None:
         _check_model_path(config.model, config.from_config)
     tokenizer = _load_tokenizer(config)
+    data = _prepare_data(config, tokenizer, resume, output_dir)
+    total_steps = _total_steps(config, len(data.train_rows))
+    if resume_from is not None:
+        at = resume.state["step"]
+        if at > total_steps:
+            raise ValueError(
+                f"resume: {resume_from} is at step {at}, past --steps {total_steps}; resume with "
+                f"--steps {at} or more, or from an earlier checkpoint."
+            )
+    model = _prepare_model(config, tokenizer, dtype, device, output_dir, resume)
+    optimizer = _optimizer(model, config, device)
+    scheduler = _scheduler(optimizer, config, total_steps)
+    step = cursor = 0
+    if resume_from is not None:
+        step, cursor = _restore(config, resume, optimizer, scheduler, output_dir, total_steps)
+    else:
+        if resume is not None:
+            logger.info("resumed %s from step 0: it stopped before its first checkpoint",
+                        output_dir)
+        torch.manual_seed(config.seed)
+    return _Job(
+        config=config, device=device, output_dir=output_dir, resume=resume, tokenizer=tokenizer,
+        data=data, total_steps=total_steps, model=model, optimizer=optimizer,
+        scheduler=scheduler, start_step=step, start_cursor=cursor,
+    )
+
+
+def _prepare_data(
+    config: FinetuneConfig, tokenizer: Any, resume: ckpt.Resume | None, output_dir: Path
+) -> _Data:
     source = config.data if config.data is not None else str(data_lib.default_data_path())
     records = data_lib.load_records(source, split=config.data_split)
     examples = data_lib.tokenize_records(records, tokenizer)
     fingerprint = ckpt.data_fingerprint(examples)
     if resume is not None:
         ckpt.check_data(resume.run_config, fingerprint, source, config.allow_data_change,
-                        resume_from or output_dir)
+                        resume.checkpoint or output_dir)
     if config.overlong == "error":
         # Before the split, so the error counts all examples and names the record's own index.
         data_lib.check_lengths(examples, config.max_len)
@@ -464,22 +581,29 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             "labels lie beyond --max-len %d); they are trained on nothing. Raise --max-len or "
             "use --overlong split to keep them.", unlabeled, len(examples), config.max_len,
         )
-    total_steps = _total_steps(config, len(train_rows))
-    if resume_from is not None:
-        at = resume.state["step"]
-        if at > total_steps:
-            raise ValueError(
-                f"resume: {resume_from} is at step {at}, past --steps {total_steps}; resume with "
-                f"--steps {at} or more, or from an earlier checkpoint."
-            )
+    return _Data(source=source, fingerprint=fingerprint, train_rows=train_rows,
+                 eval_rows=eval_rows, unlabeled=unlabeled)
+
+
+def _base_dir(output_dir: Path) -> Path:
+    """Where a LoRA run on a model built from a config keeps that random base."""
+    return (output_dir / "base-model").resolve()
+
+
+def _prepare_model(
+    config: FinetuneConfig, tokenizer: Any, dtype: torch.dtype, device: torch.device,
+    output_dir: Path, resume: ckpt.Resume | None,
+) -> nn.Module:
+    """The model on `device` in train mode: loaded (a full fine-tune's checkpoint when resuming
+    one), with LoRA adapters (the checkpoint's when resuming) and gradient checkpointing."""
+    resume_from = None if resume is None else resume.checkpoint
     model = _load_model(config, tokenizer, dtype, None if config.lora_r else resume_from)
     if config.lora_r:
         _check_lora_target(model, config)
-    base_dir = (output_dir / "base-model").resolve()
-    if config.lora_r and base_dir.is_dir() and resume is not None:
-        ckpt.verify(base_dir, "delete it to have it written again (the model built from the "
-                              "config with --seed)")
-    if config.lora_r:
+        base_dir = _base_dir(output_dir)
+        if base_dir.is_dir() and resume is not None:
+            ckpt.verify(base_dir, "delete it to have it written again (the model built from the "
+                                  "config with --seed)")
         if config.model is None or config.from_config:
             # A random base is saved beside the adapters, which name it as their base model.
             # The first write of a run: PEFT changes the model in place.
@@ -506,175 +630,105 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         base.disable_input_require_grads()
     model = model.to(device)
     model.train()
+    return model
 
-    optimizer = _optimizer(model, config, device)
-    scheduler = _scheduler(optimizer, config, total_steps)
-    step = cursor = 0  # optimizer steps taken; rows of the training stream consumed
-    if resume_from is not None:
-        ckpt.restore_training_state(resume_from, resume.state, optimizer, scheduler)
-        step, cursor = resume.state["step"], resume.state["cursor"]
-        ckpt.kept_log_lines(output_dir / LOG_FILE, step)  # a damaged log refused here
-        logger.info("resumed from %s at step %d", resume_from, step)
-        before = resume.run_config.get("total_steps", resume.run_config.get("steps"))
-        if before != total_steps:
-            # The optimizer's saved lr is the old schedule's for the next step: set the new one.
-            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
-            logger.info(
-                "the run's steps changed from %s to %d: the learning-rate schedule is recomputed for %d "
-                "steps (%s, warm-up %d steps); lr %.3g at step %d", before, total_steps,
-                total_steps, config.lr_schedule, _warmup(config, total_steps),
-                optimizer.param_groups[0]["lr"], step + 1,
-            )
-    else:
-        if resume is not None:
-            logger.info("resumed %s from step 0: it stopped before its first checkpoint",
-                        output_dir)
-        torch.manual_seed(config.seed)
 
-    # Everything is checked: the output directory is written from here on.
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale(output_dir)
-    if step == total_steps and resume_from is not None and ckpt.holds_weights_of(
-            output_dir / "final", resume.manifest):
-        # A finished run asked to continue (every check above passed): rerunning the command
-        # that made it, as a requeued job does, must neither fail nor redo anything.
+def _restore(
+    config: FinetuneConfig, resume: ckpt.Resume, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR, output_dir: Path, total_steps: int,
+) -> tuple[int, int]:
+    """Optimizer, schedule and RNG state of the checkpoint resumed from; its step and cursor."""
+    ckpt.restore_training_state(resume.checkpoint, resume.state, optimizer, scheduler)
+    step, cursor = resume.state["step"], resume.state["cursor"]
+    ckpt.kept_log_lines(output_dir / LOG_FILE, step)  # a damaged log refused here
+    logger.info("resumed from %s at step %d", resume.checkpoint, step)
+    before = resume.run_config.get("total_steps", resume.run_config.get("steps"))
+    if before != total_steps:
+        # The optimizer's saved lr is the old schedule's for the next step: set the new one.
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
         logger.info(
-            "run in %s already finished: %s is its last step (--steps %d) and final/ holds its "
-            "model; nothing to do. To train further, resume with a higher --steps (the "
-            "learning-rate schedule is then recomputed for the new total).",
-            output_dir, resume_from, total_steps,
+            "the run's steps changed from %s to %d: the learning-rate schedule is recomputed for %d "
+            "steps (%s, warm-up %d steps); lr %.3g at step %d", before, total_steps,
+            total_steps, config.lr_schedule, _warmup(config, total_steps),
+            optimizer.param_groups[0]["lr"], step + 1,
         )
-        return FinetuneResult(
-            model=None, losses=[], eval_losses=[], step=step, output_dir=output_dir,
-            final_dir=output_dir / "final", skipped_steps=[], nonfinite_steps=[],
-            examples_without_labels=unlabeled, already_finished=True,
-        )
-    run_config = json.dumps({**config.to_dict(), "total_steps": total_steps,
-                             "data_fingerprint": fingerprint}, indent=2)
-    (output_dir / CONFIG_FILE).write_text(run_config, "utf-8")
-    if resume_from is not None:
+    return step, cursor
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder
+
+
+def _finished(job: _Job) -> bool:
+    """A finished run asked to continue (every check passed): rerunning the command that made
+    it, as a requeued job does, must neither fail nor redo anything."""
+    if not (job.start_step == job.total_steps and job.resume_from is not None
+            and ckpt.holds_weights_of(job.output_dir / "final", job.resume.manifest)):
+        return False
+    logger.info(
+        "run in %s already finished: %s is its last step (--steps %d) and final/ holds its "
+        "model; nothing to do. To train further, resume with a higher --steps (the "
+        "learning-rate schedule is then recomputed for the new total).",
+        job.output_dir, job.resume_from, job.total_steps,
+    )
+    return True
+
+
+def _write_run_config(job: _Job) -> str:
+    """Writes the run's settings and returns them (JSON); a resumed run's line of checkpoints
+    continues from the one it resumed from."""
+    run_config = json.dumps({**job.config.to_dict(), "total_steps": job.total_steps,
+                             "data_fingerprint": job.data.fingerprint}, indent=2)
+    (job.output_dir / CONFIG_FILE).write_text(run_config, "utf-8")
+    if job.resume_from is not None:
         # The run's line of checkpoints continues from here, not from a later one on disk.
-        ckpt.set_latest(output_dir, resume_from, resume.manifest)
+        ckpt.set_latest(job.output_dir, job.resume_from, job.resume.manifest)
+    return run_config
 
-    run_log = RunLog(output_dir / LOG_FILE, start_step=step, total_steps=total_steps,
-                     progress=config.progress,
-                     plot=output_dir / PLOT_FILE if config.plot else None)
-    options = None
-    if backend == "chronicals":
-        def report(fusion_report: Any) -> None:
-            run_log.note(fusion_report.summary())
-            run_log.write({"kind": "compile", "step": step, "fired": fusion_report.fired,
-                           "rejected": len(fusion_report.rejected),
-                           "declined": len(fusion_report.declined),
-                           "summary": fusion_report.summary()})
 
-        options = {"report": report}
-    loss_fn = compile_loss(model, backend=backend, options=options)
-    eval_batches = None
-    if eval_rows is not None:
-        eval_batches = [
-            _to_device(b, device) for b in data_lib.eval_batches(eval_rows, config.batch_size)
-        ]
+def _save_checkpoint(job: _Job, progress: _Progress, run_config: str) -> None:
+    """checkpoint-<step>/, written atomically and made the run's latest; refused (the run stops)
+    for weights that hold NaN or infinite values."""
+    step, cursor = progress.step, progress.cursor
+    model = job.model
+    bad = ckpt.first_nonfinite((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    if bad is not None:
+        raise TrainingDiverged(
+            f"after step {step} the weights hold NaN or infinite values (tensor {bad}); "
+            f"they were not saved. {_kept(progress.last_good)}"
+        )
 
-    last_good = resume_from  # the run's latest checkpoint
+    def write(d: Path) -> None:
+        _save_model(model, job.tokenizer, d)
+        (d / CONFIG_FILE).write_text(run_config, "utf-8")
+        torch.save({
+            "step": step,
+            "cursor": cursor,
+            "optimizer": job.optimizer.state_dict(),
+            "scheduler": job.scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+        }, d / STATE_FILE)
 
-    def save(at_step: int) -> None:
-        nonlocal last_good
-        bad = ckpt.first_nonfinite((n, p) for n, p in model.named_parameters() if p.requires_grad)
-        if bad is not None:
-            raise TrainingDiverged(
-                f"after step {at_step} the weights hold NaN or infinite values (tensor {bad}); "
-                f"they were not saved. {_kept(last_good)}"
-            )
+    directory = job.output_dir / f"checkpoint-{step}"
+    ckpt.set_latest(job.output_dir, directory, ckpt.write_atomically(directory, write))
+    progress.last_good = directory
 
-        def write(d: Path) -> None:
-            _save_model(model, tokenizer, d)
-            (d / CONFIG_FILE).write_text(run_config, "utf-8")
-            torch.save({
-                "step": at_step,
-                "cursor": cursor,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": ckpt.rng_state(),
-            }, d / STATE_FILE)
 
-        directory = output_dir / f"checkpoint-{at_step}"
-        ckpt.set_latest(output_dir, directory, ckpt.write_atomically(directory, write))
-        last_good = directory
-
-    def run_eval(at_step: int) -> None:
-        if eval_batches is not None:
-            run_log.eval(at_step, evaluate_loss(loss_fn, model, eval_batches).item())
-
-    pending: Pending = []  # None: a skipped step
-    skipped: list[int] = []
-    nonfinite: list[int] = []
-    window_start = time.perf_counter()
-    try:
-        while step < total_steps:
-            micro_batches, real_tokens, label_tokens = [], 0, 0
-            for _ in range(config.grad_accum):
-                batch, n = data_lib.batch_at(train_rows, cursor, config.batch_size,
-                                             seed=config.seed)
-                cursor += config.batch_size
-                label_tokens += int(count_label_tokens(batch["labels"]))  # on the host: no sync
-                micro_batches.append(_to_device(batch, device))
-                real_tokens += n
-            if label_tokens:
-                metrics = train_step(loss_fn, optimizer, micro_batches, scheduler=scheduler,
-                                     max_grad_norm=config.max_grad_norm,
-                                     skip_nonfinite=config.skip_nonfinite > 0)
-                if metrics.skipped:
-                    nonfinite.append(step + 1)
-            else:
-                # Nothing to learn from (rows of prompt only, e.g. split or truncated pieces):
-                # AdamW would still decay the weights and move its moments with a zero gradient,
-                # so the optimizer does not step. The schedule does, to stay a function of the
-                # step number.
-                metrics = None
-                skipped.append(step + 1)
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step",
-                                            UserWarning)
-                    scheduler.step()
-            step += 1
-            pending.append((step, metrics, real_tokens))
-            evaluate = config.eval_every and step % config.eval_every == 0 or step == total_steps
-            checkpoint = config.save_every and step % config.save_every == 0 or (
-                step == total_steps
-            )
-            too_many = len(nonfinite) > config.skip_nonfinite
-            if len(pending) >= config.log_every or evaluate or checkpoint or too_many:
-                window_start, diverged = run_log.flush(pending, window_start, device)
-                if diverged is not None:
-                    raise TrainingDiverged(f"{diverged}. {_kept(last_good)}")
-            if too_many:
-                raise TrainingDiverged(
-                    f"step {step}: {len(nonfinite)} steps with a NaN or infinite loss or "
-                    f"gradient norm (steps {', '.join(map(str, nonfinite))}), more than "
-                    f"--skip-nonfinite {config.skip_nonfinite} allows. {_kept(last_good)}"
-                )
-            if evaluate:
-                run_eval(step)
-                run_log.write_plot()
-            if checkpoint:
-                save(step)
-            if evaluate or checkpoint:
-                window_start = time.perf_counter()  # not counted as training time
-    finally:
-        run_log.close()
-
+def _write_final(job: _Job) -> Path:
+    """final/: the trained model and tokenizer (with a LoRA run's own base); the returned model
+    gets HF's default attention back."""
+    config, model = job.config, job.model
     if _attention(config) == PACKED_ATTENTION:
         # Packed attention needs packer boundaries in every call; the returned model is for
         # ordinary use (evaluation, generation), so it gets HF's default attention back.
         base = model.get_base_model() if config.lora_r else model
         base.set_attn_implementation("sdpa")
-    final_dir = output_dir / "final"
     own_base = config.lora_r and (config.model is None or config.from_config)
+    base_dir = _base_dir(job.output_dir)
 
-    def write_final(d: Path) -> None:
-        _save_model(model, tokenizer, d)
+    def write(d: Path) -> None:
+        _save_model(model, job.tokenizer, d)
         if own_base:
             # PEFT's AutoPeftModelForCausalLM loads base_model_name_or_path as written (from the
             # working directory), so adapters naming the run's base-model/ would not load once
@@ -686,12 +740,103 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                         source.name.startswith("model") and ".safetensors" in source.name):
                     shutil.copyfile(source, d / source.name)
 
-    ckpt.write_atomically(final_dir, write_final)
-    return FinetuneResult(
-        model=model, losses=run_log.losses, eval_losses=run_log.eval_losses, step=step,
-        output_dir=output_dir, final_dir=final_dir, skipped_steps=skipped,
-        nonfinite_steps=nonfinite, examples_without_labels=unlabeled,
-    )
+    final_dir = job.output_dir / "final"
+    ckpt.write_atomically(final_dir, write)
+    return final_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _train(job: _Job, run_log: RunLog, run_config: str) -> _Progress:
+    """The steps from the job's start to its total: each logged, with evaluations and
+    checkpoints as the config asks and at the end."""
+    config = job.config
+    progress = _Progress(step=job.start_step, cursor=job.start_cursor, last_good=job.resume_from)
+    backend = None if config.compile == "none" else config.compile
+    options = None
+    if backend == "chronicals":
+        options = {"report": functools.partial(_log_fusions, run_log, progress)}
+    loss_fn = compile_loss(job.model, backend=backend, options=options)
+    eval_batches = None
+    if job.data.eval_rows is not None:
+        eval_batches = [_to_device(b, job.device)
+                        for b in data_lib.eval_batches(job.data.eval_rows, config.batch_size)]
+
+    pending: Pending = []  # None: a skipped step
+    window_start = time.perf_counter()
+    while progress.step < job.total_steps:
+        pending.append(_step(job, loss_fn, progress))
+        step = progress.step
+        evaluate = config.eval_every and step % config.eval_every == 0 or step == job.total_steps
+        checkpoint = config.save_every and step % config.save_every == 0 or (
+            step == job.total_steps
+        )
+        too_many = len(progress.nonfinite) > config.skip_nonfinite
+        if len(pending) >= config.log_every or evaluate or checkpoint or too_many:
+            window_start, diverged = run_log.flush(pending, window_start, job.device)
+            if diverged is not None:
+                raise TrainingDiverged(f"{diverged}. {_kept(progress.last_good)}")
+        if too_many:
+            raise TrainingDiverged(
+                f"step {step}: {len(progress.nonfinite)} steps with a NaN or infinite loss or "
+                f"gradient norm (steps {', '.join(map(str, progress.nonfinite))}), more than "
+                f"--skip-nonfinite {config.skip_nonfinite} allows. {_kept(progress.last_good)}"
+            )
+        if evaluate:
+            if eval_batches is not None:
+                run_log.eval(step, evaluate_loss(loss_fn, job.model, eval_batches).item())
+            run_log.write_plot()
+        if checkpoint:
+            _save_checkpoint(job, progress, run_config)
+        if evaluate or checkpoint:
+            window_start = time.perf_counter()  # not counted as training time
+    return progress
+
+
+def _step(
+    job: _Job, loss_fn: LossFn, progress: _Progress
+) -> tuple[int, StepMetrics | None, int]:
+    """One optimizer step on the next micro-batches of the training stream (advancing
+    `progress`): the step's number, its metrics (None for a step without label tokens) and its
+    real tokens."""
+    config = job.config
+    micro_batches, real_tokens, label_tokens = [], 0, 0
+    for _ in range(config.grad_accum):
+        batch, n = data_lib.batch_at(job.data.train_rows, progress.cursor, config.batch_size,
+                                     seed=config.seed)
+        progress.cursor += config.batch_size
+        label_tokens += int(count_label_tokens(batch["labels"]))  # on the host: no sync
+        micro_batches.append(_to_device(batch, job.device))
+        real_tokens += n
+    if label_tokens:
+        metrics = train_step(loss_fn, job.optimizer, micro_batches, scheduler=job.scheduler,
+                             max_grad_norm=config.max_grad_norm,
+                             skip_nonfinite=config.skip_nonfinite > 0)
+    else:
+        # Nothing to learn from (rows of prompt only, e.g. split or truncated pieces): AdamW
+        # would still decay the weights and move its moments with a zero gradient, so the
+        # optimizer does not step. The schedule does, to stay a function of the step number.
+        metrics = None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            job.scheduler.step()
+    progress.step += 1  # after the step: a graph compiled in it reports the step before
+    if metrics is None:
+        progress.skipped.append(progress.step)
+    elif metrics.skipped:
+        progress.nonfinite.append(progress.step)
+    return progress.step, metrics, real_tokens
+
+
+def _log_fusions(run_log: RunLog, progress: _Progress, fusion_report: Any) -> None:
+    """The backend's report of a compiled graph: a log line and a "compile" record."""
+    run_log.note(fusion_report.summary())
+    run_log.write({"kind": "compile", "step": progress.step, "fired": fusion_report.fired,
+                   "rejected": len(fusion_report.rejected),
+                   "declined": len(fusion_report.declined),
+                   "summary": fusion_report.summary()})
 
 
 def _kept(last_good: Path | None) -> str:
@@ -704,17 +849,57 @@ def _kept(last_good: Path | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Command line: one option per FinetuneConfig field, its help the field's docstring
+
+# The options in --help, by concern; together, every field once.
+OPTION_GROUPS = {
+    "model and data": ("model", "from_config", "tokenizer", "data", "data_split",
+                       "attn_implementation", "max_len", "packing", "overlong", "eval_fraction"),
+    "training": ("steps", "epochs", "batch_size", "grad_accum", "lr", "lr_schedule",
+                 "warmup_steps", "weight_decay", "gradient_checkpointing", "skip_nonfinite",
+                 "max_grad_norm", "seed", "compile", "dtype", "device"),
+    "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target", "lora_plus_ratio",
+             "lora_dtype"),
+    "output": ("output_dir", "eval_every", "save_every", "log_every", "resume",
+               "allow_data_change", "plot", "progress"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _help(field: dataclasses.Field) -> str:
+    """The field's docstring as an option's help, saying the default (and no "(default: None)"
+    or "(default: True)", which argparse's ArgumentDefaultsHelpFormatter printed after a None's
+    meaning and for --no-packing)."""
+
+    def mention(match: re.Match) -> str:
+        name = match[1]
+        if name in fields:
+            return _flag(name)
+        return str(constants.get(name, match[0]))
+
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    constants = {"DEFAULT_STEPS": DEFAULT_STEPS}
+    text = re.sub(r"`(\w+)`", mention, field_docs()[field.name]).replace("%", "%%")
+    if field.default is None:
+        if text.count("None: ") != 1:
+            raise AssertionError(f"FinetuneConfig.{field.name}'s docstring must say once what "
+                                 f"its default, None, means ('None: ...'). Got {text!r}.")
+        return text.replace("None: ", "default: ")
+    if field.default is True:
+        return f"{text} (default: on; this flag turns it off)"
+    if field.default is False:
+        return f"{text} (default: off)"
+    return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = FinetuneConfig()
     parser = argparse.ArgumentParser(
         prog="chronicals", description="Fine-tune decoder LLMs with Chronicals."
     )
     commands = parser.add_subparsers(dest="command")
-    # Every help says its default (and unit) itself: argparse's ArgumentDefaultsHelpFormatter
-    # printed "(default: None)" after a None's meaning and "(default: True)" for --no-packing.
     p = commands.add_parser(
         "finetune",
         help="fine-tune a causal LM (no arguments: a built-in one-minute demo on CPU)",
@@ -722,124 +907,23 @@ def build_parser() -> argparse.ArgumentParser:
         "completions only. With no arguments: a tiny model from a config on the bundled "
         "HumanEval data with the bundled tokenizer (about a minute on a laptop CPU).",
     )
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="Hugging Face model id or local directory (default: the "
-                   "built-in tiny Qwen2-shaped model)")
-    g.add_argument("--from-config", action="store_true",
-                   help="build --model (a config.json or a directory holding one) with random "
-                   "weights (default: off, load its weights)")
-    g.add_argument("--tokenizer", help="tokenizer id or directory (default: the model's, or the "
-                   "bundled one for the built-in model)")
-    g.add_argument("--data", help="a local file: .json (a JSON array of records, or JSON lines), "
-                   ".jsonl or .parquet; or a `datasets` name. Records have 'messages' (chat: "
-                   f"roles {', '.join(data_lib.CHAT_ROLES)}; at least one assistant reply) or "
-                   "'prompt'/'completion' (default: the bundled HumanEval)")
-    g.add_argument("--data-split", default=defaults.data_split,
-                   help="split of a `datasets` name (default: %(default)s)")
-    g.add_argument("--attn-implementation", default=defaults.attn_implementation,
-                   help="transformers attention; auto: chronicals_varlen for packed rows, sdpa "
-                   "for padded rows (default: %(default)s)")
-    g.add_argument("--max-len", type=int, default=defaults.max_len,
-                   help="row length in tokens (default: %(default)s)")
-    g.add_argument("--no-packing", dest="packing", action="store_false",
-                   help="one example per row, padded (default: off, several examples packed "
-                   "per row)")
-    g.add_argument("--overlong", choices=("error", "truncate", "split"),
-                   default=defaults.overlong,
-                   help="examples longer than --max-len tokens: error, truncate (keep the first "
-                   "--max-len tokens; examples left without labels are counted), or split (into "
-                   "pieces of --max-len tokens overlapping by one, so every label is trained on) "
-                   "(default: %(default)s)")
-    g.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,
-                   help="fraction of the examples held out for the evaluation loss, in [0, 1) "
-                   "(default: %(default)s)")
-    g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=defaults.steps,
-                   help="optimizer steps; higher on --resume extends the run, with the "
-                   f"learning-rate schedule recomputed for the new total (default: {DEFAULT_STEPS}, "
-                   "or those of --epochs)")
-    g.add_argument("--epochs", type=int, default=defaults.epochs,
-                   help="passes over the training rows instead of --steps: ceil(epochs x rows / "
-                   "(batch size x grad accum)) steps (default: off, --steps)")
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                   help="rows per micro-batch (default: %(default)s)")
-    g.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
-                   help="micro-batches per optimizer step (default: %(default)s)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: 2e-4 with LoRA, 2e-5 "
-                   "full fine-tune, 2e-3 for the built-in model)")
-    g.add_argument("--lr-schedule", choices=("cosine", "constant"), default=defaults.lr_schedule,
-                   help="after warm-up: cosine down to 10%% of --lr at the last step, or constant "
-                   "(default: %(default)s)")
-    g.add_argument("--warmup-steps", type=int,
-                   help="steps of linear warm-up to --lr (default: 5%% of --steps)")
-    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
-                   help="AdamW decoupled weight decay of the weight matrices: each step scales "
-                   "them by 1 - lr x this (default: %(default)s)")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute each layer's activations in the backward pass instead of "
-                   "keeping them: less memory, more compute; the fusions fire as without it "
-                   "(default: off)")
-    g.add_argument("--skip-nonfinite", type=int, default=defaults.skip_nonfinite, metavar="N",
-                   help="skip up to N steps whose loss or gradient norm is NaN or infinite (the "
-                   "optimizer does not step; detecting them syncs with the device every step); "
-                   "the next stops the run, keeping the last checkpoint; 0: the first stops it "
-                   "(default: %(default)s)")
-    g.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm,
-                   help="clip the L2 norm of all gradients to this; 0: no clipping "
-                   "(default: %(default)s)")
-    g.add_argument("--seed", type=int, default=defaults.seed,
-                   help="seed of the initialisation, eval split and row order "
-                   "(default: %(default)s)")
-    g.add_argument("--compile", default=defaults.compile, choices=COMPILE_BACKENDS,
-                   help="torch.compile backend of the loss function; none: eager "
-                   "(default: %(default)s)")
-    g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=defaults.dtype,
-                   help="weights' dtype; auto: bf16 on CUDA, fp32 on CPU (default: %(default)s)")
-    g.add_argument("--device", default=defaults.device,
-                   help="auto, cpu, cuda or cuda:N; auto: cuda if a GPU is available, else cpu "
-                   "(default: %(default)s)")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=int, default=defaults.lora_r,
-                   help="LoRA rank; 0: full fine-tune (default: %(default)s)")
-    g.add_argument("--lora-alpha", type=float,
-                   help="LoRA scale numerator: the update is scaled by alpha / rank (default: "
-                   "the rank, a scale of 1)")
-    g.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout,
-                   help="dropout probability on the LoRA input, in [0, 1) (default: %(default)s)")
-    g.add_argument("--lora-target", default=defaults.lora_target,
-                   help="all-linear, or comma-separated names of the model's layers "
-                   "(e.g. q_proj,v_proj) (default: %(default)s)")
-    g.add_argument("--lora-plus-ratio", type=float, default=defaults.lora_plus_ratio,
-                   help="LoRA+: learning rate of B over that of A (default: %(default)s)")
-    g.add_argument("--lora-dtype", choices=LORA_DTYPES, default=defaults.lora_dtype,
-                   help="adapter weights' dtype: fp32 (PEFT's default) or the model's (faster "
-                   "in bf16) (default: %(default)s)")
-    g = p.add_argument_group("output")
-    g.add_argument("--output-dir", default=defaults.output_dir,
-                   help="directory of the log, checkpoints and final model (default: "
-                   "%(default)s)")
-    g.add_argument("--eval-every", type=int, default=defaults.eval_every,
-                   help="steps between evaluations, and one at the end; 0: only at the end "
-                   "(default: %(default)s)")
-    g.add_argument("--save-every", type=int, default=defaults.save_every,
-                   help="steps between checkpoints, and one at the end; 0: only at the end "
-                   "(default: %(default)s)")
-    g.add_argument("--log-every", type=int, default=defaults.log_every,
-                   help="steps between reading metrics from the device; every step is logged "
-                   "(default: %(default)s)")
-    g.add_argument("--resume", help="checkpoint directory to continue from, or 'auto': the "
-                   "latest checkpoint of the run in --output-dir (of the line that ran last), or "
-                   "its start if it stopped before its first; a finished run (final/ written) is "
-                   "left as it is (default: none, a fresh run)")
-    g.add_argument("--allow-data-change", action="store_true",
-                   help="resume on data other than the run's (its fingerprint, a hash of the "
-                   "tokenised examples, differs) (default: off, an error)")
-    g.add_argument("--no-plot", dest="plot", action="store_false",
-                   help=f"do not write {PLOT_FILE} (default: off, it is written at each "
-                   "evaluation)")
-    g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="log a line per --log-every steps instead of a progress bar (default: "
-                   "off, a progress bar when stderr is a terminal, log lines otherwise)")
+    fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+    types = typing.get_type_hints(FinetuneConfig)
+    for title, names in OPTION_GROUPS.items():
+        group = p.add_argument_group(title)
+        for name in names:
+            field = fields[name]
+            if field.default is True:
+                group.add_argument(f"--no-{name.replace('_', '-')}", dest=name,
+                                   action="store_false", help=_help(field))
+            elif field.default is False:
+                group.add_argument(_flag(name), action="store_true", help=_help(field))
+            else:
+                # int | None -> int
+                kind = next(t for t in typing.get_args(types[name]) or [types[name]]
+                            if t is not type(None))
+                group.add_argument(_flag(name), type=kind, default=field.default,
+                                   choices=CHOICES.get(name), help=_help(field))
     return parser
 
 
