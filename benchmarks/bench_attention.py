@@ -1,6 +1,6 @@
 """Causal attention, forward and forward + backward, every candidate kernel at model shapes.
 
-Run on a CUDA machine: `python benchmarks/bench_attention.py --out DIR` (about 3 minutes on an
+Run on a CUDA machine: `python -m benchmarks.bench_attention --out DIR` (about 3 minutes on an
 H100). Per shape (B x Hq/Hk heads x S x D, bf16, transformers' layout: q/k/v are transposed views
 of (B, S, H, D) projections; GQA without repeating K/V where the kernel allows):
 - sdpa_cudnn, sdpa_flash: `scaled_dot_product_attention(is_causal=True, enable_gqa=True)` pinned to
@@ -10,7 +10,7 @@ of (B, S, H, D) projections; GQA without repeating K/V where the kernel allows):
   the dense (B, 1, S, S) boolean mask it builds under tracing, compiled with Inductor;
 - chronicals: `chronicals::attention` (its kernel named in the row), rows and packed documents.
 Packed shapes hold documents of log-normal lengths (median ~S/8) in each row and pass position_ids.
-Times are medians of CUDA-graph replays with L2 flushed (`_timing.time_graph_and_call`; the
+Times are medians of CUDA-graph replays with L2 flushed (`harness.time_graph_and_call`; the
 packed chronicals rows: Python calls, since the op syncs once to count documents); TFLOP/s
 count the causal half of the S x S square (4 * B * Hq * D * S^2 / 2 forward, 2.5x that forward +
 backward), for packed rows the sum over documents. Each candidate's output and gradients are
@@ -20,15 +20,13 @@ checked against the first candidate's before it is timed (relative norm error <=
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _timing import time_graph_and_call
-from triton.testing import do_bench
 
+from benchmarks.harness import time_call, time_graph_and_call, write_json
 from chronicals import reference
 from chronicals.ops import attention as ops
 
@@ -114,12 +112,6 @@ def candidates(pos: torch.Tensor | None, s: int):
     return out
 
 
-def time_call(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -178,11 +170,8 @@ def main() -> None:
             print(f"{name:22s} {row['candidate']:28s} fwd {t_f:7.3f} ms {row['fwd_tflops']:6.1f} "
                   f"TF/s | fwd+bwd {t_fb:7.3f} ms {row['fwd_bwd_tflops']:6.1f} TF/s | err {err:.1e}",
                   flush=True)
-    setup = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-             "cudnn": torch.backends.cudnn.version(), "shapes": {n: SHAPES[n] for n in
-                                                                 args.shapes.split(",")}}
-    (out_dir / "bench_attention.json").write_text(json.dumps({"setup": setup, "rows": rows},
-                                                             indent=1))
+    write_json(out_dir, "bench_attention.json", rows, cudnn=torch.backends.cudnn.version(),
+               shapes={n: SHAPES[n] for n in args.shapes.split(",")})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """LM head + cross-entropy, forward + backward: Chronicals vs eager vs torch.compile vs peers.
 
-    python benchmarks/bench_linear_cross_entropy.py --out DIR [--shapes 0,2] [--variants ...]
+    python -m benchmarks.bench_linear_cross_entropy --out DIR [--shapes 0,2] [--variants ...]
         [--head trainable|frozen]
 
 For each (tokens, hidden, vocab) shape, in bf16, with hidden requiring grad, the weight too
@@ -22,17 +22,13 @@ used when importable (otherwise the table says why the import failed).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.harness import relative_max_error, write_json
 
 SHAPES = [  # (tokens, hidden, vocab): Qwen2.5-0.5B, Llama-3.2-1B, Llama-3-8B, Gemma-2-2B LM heads
     (16384, 896, 151936),
@@ -109,9 +105,7 @@ def _run(fn: LossFn, h, w, y):
 
 
 def _rel_err(x: torch.Tensor | None, ref: torch.Tensor | None) -> float | None:
-    if ref is None:
-        return None
-    return float((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
+    return None if ref is None else relative_max_error(x, ref)
 
 
 def _extra_memory(fn: LossFn, h, w, y) -> int:
@@ -206,13 +200,7 @@ def main() -> None:
     for index in map(int, args.shapes.split(",")):
         rows += bench_shape(*SHAPES[index], variants, args.head)
         print(_table(rows), flush=True)
-    import triton
-
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, python=platform.python_version(), ignored=IGNORED)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"linear_cross_entropy_{args.head}.json"), "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=1)
+    write_json(args.out, f"linear_cross_entropy_{args.head}.json", rows, ignored=IGNORED)
 
 
 if __name__ == "__main__":

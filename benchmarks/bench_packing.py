@@ -1,6 +1,6 @@
 """Packed vs padded fine-tuning throughput, and packed attention vs dense-mask sdpa.
 
-Run on a CUDA machine: `python benchmarks/bench_packing.py --out DIR` (about 4 minutes on an H200).
+Run on a CUDA machine: `python -m benchmarks.bench_packing --out DIR` (about 4 minutes on an H200).
 
 Workload: a Qwen2.5-0.5B-shaped model (Qwen2Config: hidden 896, 24 layers, 14 heads, 2 KV heads,
 intermediate 4864, vocab 151936), random init, bf16 weights, fused AdamW, no checkpointing.
@@ -34,17 +34,14 @@ a correct option). Correctness of the packed path is checked against an fp32 ref
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
+from benchmarks.harness import cuda_ms, median_cuda_ms, write_json
 from chronicals._torch_private import mark_dynamic
 from chronicals.attention import (
     PACKED_ATTENTION,
@@ -122,15 +119,6 @@ def packed_batches(batches: list[PackedBatch], *, with_boundaries: bool) -> list
 # ----------------------------------------------------------------------------- training
 
 
-def cuda_time(fn) -> tuple[float, object]:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    result = fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end), result
-
-
 def graphs_compiled() -> int:
     return unique_graphs_compiled()
 
@@ -179,7 +167,7 @@ def run_variant(name, model, init_state, batches, args, *, compiled: bool) -> di
     times, losses, norms, tokens, slots = [], [], [], 0, 0
     for b in timed:
         inputs = to_device(b)
-        ms, (loss, norm) = cuda_time(lambda: step(inputs))
+        ms, (loss, norm) = cuda_ms(lambda: step(inputs))
         times.append(ms)
         losses.append(loss)
         norms.append(norm)
@@ -276,7 +264,7 @@ def attention_bench(batches: list[PackedBatch], args: argparse.Namespace) -> dic
                 raise RuntimeError(f"packed attention disagrees with the fp32 reference: {check}")
         for key, fn in fns.items():
             results[key].append(_time_fwd_bwd(fn, (q, k, v), grad))
-        results["flex_block_mask_build"].append(_time(build))
+        results["flex_block_mask_build"].append(median_cuda_ms(build))
     out = {k: statistics.median(v) for k, v in results.items()}
     out["scaling"] = _scaling(rows, width, heads, kv_heads, head_dim, scale)
     out["implementation"] = implementation(torch.empty(1, 1, 1, 64, device="cuda",
@@ -315,17 +303,8 @@ def _flash_exact_max(q, k, v, cu, max_seqlen, scale):
     return out.view(rows, width, heads, head_dim)
 
 
-def _time(fn, reps: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        times.append(cuda_time(fn)[0])
-    return statistics.median(times)
-
-
 def _time_fwd_bwd(fn, inputs, grad) -> float:
-    return _time(lambda: torch.autograd.grad(fn(), inputs, grad))
+    return median_cuda_ms(lambda: torch.autograd.grad(fn(), inputs, grad))
 
 
 # ----------------------------------------------------------------------------- main
@@ -405,18 +384,9 @@ def main() -> None:
     pool = {"examples": len(examples), "padded_efficiency":
             sum(b["tokens"] for b in padded) / sum(b["slots"] for b in padded),
             "packed": packed.stats.as_dict()}
-    result = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "args": vars(args),
-        "loss_check": loss_check,
-        "pool": pool,
-        "runs": runs,
-        "attention_ms": attn,
-    }
-    with open(os.path.join(args.out, "bench_packing.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, "bench_packing.json",
+               {"loss_check": loss_check, "pool": pool, "runs": runs, "attention_ms": attn},
+               args=vars(args))
 
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}; {args.layers} layers, {args.rows} x {args.max_len}; "

@@ -1,6 +1,6 @@
 """Benchmark chronicals::rms_norm against eager PyTorch and plain torch.compile (Inductor).
 
-    python benchmarks/bench_rms_norm.py --out results/
+    python -m benchmarks.bench_rms_norm --out results/
 
 Variants, all on the same inputs (bf16 x and weight, Llama-style cast order):
   chronicals  `chronicals.ops.rms_norm.rms_norm` (Triton forward and backward kernels)
@@ -11,7 +11,7 @@ Variants, all on the same inputs (bf16 x and weight, Llama-style cast order):
 Modes: forward (no autograd), and forward+backward: fresh leaves x and w, the forward, and
 `torch.autograd.grad` to dx and dW fed by a fixed dy.
 
-Each step is timed two ways (`benchmarks/_timing.py`), both medians of `triton.testing.do_bench`
+Each step is timed two ways (`benchmarks/harness.py`), both medians of `triton.testing.do_bench`
 (which flushes L2 between runs): a CUDA-graph replay of the step ("ms (graph)", JSON "ms_graph"),
 the GPU time, as in a training step where the CPU runs ahead of the GPU; and a plain Python call
 ("ms (Python call)", JSON "ms_call"), which at these sizes is mostly CPU dispatch (custom-op and
@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
-import triton
-from _timing import copy_tbps, time_graph_and_call
 
+from benchmarks.harness import copy_tbps, relative_max_error, time_graph_and_call, write_json
 from chronicals import reference
 from chronicals.ops.rms_norm import rms_norm
 
@@ -63,10 +60,6 @@ def check_against_hf(x: torch.Tensor, w: torch.Tensor, eps: float) -> None:
     got = reference.rms_norm(x, w, eps)
     if not torch.equal(got, expected):
         raise AssertionError("chronicals.reference.rms_norm differs from HF LlamaRMSNorm")
-
-
-def relative_max_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
 
 def check_variant(
@@ -169,16 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         }
         results += bench_case(args, hidden, variants, ceiling)
     print_table(results, ceiling)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "bench_rms_norm.json"
-    path.write_text(json.dumps({
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "python": platform.python_version(),
-        "copy_tbps": ceiling,
-        "timing": "triton.testing.do_bench medians (warmup 25 ms, rep 200 ms, L2 flushed): "
-                  "ms_graph = CUDA-graph replay of the step (GPU time), ms_call = Python call",
-        "results": results,
-    }, indent=2))
+    path = write_json(
+        args.out, "bench_rms_norm.json", results, copy_tbps=ceiling,
+        timing="triton.testing.do_bench medians (warmup 25 ms, rep 200 ms, L2 flushed): "
+               "ms_graph = CUDA-graph replay of the step (GPU time), ms_call = Python call",
+    )
     print(f"\nwrote {path}")
 
 

@@ -1,7 +1,7 @@
 """Benchmark chronicals::rope against HF's rotary math, eager and under plain torch.compile.
 
-    python benchmarks/bench_rope.py --out results/   (needs a CUDA GPU)
-    python benchmarks/bench_rope.py --out results/ --layout interleaved
+    python -m benchmarks.bench_rope --out results/   (needs a CUDA GPU)
+    python -m benchmarks.bench_rope --out results/ --layout interleaved
 
 For each head config (Qwen2.5-0.5B, Llama-3.2-1B, Llama-3.1-8B) at bf16 and B x S = 8 x 2048
 tokens, q and k arrive as HF makes them: the q/k projections' outputs (B, S, H * D), viewed as
@@ -35,14 +35,12 @@ gradients are checked against an fp32 truth before it is timed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 from pathlib import Path
 
 import torch
-import triton
-from _timing import copy_tbps, time_graph_and_call
+
+from benchmarks.harness import check_numerics, copy_tbps, time_graph_and_call, write_json
 
 HEAD_CONFIGS = {
     # name: (heads_q, heads_k, head_dim)
@@ -78,19 +76,6 @@ def _projections(batch: int, seq: int, heads_q: int, heads_k: int, head_dim: int
 def _hf_view(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     batch, seq, _ = x.shape
     return x.view(batch, seq, -1, head_dim).transpose(1, 2)
-
-
-def _check(name: str, got: torch.Tensor, want: torch.Tensor, truth: torch.Tensor) -> None:
-    """Elementwise: error vs fp32 truth no worse than eager's plus one bf16 ulp. Never NaN."""
-    if got.shape != truth.shape or torch.isnan(got).any():
-        raise AssertionError(
-            f"{name}: shape {tuple(got.shape)} or NaN; expected {tuple(truth.shape)}"
-        )
-    err = (got.float() - truth).abs()
-    allowed = (want.float() - truth).abs() + BF16_ULP * truth.abs() + 1e-6
-    if not bool((err <= allowed).all()):
-        worst = float((err - allowed).max())
-        raise AssertionError(f"{name}: error exceeds eager's + 1 ulp by {worst:.3e}")
 
 
 def _run_variant(fn, head_dim, q_lin, k_lin, cos, sin, grads=None):
@@ -154,7 +139,8 @@ def bench_config(name: str, heads_q: int, heads_k: int, head_dim: int, batch: in
             _run_variant(fn, head_dim, q_lin, k_lin, cos, sin, grads)
         )
         for what, g, w, t in zip(("q_out", "k_out", "dq", "dk"), got, eager, truth):
-            _check(f"{name}/{variant}/{what}", g, w, t)
+            # Against fp32 truth: no worse than eager's error plus one bf16 ulp.
+            check_numerics(f"{name}/{variant}/{what}", g, w, t, rounding=BF16_ULP)
         del out, got
 
         with torch.no_grad():
@@ -186,8 +172,6 @@ def main() -> None:
 
     import functools
 
-    import transformers
-
     from chronicals.ops._launch import implementation
     from chronicals.ops.rope import rope
 
@@ -217,14 +201,8 @@ def main() -> None:
     print("\ncopy TB/s (same bytes, same run): " + ", ".join(
         f"{n} {next(r['copy_tbps'] for r in rows if r['config'] == n):.2f}" for n in args.configs))
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "dtype": "bfloat16",
-    }
     name = "rope.json" if args.layout == "half" else f"rope-{args.layout}.json"
-    (args.out / name).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    write_json(args.out, name, rows, dtype="bfloat16")
 
 
 if __name__ == "__main__":

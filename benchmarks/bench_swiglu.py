@@ -1,6 +1,6 @@
 """Benchmark chronicals' SwiGLU / GeGLU against eager PyTorch and plain torch.compile (Inductor).
 
-    python benchmarks/bench_swiglu.py --out results/      # CUDA; package installed or PYTHONPATH=.
+    python -m benchmarks.bench_swiglu --out results/      # CUDA; package installed or PYTHONPATH=.
 
 For each activation and intermediate size I (tokens x I, bf16), times the forward and forward +
 backward of `act(gate) * up` three ways: the eager reference (`chronicals.reference`), the same
@@ -11,7 +11,7 @@ chronicals: `swiglu` on the row-strided views (autograd then concatenates dgate 
 timed eagerly and inside `torch.compile` (as the chronicals backend runs it). Forward + backward
 starts from fresh leaves and ends with `torch.autograd.grad` of them, fed by a fixed dy.
 
-Every variant and mode is timed two ways (`benchmarks/_timing.py`), both medians of
+Every variant and mode is timed two ways (`benchmarks/harness.py`), both medians of
 `triton.testing.do_bench` (which clears L2 between runs): a CUDA-graph replay of the step
 ("ms (graph)", JSON `*_ms_graph`), the GPU time, as in a training step where the CPU runs ahead of
 the GPU; and a plain Python call ("ms (Python call)", JSON `*_ms_call`), which for small steps is
@@ -26,16 +26,13 @@ one bf16 rounding) before it is timed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import triton
-from _timing import copy_tbps, time_graph_and_call
 
+from benchmarks.harness import check_numerics, copy_tbps, time_graph_and_call, write_json
 from chronicals import reference
 from chronicals.ops import implementation
 from chronicals.ops.swiglu import geglu, swiglu, swiglu_gate_up
@@ -77,16 +74,6 @@ def _on_leaves(act: Callable, chunked: bool) -> Callable:
     return phi3_mlp_act
 
 
-def _check_close(label: str, got: torch.Tensor, eager: torch.Tensor, truth: torch.Tensor) -> None:
-    """The numerics rule of the tests: no worse than eager bf16 plus one bf16 rounding (GPU stores
-    round to nearest, so half an ulp, at most 2**-8 relative)."""
-    err = (got.double() - truth).abs()
-    allowed = (eager.double() - truth).abs() + 2.0**-8 * truth.abs() + 1e-6
-    bad = int((err > allowed).sum())
-    if torch.isnan(got).any() or bad:
-        raise AssertionError(f"{label}: {bad} elements outside the numerics rule; not timing it")
-
-
 def check_correctness(label: str, variants: dict[str, Callable], leaves, dy) -> None:
     """Forward and gradients of every variant against fp64 truth, on the benchmark's inputs."""
     eager = variants["eager"]
@@ -100,9 +87,9 @@ def check_correctness(label: str, variants: dict[str, Callable], leaves, dy) -> 
     eager_grads = torch.autograd.grad(eager_out, leaves, dy)
     for name, fn in variants.items():
         out = fn(*leaves)
-        _check_close(f"{label} {name} forward", out, eager_out, truth)
+        check_numerics(f"{label} {name} forward", out, eager_out, truth)
         for g, e, t in zip(torch.autograd.grad(out, leaves, dy), eager_grads, truth_grads):
-            _check_close(f"{label} {name} backward", g, e, t)
+            check_numerics(f"{label} {name} backward", g, e, t)
     torch.cuda.synchronize()
 
 
@@ -178,10 +165,6 @@ def run(args: argparse.Namespace) -> dict:
         del leaves, dy
         torch.cuda.empty_cache()
     return {
-        "device": torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
         "dtype": "bfloat16",
         "copy_tbs": copy_tbs,
         "timing": f"triton.testing.do_bench median, warmup {WARMUP_MS} ms, rep {REP_MS} ms, L2 "
@@ -227,9 +210,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(HEADER, flush=True)
     result = run(args)
-    print(f"\ncopy bandwidth {result['copy_tbs']:.2f} TB/s (read + write), {result['device']}")
-    print("\n" + HEADER + "\n" + "\n".join(_format_row(r) for r in result["rows"]))
-    (args.out / "bench_swiglu.json").write_text(json.dumps(result, indent=2))
+    rows = result.pop("rows")
+    print(f"\ncopy bandwidth {result['copy_tbs']:.2f} TB/s (read + write), "
+          f"{torch.cuda.get_device_name()}")
+    print("\n" + HEADER + "\n" + "\n".join(_format_row(r) for r in rows))
+    write_json(args.out, "bench_swiglu.json", rows, **result)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """End-to-end fine-tuning throughput: HF eager, HF + Inductor, Chronicals, Unsloth; full and LoRA.
 
-Run on a CUDA machine: `python benchmarks/bench_train.py --out DIR` (about 5 minutes on an H200);
+Run on a CUDA machine: `python -m benchmarks.bench_train --out DIR` (about 5 minutes on an H200);
 `--stacks` / `--modes` pick a subset. `--tiny` runs a 2-layer model on CPU as a smoke test of the
 script itself (numbers meaningless). The unsloth stack is asked for by name and needs its packages:
 `--stacks hf_compile,chronicals,unsloth --peers DIR`, where DIR holds Unsloth and its dependencies
@@ -28,7 +28,7 @@ function:
   same);
 - unsloth: Unsloth's patched model, the function run eagerly (Unsloth compiles and fuses inside
   the model). Unsloth must be imported before transformers, so each mode runs in its own process
-  (benchmarks/bench_unsloth.py, with DIR first on PYTHONPATH) on a copy of the same initial
+  (`python -m benchmarks.bench_unsloth`, with DIR first on PYTHONPATH) on a copy of the same initial
   weights, saved by this process into a temporary directory with the bundled tokenizer and loaded
   with `FastLanguageModel.from_pretrained` (bf16, no 4-bit, no gradient checkpointing); LoRA through
   `FastLanguageModel.get_peft_model` with the same r, alpha and seven projections. Unsloth's
@@ -66,8 +66,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import write_json
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from chronicals.lora_plus import lora_plus_param_groups
 from chronicals.train import compile_loss, train_step
@@ -78,7 +79,7 @@ from compile_passes.backend import FUSION_NAMES
 STACKS = {"hf_eager": None, "hf_compile": "inductor", "chronicals": "chronicals"}
 # Stacks run in a process of their own, by the script named: Unsloth patches transformers when
 # imported, so it must come first in a process that has not imported transformers.
-PEER_STACKS = {"unsloth": "bench_unsloth.py"}
+PEER_STACKS = {"unsloth": "benchmarks.bench_unsloth"}
 MODES = ("full", "lora")
 MODELS = ("qwen2.5-0.5b", "llama-3.2-1b")
 # Rows of 2048 tokens when --rows is not given; Llama-3.2-1B's baseline (benchmarks/README.md) is
@@ -395,8 +396,7 @@ def peer_command(stack: str, args: argparse.Namespace, spec: Path,
     env["HF_HUB_OFFLINE"] = "1"
     env["UNSLOTH_DISABLE_STATISTICS"] = "1"
     env["UNSLOTH_COMPILE_LOCATION"] = str(spec.parent / "unsloth_compiled_cache")
-    script = Path(__file__).resolve().with_name(PEER_STACKS[stack])
-    return [sys.executable, str(script), str(spec)], env
+    return [sys.executable, "-m", PEER_STACKS[stack], str(spec)], env
 
 
 def failed_result(stack: str, mode: str, problem: str) -> dict:
@@ -498,15 +498,9 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in vars(args).items() if k != "out"}
-    setup.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                 torch=torch.__version__, dtype=str(dtype),
-                 float32_matmul_precision=torch.get_float32_matmul_precision())
-    (out / "bench_train.json").write_text(json.dumps(
-        {"setup": setup, "results": results, "table": table}, indent=2
-    ))
+    write_json(args.out, "bench_train.json", results, **setup, dtype=str(dtype),
+               float32_matmul_precision=torch.get_float32_matmul_precision(), table=table)
     if not all(r["ok"] for r in results):
         sys.exit(1)
 

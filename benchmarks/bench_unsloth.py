@@ -1,6 +1,6 @@
 """bench_train.py's unsloth stack: one mode, in a process of its own.
 
-bench_train.py starts it (`python benchmarks/bench_unsloth.py SPEC.json`, see its `peer_command`)
+bench_train.py starts it (`python -m benchmarks.bench_unsloth SPEC.json`, see its `peer_command`)
 with the folder holding Unsloth first on PYTHONPATH. SPEC.json holds bench_train's parsed options,
 the mode, the device and dtype, the directory of the initial model bench_train saved (the same
 weights its other stacks start from, with the bundled tokenizer), and where to write the result.
@@ -24,7 +24,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def main() -> None:
     if len(sys.argv) != 2:
-        sys.exit("usage: bench_unsloth.py SPEC.json (bench_train.py --stacks unsloth writes the "
+        sys.exit("usage: python -m benchmarks.bench_unsloth SPEC.json (bench_train.py --stacks unsloth writes the "
                  f"spec and starts this). Got arguments {sys.argv[1:]}.")
     spec = json.loads(Path(sys.argv[1]).read_text())
     import unsloth  # noqa: I001  (first: it patches transformers, which the imports below load)
@@ -32,7 +32,7 @@ def main() -> None:
 
     import torch
     import transformers
-    from bench_train import make_optimizer, run
+    from benchmarks.bench_train import make_optimizer, run
 
     from chronicals.train import compile_loss
 

@@ -27,27 +27,27 @@ tests)
     ;;
 ops)
     for op in rms_norm swiglu rope; do
-        python3 benchmarks/bench_$op.py --out "$OUT" 2>&1 | tee "$OUT/bench_$op.log" || status=1
+        python3 -m benchmarks.bench_$op --out "$OUT" 2>&1 | tee "$OUT/bench_$op.log" || status=1
     done
     ;;
 attention)
-    python3 benchmarks/bench_attention.py --out "$OUT" 2>&1 | tee "$OUT/bench_attention.log" || status=1
+    python3 -m benchmarks.bench_attention --out "$OUT" 2>&1 | tee "$OUT/bench_attention.log" || status=1
     ;;
 loss)
     for head in trainable frozen; do
-        python3 benchmarks/bench_linear_cross_entropy.py --out "$OUT" --head $head 2>&1 \
+        python3 -m benchmarks.bench_linear_cross_entropy --out "$OUT" --head $head 2>&1 \
             | tee "$OUT/bench_lce_$head.log" || status=1
     done
     ;;
 train)
-    python3 benchmarks/bench_packing.py --out "$OUT" 2>&1 | tee "$OUT/bench_packing.log" || status=1
-    python3 benchmarks/bench_train.py --out "$OUT" 2>&1 | tee "$OUT/bench_train.log" || status=1
+    python3 -m benchmarks.bench_packing --out "$OUT" 2>&1 | tee "$OUT/bench_packing.log" || status=1
+    python3 -m benchmarks.bench_train --out "$OUT" 2>&1 | tee "$OUT/bench_train.log" || status=1
     ;;
 sweep)
-    python3 benchmarks/sweep_rms_norm.py 2>&1 | tee "$OUT/sweep_rms_norm.log" || status=1
-    python3 benchmarks/sweep_lce_tiles.py 2>&1 | tee "$OUT/sweep_lce_tiles.log" || status=1
-    python3 benchmarks/sweep_lce_frozen_blocks.py 2>&1 | tee "$OUT/sweep_lce_frozen.log" || status=1
-    python3 benchmarks/bound_linear_cross_entropy.py --out "$OUT" 2>&1 \
+    python3 -m benchmarks.tuning.sweep_rms_norm 2>&1 | tee "$OUT/sweep_rms_norm.log" || status=1
+    python3 -m benchmarks.tuning.sweep_lce_tiles 2>&1 | tee "$OUT/sweep_lce_tiles.log" || status=1
+    python3 -m benchmarks.tuning.sweep_lce_frozen_blocks 2>&1 | tee "$OUT/sweep_lce_frozen.log" || status=1
+    python3 -m benchmarks.tuning.bound_linear_cross_entropy --out "$OUT" 2>&1 \
         | tee "$OUT/bound_lce.log" || status=1
     ;;
 job)

@@ -343,7 +343,7 @@ class _Tiles(NamedTuple):
 
 def _tiles(dtype: torch.dtype) -> _Tiles:
     """Tile sizes of the forward and the dlogits kernels. 16-bit operands: 128 x 256 x 64, 8 warps,
-    3 stages. On an H200 (`benchmarks/sweep_lce_tiles.py`, bf16) the forward took 1.08x
+    3 stages. On an H200 (`benchmarks/tuning/sweep_lce_tiles.py`, bf16) the forward took 1.08x
     (16384 x 896 x 151936) and 1.10x (8192 x 4096 x 128256) the time of a cuBLAS GEMM of the same
     size; 256 x 128 was up to 3% slower, 128 x 128 5-10% slower, and 4 stages do not fit in shared
     memory. fp32 operands take ieee dots, whose tiles must be smaller to fit shared memory. Tiny
@@ -466,16 +466,18 @@ def _num_items(num_items_tensor: Tensor | None, num_items_int: int | None):
 
 
 def _lce_fwd(
-    hidden: Tensor, weight: Tensor, labels: Tensor, num_items, options: LossOptions,
+    hidden: Tensor, weight: Tensor, labels: Tensor, num_items, options: LossOptions, *,
+    tiles: _Tiles | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(loss, lse [N] fp32) with the Triton kernels."""
+    """(loss, lse [N] fp32) with the Triton kernels; `tiles` instead of `_tiles`'s (for
+    benchmarks/tuning/sweep_lce_tiles.py)."""
     h2, weight, labels2d = _as_kernel_operands(hidden, weight, labels)
     (N, H), V = h2.shape, weight.shape[0]
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
     token_loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
     if N == 0:
         return _reduce(token_loss, labels2d, labels.shape, options, num_items), lse
-    tiles = _tiles(hidden.dtype)
+    tiles = tiles or _tiles(hidden.dtype)
     blocks_n = triton.cdiv(N, tiles.block_n)
     tiles_v = triton.cdiv(V, tiles.block_v)
     wanted = next_power_of_2(triton.cdiv(_FWD_WAVES * sm_count(hidden.device), blocks_n))
@@ -511,10 +513,11 @@ def _lce_fwd(
 
 def _lce_bwd(
     grad_loss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, num_items,
-    options: LossOptions, need_d_hidden: bool, need_d_weight: bool,
+    options: LossOptions, need_d_hidden: bool, need_d_weight: bool, *,
+    tiles: _Tiles | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(d_hidden, d_weight) with the Triton dlogits kernel and cuBLAS; empty tensors for the
-    gradients not asked for."""
+    gradients not asked for. `tiles`: as `_lce_fwd`'s."""
     h2, weight, labels2d = _as_kernel_operands(hidden, weight, labels)
     (N, H), V = h2.shape, weight.shape[0]
     dtype = hidden.dtype
@@ -523,7 +526,7 @@ def _lce_bwd(
     d_hidden_acc = torch.zeros((N, H), dtype=torch.float32, device=hidden.device) if (
         need_d_hidden) else empty
     if N > 0 and (need_d_hidden or need_d_weight):
-        tiles = _tiles(dtype)
+        tiles = tiles or _tiles(dtype)
         chunk = max(tiles.block_v, _DLOGITS_CHUNK_ELEMENTS // N // tiles.block_v * tiles.block_v)
         chunk = min(chunk, triton.cdiv(V, tiles.block_v) * tiles.block_v)
         g = _token_weight(grad_loss, labels2d, options, num_items)

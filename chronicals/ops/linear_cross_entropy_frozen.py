@@ -51,7 +51,7 @@ from chronicals.ops._lce_common import (
 # cuBLAS ran 2-12% slower than 9472 or 10240 columns), or as much as the gradient [N, H] the path
 # keeps from forward to backward anyway if that is more, within [8, 48] MiB; the accumulator
 # [tokens, H] takes at most a third, for at most 2048 tokens
-# (`benchmarks/sweep_lce_frozen_blocks.py`).
+# (`benchmarks/tuning/sweep_lce_frozen_blocks.py`).
 _FROZEN_SHARE_OF_LOGITS = 0.0093
 _FROZEN_MIN_BYTES = 8 << 20
 _FROZEN_MAX_BYTES = 48 << 20
@@ -237,7 +237,8 @@ def _frozen_cols(budget: int, rows: int, H: int, V: int, element_size: int) -> i
 
 
 def _lce_fwd_d_hidden(
-    hidden: Tensor, weight: Tensor, labels: Tensor, num_items, options: LossOptions,
+    hidden: Tensor, weight: Tensor, labels: Tensor, num_items, options: LossOptions, *,
+    blocks: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, lse [N] fp32, d loss / d hidden) for a frozen weight, in one pass over the logits.
 
@@ -247,7 +248,8 @@ def _lce_fwd_d_hidden(
     against each token's running max m (rescaling what was accumulated when m grows), and cuBLAS
     adds block @ W[block] into an fp32 accumulator. `_lce_frozen_finish_kernel` divides by the
     sum of exps, subtracts the label's row and rounds once. Two GEMMs and no [N, V] anything: the
-    block and the accumulator stay within `_frozen_blocks`'s budget."""
+    block and the accumulator stay within `_frozen_blocks`'s budget. `blocks`: (rows, cols)
+    instead of `_frozen_blocks`'s (for benchmarks/tuning/sweep_lce_frozen_blocks.py)."""
     h2, weight, labels2d = _as_kernel_operands(hidden, weight, labels)
     (N, H), V = h2.shape, weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
@@ -255,7 +257,7 @@ def _lce_fwd_d_hidden(
     token_loss = torch.empty(N, dtype=torch.float32, device=device)
     d_hidden = torch.empty((N, H), dtype=dtype, device=device)
     g = _token_weight(torch.ones((), device=device), labels2d, options, num_items)
-    rows, cols = _frozen_blocks(N, H, V, hidden.element_size())
+    rows, cols = blocks or _frozen_blocks(N, H, V, hidden.element_size())
     state = torch.zeros((4, N), dtype=torch.float32, device=device)  # m, s, label logit, sum
     state[0] = float("-inf")
     block = torch.empty(rows * cols, dtype=dtype, device=device)

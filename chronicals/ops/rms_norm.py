@@ -28,6 +28,7 @@ Rows longer than `_MAX_BLOCK_COLS` are processed in column blocks (two passes ov
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton
@@ -60,7 +61,7 @@ _MAX_BLOCK_ROWS = 64
 _ELEMS_PER_THREAD = 16
 # The forward streams rows wider than this through column blocks of this size (a first pass for
 # the sum of squares, a second that rereads the row from L2), at 8 elements per thread. At hidden
-# 8192 (bf16, 16384 rows, H200, benchmarks/sweep_rms_norm.py) that took 129.5 us with 16
+# 8192 (bf16, 16384 rows, H200, benchmarks/tuning/sweep_rms_norm.py) that took 129.5 us with 16
 # warps, against 133.2 us for the row held whole in registers and 129.2 us for torch.compile.
 _FWD_MAX_BLOCK_COLS = 4096
 _FWD_LOOPED_ELEMS_PER_THREAD = 8
@@ -71,7 +72,7 @@ _FWD_LOOPED_ELEMS_PER_THREAD = 8
 _BWD_WARPS_PER_SM = 32
 # dW's finishing sum over the backward's partial rows (`_rms_norm_dw_kernel`): a program per
 # column block of 8, looping over blocks of 128 partial rows at 8 warps. Whole backward at hidden
-# 896 / 2048 / 4096 / 8192 (bf16, 16384 rows, H200, benchmarks/sweep_rms_norm.py): 35.6 / 65.0 /
+# 896 / 2048 / 4096 / 8192 (bf16, 16384 rows, H200, benchmarks/tuning/sweep_rms_norm.py): 35.6 / 65.0 /
 # 115.7 / 218.6 us, against 42.8 / 71.6 / 129.6 / 225.8 us finishing with `sum(0).to(dtype)`; the
 # best of 40 configurations was within 0.8 us of it at every size.
 _DW_BLOCK_ROWS = 128
@@ -360,14 +361,18 @@ def _fwd_config(n_rows: int, n_cols: int, max_block_cols: int) -> tuple[int, int
 
 def _rms_norm_fwd(
     x: Tensor, weight: Tensor, eps: float, gemma: bool, *,
-    max_block_cols: int = _FWD_MAX_BLOCK_COLS,
+    max_block_cols: int = _FWD_MAX_BLOCK_COLS, config: tuple[int, int, int, int] | None = None,
 ) -> Tensor:
+    """`config`: (BLOCK_ROWS, BLOCK_COLS, NUM_BLOCKS, num_warps) instead of `_fwd_config`'s (for
+    benchmarks/tuning/sweep_rms_norm.py)."""
     x_rows, weight = as_rows(x), weight.contiguous()  # the kernels read w with unit stride
     n_rows, n_cols = x_rows.shape
     y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, weight, gemma), device=x.device)
     if y.numel() == 0:
         return y.view(x.shape)
-    block_rows, block_cols, num_blocks, num_warps = _fwd_config(n_rows, n_cols, max_block_cols)
+    block_rows, block_cols, num_blocks, num_warps = config or _fwd_config(
+        n_rows, n_cols, max_block_cols
+    )
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
         x_rows, weight, y, n_rows, n_cols, x_rows.stride(0), y.stride(0), float(eps),
         GEMMA=gemma, INTERPRETED=interpreter_on(), BLOCK_ROWS=block_rows,
@@ -379,7 +384,10 @@ def _rms_norm_fwd(
 def _rms_norm_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, eps: float, gemma: bool, compute_dw: bool, *,
     max_block_cols: int = _MAX_BLOCK_COLS,
+    finish_dw: Callable[[Tensor, torch.dtype], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """`finish_dw`: what sums the per-program fp32 dW partials into dW instead of `_finish_dw`
+    (for benchmarks/tuning/sweep_rms_norm.py)."""
     if dy.shape != x.shape:
         raise ValueError(
             f"rms_norm_backward: dy must have x's shape {tuple(x.shape)}. Got {tuple(dy.shape)}."
@@ -414,7 +422,8 @@ def _rms_norm_bwd(
         BLOCK_COLS=block_cols, NUM_BLOCKS=num_blocks, TILES_PER_PROGRAM=tiles_per_program,
         num_warps=num_warps,
     )
-    dw = _finish_dw(dw_partial, weight.dtype) if compute_dw else weight.new_empty(0)
+    dw = (finish_dw or _finish_dw)(dw_partial, weight.dtype) if compute_dw else (
+        weight.new_empty(0))
     return dx.view(x.shape), dw
 
 
@@ -425,10 +434,13 @@ def _dw_config() -> tuple[int, int, int]:
     return _DW_BLOCK_ROWS, _DW_BLOCK_COLS, _DW_WARPS
 
 
-def _finish_dw(partial: Tensor, dtype: torch.dtype) -> Tensor:
+def _finish_dw(
+    partial: Tensor, dtype: torch.dtype, *, config: tuple[int, int, int] | None = None
+) -> Tensor:
+    """`config`: (BLOCK_ROWS, BLOCK_COLS, num_warps) instead of `_dw_config`'s."""
     n_partials, n_cols = partial.shape
     dw = torch.empty(n_cols, dtype=dtype, device=partial.device)
-    block_rows, block_cols, num_warps = _dw_config()
+    block_rows, block_cols, num_warps = config or _dw_config()
     _rms_norm_dw_kernel[(triton.cdiv(n_cols, block_cols),)](
         partial, dw, n_partials, n_cols, partial.stride(0), INTERPRETED=interpreter_on(),
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,

@@ -1,6 +1,6 @@
 """Sweep the linear-cross-entropy kernels' tile configuration against a cuBLAS GEMM of the size.
 
-    python benchmarks/sweep_lce_tiles.py
+    python -m benchmarks.tuning.sweep_lce_tiles
 
 The forward is a GEMM (tokens x H) @ (H x vocab) whose output tiles are reduced on the fly (online
 log-sum-exp, label logit) instead of stored; the backward's dlogits kernel shares its main loop and
@@ -14,13 +14,12 @@ how `_tiles` is picked.
 from __future__ import annotations
 
 import argparse
-from unittest import mock
 
 import torch
-from _timing import time_graph_and_call
 from triton.runtime.errors import OutOfResources
 
 import chronicals.ops.linear_cross_entropy as lce
+from benchmarks.harness import time_graph_and_call
 from chronicals.ops._lce_common import LossOptions
 
 SHAPES = [(16384, 896, 151936), (8192, 4096, 128256)]
@@ -33,13 +32,14 @@ CONFIGS = [
 ]
 
 
-def _fwd(h, w, labels):
-    return lce._lce_fwd(h, w, labels, None, LossOptions())
+def _fwd(h, w, labels, tiles=None):
+    return lce._lce_fwd(h, w, labels, None, LossOptions(), tiles=tiles)
 
 
-def _fwd_bwd(h, w, labels):
-    loss, lse = _fwd(h, w, labels)
-    return lce._lce_bwd(torch.ones_like(loss), h, w, labels, lse, None, LossOptions(), True, True)
+def _fwd_bwd(h, w, labels, tiles=None):
+    loss, lse = _fwd(h, w, labels, tiles)
+    return lce._lce_bwd(torch.ones_like(loss), h, w, labels, lse, None, LossOptions(), True, True,
+                        tiles=tiles)
 
 
 def sweep(N: int, H: int, V: int) -> None:
@@ -55,16 +55,16 @@ def sweep(N: int, H: int, V: int) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     _, want = _fwd(h, w, labels)
     for cfg in CONFIGS:
-        with mock.patch.object(lce, "_tiles", lambda *_, cfg=cfg: lce._Tiles(*cfg)):
-            try:
-                diff = (_fwd(h, w, labels)[1] - want).abs().max().item()
-            except OutOfResources as err:
-                print(f"| {cfg} | does not fit: {err} | | | | |")
-                continue
-            if not diff < 1e-2:
-                raise AssertionError(f"{cfg}: lse differs from the default config's by {diff:.3e}")
-            fwd = time_graph_and_call(lambda: _fwd(h, w, labels)).graph_ms
-            both = time_graph_and_call(lambda: _fwd_bwd(h, w, labels)).graph_ms
+        tiles = lce._Tiles(*cfg)
+        try:
+            diff = (_fwd(h, w, labels, tiles)[1] - want).abs().max().item()
+        except OutOfResources as err:
+            print(f"| {cfg} | does not fit: {err} | | | | |")
+            continue
+        if not diff < 1e-2:
+            raise AssertionError(f"{cfg}: lse differs from the default config's by {diff:.3e}")
+        fwd = time_graph_and_call(lambda: _fwd(h, w, labels, tiles)).graph_ms
+        both = time_graph_and_call(lambda: _fwd_bwd(h, w, labels, tiles)).graph_ms
         print(f"| {cfg} | {fwd:.3f} | {fwd / gemm:.2f} | {both:.3f} | {both / gemm:.2f} "
               f"| {diff:.2e} |")
 

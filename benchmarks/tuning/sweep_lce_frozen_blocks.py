@@ -1,6 +1,6 @@
 """Sweep the logits blocks of linear_cross_entropy's frozen-weight path, against the two-pass path.
 
-    python benchmarks/sweep_lce_frozen_blocks.py [--shapes 0,2]
+    python -m benchmarks.tuning.sweep_lce_frozen_blocks [--shapes 0,2]
 
 With a frozen weight (LoRA's LM head) and a scalar loss the op computes d_hidden in its forward
 (`_lce_fwd_d_hidden`): per chunk of tokens, over blocks of vocab columns, a cuBLAS GEMM writes the
@@ -17,13 +17,12 @@ two-pass path's. It changes nothing in the op; it is how `_frozen_blocks`'s cons
 from __future__ import annotations
 
 import argparse
-from unittest import mock
 
 import torch
-from _timing import time_graph_and_call
 
 import chronicals.ops.linear_cross_entropy as lce
 import chronicals.ops.linear_cross_entropy_frozen as frozen_head
+from benchmarks.harness import time_graph_and_call
 from chronicals.ops._lce_common import LossOptions
 
 SHAPES = [(16384, 896, 151936), (16384, 2048, 128256), (8192, 4096, 128256), (8192, 2304, 256000)]
@@ -39,8 +38,8 @@ def _two_pass(h, w, labels):
     return loss, d_hidden
 
 
-def _one_pass(h, w, labels):
-    loss, _, d_hidden = frozen_head._lce_fwd_d_hidden(h, w, labels, None, _OPTS)
+def _one_pass(h, w, labels, blocks=None):
+    loss, _, d_hidden = frozen_head._lce_fwd_d_hidden(h, w, labels, None, _OPTS, blocks=blocks)
     return loss, d_hidden
 
 
@@ -93,11 +92,10 @@ def sweep(N: int, H: int, V: int) -> None:
         blocks = frozen_head._frozen_blocks(N, H, V, 2)
         if rows is not None:
             blocks = (rows, frozen_head._frozen_cols(budget, rows, H, V, 2))
-        with mock.patch.object(frozen_head, "_frozen_blocks", lambda *a: blocks):
-            loss, got = _one_pass(h, w, labels)
-            diff = (got.float() - want.float()).abs().max().item() / scale
-            timing = time_graph_and_call(lambda: _one_pass(h, w, labels))
-            extra = _peak_extra_gib(lambda: _one_pass(h, w, labels))
+        loss, got = _one_pass(h, w, labels, blocks)
+        diff = (got.float() - want.float()).abs().max().item() / scale
+        timing = time_graph_and_call(lambda: _one_pass(h, w, labels, blocks))
+        extra = _peak_extra_gib(lambda: _one_pass(h, w, labels, blocks))
         used = 4 * blocks[0] * H + 2 * blocks[0] * blocks[1]
         label = f"{blocks[0]} x {blocks[1]}" + (" (default)" if rows is None else "")
         ms = timing.graph_ms

@@ -1,6 +1,6 @@
 """How fast can an LM head + cross-entropy be with under 1% of the logits' memory? GEMM-only bounds.
 
-    python benchmarks/bound_linear_cross_entropy.py --out DIR [--shapes 0,2] [--budget 0.01]
+    python -m benchmarks.tuning.bound_linear_cross_entropy --out DIR [--shapes 0,2] [--budget 0.01]
 
 Issue 4's target asks one op to be the fastest of all stacks (torch.compile included) while its
 extra memory stays under 1% of the bf16 logits [N, V]. This measures, per shape of
@@ -30,23 +30,17 @@ Why these designs cover the options, for exact gradients each rounded once:
     exp(l - m_running) @ W over column blocks C with rescaling, so blocks of [T, C] need no lse
     first; T and C chosen in the budget (4 T H + 2 T C bytes), best of several T.
 
-Timings: CUDA-graph replays, medians of `do_bench` with L2 flushed (`_timing`).
+Timings: CUDA-graph replays, medians of `do_bench` with L2 flushed (`benchmarks.harness`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _timing import time_graph_and_call
-from bench_linear_cross_entropy import SHAPES, bench_shape
+from benchmarks.bench_linear_cross_entropy import SHAPES, bench_shape
+from benchmarks.harness import time_graph_and_call, write_json
 
 BF16 = torch.bfloat16
 
@@ -184,13 +178,7 @@ def main() -> None:
     for index in map(int, args.shapes.split(",")):
         results.append(bound_shape(*SHAPES[index], args.budget))
         print(_report(results[-1]), flush=True)
-    import triton
-
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, python=platform.python_version())
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "lce_bounds.json"), "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=1)
+    write_json(args.out, "lce_bounds.json", results)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes, per stack: kernel time summed by kernel name.
 
-    python benchmarks/profile_train.py --out DIR --stacks hf_compile,chronicals --modes lora \
+    python -m benchmarks.tuning.profile_train --out DIR --stacks hf_compile,chronicals --modes lora \
         --lora-dtype model --steps 3 [--top 30]
 
 Takes `bench_train.py`'s options and builds the same model, batches and step (its `build`,
@@ -19,8 +19,8 @@ import os
 import re
 
 import torch
-from bench_train import STACKS, build, chronicals_options, make_batches, parse_args
 
+from benchmarks.bench_train import STACKS, build, chronicals_options, make_batches, parse_args
 from chronicals.train import compile_loss, train_step
 
 

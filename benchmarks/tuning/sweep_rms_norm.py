@@ -1,6 +1,6 @@
 """Sweep the RMSNorm kernels' launch configurations: the forward's, and the dW finish's.
 
-    python benchmarks/sweep_rms_norm.py --hidden 896 8192 --part fwd dw
+    python -m benchmarks.tuning.sweep_rms_norm --hidden 896 8192 --part fwd dw
 
 Forward: for each hidden size (bf16, 16384 rows), every candidate (BLOCK_ROWS, BLOCK_COLS,
 NUM_BLOCKS, num_warps) is checked against `chronicals.reference.rms_norm` (at least 99% of outputs
@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-from unittest import mock
 
 import torch
-from _timing import copy_tbps, time_graph_and_call
 
 import chronicals.ops.rms_norm as rms
+from benchmarks.harness import copy_tbps, time_graph_and_call
 from chronicals import reference
 
 
@@ -67,12 +66,11 @@ def sweep_fwd(hidden: int, rows: int, eps: float, ceiling: float) -> None:
           "| equal |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for cfg in candidates(hidden):
-        with mock.patch.object(rms, "_fwd_config", lambda *_, cfg=cfg: cfg):
-            got = rms._rms_norm_fwd(x, w, eps, False)
-            equal = (got == want).double().mean().item()
-            if equal < 0.99:
-                raise AssertionError(f"config {cfg}: only {equal:.4f} of outputs equal eager's")
-            ms = time_graph_and_call(lambda: rms._rms_norm_fwd(x, w, eps, False)).graph_ms
+        got = rms._rms_norm_fwd(x, w, eps, False, config=cfg)
+        equal = (got == want).double().mean().item()
+        if equal < 0.99:
+            raise AssertionError(f"config {cfg}: only {equal:.4f} of outputs equal eager's")
+        ms = time_graph_and_call(lambda: rms._rms_norm_fwd(x, w, eps, False, config=cfg)).graph_ms
         mark = " (op)" if cfg == current else ""
         print(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]}{mark} | {1e3 * ms:.1f} "
               f"| {base / ms:.3f}x | {100 * nbytes / ms / 1e9 / ceiling:.0f}% | {equal:.4f} |")
@@ -96,29 +94,28 @@ def sweep_dw(hidden: int, rows: int, eps: float) -> None:
         partials.append(partial.clone())
         return partial.sum(0).to(dtype)
 
-    def bwd(compute_dw: bool = True):
-        return rms._rms_norm_bwd(dy, x, w, eps, False, compute_dw)
+    def bwd(finish_dw=None, compute_dw: bool = True):
+        return rms._rms_norm_bwd(dy, x, w, eps, False, compute_dw, finish_dw=finish_dw)
 
-    with mock.patch.object(rms, "_finish_dw", torch_finish):
-        want = bwd()[1]
-        old = time_graph_and_call(bwd).graph_ms
+    want = bwd(torch_finish)[1]
+    old = time_graph_and_call(lambda: bwd(torch_finish)).graph_ms
     # The partials' exact sum: a candidate may round differently from PyTorch's sum (another fp32
     # order), but must be no further from it than PyTorch's plus one bf16 ulp.
     truth = partials[0].double().sum(0)
     allowed = (want.double() - truth).abs() + bf16_ulp(truth)
-    no_dw = time_graph_and_call(lambda: bwd(False)).graph_ms
+    no_dw = time_graph_and_call(lambda: bwd(compute_dw=False)).graph_ms
     current = rms._dw_config()
     print(f"\nhidden {hidden}: backward with PyTorch's sum + cast {1e3 * old:.1f} us; without dW "
           f"{1e3 * no_dw:.1f} us; op's config {current}")
     print("| BLOCK_ROWS | BLOCK_COLS | warps | us | vs sum + cast |")
     print("|---:|---:|---:|---:|---:|")
     for cfg in DW_CANDIDATES:
-        with mock.patch.object(rms, "_dw_config", lambda cfg=cfg: cfg):
-            excess = ((bwd()[1].double() - truth).abs() - allowed).max().item()
-            if excess > 0:
-                raise AssertionError(f"config {cfg}: dW further from the exact sum of the "
-                                     f"partials than PyTorch's finish + 1 ulp (by {excess:.2e})")
-            ms = time_graph_and_call(bwd).graph_ms
+        finish = functools.partial(rms._finish_dw, config=cfg)
+        excess = ((bwd(finish)[1].double() - truth).abs() - allowed).max().item()
+        if excess > 0:
+            raise AssertionError(f"config {cfg}: dW further from the exact sum of the "
+                                 f"partials than PyTorch's finish + 1 ulp (by {excess:.2e})")
+        ms = time_graph_and_call(lambda: bwd(finish)).graph_ms
         mark = " (op)" if cfg == current else ""
         print(f"| {cfg[0]} | {cfg[1]} | {cfg[2]}{mark} | {1e3 * ms:.1f} | {old / ms:.3f}x |")
 
