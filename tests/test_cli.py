@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -14,9 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import chronicals.ops  # noqa: F401  (kernels defined now, under conftest's Triton interpreter)
-from chronicals import cli
+from chronicals import cli, packing
+from chronicals import config as config_lib
 from chronicals import data as data_lib
-from chronicals.config import FinetuneConfig
+from chronicals.config import FinetuneConfig, field_docs
 from chronicals.plot import PLOT_FILE, matplotlib_missing
 
 # The GPU machine's stack (CI's second stage) has no `datasets`: a dataset name then gets the
@@ -552,3 +554,24 @@ def test_lora_on_a_local_model_names_it_by_its_absolute_path(tmp_path, monkeypat
     adapter_config = json.loads((Path(config.output_dir) / "final" / "adapter_config.json")
                                 .read_text())
     assert adapter_config["base_model_name_or_path"] == str(tmp_path / "first" / "base-model")
+
+
+def test_options_are_the_config_fields_with_their_docstrings():
+    # Each option's help is its FinetuneConfig field's docstring, written once (config.py).
+    fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+    grouped = [name for names in cli.OPTION_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(fields), "every field is an option, once"
+    docs = field_docs()
+    assert set(docs) == set(fields), f"fields without a docstring: {set(fields) - set(docs)}"
+    finetune = cli.build_parser()._subparsers._group_actions[0].choices["finetune"]
+    actions = {a.dest: a for a in finetune._actions}
+    assert actions["overlong"].choices == config_lib.OVERLONG == packing.OVERLONG_POLICIES
+    assert actions["overlong"].help.startswith(
+        "Examples longer than --max-len tokens: error, truncate (keep the first --max-len tokens")
+    assert actions["steps"].help.endswith(f"default: {config_lib.DEFAULT_STEPS}, or those of "
+                                          "--epochs.")
+    assert actions["packing"].option_strings == ["--no-packing"]
+    assert actions["packing"].help.endswith("(default: on; this flag turns it off)")
+    for name, choices in config_lib.CHOICES.items():
+        assert actions[name].choices == choices, name
+    assert cli.config_from_args(finetune.parse_args(["--max-grad-norm", "0"])).max_grad_norm is None
