@@ -20,10 +20,11 @@ JSON. `write_json` writes {"meta": the device and library versions plus the run'
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -132,3 +133,19 @@ def write_json(directory: Path | str, name: str, results: Any, **setup: Any) -> 
     path.write_text(json.dumps({"meta": {**environment(), **setup}, "results": results},
                                indent=1))
     return path
+
+
+def sweep_shapes(
+    doc: str, shapes: Sequence[tuple[int, ...]], sweep: Callable[..., None], default: str
+) -> None:
+    """The command line of a sweep over problem shapes: `--shapes` picks indices into `shapes`
+    (`default`: comma-separated), each run by `sweep(*shape)` on a CUDA GPU; `doc`'s first
+    paragraph is the description."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--shapes", default=default, help=f"indices into {list(shapes)}")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{parser.prog}: needs a CUDA GPU.")
+    for index in map(int, args.shapes.split(",")):
+        sweep(*shapes[index])
+        torch.cuda.empty_cache()

@@ -405,7 +405,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class _Data:
     """The run's rows, checked: every split has label tokens."""
 
-    source: str
     fingerprint: dict[str, Any]
     train_rows: data_lib.Rows
     eval_rows: data_lib.Rows | None
@@ -581,8 +580,8 @@ def _prepare_data(
             "labels lie beyond --max-len %d); they are trained on nothing. Raise --max-len or "
             "use --overlong split to keep them.", unlabeled, len(examples), config.max_len,
         )
-    return _Data(source=source, fingerprint=fingerprint, train_rows=train_rows,
-                 eval_rows=eval_rows, unlabeled=unlabeled)
+    return _Data(fingerprint=fingerprint, train_rows=train_rows, eval_rows=eval_rows,
+                 unlabeled=unlabeled)
 
 
 def _base_dir(output_dir: Path) -> Path:

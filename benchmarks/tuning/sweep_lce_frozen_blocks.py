@@ -16,13 +16,11 @@ two-pass path's. It changes nothing in the op; it is how `_frozen_blocks`'s cons
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import chronicals.ops.linear_cross_entropy as lce
 import chronicals.ops.linear_cross_entropy_frozen as frozen_head
-from benchmarks.harness import time_graph_and_call
+from benchmarks.harness import sweep_shapes, time_graph_and_call
 from chronicals.ops._lce_common import LossOptions
 
 SHAPES = [(16384, 896, 151936), (16384, 2048, 128256), (8192, 4096, 128256), (8192, 2304, 256000)]
@@ -107,14 +105,7 @@ def sweep(N: int, H: int, V: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="0,1,2,3", help=f"indices into {SHAPES}")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("sweep_lce_frozen_blocks: needs a CUDA GPU.")
-    for index in map(int, args.shapes.split(",")):
-        sweep(*SHAPES[index])
-        torch.cuda.empty_cache()
+    sweep_shapes(__doc__, SHAPES, sweep, default="0,1,2,3")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,11 @@ how `_tiles` is picked.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from triton.runtime.errors import OutOfResources
 
 import chronicals.ops.linear_cross_entropy as lce
-from benchmarks.harness import time_graph_and_call
+from benchmarks.harness import sweep_shapes, time_graph_and_call
 from chronicals.ops._lce_common import LossOptions
 
 SHAPES = [(16384, 896, 151936), (8192, 4096, 128256)]
@@ -70,14 +68,7 @@ def sweep(N: int, H: int, V: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="0,1", help=f"indices into {SHAPES}")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("sweep_lce_tiles: needs a CUDA GPU.")
-    for index in map(int, args.shapes.split(",")):
-        sweep(*SHAPES[index])
-        torch.cuda.empty_cache()
+    sweep_shapes(__doc__, SHAPES, sweep, default="0,1")
 
 
 if __name__ == "__main__":
