@@ -714,6 +714,10 @@ def _save_checkpoint(job: _Job, progress: _Progress, run_config: str) -> None:
     progress.last_good = directory
 
 
+# ---------------------------------------------------------------------------------------------
+# The finish
+
+
 def _write_final(job: _Job) -> Path:
     """final/: the trained model and tokenizer (with a LoRA run's own base); the returned model
     gets HF's default attention back."""
