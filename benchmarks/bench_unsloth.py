@@ -24,8 +24,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def main() -> None:
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m benchmarks.bench_unsloth SPEC.json (bench_train.py --stacks unsloth writes the "
-                 f"spec and starts this). Got arguments {sys.argv[1:]}.")
+        sys.exit("usage: python -m benchmarks.bench_unsloth SPEC.json (bench_train.py --stacks "
+                 f"unsloth writes the spec and starts this). Got arguments {sys.argv[1:]}.")
     spec = json.loads(Path(sys.argv[1]).read_text())
     import unsloth  # noqa: I001  (first: it patches transformers, which the imports below load)
     from unsloth import FastLanguageModel

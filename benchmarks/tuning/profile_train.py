@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes, per stack: kernel time summed by kernel name.
 
-    python -m benchmarks.tuning.profile_train --out DIR --stacks hf_compile,chronicals --modes lora \
-        --lora-dtype model --steps 3 [--top 30]
+    python -m benchmarks.tuning.profile_train --out DIR --stacks hf_compile,chronicals \
+        --modes lora --lora-dtype model --steps 3 [--top 30]
 
 Takes `bench_train.py`'s options and builds the same model, batches and step (its `build`,
 `make_batches`, `compile_loss` and `train_step`), runs the warm-up steps, then profiles `--steps`
