@@ -10,6 +10,7 @@ of checkpointed layers) -> one pattern pass over all enabled fusions -> report -
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import logging
 import os
@@ -40,23 +41,31 @@ _torch_api.allow_side_effects_in_checkpointed_regions()
 COMPILERS = ("auto", "inductor", "aot_eager")
 
 
+# Every fusion, in the order it is applied and reported: its name -> the module and attribute of
+# its `Fusion`. Imported on first compile (`_all_fusions`), so that `import compile_passes` stays
+# cheap and the entry point loads the kernels only when a graph is compiled.
+_REGISTRY = {
+    "rms_norm": ("rms_norm", "FUSION"),
+    "swiglu": ("swiglu", "SWIGLU"),
+    "geglu": ("swiglu", "GEGLU"),
+    "rope": ("rope", "FUSION"),
+    "attention": ("attention", "FUSION"),
+    "linear_cross_entropy": ("linear_cross_entropy", "FUSION"),
+}
+FUSION_NAMES = tuple(_REGISTRY)
+
+
 def _all_fusions() -> dict[str, Fusion]:
-    # Imported here so that `import compile_passes` stays cheap and the entry point loads the
-    # kernels only when a graph is compiled.
-    from compile_passes import attention, linear_cross_entropy, rms_norm, rope, swiglu
-
-    fusions = [
-        rms_norm.FUSION,
-        swiglu.SWIGLU,
-        swiglu.GEGLU,
-        rope.FUSION,
-        attention.FUSION,
-        linear_cross_entropy.FUSION,
-    ]
-    return {f.name: f for f in fusions}
-
-
-FUSION_NAMES = ("rms_norm", "swiglu", "geglu", "rope", "attention", "linear_cross_entropy")
+    fusions = {}
+    for name, (module, attribute) in _REGISTRY.items():
+        fusion = getattr(importlib.import_module(f"compile_passes.{module}"), attribute)
+        if fusion.name != name:
+            raise RuntimeError(
+                f"chronicals: compile_passes.{module}.{attribute} is the fusion {fusion.name!r}, "
+                f"registered as {name!r}."
+            )
+        fusions[name] = fusion
+    return fusions
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
