@@ -162,14 +162,19 @@ def test_variants_fire_and_match_autocast(variant):
 
 
 def test_peft_dora_is_left_as_written():
-    """PEFT's DoRA breaks the graph at every adapted linear (peft 0.21 calls `str.startswith`
-    in `dequantize_module_weight`, which Dynamo does not trace); its pieces pass lora_A and
-    lora_B as plain arguments, so nothing is recognised or rewritten."""
+    """DoRA is declined with its reason. On torch 2.11 PEFT's DoRA traces into one graph and each
+    adapted linear's two lora_B projections (of x, and of an identity for the weight norm) are
+    declined; on 2.13 it breaks the graph at every adapted linear (peft 0.21 calls
+    `str.startswith` in `dequantize_module_weight`, which Dynamo does not trace) and the pieces
+    pass lora_A and lora_B as plain arguments, which are not recognised. Either way PEFT's math
+    runs as written."""
     _compare(_lora_model(use_dora=True), {"strict": False}, reference_autocast=False)
     reports = compile_passes.fusion_reports()
     assert sum(report.fired["lora"] for report in reports) == 0
-    assert not any(r.fusion == "lora" for report in reports
-                   for r in report.rejected + report.declined)
+    assert not any(r.fusion == "lora" for report in reports for r in report.rejected)
+    declined = [r for report in reports for r in report.declined if r.fusion == "lora"]
+    assert len(declined) in (0, 2 * ADAPTED)
+    assert all(r.reason.startswith("DoRA") for r in declined)
 
 
 class _DoRALike(nn.Module):
@@ -251,7 +256,8 @@ def test_dropout_uses_one_mask_in_forward_and_backward():
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(torch.eye(features))
         layer.lora_B["default"].weight.copy_(torch.eye(features))
-    x = torch.randn(4, 16, features, dtype=torch.bfloat16, requires_grad=True)
+    # Nonzero inputs, so a zero output marks a dropped element.
+    x = (torch.rand(4, 16, features) + 0.5).bfloat16().requires_grad_()
     g = torch.randn(4, 16, features, dtype=torch.bfloat16)
     y, report = compile_fn(model, x, strict=True)
     y.backward(g)
