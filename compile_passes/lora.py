@@ -46,12 +46,18 @@ import torch
 from torch.fx import Graph, Node
 
 from compile_passes.canonicalize import CASTS
-from compile_passes.fusion import FLOAT_DTYPES, Fusion, GraphFacts, input_source, literal_float, \
-    reject_node, val
+from compile_passes.fusion import (
+    FLOAT_DTYPES,
+    Fusion,
+    GraphFacts,
+    Reason,
+    input_source,
+    literal_float,
+    reject_node,
+    val,
+)
 
 aten = torch.ops.aten
-
-PRECISIONS = ("mixed", "exact")
 
 _FUSED = "chronicals_lora"
 """Key of the node meta set on each rewritten adapter sum (counted as fired)."""
@@ -101,53 +107,59 @@ def _is_cast_of(node: object) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target in CASTS
 
 
-def _match(b_linear: Node, dora_modules: set[str]) -> _Adapter | tuple[str, bool]:
-    """The adapter whose lora_B projection is `b_linear`, or (why not, declined)."""
+def _rejected(text: str) -> Reason:
+    return Reason(text, declined=False)
+
+
+def _match(b_linear: Node, dora_modules: set[str]) -> _Adapter | Reason:
+    """The adapter whose lora_B projection is `b_linear`, or why it is not rewritten."""
     module, adapter = _lora_weight(b_linear.args[1], "B")
     if module in dora_modules:
-        return ("DoRA: the output is rescaled by a magnitude over the norm of W + s B A, "
-                "recomputed from the weights each step, not base + B(A(x)) * s; left as "
-                "written", True)
+        return Reason("DoRA: the output is rescaled by a magnitude over the norm of W + s B A, "
+                      "recomputed from the weights each step, not base + B(A(x)) * s; left as "
+                      "written", declined=True)
     h, _, b_bias = _linear_parts(b_linear)
     if not (_is_linear(h) and _lora_weight(h.args[1], "A") == (module, adapter)):
-        return f"lora_B of {adapter!r} does not read its lora_A projection", False
+        return _rejected(f"lora_B of {adapter!r} does not read its lora_A projection")
     if _linear_parts(h)[2] is not None:
-        return "lora_A has a bias", False
+        return _rejected("lora_A has a bias")
     if len(h.users) != 1:
-        return "lora_A's output is used outside the adapter", False
+        return _rejected("lora_A's output is used outside the adapter")
     d = h.args[0]
     dropout = d if isinstance(d, Node) and d.target is aten.dropout.default else None
     cast = dropout.args[0] if dropout is not None else d
     x = cast.args[0] if _is_cast_of(cast) else cast
     if dropout is not None and len(dropout.users) != 1:
-        return "the dropped-out input is used outside the adapter", False
+        return _rejected("the dropped-out input is used outside the adapter")
 
     (user,) = b_linear.users if len(b_linear.users) == 1 else (None,)
     scaling, out = 1.0, b_linear
     if user is not None and user.target is aten.mul.Tensor and user.args[0] is b_linear:
         scaling = literal_float(user.args[1])
         if scaling is None:
-            return f"scaling is {user.args[1]!r}, not a number", False
+            return _rejected(f"scaling is {user.args[1]!r}, not a number")
         out = user
     (total,) = out.users if len(out.users) == 1 else (None,)
     if (total is None or total.target is not aten.add.Tensor or total.args[1] is not out
             or total.kwargs.get("alpha", 1) != 1):
-        return "the adapter's output is not added once to the base output", False
+        return _rejected("the adapter's output is not added once to the base output")
 
     result, xv, av, bv = (val(n) for n in (total.args[0], x, h.args[1], b_linear.args[1]))
     dtype = getattr(result, "dtype", None)
     if (dtype not in FLOAT_DTYPES or getattr(xv, "dtype", None) != dtype
+            or xv.device != result.device
             or av.dtype not in FLOAT_DTYPES or bv.dtype not in FLOAT_DTYPES):
-        return (f"dtypes: result {dtype}, input {getattr(xv, 'dtype', None)}, A {av.dtype}, "
-                f"B {bv.dtype} (need float dtypes, the input's that of the result)"), False
+        return _rejected(f"dtypes: result {dtype}, input {getattr(xv, 'dtype', None)}, "
+                         f"A {av.dtype}, B {bv.dtype} (need float dtypes, the input's that of "
+                         "the result, on its device)")
     total_dtype = val(total).dtype
     for use in total.users:
         keeps_dtype = use.target is aten.add.Tensor and all(
             a is total or getattr(val(a), "dtype", None) == total_dtype for a in use.args[:2])
         if total_dtype != dtype and not (_is_cast_of(use) and val(use).dtype == dtype
                                          or keeps_dtype):
-            return (f"the {total_dtype} sum is used by {use.name}, whose dtype would change "
-                    f"with the sum in {dtype}"), False
+            return _rejected(f"the {total_dtype} sum is used by {use.name}, whose dtype "
+                             f"would change with the sum in {dtype}")
     chain = (total, *([out] if out is not b_linear else []), b_linear, h,
              *([dropout] if dropout is not None else []), *([cast] if cast is not x else []))
     return _Adapter(total=total, result=total.args[0], x=x, dropout=dropout, a=h.args[1],
@@ -170,6 +182,10 @@ def _cast(graph: Graph, node: Node, dtype: torch.dtype) -> Node:
     return node if val(node).dtype == dtype else _call(graph, aten.to.dtype, node, dtype)
 
 
+def _scaled(graph: Graph, weight: Node, scaling: float) -> Node:
+    return weight if scaling == 1.0 else _call(graph, aten.mul.Tensor, weight, scaling)
+
+
 def _rewrite_mixed(graph: Graph, adapter: _Adapter) -> tuple[Node, Node]:
     """Replace the adapter's sum; returns (its input, its lora_A GEMM) for grouping."""
     dtype = val(adapter.result).dtype
@@ -178,11 +194,9 @@ def _rewrite_mixed(graph: Graph, adapter: _Adapter) -> tuple[Node, Node]:
         if adapter.dropout is not None:
             x = _call(graph, aten.dropout.default, x, *adapter.dropout.args[1:])
         h = _call(graph, aten.linear.default, x, _cast(graph, adapter.a, dtype))
-        b = _call(graph, aten.mul.Tensor, adapter.b, adapter.scaling)
-        bias = adapter.b_bias
-        if bias is not None:
-            bias = _cast(graph, _call(graph, aten.mul.Tensor, bias, adapter.scaling), dtype)
-        y = _call(graph, aten.linear.default, h, _cast(graph, b, dtype), bias)
+        b, bias = (None if w is None else _cast(graph, _scaled(graph, w, adapter.scaling), dtype)
+                   for w in (adapter.b, adapter.b_bias))
+        y = _call(graph, aten.linear.default, h, b, bias)
         total = _call(graph, aten.add.Tensor, adapter.result, y)
     total.meta[_FUSED] = True
     total.meta["stack_trace"] = adapter.total.meta.get("stack_trace")
@@ -228,9 +242,8 @@ def _rewrite(graph: Graph, facts: GraphFacts) -> None:
         if not _is_candidate(node):
             continue
         adapter = _match(node, dora)
-        if isinstance(adapter, tuple):
-            reason, declined = adapter
-            reject_node(node, reason, declined=declined)
+        if isinstance(adapter, Reason):
+            reject_node(node, adapter.text, declined=adapter.declined)
         elif facts.lora_precision == "exact":
             reject_node(node, "lora_precision='exact': PEFT's adapter math left as written",
                         declined=True)

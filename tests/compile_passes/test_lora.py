@@ -213,6 +213,16 @@ def test_one_active_adapter_of_several():
     assert others and all(params[n].grad is None for n in others)
 
 
+def test_two_active_adapters_are_each_rewritten():
+    model = _lora_model()
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules="all-linear",
+                                                init_lora_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    step = _compare(model, {}, reference_autocast=True)
+    assert step.report.fired["lora"] == 2 * ADAPTED
+    assert any(".other." in name for name in step.grads)
+
+
 def test_merged_adapters_leave_nothing_to_rewrite_and_unmerged_fire_again():
     model = _lora_model()
     model.merge_adapter()
@@ -299,7 +309,7 @@ class _LowRank(nn.Module):
 def test_look_alikes_are_left_as_written():
     x = torch.randn(3, 16)
     module = _LookAlike()
-    (y, h), report = compile_fn(module, x)
+    (y, _h), report = compile_fn(module, x)
     assert report.fired["lora"] == 0
     (rejection,) = report.rejected
     assert rejection.fusion == "lora" and "lora_A's output is used outside" in rejection.reason
