@@ -59,8 +59,10 @@ from compile_passes.fusion import (
 
 aten = torch.ops.aten
 
-_FUSED = "chronicals_lora"
-"""Key of the node meta set on each rewritten adapter sum (counted as fired)."""
+_MADE = "chronicals_lora"
+"""Key of the node meta set on each node the rewrite makes: 'sum' on an adapter's sum (counted
+as fired), 'part' on the others (a lora_B GEMM of fp32 adapters in an fp32 graph with scaling 1
+still reads B's weight as it is, and is no candidate left unfused)."""
 
 # Dynamo names a parameter input after its module path, e.g.
 # L_self_modules_q_proj_modules_lora_A_modules_default_parameters_weight_.
@@ -175,6 +177,7 @@ def _call(graph: Graph, target, *args) -> Node:
     their own mode)."""
     node = graph.call_function(target, args)
     node.meta["val"] = target(*torch.fx.node.map_arg(args, val))
+    node.meta[_MADE] = "part"
     return node
 
 
@@ -198,7 +201,7 @@ def _rewrite_mixed(graph: Graph, adapter: _Adapter) -> tuple[Node, Node]:
                    for w in (adapter.b, adapter.b_bias))
         y = _call(graph, aten.linear.default, h, b, bias)
         total = _call(graph, aten.add.Tensor, adapter.result, y)
-    total.meta[_FUSED] = True
+    total.meta[_MADE] = "sum"
     total.meta["stack_trace"] = adapter.total.meta.get("stack_trace")
     for use in list(adapter.total.users):
         if _is_cast_of(use) and val(use).dtype == val(total).dtype:
@@ -254,8 +257,8 @@ def _rewrite(graph: Graph, facts: GraphFacts) -> None:
 
 
 def _is_candidate(node: Node) -> bool:
-    """A lora_B projection left in the graph."""
-    return (node.op == "call_function" and _is_linear(node)
+    """A lora_B projection left in the graph (not one the rewrite made)."""
+    return (node.op == "call_function" and _is_linear(node) and _MADE not in node.meta
             and _lora_weight(node.args[1], "B") is not None)
 
 
@@ -266,5 +269,5 @@ FUSION = Fusion(
     is_candidate=_is_candidate,
     diagnose=lambda node: "not PEFT's LoRA sum result + lora_B(lora_A(x)) * scaling",
     rewrite=_rewrite,
-    is_fused=lambda node: node.meta.get(_FUSED, False),
+    is_fused=lambda node: node.meta.get(_MADE) == "sum",
 )

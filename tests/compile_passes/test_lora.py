@@ -135,11 +135,14 @@ def test_exact_leaves_pefts_fp32_math_and_matches_eager(graphs):
     assert len(fp32_gemms) == 2 * ADAPTED
 
 
-def test_fp32_model_matches_eager_to_rounding():
-    model = _lora_model(dtype=torch.float32)
+@pytest.mark.parametrize("lora_alpha", [4, 8])
+def test_fp32_model_matches_eager_to_rounding(lora_alpha):
+    """In fp32 nothing is cast; with lora_alpha = r (scaling 1, the job's default) B's weight is
+    used as it is."""
+    model = _lora_model(dtype=torch.float32, lora_alpha=lora_alpha)
     eager = copy.deepcopy(model)
     compiled, reference = _step(model, options={}), _step(eager)
-    assert compiled.report.fired["lora"] == ADAPTED
+    assert compiled.report.fired["lora"] == ADAPTED and compiled.report.rejected == ()
     assert abs(compiled.loss - reference.loss) <= 1e-5 * abs(reference.loss)
     for name, grad in reference.grads.items():
         torch.testing.assert_close(compiled.grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
