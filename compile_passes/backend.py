@@ -10,6 +10,7 @@ of checkpointed layers) -> one pattern pass over all enabled fusions -> report -
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import logging
 import os
@@ -22,9 +23,11 @@ import torch
 from compile_passes import _torch_api
 from compile_passes.canonicalize import graph_modules, strip_noop_casts
 from compile_passes.fusion import (
+    SOURCE,
     Fusion,
     GraphFacts,
     collecting_reasons,
+    input_source,
     recorded_reason,
     source_line,
 )
@@ -38,25 +41,35 @@ logger = logging.getLogger("chronicals.compile")
 _torch_api.allow_side_effects_in_checkpointed_regions()
 
 COMPILERS = ("auto", "inductor", "aot_eager")
+LORA_PRECISIONS = ("mixed", "exact")
+
+
+# Every fusion, in the order it is applied and reported: its name -> the module and attribute of
+# its `Fusion`. Imported on first compile (`_all_fusions`), so that `import compile_passes` stays
+# cheap and the entry point loads the kernels only when a graph is compiled.
+_REGISTRY = {
+    "rms_norm": ("rms_norm", "FUSION"),
+    "swiglu": ("swiglu", "SWIGLU"),
+    "geglu": ("swiglu", "GEGLU"),
+    "rope": ("rope", "FUSION"),
+    "attention": ("attention", "FUSION"),
+    "linear_cross_entropy": ("linear_cross_entropy", "FUSION"),
+    "lora": ("lora", "FUSION"),
+}
+FUSION_NAMES = tuple(_REGISTRY)
 
 
 def _all_fusions() -> dict[str, Fusion]:
-    # Imported here so that `import compile_passes` stays cheap and the entry point loads the
-    # kernels only when a graph is compiled.
-    from compile_passes import attention, linear_cross_entropy, rms_norm, rope, swiglu
-
-    fusions = [
-        rms_norm.FUSION,
-        swiglu.SWIGLU,
-        swiglu.GEGLU,
-        rope.FUSION,
-        attention.FUSION,
-        linear_cross_entropy.FUSION,
-    ]
-    return {f.name: f for f in fusions}
-
-
-FUSION_NAMES = ("rms_norm", "swiglu", "geglu", "rope", "attention", "linear_cross_entropy")
+    fusions = {}
+    for name, (module, attribute) in _REGISTRY.items():
+        fusion = getattr(importlib.import_module(f"compile_passes.{module}"), attribute)
+        if fusion.name != name:
+            raise RuntimeError(
+                f"chronicals: compile_passes.{module}.{attribute} is the fusion {fusion.name!r}, "
+                f"registered as {name!r}."
+            )
+        fusions[name] = fusion
+    return fusions
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,6 +87,11 @@ class BackendOptions:
     compiler: str = "auto"
     """'inductor', 'aot_eager', or 'auto': Inductor when the graph's tensors are on CUDA,
     AOTAutograd with eager graphs otherwise."""
+    lora_precision: str = "mixed"
+    """How PEFT's LoRA linears compute (the 'lora' fusion). 'mixed': as torch.autocast would,
+    the adapter GEMMs in the activation dtype (fp32 accumulation) against the fp32 adapter
+    weights cast once in the graph, the gradients delivered to them in fp32. 'exact': PEFT's
+    graph as written (with fp32 adapters on a bf16 model: fp32 input cast, GEMMs and sum)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.fusions) - set(FUSION_NAMES)
@@ -85,6 +103,11 @@ class BackendOptions:
         if self.compiler not in COMPILERS:
             raise ValueError(
                 f"chronicals: compiler must be one of {COMPILERS}. Got {self.compiler!r}."
+            )
+        if self.lora_precision not in LORA_PRECISIONS:
+            raise ValueError(
+                f"chronicals: lora_precision must be one of {LORA_PRECISIONS}. Got "
+                f"{self.lora_precision!r}."
             )
         if not isinstance(self.strict, bool):
             raise TypeError(f"chronicals: strict must be True or False. Got {self.strict!r}.")
@@ -154,19 +177,25 @@ def _implementation(example_inputs: Sequence[Any]) -> str:
 
 
 def rewrite(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fusions: Sequence[Fusion]
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fusions: Sequence[Fusion],
+    lora_precision: str = "mixed",
 ) -> tuple[torch.fx.GraphModule, dict[str, int], list[Rejection], list[Rejection]]:
-    """Trace to pre-dispatch ATen, canonicalise and apply the fusions' patterns. Returns the
-    graph, the fired counts, and the candidates rejected and declined."""
+    """Trace to pre-dispatch ATen, canonicalise and apply the fusions' rewrites and patterns.
+    Returns the graph, the fired counts, and the candidates rejected and declined."""
     agm = _torch_api.trace_pre_dispatch(gm, example_inputs)
+    _name_inputs(agm, gm)
     pattern_pass = _pattern_pass(fusions)
     modules = graph_modules(agm)
     with collecting_reasons():
+        facts = dataclasses.replace(_graph_facts(agm, example_inputs),
+                                    lora_precision=lora_precision)
         for module in modules:
             strip_noop_casts(module)
+            for fusion in fusions:
+                if fusion.rewrite is not None:
+                    fusion.rewrite(module.graph, facts)
             pattern_pass.apply(module.graph)
             module.graph.eliminate_dead_code()
-        facts = _graph_facts(agm, example_inputs)
         for fusion in fusions:
             if fusion.finalize is not None:
                 fusion.finalize(agm.graph, facts)
@@ -177,7 +206,10 @@ def rewrite(
         for module in modules:
             for node in module.graph.nodes:
                 for fusion in fusions:
-                    if node.op == "call_function" and node.target in fusion.fused_ops():
+                    if node.op == "call_function" and (
+                        node.target in fusion.fused_ops()
+                        or (fusion.is_fused is not None and fusion.is_fused(node))
+                    ):
                         fired[fusion.name] += 1
                     elif fusion.is_candidate(node):
                         recorded = recorded_reason(node)
@@ -191,6 +223,25 @@ def rewrite(
                             )
                         )
     return agm, fired, rejected, declined
+
+
+def _name_inputs(agm: torch.fx.GraphModule, gm: torch.fx.GraphModule) -> None:
+    """Give each placeholder of the traced graph Dynamo's name of its input (`input_source`),
+    and each placeholder of a checkpointed body the name of the top-level input passed to it."""
+    for traced, dynamo in zip(_placeholders(agm.graph), _placeholders(gm.graph)):
+        traced.meta[SOURCE] = str(dynamo.target)
+    for module in graph_modules(agm):
+        for node in module.graph.nodes:
+            if node.target is not torch.ops.higher_order.tag_activation_checkpoint:
+                continue
+            body = getattr(module, node.args[0].target)
+            for inner, outer in zip(_placeholders(body.graph), node.args[1:]):
+                if isinstance(outer, torch.fx.Node) and input_source(outer):
+                    inner.meta[SOURCE] = input_source(outer)
+
+
+def _placeholders(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    return [n for n in graph.nodes if n.op == "placeholder"]
 
 
 def _graph_facts(agm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> GraphFacts:
@@ -265,7 +316,8 @@ def chronicals_backend(
                 )
                 compiled_gm, fired, rejected = gm, {f.name: 0 for f in fusions}, []
             else:
-                compiled_gm, fired, rejected, declined = rewrite(explicit, example_inputs, fusions)
+                compiled_gm, fired, rejected, declined = rewrite(
+                    explicit, example_inputs, fusions, opts.lora_precision)
     except Exception as exc:
         if opts.strict:
             raise
@@ -283,6 +335,7 @@ def chronicals_backend(
         declined=tuple(declined),
         implementation=_implementation(example_inputs),
         compiler=compiler,
+        lora_precision=_lora_precision(opts, fired, rejected, declined),
         error=error,
         skipped=skipped,
         graph_breaks=graph_breaks,
@@ -316,6 +369,13 @@ def chronicals_backend(
         return compile_graph(gm, example_inputs)
     publish(report, opts.report)
     return compiled
+
+
+def _lora_precision(opts: BackendOptions, fired: dict[str, int], rejected: list[Rejection],
+                    declined: list[Rejection]) -> str | None:
+    """The option, where the graph has LoRA linears the 'lora' fusion saw."""
+    seen = fired.get("lora", 0) or any(r.fusion == "lora" for r in (*rejected, *declined))
+    return opts.lora_precision if seen else None
 
 
 def register() -> None:

@@ -29,6 +29,12 @@ class Fusion:
     finalize: Callable[[torch.fx.Graph, GraphFacts], None] | None = None
     """Adjusts the fused nodes to facts of the graph that patterns cannot see (run after the
     pattern pass on the top-level graph)."""
+    rewrite: Callable[[torch.fx.Graph, GraphFacts], None] | None = None
+    """Rewrites a graph (the top-level one and each checkpointed body) before the pattern pass,
+    for a fusion into plain ATen ops that the patterns then see (LoRA's mixed precision)."""
+    is_fused: Callable[[Node], bool] | None = None
+    """True for a node such a rewrite left that marks one subgraph it rewrote (counted as fired,
+    like the `fused_ops` a replacement inserts)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -40,6 +46,19 @@ class GraphFacts:
     """Grad mode is on and an input requires grad: a backward will follow."""
     frozen_inputs: frozenset[str]
     """Names of the top-level placeholders whose tensors require no grad (a frozen weight)."""
+    lora_precision: str = "mixed"
+    """The backend option: how PEFT's LoRA linears compute ('mixed' or 'exact'; lora.py)."""
+
+
+SOURCE = "chronicals_source"
+"""Key of a placeholder's meta holding Dynamo's name of the input (set by the backend)."""
+
+
+def input_source(node: Node) -> str:
+    """Dynamo's name of the graph input a placeholder stands for, after the module path of a
+    parameter (`L_self_modules_q_proj_modules_lora_A_modules_default_parameters_weight_`); ''
+    when unknown."""
+    return node.meta.get(SOURCE, "") if node.op == "placeholder" else ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

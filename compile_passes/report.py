@@ -62,6 +62,10 @@ class FusionReport:
     declined: tuple[Rejection, ...] = ()
     """Candidates left to the compiler on purpose, because it does better with them there (e.g.
     a SwiGLU whose operands are LoRA's sums, which Inductor fuses into the activation)."""
+    lora_precision: str | None = None
+    """How PEFT's LoRA linears of this graph compute, where the graph has any and the 'lora'
+    fusion is enabled: 'mixed' (as autocast: adapter GEMMs in the activation dtype against the
+    fp32 weights cast once, fp32 gradients) or 'exact' (PEFT's math as written)."""
     graph_breaks: tuple[GraphBreak, ...] = ()
     """Graph breaks Dynamo met since the previous graph compiled with this backend, each reported
     once until torch.compiler.reset(). Dynamo meets a break before it compiles the graphs on
@@ -73,7 +77,8 @@ class FusionReport:
         if self.declined:
             names = collections.Counter(r.fusion for r in self.declined)
             text += "; declined " + ", ".join(f"{n} {name}" for name, n in names.items())
-        text += f" [ops: {self.implementation}, compiler: {self.compiler}]"
+        lora = f", lora precision: {self.lora_precision}" if self.lora_precision else ""
+        text += f" [ops: {self.implementation}, compiler: {self.compiler}{lora}]"
         for r in self.rejected:
             text += f"\n  rejected {r.fusion} at {r.node}: {r.reason}"
             if r.source:

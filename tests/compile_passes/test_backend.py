@@ -25,10 +25,13 @@ def _norm(x, w):
 
 
 def test_option_names_are_the_registered_fusions_in_order():
-    # BackendOptions validates names without importing the kernels; the two lists must agree.
+    # BackendOptions validates names without importing the kernels; both come from one registry,
+    # and each registered fusion carries the name it is registered under.
     from compile_passes import backend
 
-    assert backend.FUSION_NAMES == tuple(backend._all_fusions())
+    fusions = backend._all_fusions()
+    assert backend.FUSION_NAMES == tuple(fusions)
+    assert all(fusion.name == name for name, fusion in fusions.items())
 
 
 def test_report_is_data_and_goes_to_a_file_or_callable(tmp_path):
