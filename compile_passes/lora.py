@@ -7,9 +7,8 @@ PEFT computes an adapted linear as
     result = result.to(base(x).dtype)
 
 With its default fp32 adapters on a bf16 model every adapted linear casts its input to fp32, runs
-both adapter GEMMs in fp32, adds the bf16 base output into an fp32 sum and casts that back. On one
-H100 (Qwen2.5-0.5B config, LoRA r=32 on every linear, 8 x 2048) that path ran 87,340 tok/s at
-24.8 GiB against 108,318 at 18.0 GiB with bf16 adapters (DESIGN.md's baseline table).
+both adapter GEMMs in fp32, adds the bf16 base output into an fp32 sum and casts that back: about
+a fifth slower and a third more memory than bf16 adapters (measured figures: benchmarks/README.md).
 
 `lora_precision="mixed"` (the default) rewrites each adapted linear into plain ATen ops, which
 Inductor compiles:
