@@ -22,6 +22,9 @@ LongCat-Flash, Mistral4, Youtu) reads the pairs (2i, 2i + 1) of its rotary chann
 first half of HF's cos/sin and writes the rotated pair to (i, i + R/2):
 `cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)` with x1, x2 = x[..., 0::2], x[..., 1::2]; the
 op's "deinterleave" layout.
+GPT-OSS rotates the two halves in the rotate-half layout with cos/sin one angle per pair (width
+head_dim / 2, no `cat(freqs, freqs)`): `cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)` with
+x1, x2 = `chunk(x, 2, -1)`; the op's "half" layout with each angle given to both channels.
 GPT-J and CodeGen are not fused: they rotate q and k each on its own (own unsqueeze and
 repeat_interleave of cos/sin), so the two rotations of a layer share no node but the model-wide
 cos/sin, and a (q, k) pattern binds one layer's q to whichever k the matcher finds first (on a
@@ -125,6 +128,17 @@ def _rope_pattern_deepseek_v3(q, k, cos, sin):
     return q_embed, k_embed
 
 
+def _rope_pattern_gpt_oss(q, k, cos, sin):
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+
+    def rotate(x):
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
 def _rope_replacement(q, k, cos, sin):
     return ops.rope(q, k, cos, sin)
 
@@ -163,6 +177,10 @@ def _deepseek_v3_replacement(q, k, cos, sin):
     return ops.rope(q, k, _first_half_twice(cos), _first_half_twice(sin), layout="deinterleave")
 
 
+def _gpt_oss_replacement(q, k, cos, sin):
+    return ops.rope(q, k, torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1))
+
+
 def _extra_check(match) -> bool:
     """cos/sin passed to the op as given: R = cos.shape[-1] channels rotated."""
     return _check_operands(match, pair_angles=False)
@@ -179,7 +197,14 @@ def _extra_check_deepseek_v3(match) -> bool:
     return _check_operands(match, pair_angles=True, whole_head=True)
 
 
-def _check_operands(match, *, pair_angles: bool, whole_head: bool = False) -> bool:
+def _extra_check_gpt_oss(match) -> bool:
+    """cos/sin with one angle per pair (R = 2 * cos.shape[-1]), and every channel of q and k
+    rotated: `chunk` halves the whole head."""
+    return _check_operands(match, pair_angles=False, whole_head=True, angle_per_pair=True)
+
+
+def _check_operands(match, *, pair_angles: bool, whole_head: bool = False,
+                    angle_per_pair: bool = False) -> bool:
     q, k, cos, sin = (_torch_api.match_value(match, n) for n in ("q", "k", "cos", "sin"))
     outputs = _torch_api.match_outputs(match)
     if len(set(outputs)) != len(outputs):
@@ -200,7 +225,10 @@ def _check_operands(match, *, pair_angles: bool, whole_head: bool = False) -> bo
         return reject(match, f"q {tuple(q.shape)} and k {tuple(k.shape)} do not pair")
     if cos.shape[0] not in (1, batch) or cos.shape[1] != seq:
         return reject(match, f"cos {tuple(cos.shape)} does not give one row per token of q")
-    rot = cos.shape[-1] // 2 * 2 if pair_angles else cos.shape[-1]
+    if angle_per_pair:
+        rot = 2 * cos.shape[-1]
+    else:
+        rot = cos.shape[-1] // 2 * 2 if pair_angles else cos.shape[-1]
     if rot < 2 or rot % 2 or rot > head_dim or head_dim % 2:
         return reject(match, f"rotary dim {rot} with head_dim {head_dim} (need even, <=)")
     if whole_head and rot != head_dim:
@@ -211,35 +239,36 @@ def _check_operands(match, *, pair_angles: bool, whole_head: bool = False) -> bo
 
 
 @functools.cache
-def _example_inputs(dtype: torch.dtype) -> list:
+def _example_inputs(dtype: torch.dtype, cos_width: int) -> list:
     return [
         torch.empty(2, 4, 8, 16, dtype=dtype),
         torch.empty(2, 2, 8, 16, dtype=dtype),
-        torch.empty(2, 8, 16, dtype=dtype),
-        torch.empty(2, 8, 16, dtype=dtype),
+        torch.empty(2, 8, cos_width, dtype=dtype),
+        torch.empty(2, 8, cos_width, dtype=dtype),
     ]
 
 
-# (search, replacement, extra check)
+# (search, replacement, extra check, cos/sin width of the example inputs for a head_dim of 16)
 _PATTERNS = (
-    (_rope_pattern_hf, _rope_replacement, _extra_check),
-    (_rope_pattern_phi3, _rope_replacement, _extra_check),
-    (_rope_pattern_blt, _interleaved_replacement, _extra_check),
-    (_rope_pattern_cohere, _cohere_replacement, _extra_check),
-    (_rope_pattern_helium, _pair_angles_replacement, _extra_check_pair_angles),
-    (_rope_pattern_ernie4_5, _ernie4_5_replacement, _extra_check_pair_angles),
-    (_rope_pattern_glm, _pair_angles_replacement, _extra_check_pair_angles),
-    (_rope_pattern_deepseek_v3, _deepseek_v3_replacement, _extra_check_deepseek_v3),
+    (_rope_pattern_hf, _rope_replacement, _extra_check, 16),
+    (_rope_pattern_phi3, _rope_replacement, _extra_check, 16),
+    (_rope_pattern_blt, _interleaved_replacement, _extra_check, 16),
+    (_rope_pattern_cohere, _cohere_replacement, _extra_check, 16),
+    (_rope_pattern_helium, _pair_angles_replacement, _extra_check_pair_angles, 16),
+    (_rope_pattern_ernie4_5, _ernie4_5_replacement, _extra_check_pair_angles, 16),
+    (_rope_pattern_glm, _pair_angles_replacement, _extra_check_pair_angles, 16),
+    (_rope_pattern_deepseek_v3, _deepseek_v3_replacement, _extra_check_deepseek_v3, 16),
+    (_rope_pattern_gpt_oss, _gpt_oss_replacement, _extra_check_gpt_oss, 8),
 )
 
 
 def register(pattern_pass) -> None:
     for dtype in FLOAT_DTYPES:
-        for search, replacement, check in _PATTERNS:
+        for search, replacement, check, cos_width in _PATTERNS:
             register_pattern(
                 search,
                 replacement,
-                _example_inputs(dtype),
+                _example_inputs(dtype, cos_width),
                 pattern_pass,
                 extra_check=check,
             )

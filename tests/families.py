@@ -35,6 +35,9 @@ _SHAPE = dict(
     intermediate_size=80,
     ffn_dim=80,
     num_hidden_layers=LAYERS,
+    # LongCat-Flash's layers are pairs of sublayers: its num_hidden_layers is a property,
+    # 2 * num_layers, which _tiny leaves alone (set to 1, it left no layer).
+    num_layers=LAYERS,
     num_attention_heads=HIDDEN // HEAD_DIM,
     num_key_value_heads=1,
     head_dim=HEAD_DIM,
@@ -64,6 +67,13 @@ _SHAPE = dict(
     n_group=1,
     topk_group=1,
     first_k_dense_replace=0,
+    # Qwen4-Exp's token indexer (its indexed-attention layers need one; the default config has
+    # none): 2 query heads of 16, the one key head it requires, 8 tokens kept in blocks of 4.
+    indexer_n_heads=2,
+    indexer_kv_heads=1,
+    indexer_head_dim=HEAD_DIM,
+    indexer_budget=8,
+    indexer_compress_ratio=4,
     # Randomness that makes two runs of one model differ.
     router_jitter_noise=0.0,
     layerdrop=0.0,
@@ -109,12 +119,36 @@ def _is_randomness(name: str, value: object) -> bool:
     )
 
 
+def _layer_kinds(config) -> dict:
+    """The layers a hybrid family's tiny model needs to have one of each kind its full-size
+    config mixes (attention and linear attention, sliding-window and global attention), in the
+    order the full-size model first uses them; {} for a family with one kind of layer. With one
+    layer, Qwen3-Next's tiny model had only a linear-attention layer (no rotary embedding to
+    fuse), and Flint's only a global one (its sliding-window layers are those that rotate)."""
+    if _has_field(config, "attn_layer_period"):
+        # Jamba: Mamba layers with an attention layer every attn_layer_period, experts every
+        # expert_layer_period; layer 0 Mamba with a dense MLP, layer 1 attention with experts.
+        return dict(num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1,
+                    expert_layer_period=2, expert_layer_offset=1)
+    kinds = getattr(config, "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and len(set(kinds)) > 1:
+        kinds = list(dict.fromkeys(kinds))
+        return dict(num_hidden_layers=len(kinds), layer_types=kinds)
+    return {}
+
+
 def _tiny(config_cls, model_cls=None, **overrides):
     """config_cls with the tiny shape set on it and, recursively, on the configs it nests (an
     MoE's ffn_config, a multimodal model's text and vision configs)."""
     default = config_cls()
-    shape = {**_SHAPE, **overrides}
+    shape = {**_SHAPE, **_layer_kinds(default), **overrides}
+    if getattr(default, "head_dim", None) == getattr(default, "qk_rope_head_dim", None):
+        # Multi-head latent attention whose rotary embedding is sized by head_dim (LongCat-Flash):
+        # it stays the rotary part's width.
+        shape["head_dim"] = shape["qk_rope_head_dim"]
     kwargs = {k: v for k, v in shape.items() if _has_field(default, k)}
+    if isinstance(getattr(config_cls, "num_hidden_layers", None), property):
+        kwargs.pop("num_hidden_layers", None)
     kwargs.update({k: 0.0 for k, v in vars(default).items() if _is_randomness(k, v)})
     for name, sub_cls in (getattr(default, "sub_configs", None) or {}).items():
         if isinstance(sub_cls, type):

@@ -40,7 +40,7 @@ class Modules:
     gated_mlps: int
     """Calls of MLP modules with a gate (gate_proj and up_proj, or gate_up_proj)."""
     attentions: int
-    """Calls of modules whose class name ends in Attention."""
+    """Calls of modules whose class name ends in Attention (or MLA: LongCat-Flash)."""
     rotary: bool
     """A rotary embedding module ran."""
     experts: bool
@@ -74,7 +74,7 @@ def _count_modules(model: torch.nn.Module, batch) -> Modules:
         kind = None
         if "rmsnorm" in name.lower():
             kind = "rms_norm"
-        elif name.endswith("Attention"):
+        elif name.endswith(("Attention", "MLA")):
             kind = "attention"
         elif "rotary" in name.lower():
             kind = "rotary"

@@ -301,3 +301,62 @@ def test_cohere_model_fuses_rope_once_per_layer(dtype, monkeypatch):
     assert result.fired["rope"] == models.LAYERS, result
     assert not [r for r in result.rejected if r.fusion == "rope"], result.rejected
     result.assert_matches_eager(dtype)
+
+
+def _gpt_oss_apply(q, k, cos, sin):
+    """GPT-OSS's apply_rotary_pos_emb (the installed transformers' own)."""
+    gpt_oss = importlib.import_module("transformers.models.gpt_oss.modeling_gpt_oss")
+    return gpt_oss.apply_rotary_pos_emb(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpt_oss_halves_with_one_angle_per_pair_fuse(dtype):
+    """GPT-OSS rotates chunk(x, 2)'s halves with cos/sin of width head_dim / 2: one rope launch
+    for q and k, as the family computes it."""
+    args = _interleaved_inputs(dtype, 12)
+    out, report = compile_fn(_gpt_oss_apply, *args)
+    assert report.fired["rope"] == 1 and report.rejected == (), report
+    eager = _gpt_oss_apply(*args)
+    truth = _gpt_oss_apply(*(t.double() for t in args))
+    for name, o, e, t in zip(("q", "k"), out, eager, truth):
+        assert o.dtype == e.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, e)
+        else:
+            assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
+
+
+def _halves(second):
+    """GPT-OSS's application with `second(x1, x2, cos, sin)` as the second half's formula."""
+
+    def apply(q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+        def rotate(x):
+            x1, x2 = torch.chunk(x, 2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, second(x1, x2, cos, sin)), dim=-1)
+
+        return rotate(q), rotate(k)
+
+    return apply
+
+
+GPT_OSS_LOOKALIKES = {
+    # The transpose of the rotation: the second half's sine term negated.
+    "wrong-sign": (_halves(lambda x1, x2, c, s: x2 * c - x1 * s), 12),
+    # The first half's sine in the second half's term: x1 * cos, not a rotation.
+    "not-a-rotation": (_halves(lambda x1, x2, c, s: x1 * c + x2 * s), 12),
+    # cos/sin of width 1: one angle broadcast over every pair of the half.
+    "one-angle": (_gpt_oss_apply, 1),
+}
+
+
+@pytest.mark.parametrize("name", GPT_OSS_LOOKALIKES)
+def test_gpt_oss_lookalikes_are_left_alone(name):
+    fn, width = GPT_OSS_LOOKALIKES[name]
+    args = _interleaved_inputs(torch.float32, width)
+    (q_out, k_out), report = compile_fn(fn, *args)
+    assert report.fired["rope"] == 0, name
+    q_ref, k_ref = fn(*args)
+    torch.testing.assert_close(q_out, q_ref)
+    torch.testing.assert_close(k_out, k_ref)
