@@ -360,3 +360,83 @@ def test_gpt_oss_lookalikes_are_left_alone(name):
     q_ref, k_ref = fn(*args)
     torch.testing.assert_close(q_out, q_ref)
     torch.testing.assert_close(k_out, k_ref)
+
+
+# Families that rotate the pairs (2i, 2i + 1) as complex numbers, in transformers 5.17 and 5.25
+# alike: module -> whether q and k come as (B, H, S, D) (else (B, S, H, D), before the transpose).
+COMPLEX_FAMILIES = {"deepseek_v2": True, "llama4": False}
+
+
+def _complex_inputs(dtype, heads_first, angles=12, head_dim=24, seq=7):
+    """q (3 heads), k (1 head) and freqs_cis as HF's rotary embedding gives it (complex64 of
+    modulus 1: torch.polar of random angles)."""
+    q = torch.randn(2, seq, 3, head_dim).to(dtype)
+    k = torch.randn(2, seq, 1, head_dim).to(dtype)
+    if heads_first:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    theta = torch.randn(2, seq, angles)
+    return q, k, torch.polar(torch.ones_like(theta), theta)
+
+
+def _exact(args):
+    q, k, freqs = args
+    return q.double(), k.double(), freqs.to(torch.complex128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", COMPLEX_FAMILIES)
+def test_complex_spelling_of_each_family_fuses(family, dtype):
+    """The family's own apply_rotary_emb (view_as_complex(q) * freqs_cis in fp32, cast back)
+    becomes one rope launch for q and k, as close to the fp64 truth as the family's eager code."""
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+
+    def apply(q, k, freqs_cis):
+        return module.apply_rotary_emb(q, k, freqs_cis)
+
+    args = _complex_inputs(dtype, COMPLEX_FAMILIES[family])
+    out, report = compile_fn(apply, *args)
+    assert report.fired["rope"] == 1 and report.rejected == (), report
+    eager = apply(*args)
+    truth = apply(*_exact(args))
+    for name, o, e, t in zip(("q", "k"), out, eager, truth):
+        assert o.dtype == e.dtype == dtype and o.shape == e.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, e)
+        else:
+            assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
+
+
+def _complex_lookalike(turn):
+    """DeepSeek-V2's application with `turn(x_complex, freqs_cis)` as the product."""
+
+    def apply(q, k, freqs_cis):
+        freqs_cis = freqs_cis.unsqueeze(1)
+
+        def rotate(x):
+            x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(turn(x_, freqs_cis)).flatten(3).type_as(x)
+
+        return rotate(q), rotate(k)
+
+    return apply
+
+
+COMPLEX_LOOKALIKES = {
+    # The rotation the other way (the conjugate angle).
+    "conjugate": (_complex_lookalike(lambda x, f: x * f.conj()), 12),
+    # A complex scaling that is no rotation of x: x times f squared.
+    "squared": (_complex_lookalike(lambda x, f: x * f * f), 12),
+    # One angle broadcast over every pair.
+    "one-angle": (_complex_lookalike(lambda x, f: x * f), 1),
+}
+
+
+@pytest.mark.parametrize("name", COMPLEX_LOOKALIKES)
+def test_complex_lookalikes_are_left_alone(name):
+    fn, angles = COMPLEX_LOOKALIKES[name]
+    args = _complex_inputs(torch.float32, True, angles=angles)
+    (q_out, k_out), report = compile_fn(fn, *args)
+    assert report.fired["rope"] == 0, name
+    q_ref, k_ref = fn(*args)
+    torch.testing.assert_close(q_out, q_ref)
+    torch.testing.assert_close(k_out, k_ref)
