@@ -4,7 +4,8 @@
 name), so a family added in a new release is swept without anyone listing it; the two supported
 releases give different sets. `build(family)` makes the family's default config small with odd
 sizes (hidden 48 = 3 query heads of 16 with 1 key/value head, MLP 80, vocab 131; 4 experts of
-which 2 are routed per token where the family has experts) and one layer (every fusion is within
+which 2 are routed per token where the family has experts) and one layer, or one of each kind a
+hybrid family mixes (attention and linear attention, sliding and global; every fusion is within
 a layer, and each CI stage compiles some hundred families). It returns the model, or raises
 `NotSwept` with the reason a family is not swept: it is not a decoder-only causal LM (the
 decoder of an encoder-decoder model, an encoder), or it cannot be built at this size. Every

@@ -224,7 +224,8 @@ def table(results: list[Result]) -> str:
         BEGIN,
         (f"transformers {transformers.__version__}: {len(results)} causal LM families in "
          f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, {len(swept)} swept. Each cell is how many of that "
-         f"fusion fired in the family's tiny model ({families.LAYERS} layer); \"declined\" ones "
+         f"fusion fired in the family's tiny model ({families.LAYERS} layer, or one of each kind "
+         "a hybrid family mixes); \"declined\" ones "
          "are left to Inductor on purpose (a norm after a residual add), \"not fused\" ones are "
          "explained in the note, and – means the graph has no such subgraph (e.g. LayerNorm "
          "instead of RMSNorm, a plain GELU MLP, no rotary embedding). Every swept family's "
