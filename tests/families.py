@@ -36,8 +36,7 @@ _SHAPE = dict(
     intermediate_size=80,
     ffn_dim=80,
     num_hidden_layers=LAYERS,
-    # LongCat-Flash's layers are pairs of sublayers: its num_hidden_layers is a property,
-    # 2 * num_layers, which _tiny leaves alone (set to 1, it left no layer).
+    # LongCat-Flash's layers are pairs of sublayers: num_hidden_layers is 2 * num_layers.
     num_layers=LAYERS,
     num_attention_heads=HIDDEN // HEAD_DIM,
     num_key_value_heads=1,
@@ -148,11 +147,20 @@ def _tiny(config_cls, model_cls=None, **overrides):
         # it stays the rotary part's width.
         shape["head_dim"] = shape["qk_rope_head_dim"]
     kwargs = {k: v for k, v in shape.items() if _has_field(default, k)}
-    if isinstance(getattr(config_cls, "num_hidden_layers", None), property):
-        kwargs.pop("num_hidden_layers", None)
+    # Sizes a config derives (a property: Falcon's head_dim, xLSTM's v_head_dim) follow the
+    # fields they derive from; LongCat-Flash's num_hidden_layers, 2 * num_layers, has a setter,
+    # but set to 1 it left no layer.
+    for name in list(kwargs):
+        attribute = getattr(config_cls, name, None)
+        if isinstance(attribute, property) and (
+                attribute.fset is None or name == "num_hidden_layers"):
+            del kwargs[name]
     kwargs.update({k: 0.0 for k, v in vars(default).items() if _is_randomness(k, v)})
     for name, sub_cls in (getattr(default, "sub_configs", None) or {}).items():
-        if isinstance(sub_cls, type):
+        if sub_cls is transformers.AutoConfig:
+            # Any config may go there (Gemma-3's vision tower, Fuyu's text model): the default's.
+            sub_cls = type(getattr(default, name, None))
+        if isinstance(sub_cls, type) and issubclass(sub_cls, transformers.PreTrainedConfig):
             kwargs[name] = _tiny(sub_cls, **overrides).to_dict()
     if model_cls is not None:
         sdpa = getattr(model_cls, "_supports_sdpa", False)
@@ -162,9 +170,18 @@ def _tiny(config_cls, model_cls=None, **overrides):
 
 def tiny_config(family: Family, **overrides):
     config_cls = getattr(transformers, family.config_class)
+    model_cls = getattr(transformers, family.model_class)
     if getattr(config_cls(), "is_encoder_decoder", False):
         raise NotSwept(f"the decoder of an encoder-decoder model ({family.model_class})")
-    return _tiny(config_cls, getattr(transformers, family.model_class), **overrides)
+    text_cls = getattr(model_cls, "config_class", None) or config_cls
+    if text_cls is not config_cls and getattr(config_cls, "sub_configs", None):
+        # A multimodal family whose causal LM is its text model (Llama-4, Qwen3.5, Emu3): built
+        # from the text config, once (under the family that maps that config, where there is one).
+        same = [name for name, f in discover().items() if f.config_class == text_cls.__name__]
+        if same:
+            raise NotSwept(f"{family.model_class} is the text model swept as {same[0]}")
+        config_cls = text_cls
+    return _tiny(config_cls, model_cls, **overrides)
 
 
 # A tiny model above this size has dimensions the tiny shape does not reach (and would take
