@@ -131,7 +131,9 @@ def _layer_kinds(config) -> dict:
         return dict(num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1,
                     expert_layer_period=2, expert_layer_offset=1)
     kinds = getattr(config, "layer_types", None)
-    if isinstance(kinds, (list, tuple)) and len(set(kinds)) > 1:
+    settable = "layer_types" not in getattr(config, "attribute_map", {}) and not isinstance(
+        getattr(type(config), "layer_types", None), property)
+    if settable and isinstance(kinds, (list, tuple)) and len(set(kinds)) > 1:
         kinds = list(dict.fromkeys(kinds))
         return dict(num_hidden_layers=len(kinds), layer_types=kinds)
     return {}
@@ -190,6 +192,8 @@ _MAX_PARAMETERS = 2_000_000
 # Key/value heads tried in turn: grouped-query attention (3 query heads share 1), then
 # multi-head, for families that have no GQA (multi-head latent attention).
 _KV_HEADS = (1, HIDDEN // HEAD_DIM)
+# The one-layer shape of a hybrid family, whose config then derives its layer types again.
+_ONE_LAYER = dict(num_hidden_layers=LAYERS, layer_types=None)
 
 
 def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
@@ -197,13 +201,16 @@ def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch
     (the reason of the first shape tried)."""
     family = discover()[name]
     first = None
-    for kv_heads in _KV_HEADS:
-        try:
-            return _build(family, dtype, seed, num_key_value_heads=kv_heads)
-        except NotSwept as e:
-            first = first or e
-            if not str(e).startswith(("cannot be built", "its forward fails")):
-                break
+    # One layer of each kind first, then one layer (MiMo-V2-Flash's sliding-window layers do not
+    # build at the tiny shape).
+    for layers in ({}, _ONE_LAYER):
+        for kv_heads in _KV_HEADS:
+            try:
+                return _build(family, dtype, seed, num_key_value_heads=kv_heads, **layers)
+            except NotSwept as e:
+                first = first or e
+                if not str(e).startswith(("cannot be built", "its forward fails")):
+                    raise first from None
     raise first
 
 
