@@ -198,8 +198,75 @@ def trace_pre_dispatch(
     """
     fake_mode, inputs = _fake_inputs(example_inputs)
     with (_checkpoint_bodies_traceable(gm), fake_mode, _ambient_autocast_off(),
-          torch.fx.traceback.preserve_node_meta()):
-        return make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True)(*inputs)
+          _vmap_recorded(gm), torch.fx.traceback.preserve_node_meta()):
+        traced = make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True)(*inputs)
+    _check_no_lost_values(gm, traced)
+    return traced
+
+
+def _runs_vmap(gm: torch.fx.GraphModule) -> bool:
+    """The Dynamo graph inlines torch.vmap: functorch's batching calls
+    (torch._functorch.predispatch's `_add_batch_dim`, `_remove_batch_dim`)."""
+    return any(
+        getattr(node.target, "__name__", None) == "_add_batch_dim"
+        for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+    )
+
+
+def _vmap_recorded(gm: torch.fx.GraphModule) -> contextlib.AbstractContextManager:
+    """For a graph that inlines torch.vmap (transformers' associative_scan in Jamba's Mamba
+    layers), the state torch.export traces in: functorch's batching calls are then recorded as
+    calls, as Dynamo wrote them, instead of run. Run, they batch the values under the trace, which
+    loses their producers and holds the scan's steps as constants (torch 2.13)."""
+    if not _runs_vmap(gm):
+        return contextlib.nullcontext()
+    from torch._export.utils import _compiling_state_context
+    from torch._functorch import predispatch
+
+    # The calls that open and close a vmap level return the level (a constant once traced), so
+    # dead-code elimination would drop them and leave the batching calls outside any level.
+    for fn in (predispatch._vmap_increment_nesting, predispatch._vmap_decrement_nesting):
+        torch.fx.node.has_side_effect(fn)
+    return _compiling_state_context()
+
+
+class TraceLostValues(RuntimeError):
+    """The pre-dispatch trace turned values the graph computes into constants."""
+
+
+def _check_no_lost_values(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule) -> None:
+    """Raise TraceLostValues where the trace holds a fake tensor as a constant: a value computed
+    from the inputs whose producer make_fx did not record, so the graph would compute with its
+    trace-time placeholder instead (AOTAutograd then fails on it: "expected FakeTensor for
+    arg"). Seen, before `_vmap_recorded`, where Dynamo inlines torch.vmap: Jamba's scan steps came
+    out as constants. The backend then compiles the graph as written and reports why."""
+    lost = [
+        node
+        for module in traced.modules() if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+        if node.op == "get_attr"
+        and isinstance(getattr(module, node.target, None), torch._subclasses.FakeTensor)
+    ]
+    if not lost:
+        return
+    vmap = _runs_vmap(gm)
+    where = sorted({_user_frame(user) for node in lost for user in node.users} - {""})
+    raise TraceLostValues(
+        f"the pre-dispatch trace turned {len(lost)} computed values "
+        f"{'of a torch.vmap region ' if vmap else ''}into constants "
+        f"(at {'; '.join(where) or 'lines not recorded'})"
+    )
+
+
+def _user_frame(node: torch.fx.Node) -> str:
+    """`file:line in function` of the innermost frame of the node's stack trace outside torch."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', node.meta.get("stack_trace") or "")
+    outside = [f for f in frames if "/torch/" not in pathlib.Path(f[0]).as_posix()]
+    if not outside:
+        return ""
+    file, line, function = outside[-1]
+    return f"{file}:{line} in {function}"
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Graph clean-up run before pattern matching, on the model graph and on every pattern.
 
-Hugging Face code casts with `.to(dtype)` whether or not the dtype changes, and slices with
+Hugging Face code casts with `.to(dtype)` (or `.type_as(x)`) whether or not the dtype changes, and slices with
 `hidden_states[:, slice(0, None), :]`. In a pre-dispatch ATen graph those become `aten.to.*` and
 `aten.alias` nodes that return their input. In fp32 such a no-op cast ties later users of a
 residual to the cast node, which hides every RMSNorm but one from the patterns. Removing them
@@ -24,7 +24,7 @@ def _returns_input(node: Node) -> bool:
         return False
     if node.target is aten.alias.default:
         return True
-    if node.target not in _TO_OPS or node.kwargs.get("copy", False):
+    if node.target not in (*_TO_OPS, aten.type_as.default) or node.kwargs.get("copy", False):
         return False
     src, out = node.args[0], node.meta.get("val")
     src_val = src.meta.get("val") if isinstance(src, Node) else None

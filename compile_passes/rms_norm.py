@@ -1,8 +1,9 @@
 """RMSNorm subgraphs -> `chronicals::rms_norm`.
 
-Two spellings cover the families in transformers 5.x:
+Three spellings cover the families in transformers 5.x:
 - Llama, Qwen2, Qwen3 (and its q/k norms), Mistral, Phi-3: normalise in fp32, cast to the input
   dtype, multiply by the weight.
+- Llama-4: the same computation with the weight on the right (`normed.type_as(x) * weight`).
 - Gemma, Gemma-2, Gemma-3: normalise in fp32, multiply by `(1 + weight)` in fp32, cast back.
 The eps literal is captured from the graph; the patterns are traced per pair of x and weight
 dtypes because in fp32 the casts vanish (canonicalize.py) and the graph has a different shape.
@@ -44,6 +45,11 @@ def _rms_norm_pattern_llama(x, weight, eps):
 
 def _rms_norm_replacement_llama(x, weight, eps):
     return ops.rms_norm(x, weight, literal_float(eps), gemma=False)
+
+
+def _rms_norm_pattern_llama4(x, weight, eps):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 def _rms_norm_pattern_gemma(x, weight, eps):
@@ -94,6 +100,7 @@ def register(pattern_pass) -> None:
     for x_dtype, weight_dtype in itertools.product(FLOAT_DTYPES, FLOAT_DTYPES):
         for search, replace in (
             (_rms_norm_pattern_llama, _rms_norm_replacement_llama),
+            (_rms_norm_pattern_llama4, _rms_norm_replacement_llama),
             (_rms_norm_pattern_gemma, _rms_norm_replacement_gemma),
         ):
             register_pattern(
@@ -117,7 +124,8 @@ def _diagnose(node: Node) -> str:
             f"intermediate {shared.name} ({shared.target}) is also used outside the norm, so "
             "fusing would change what it computes"
         )
-    return "rsqrt is not part of an RMSNorm spelling the patterns know (Llama- or Gemma-style)"
+    return ("rsqrt is not part of an RMSNorm spelling the patterns know (Llama-, Llama-4- or "
+            "Gemma-style)")
 
 
 FUSION = Fusion(

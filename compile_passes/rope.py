@@ -22,6 +22,14 @@ LongCat-Flash, Mistral4, Youtu) reads the pairs (2i, 2i + 1) of its rotary chann
 first half of HF's cos/sin and writes the rotated pair to (i, i + R/2):
 `cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)` with x1, x2 = x[..., 0::2], x[..., 1::2]; the
 op's "deinterleave" layout.
+GPT-OSS rotates the two halves in the rotate-half layout with cos/sin one angle per pair (width
+head_dim / 2, no `cat(freqs, freqs)`): `cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)` with
+x1, x2 = `chunk(x, 2, -1)`; the op's "half" layout with each angle given to both channels.
+DeepSeek-V2 and Llama-4 rotate the pairs (2i, 2i + 1) as complex numbers: `view_as_complex` of
+q in fp32, times `freqs_cis` (cos + i sin, one angle per pair), `view_as_real(...).flatten(3)`,
+cast back to q's dtype; the op's "interleaved" layout with freqs_cis's real and imaginary parts
+as cos and sin, each repeated for both channels of a pair. Llama-4 does it before the heads are
+moved in front of the tokens (q is (B, S, H, D)); the op gets q and k transposed.
 GPT-J and CodeGen are not fused: they rotate q and k each on its own (own unsqueeze and
 repeat_interleave of cos/sin), so the two rotations of a layer share no node but the model-wide
 cos/sin, and a (q, k) pattern binds one layer's q to whichever k the matcher finds first (on a
@@ -125,6 +133,34 @@ def _rope_pattern_deepseek_v3(q, k, cos, sin):
     return q_embed, k_embed
 
 
+def _rope_pattern_gpt_oss(q, k, cos, sin):
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+
+    def rotate(x):
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def _as_complex(x):
+    return torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+
+
+def _rope_pattern_deepseek_v2(q, k, freqs_cis):
+    freqs_cis = freqs_cis.unsqueeze(1)
+    q_out = torch.view_as_real(_as_complex(q) * freqs_cis).flatten(3).type_as(q)
+    k_out = torch.view_as_real(_as_complex(k) * freqs_cis).flatten(3).type_as(k)
+    return q_out, k_out
+
+
+def _rope_pattern_llama4(q, k, freqs_cis):
+    q_out = torch.view_as_real(_as_complex(q) * freqs_cis[:, :, None, :]).flatten(3)
+    k_out = torch.view_as_real(_as_complex(k) * freqs_cis[:, :, None, :]).flatten(3)
+    return q_out.type_as(q), k_out.type_as(k)
+
+
 def _rope_replacement(q, k, cos, sin):
     return ops.rope(q, k, cos, sin)
 
@@ -163,6 +199,54 @@ def _deepseek_v3_replacement(q, k, cos, sin):
     return ops.rope(q, k, _first_half_twice(cos), _first_half_twice(sin), layout="deinterleave")
 
 
+def _gpt_oss_replacement(q, k, cos, sin):
+    return ops.rope(q, k, torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1))
+
+
+def _complex_rope(q, k, freqs_cis):
+    """The complex product as the op's interleaved layout, in fp32 as the patterns compute it,
+    cast back to q's and k's dtype."""
+    cos = freqs_cis.real.repeat_interleave(2, dim=-1)
+    sin = freqs_cis.imag.repeat_interleave(2, dim=-1)
+    return _in_dtype_of(ops.rope(q, k, cos, sin, layout="interleaved"), q, k)
+
+
+def _deepseek_v2_replacement(q, k, freqs_cis):
+    return _complex_rope(q, k, freqs_cis)
+
+
+def _llama4_replacement(q, k, freqs_cis):
+    q_out, k_out = _complex_rope(q.transpose(1, 2), k.transpose(1, 2), freqs_cis)
+    return q_out.transpose(1, 2), k_out.transpose(1, 2)
+
+
+def _extra_check_deepseek_v2(match) -> bool:
+    """q and k as (B, H, S, D)."""
+    return _check_complex(match, head_axis=1)
+
+
+def _extra_check_llama4(match) -> bool:
+    """q and k as (B, S, H, D)."""
+    return _check_complex(match, head_axis=2)
+
+
+def _check_complex(match, *, head_axis: int) -> bool:
+    """freqs_cis holds one complex angle per pair of every channel of q and k (the op rotates
+    them all); the operands are then checked as the op gets them."""
+    q, k, freqs = (_torch_api.match_value(match, n) for n in ("q", "k", "freqs_cis"))
+    if freqs.dtype != torch.complex64:
+        return reject(match, f"freqs_cis is {freqs.dtype} (need complex64, as torch.polar of "
+                             "fp32 angles gives)")
+    if q.dim() != 4 or freqs.dim() != 3:
+        return reject(match, f"ranks q {q.dim()}, freqs_cis {freqs.dim()} (need 4, 3)")
+    if 2 * freqs.shape[-1] != q.shape[-1]:
+        return reject(match, f"freqs_cis has {freqs.shape[-1]} angles for head_dim "
+                             f"{q.shape[-1]} (need one per pair of channels)")
+    if head_axis == 2:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    return _check_values(match, q, k, freqs.real, freqs.imag, rot=q.shape[-1], whole_head=True)
+
+
 def _extra_check(match) -> bool:
     """cos/sin passed to the op as given: R = cos.shape[-1] channels rotated."""
     return _check_operands(match, pair_angles=False)
@@ -179,8 +263,24 @@ def _extra_check_deepseek_v3(match) -> bool:
     return _check_operands(match, pair_angles=True, whole_head=True)
 
 
-def _check_operands(match, *, pair_angles: bool, whole_head: bool = False) -> bool:
+def _extra_check_gpt_oss(match) -> bool:
+    """cos/sin with one angle per pair (R = 2 * cos.shape[-1]), and every channel of q and k
+    rotated: `chunk` halves the whole head."""
+    return _check_operands(match, pair_angles=False, whole_head=True, angle_per_pair=True)
+
+
+def _check_operands(match, *, pair_angles: bool, whole_head: bool = False,
+                    angle_per_pair: bool = False) -> bool:
     q, k, cos, sin = (_torch_api.match_value(match, n) for n in ("q", "k", "cos", "sin"))
+    if angle_per_pair:
+        rot = 2 * cos.shape[-1]
+    else:
+        rot = cos.shape[-1] // 2 * 2 if pair_angles else cos.shape[-1]
+    return _check_values(match, q, k, cos, sin, rot=rot, whole_head=whole_head)
+
+
+def _check_values(match, q, k, cos, sin, *, rot: int, whole_head: bool) -> bool:
+    """q, k (B, H, S, D), cos and sin (B or 1, S, R') as the op gets them, rot channels rotated."""
     outputs = _torch_api.match_outputs(match)
     if len(set(outputs)) != len(outputs):
         # The matcher can bind both halves of the (q, k) pattern to one tensor's subgraph when the
@@ -200,7 +300,6 @@ def _check_operands(match, *, pair_angles: bool, whole_head: bool = False) -> bo
         return reject(match, f"q {tuple(q.shape)} and k {tuple(k.shape)} do not pair")
     if cos.shape[0] not in (1, batch) or cos.shape[1] != seq:
         return reject(match, f"cos {tuple(cos.shape)} does not give one row per token of q")
-    rot = cos.shape[-1] // 2 * 2 if pair_angles else cos.shape[-1]
     if rot < 2 or rot % 2 or rot > head_dim or head_dim % 2:
         return reject(match, f"rotary dim {rot} with head_dim {head_dim} (need even, <=)")
     if whole_head and rot != head_dim:
@@ -211,35 +310,55 @@ def _check_operands(match, *, pair_angles: bool, whole_head: bool = False) -> bo
 
 
 @functools.cache
-def _example_inputs(dtype: torch.dtype) -> list:
+def _example_inputs(dtype: torch.dtype, cos_width: int) -> list:
     return [
         torch.empty(2, 4, 8, 16, dtype=dtype),
         torch.empty(2, 2, 8, 16, dtype=dtype),
-        torch.empty(2, 8, 16, dtype=dtype),
-        torch.empty(2, 8, 16, dtype=dtype),
+        torch.empty(2, 8, cos_width, dtype=dtype),
+        torch.empty(2, 8, cos_width, dtype=dtype),
     ]
 
 
-# (search, replacement, extra check)
+def _complex_example_inputs(dtype: torch.dtype, heads_first: bool) -> list:
+    def qk(heads):
+        return torch.empty(2, heads, 8, 16, dtype=dtype) if heads_first else torch.empty(
+            2, 8, heads, 16, dtype=dtype)
+
+    return [qk(4), qk(2), torch.empty(2, 8, 8, dtype=torch.complex64)]
+
+
+# (search, replacement, extra check, cos/sin width of the example inputs for a head_dim of 16)
 _PATTERNS = (
-    (_rope_pattern_hf, _rope_replacement, _extra_check),
-    (_rope_pattern_phi3, _rope_replacement, _extra_check),
-    (_rope_pattern_blt, _interleaved_replacement, _extra_check),
-    (_rope_pattern_cohere, _cohere_replacement, _extra_check),
-    (_rope_pattern_helium, _pair_angles_replacement, _extra_check_pair_angles),
-    (_rope_pattern_ernie4_5, _ernie4_5_replacement, _extra_check_pair_angles),
-    (_rope_pattern_glm, _pair_angles_replacement, _extra_check_pair_angles),
-    (_rope_pattern_deepseek_v3, _deepseek_v3_replacement, _extra_check_deepseek_v3),
+    (_rope_pattern_hf, _rope_replacement, _extra_check, 16),
+    (_rope_pattern_phi3, _rope_replacement, _extra_check, 16),
+    (_rope_pattern_blt, _interleaved_replacement, _extra_check, 16),
+    (_rope_pattern_cohere, _cohere_replacement, _extra_check, 16),
+    (_rope_pattern_helium, _pair_angles_replacement, _extra_check_pair_angles, 16),
+    (_rope_pattern_ernie4_5, _ernie4_5_replacement, _extra_check_pair_angles, 16),
+    (_rope_pattern_glm, _pair_angles_replacement, _extra_check_pair_angles, 16),
+    (_rope_pattern_deepseek_v3, _deepseek_v3_replacement, _extra_check_deepseek_v3, 16),
+    (_rope_pattern_gpt_oss, _gpt_oss_replacement, _extra_check_gpt_oss, 8),
 )
 
 
 def register(pattern_pass) -> None:
     for dtype in FLOAT_DTYPES:
-        for search, replacement, check in _PATTERNS:
+        for search, replacement, check, cos_width in _PATTERNS:
             register_pattern(
                 search,
                 replacement,
-                _example_inputs(dtype),
+                _example_inputs(dtype, cos_width),
+                pattern_pass,
+                extra_check=check,
+            )
+        for search, replacement, check, heads_first in (
+            (_rope_pattern_deepseek_v2, _deepseek_v2_replacement, _extra_check_deepseek_v2, True),
+            (_rope_pattern_llama4, _llama4_replacement, _extra_check_llama4, False),
+        ):
+            register_pattern(
+                search,
+                replacement,
+                _complex_example_inputs(dtype, heads_first),
                 pattern_pass,
                 extra_check=check,
             )

@@ -4,7 +4,8 @@
 name), so a family added in a new release is swept without anyone listing it; the two supported
 releases give different sets. `build(family)` makes the family's default config small with odd
 sizes (hidden 48 = 3 query heads of 16 with 1 key/value head, MLP 80, vocab 131; 4 experts of
-which 2 are routed per token where the family has experts) and one layer (every fusion is within
+which 2 are routed per token where the family has experts) and one layer, or one of each kind a
+hybrid family mixes (attention and linear attention, sliding and global; every fusion is within
 a layer, and each CI stage compiles some hundred families). It returns the model, or raises
 `NotSwept` with the reason a family is not swept: it is not a decoder-only causal LM (the
 decoder of an encoder-decoder model, an encoder), or it cannot be built at this size. Every
@@ -35,6 +36,8 @@ _SHAPE = dict(
     intermediate_size=80,
     ffn_dim=80,
     num_hidden_layers=LAYERS,
+    # LongCat-Flash's layers are pairs of sublayers: num_hidden_layers is 2 * num_layers.
+    num_layers=LAYERS,
     num_attention_heads=HIDDEN // HEAD_DIM,
     num_key_value_heads=1,
     head_dim=HEAD_DIM,
@@ -64,6 +67,13 @@ _SHAPE = dict(
     n_group=1,
     topk_group=1,
     first_k_dense_replace=0,
+    # Qwen4-Exp's token indexer (its indexed-attention layers need one; the default config has
+    # none): 2 query heads of 16, the one key head it requires, 8 tokens kept in blocks of 4.
+    indexer_n_heads=2,
+    indexer_kv_heads=1,
+    indexer_head_dim=HEAD_DIM,
+    indexer_budget=8,
+    indexer_compress_ratio=4,
     # Randomness that makes two runs of one model differ.
     router_jitter_noise=0.0,
     layerdrop=0.0,
@@ -109,15 +119,50 @@ def _is_randomness(name: str, value: object) -> bool:
     )
 
 
+def _layer_kinds(config) -> dict:
+    """The layers a hybrid family's tiny model needs to have one of each kind its full-size
+    config mixes (attention and linear attention, sliding-window and global attention), in the
+    order the full-size model first uses them; {} for a family with one kind of layer. With one
+    layer, Qwen3-Next's tiny model had only a linear-attention layer (no rotary embedding to
+    fuse), and Flint's only a global one (its sliding-window layers are those that rotate)."""
+    if _has_field(config, "attn_layer_period"):
+        # Jamba: Mamba layers with an attention layer every attn_layer_period, experts every
+        # expert_layer_period; layer 0 Mamba with a dense MLP, layer 1 attention with experts.
+        return dict(num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1,
+                    expert_layer_period=2, expert_layer_offset=1)
+    kinds = getattr(config, "layer_types", None)
+    settable = "layer_types" not in getattr(config, "attribute_map", {}) and not isinstance(
+        getattr(type(config), "layer_types", None), property)
+    if settable and isinstance(kinds, (list, tuple)) and len(set(kinds)) > 1:
+        kinds = list(dict.fromkeys(kinds))
+        return dict(num_hidden_layers=len(kinds), layer_types=kinds)
+    return {}
+
+
 def _tiny(config_cls, model_cls=None, **overrides):
     """config_cls with the tiny shape set on it and, recursively, on the configs it nests (an
     MoE's ffn_config, a multimodal model's text and vision configs)."""
     default = config_cls()
-    shape = {**_SHAPE, **overrides}
+    shape = {**_SHAPE, **_layer_kinds(default), **overrides}
+    if getattr(default, "head_dim", None) == getattr(default, "qk_rope_head_dim", None):
+        # Multi-head latent attention whose rotary embedding is sized by head_dim (LongCat-Flash):
+        # it stays the rotary part's width.
+        shape["head_dim"] = shape["qk_rope_head_dim"]
     kwargs = {k: v for k, v in shape.items() if _has_field(default, k)}
+    # Sizes a config derives (a property: Falcon's head_dim, xLSTM's v_head_dim) follow the
+    # fields they derive from; LongCat-Flash's num_hidden_layers, 2 * num_layers, has a setter,
+    # but set to 1 it left no layer.
+    for name in list(kwargs):
+        attribute = getattr(config_cls, name, None)
+        if isinstance(attribute, property) and (
+                attribute.fset is None or name == "num_hidden_layers"):
+            del kwargs[name]
     kwargs.update({k: 0.0 for k, v in vars(default).items() if _is_randomness(k, v)})
     for name, sub_cls in (getattr(default, "sub_configs", None) or {}).items():
-        if isinstance(sub_cls, type):
+        if sub_cls is transformers.AutoConfig:
+            # Any config may go there (Gemma-3's vision tower, Fuyu's text model): the default's.
+            sub_cls = type(getattr(default, name, None))
+        if isinstance(sub_cls, type) and issubclass(sub_cls, transformers.PreTrainedConfig):
             kwargs[name] = _tiny(sub_cls, **overrides).to_dict()
     if model_cls is not None:
         sdpa = getattr(model_cls, "_supports_sdpa", False)
@@ -127,9 +172,18 @@ def _tiny(config_cls, model_cls=None, **overrides):
 
 def tiny_config(family: Family, **overrides):
     config_cls = getattr(transformers, family.config_class)
+    model_cls = getattr(transformers, family.model_class)
     if getattr(config_cls(), "is_encoder_decoder", False):
         raise NotSwept(f"the decoder of an encoder-decoder model ({family.model_class})")
-    return _tiny(config_cls, getattr(transformers, family.model_class), **overrides)
+    text_cls = getattr(model_cls, "config_class", None) or config_cls
+    if text_cls is not config_cls and getattr(config_cls, "sub_configs", None):
+        # A multimodal family whose causal LM is its text model (Llama-4, Qwen3.5, Emu3): built
+        # from the text config, once (under the family that maps that config, where there is one).
+        same = [name for name, f in discover().items() if f.config_class == text_cls.__name__]
+        if same:
+            raise NotSwept(f"{family.model_class} is the text model swept as {same[0]}")
+        config_cls = text_cls
+    return _tiny(config_cls, model_cls, **overrides)
 
 
 # A tiny model above this size has dimensions the tiny shape does not reach (and would take
@@ -138,6 +192,8 @@ _MAX_PARAMETERS = 2_000_000
 # Key/value heads tried in turn: grouped-query attention (3 query heads share 1), then
 # multi-head, for families that have no GQA (multi-head latent attention).
 _KV_HEADS = (1, HIDDEN // HEAD_DIM)
+# The one-layer shape of a hybrid family, whose config then derives its layer types again.
+_ONE_LAYER = dict(num_hidden_layers=LAYERS, layer_types=None)
 
 
 def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
@@ -145,13 +201,16 @@ def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch
     (the reason of the first shape tried)."""
     family = discover()[name]
     first = None
-    for kv_heads in _KV_HEADS:
-        try:
-            return _build(family, dtype, seed, num_key_value_heads=kv_heads)
-        except NotSwept as e:
-            first = first or e
-            if not str(e).startswith(("cannot be built", "its forward fails")):
-                break
+    # One layer of each kind first, then one layer (MiMo-V2-Flash's sliding-window layers do not
+    # build at the tiny shape).
+    for layers in ({}, _ONE_LAYER):
+        for kv_heads in _KV_HEADS:
+            try:
+                return _build(family, dtype, seed, num_key_value_heads=kv_heads, **layers)
+            except NotSwept as e:
+                first = first or e
+                if not str(e).startswith(("cannot be built", "its forward fails")):
+                    raise first from None
     raise first
 
 

@@ -40,7 +40,7 @@ class Modules:
     gated_mlps: int
     """Calls of MLP modules with a gate (gate_proj and up_proj, or gate_up_proj)."""
     attentions: int
-    """Calls of modules whose class name ends in Attention."""
+    """Calls of modules whose class name ends in Attention (or MLA: LongCat-Flash)."""
     rotary: bool
     """A rotary embedding module ran."""
     experts: bool
@@ -74,7 +74,7 @@ def _count_modules(model: torch.nn.Module, batch) -> Modules:
         kind = None
         if "rmsnorm" in name.lower():
             kind = "rms_norm"
-        elif name.endswith("Attention"):
+        elif name.endswith(("Attention", "MLA")):
             kind = "attention"
         elif "rotary" in name.lower():
             kind = "rotary"
@@ -224,7 +224,8 @@ def table(results: list[Result]) -> str:
         BEGIN,
         (f"transformers {transformers.__version__}: {len(results)} causal LM families in "
          f"`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, {len(swept)} swept. Each cell is how many of that "
-         f"fusion fired in the family's tiny model ({families.LAYERS} layer); \"declined\" ones "
+         f"fusion fired in the family's tiny model ({families.LAYERS} layer, or one of each kind "
+         "a hybrid family mixes); \"declined\" ones "
          "are left to Inductor on purpose (a norm after a residual add), \"not fused\" ones are "
          "explained in the note, and – means the graph has no such subgraph (e.g. LayerNorm "
          "instead of RMSNorm, a plain GELU MLP, no rotary embedding). Every swept family's "

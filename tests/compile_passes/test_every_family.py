@@ -54,24 +54,11 @@ def _swept(family: str) -> sweep.Result:
 # Mixtures of experts whose norms, RoPE or loss do not fuse yet, and why (left open in issue
 # 15). Each is checked to be still so: once fixed, its entry must go.
 _MOE_GAPS = {
-    "deepseek_v2": "rope: rotated through complex numbers (view_as_complex), no rope pattern",
-    "deepseek_v4": "rope: rotate_half is not applied as apply_rotary_pos_emb does",
-    "jamba": "compiling the rewritten graph raised AssertionError: expected FakeTensor",
+    # DeepSeek-V4 rotates the trailing rope channels of q and of the keys-and-values each on its
+    # own (and un-rotates the attention output with -sin): single-tensor rotations, which the
+    # (q, k) op does not pair.
+    "deepseek_v4": "rope: q and kv rotated each on its own (interleaved, trailing channels)",
     "phimoe": "the graph calls a custom torch.autograd.Function (PhimoeMultiplier)",
-    "gpt_oss": "rope: halves rotated as cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin), no pattern",
-    "bailing_hybrid": "rope: pairs rotated on x[..., 0::2] and x[..., 1::2] with half-width cos/sin",
-    # Not a gap of the pass: only Flint's sliding-window layers rotate, and the tiny model's one
-    # layer is a full-attention layer (its rotary module runs, its output is unused).
-    "flint": "rope: the tiny model's one layer applies no rotary embedding",
-    # Found by the sweep's last run, not analysed yet (issue 15). Qwen3-Next and Qwen3.5-MoE mix
-    # linear-attention and full-attention layers, and the tiny model has one layer; Llama-4 rotates
-    # through complex numbers.
-    "qwen3_next": "rope: not fused in the 1-layer tiny model (hybrid linear attention)",
-    "qwen3_5_moe_text": "rope: not fused in the 1-layer tiny model (hybrid linear attention)",
-    "llama4_text": "rms_norm and rope: not fused (rope through complex numbers)",
-    "lara_mini": "rope: not fused, not analysed",
-    "longcat_flash": "rope: not fused, not analysed",
-    "qwen4_exp_text": "rope: not fused, not analysed",
 }
 
 

@@ -301,3 +301,142 @@ def test_cohere_model_fuses_rope_once_per_layer(dtype, monkeypatch):
     assert result.fired["rope"] == models.LAYERS, result
     assert not [r for r in result.rejected if r.fusion == "rope"], result.rejected
     result.assert_matches_eager(dtype)
+
+
+def _gpt_oss_apply(q, k, cos, sin):
+    """GPT-OSS's apply_rotary_pos_emb (the installed transformers' own)."""
+    gpt_oss = importlib.import_module("transformers.models.gpt_oss.modeling_gpt_oss")
+    return gpt_oss.apply_rotary_pos_emb(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpt_oss_halves_with_one_angle_per_pair_fuse(dtype):
+    """GPT-OSS rotates chunk(x, 2)'s halves with cos/sin of width head_dim / 2: one rope launch
+    for q and k, as the family computes it."""
+    args = _interleaved_inputs(dtype, 12)
+    out, report = compile_fn(_gpt_oss_apply, *args)
+    assert report.fired["rope"] == 1 and report.rejected == (), report
+    eager = _gpt_oss_apply(*args)
+    truth = _gpt_oss_apply(*(t.double() for t in args))
+    for name, o, e, t in zip(("q", "k"), out, eager, truth):
+        assert o.dtype == e.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, e)
+        else:
+            assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
+
+
+def _halves(second):
+    """GPT-OSS's application with `second(x1, x2, cos, sin)` as the second half's formula."""
+
+    def apply(q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+        def rotate(x):
+            x1, x2 = torch.chunk(x, 2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, second(x1, x2, cos, sin)), dim=-1)
+
+        return rotate(q), rotate(k)
+
+    return apply
+
+
+GPT_OSS_LOOKALIKES = {
+    # The transpose of the rotation: the second half's sine term negated.
+    "wrong-sign": (_halves(lambda x1, x2, c, s: x2 * c - x1 * s), 12),
+    # The first half's sine in the second half's term: x1 * cos, not a rotation.
+    "not-a-rotation": (_halves(lambda x1, x2, c, s: x1 * c + x2 * s), 12),
+    # cos/sin of width 1: one angle broadcast over every pair of the half.
+    "one-angle": (_gpt_oss_apply, 1),
+}
+
+
+@pytest.mark.parametrize("name", GPT_OSS_LOOKALIKES)
+def test_gpt_oss_lookalikes_are_left_alone(name):
+    fn, width = GPT_OSS_LOOKALIKES[name]
+    args = _interleaved_inputs(torch.float32, width)
+    (q_out, k_out), report = compile_fn(fn, *args)
+    assert report.fired["rope"] == 0, name
+    q_ref, k_ref = fn(*args)
+    torch.testing.assert_close(q_out, q_ref)
+    torch.testing.assert_close(k_out, k_ref)
+
+
+# Families that rotate the pairs (2i, 2i + 1) as complex numbers, in transformers 5.17 and 5.25
+# alike: module -> whether q and k come as (B, H, S, D) (else (B, S, H, D), before the transpose).
+COMPLEX_FAMILIES = {"deepseek_v2": True, "llama4": False}
+
+
+def _complex_inputs(dtype, heads_first, angles=12, head_dim=24, seq=7):
+    """q (3 heads), k (1 head) and freqs_cis as HF's rotary embedding gives it (complex64 of
+    modulus 1: torch.polar of random angles)."""
+    q = torch.randn(2, seq, 3, head_dim).to(dtype)
+    k = torch.randn(2, seq, 1, head_dim).to(dtype)
+    if heads_first:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    theta = torch.randn(2, seq, angles)
+    return q, k, torch.polar(torch.ones_like(theta), theta)
+
+
+def _exact(args):
+    q, k, freqs = args
+    return q.double(), k.double(), freqs.to(torch.complex128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", COMPLEX_FAMILIES)
+def test_complex_spelling_of_each_family_fuses(family, dtype):
+    """The family's own apply_rotary_emb (view_as_complex(q) * freqs_cis in fp32, cast back)
+    becomes one rope launch for q and k, as close to the fp64 truth as the family's eager code."""
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+
+    def apply(q, k, freqs_cis):
+        return module.apply_rotary_emb(q, k, freqs_cis)
+
+    args = _complex_inputs(dtype, COMPLEX_FAMILIES[family])
+    out, report = compile_fn(apply, *args)
+    assert report.fired["rope"] == 1 and report.rejected == (), report
+    eager = apply(*args)
+    truth = apply(*_exact(args))
+    for name, o, e, t in zip(("q", "k"), out, eager, truth):
+        assert o.dtype == e.dtype == dtype and o.shape == e.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, e)
+        else:
+            assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
+
+
+def _complex_lookalike(turn):
+    """DeepSeek-V2's application with `turn(x_complex, freqs_cis)` as the product."""
+
+    def apply(q, k, freqs_cis):
+        freqs_cis = freqs_cis.unsqueeze(1)
+
+        def rotate(x):
+            x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(turn(x_, freqs_cis)).flatten(3).type_as(x)
+
+        return rotate(q), rotate(k)
+
+    return apply
+
+
+COMPLEX_LOOKALIKES = {
+    # The rotation the other way (the conjugate angle).
+    "conjugate": (_complex_lookalike(lambda x, f: x * f.conj()), 12),
+    # A complex scaling that is no rotation of x: x times f squared.
+    "squared": (_complex_lookalike(lambda x, f: x * f * f), 12),
+    # One angle broadcast over every pair.
+    "one-angle": (_complex_lookalike(lambda x, f: x * f), 1),
+}
+
+
+@pytest.mark.parametrize("name", COMPLEX_LOOKALIKES)
+def test_complex_lookalikes_are_left_alone(name):
+    fn, angles = COMPLEX_LOOKALIKES[name]
+    args = _complex_inputs(torch.float32, True, angles=angles)
+    (q_out, k_out), report = compile_fn(fn, *args)
+    assert report.fired["rope"] == 0, name
+    q_ref, k_ref = fn(*args)
+    torch.testing.assert_close(q_out, q_ref)
+    torch.testing.assert_close(k_out, k_ref)
