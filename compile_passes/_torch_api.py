@@ -22,7 +22,7 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
 from torch._functorch.aot_autograd import make_boxed_func
-from torch._guards import detect_fake_mode
+from torch._guards import HopDispatchSetCache, TracingContext, detect_fake_mode
 from torch._inductor import config as inductor_config
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -32,6 +32,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
+    "INVOKE_SUBGRAPH",
     "Match",
     "PatternMatcherPass",
     "allow_side_effects_in_checkpointed_regions",
@@ -49,6 +50,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("chronicals.compile")
+
+# The call of a nested compile region (a decoder layer, chronicals/regions.py):
+# invoke_subgraph(body, identifier, *operands).
+INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
 
 # torch 2.13 added `pattern_name`; 2.11 does not accept it.
 _REGISTER_TAKES_NAME = "pattern_name" in inspect.signature(_register_replacement).parameters
@@ -465,10 +470,39 @@ def _nop(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..
     return make_boxed_func(gm)
 
 
+def _regions_ready_for_aot(gm: torch.fx.GraphModule) -> None:
+    """Let AOTAutograd compile a graph whose layer regions (`invoke_subgraph` bodies, see
+    chronicals/regions.py) the backend has traced to pre-dispatch ATen and rewritten.
+
+    Two things of that trace would mislead it (torch 2.11 and 2.13): the trace cached each body
+    under its identifier in Dynamo's tracing context, where AOTAutograd would find the traced
+    body and its autograd wrapper instead of the rewritten one; and the body's outputs carry
+    `val`s traced below autograd, which say requires_grad=False, from which AOTAutograd would
+    build a backward with no incoming gradients ("outs_to_grad length (1) != tangents length
+    (0)"). The cache is emptied and those `val`s dropped: AOTAutograd then reads the outputs'
+    gradient needs by running the body on its fake inputs, once per region."""
+    bodies = [
+        getattr(module, node.args[0].target)
+        for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.find_nodes(op="call_function", target=INVOKE_SUBGRAPH)
+    ]
+    if not bodies:
+        return
+    context = TracingContext.try_get()
+    if context is not None:
+        context.hop_dispatch_set_cache = HopDispatchSetCache()
+    for body in bodies:
+        (outputs,) = next(reversed(body.graph.find_nodes(op="output"))).args
+        for out in outputs if isinstance(outputs, (tuple, list)) else (outputs,):
+            if isinstance(out, torch.fx.Node):
+                out.meta.pop("val", None)
+
+
 def compile_with_aot_eager(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
 ) -> Callable[..., Any]:
     """AOTAutograd with eager forward and backward graphs (the CPU path)."""
+    _regions_ready_for_aot(gm)
     return aot_autograd(fw_compiler=_nop, bw_compiler=_nop)(gm, example_inputs)
 
 
@@ -508,6 +542,7 @@ def compile_with_inductor(
     """AOTAutograd + Inductor, as plain `torch.compile` would run after our passes, with the
     sources of our ops in the cache keys (`_SourcesInCacheKey`)."""
     key = _SourcesInCacheKey(inductor_config.post_grad_custom_post_pass, _sources_hash())
+    _regions_ready_for_aot(gm)
     return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": key})
 
 

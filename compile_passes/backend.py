@@ -174,23 +174,44 @@ def rewrite(
             module.recompile()
         fired = {f.name: 0 for f in fusions}
         rejected, declined = [], []
+        calls = _times_run(agm)
         for module in modules:
             for node in module.graph.nodes:
                 for fusion in fusions:
                     if node.op == "call_function" and node.target in fusion.fused_ops():
-                        fired[fusion.name] += 1
+                        fired[fusion.name] += calls[module]
                     elif fusion.is_candidate(node):
                         recorded = recorded_reason(node)
                         reason = recorded.text if recorded else fusion.diagnose(node)
-                        (declined if recorded and recorded.declined else rejected).append(
-                            Rejection(
+                        # One entry per run of the node: a layer region's body holds one
+                        # candidate for every layer, as the whole graph would.
+                        (declined if recorded and recorded.declined else rejected).extend(
+                            [Rejection(
                                 fusion=fusion.name,
                                 node=node.name,
                                 reason=reason,
                                 source=source_line(node),
-                            )
+                            )] * calls[module]
                         )
     return agm, fired, rejected, declined
+
+
+def _times_run(agm: torch.fx.GraphModule) -> dict[torch.fx.GraphModule, int]:
+    """How often each graph module runs per call of `agm`: a layer region's body (one
+    `invoke_subgraph` body for all layers of a class, chronicals/regions.py) once per layer, so
+    the report counts fusions per layer as a whole-graph compile does; every other body once per
+    call of its parent."""
+    times = {agm: 1}
+    for module in graph_modules(agm):  # parents before the bodies they call
+        for node in module.graph.nodes:
+            if (node.op == "call_function"
+                    and isinstance(node.target, torch._ops.HigherOrderOperator)):
+                for arg in node.args:
+                    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                        body = getattr(module, arg.target)
+                        if isinstance(body, torch.fx.GraphModule):
+                            times[body] = times.get(body, 0) + times.get(module, 1)
+    return times
 
 
 def _graph_facts(agm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> GraphFacts:

@@ -1,0 +1,67 @@
+"""Regional compilation: each repeated decoder layer is traced and compiled once, for all layers.
+
+A decoder's layers are one class called N times with different weights. Compiled as one graph,
+every layer is traced by Dynamo, rewritten by the backend's passes and compiled again: compile
+time grows with depth (a 24-layer tiny model took 4.2x as long as a 2-layer one). Marking the
+layers' class forward as a `torch.compiler.nested_compile_region` makes Dynamo trace the first
+layer into a subgraph and call that same subgraph for the others (`invoke_subgraph`); the backend
+then rewrites the subgraph once and AOTAutograd and Inductor compile it once. The rest of the model
+(embedding, masks, final norm, LM head + loss) stays in the one graph around the layers, so the
+LM-head + cross-entropy fusion and the attention mask's proof see what they saw before.
+
+What is repeated: the members of every `nn.ModuleList` of two or more modules of one class (a
+transformers decoder's `layers`). The mark is per model instance: the layers' `forward` attribute
+is set to one region-wrapped function per class (one function, so Dynamo can reuse its subgraph),
+and removed again by `mark_layer_regions(model, False)`. Outside torch.compile a region is a plain
+call.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+# One wrapped forward per layer class: Dynamo reuses a region's subgraph only for calls of the
+# same function.
+_REGION_FORWARDS: dict[type, object] = {}
+_MARK = "_chronicals_region"
+
+
+def repeated_layers(model: nn.Module) -> list[nn.Module]:
+    """The members of every ModuleList in `model` that holds two or more modules of one class."""
+    layers = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            classes = {type(m) for m in module}
+            if len(classes) == 1:
+                layers.extend(module)
+    return layers
+
+
+def _region_forward(cls: type) -> object:
+    if cls not in _REGION_FORWARDS:
+        _REGION_FORWARDS[cls] = torch.compiler.nested_compile_region(cls.forward)
+    return _REGION_FORWARDS[cls]
+
+
+def mark_layer_regions(model: nn.Module, enabled: bool = True) -> int:
+    """Compile `model`'s repeated layers as one nested region each class (`enabled`), or as plain
+    code again (not `enabled`). Returns the number of layers marked (0 when unmarking, or when the
+    model has no repeated layers)."""
+    layers = repeated_layers(model)
+    for layer in layers:
+        marked = getattr(layer, _MARK, False)
+        if enabled and not marked:
+            if "forward" in vars(layer):
+                raise ValueError(
+                    f"chronicals: layer {type(layer).__name__} has its own `forward` attribute "
+                    "(a patched instance); cannot compile it as a region. Pass regional=False."
+                )
+            layer.forward = types.MethodType(_region_forward(type(layer)), layer)
+            setattr(layer, _MARK, True)
+        elif not enabled and marked:
+            del layer.forward
+            delattr(layer, _MARK)
+    return len(layers) if enabled else 0
