@@ -61,6 +61,7 @@ from chronicals.config import COMPILE_BACKENDS, DEFAULT_STEPS, LORA_DTYPES, Fine
 from chronicals.lora_plus import lora_plus_param_groups
 from chronicals.plot import PLOT_FILE
 from chronicals.run_log import Pending, RunLog
+from chronicals.warmup import WarmUpClock, use_compile_cache
 from chronicals.train import (
     TrainingDiverged,
     compile_loss,
@@ -570,6 +571,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                            "summary": fusion_report.summary()})
 
         options = {"report": report}
+    cache_dir = use_compile_cache() if backend is not None else None
+    warmup = WarmUpClock(step)
     loss_fn = compile_loss(model, backend=backend, options=options)
     eval_batches = None
     if eval_rows is not None:
@@ -640,6 +643,11 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                     scheduler.step()
             step += 1
             pending.append((step, metrics, real_tokens))
+            if (seconds := warmup.step_done(step, device, total_steps)) is not None:
+                run_log.write({"kind": "warmup", "step": step, "seconds": seconds,
+                               "compile_cache": None if cache_dir is None else str(cache_dir)})
+                run_log.note(f"warm-up: {seconds:.1f} s to the end of step {step}, compile "
+                             f"included (compile cache {cache_dir})")
             evaluate = config.eval_every and step % config.eval_every == 0 or step == total_steps
             checkpoint = config.save_every and step % config.save_every == 0 or (
                 step == total_steps
