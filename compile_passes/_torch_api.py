@@ -470,6 +470,41 @@ def _nop(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..
     return make_boxed_func(gm)
 
 
+@contextlib.contextmanager
+def one_schema_per_region() -> Iterator[None]:
+    """Check each layer region's body for input mutation once, not once per layer.
+
+    Under autograd, every `invoke_subgraph` call re-traces its body to a schema only to refuse a
+    body that mutates its inputs (torch 2.11 and 2.13, `maybe_run_autograd`): with one body for
+    24 layers that is 24 identical traces in each of the backend's pre-dispatch trace and
+    AOTAutograd's two passes, two thirds of a 24-layer tiny model's compile on the CPU. The
+    schema depends only on the body and its operands' types, shapes, dtypes and gradient needs,
+    so it is kept per those for the duration of one compile."""
+    if "gen_schema" in vars(INVOKE_SUBGRAPH):  # inside another compile's: its cache serves
+        yield
+        return
+    schemas: dict[tuple, Any] = {}
+    generate = INVOKE_SUBGRAPH.gen_schema
+
+    def key(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return (tuple(value.shape), tuple(value.stride()), value.dtype, value.device,
+                    value.requires_grad)
+        return (type(value), value if isinstance(value, (int, str, type(None))) else id(value))
+
+    def gen_schema(subgraph: Any, identifier: Any, *operands: Any) -> Any:
+        k = (id(subgraph), identifier, tuple(key(o) for o in operands))
+        if k not in schemas:
+            schemas[k] = (subgraph, generate(subgraph, identifier, *operands))
+        return schemas[k][1]
+
+    INVOKE_SUBGRAPH.gen_schema = gen_schema
+    try:
+        yield
+    finally:
+        del INVOKE_SUBGRAPH.gen_schema
+
+
 def _regions_ready_for_aot(gm: torch.fx.GraphModule) -> None:
     """Let AOTAutograd compile a graph whose layer regions (`invoke_subgraph` bodies, see
     chronicals/regions.py) the backend has traced to pre-dispatch ATen and rewritten.

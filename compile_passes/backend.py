@@ -248,7 +248,13 @@ def chronicals_backend(
     **_: Any,
 ) -> Callable[..., Any]:
     """The torch.compile backend. Options: see `BackendOptions`."""
-    opts = BackendOptions.from_options(options)
+    with _torch_api.one_schema_per_region():
+        return _compile(gm, example_inputs, BackendOptions.from_options(options))
+
+
+def _compile(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions
+) -> Callable[..., Any]:
     graph_breaks = tuple(
         GraphBreak(reason=reason, source=source)
         for reason, source in _torch_api.new_graph_breaks()
