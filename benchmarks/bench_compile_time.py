@@ -21,10 +21,10 @@ import time
 os.environ.setdefault("TRITON_INTERPRET", "0")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from chronicals.train import compile_loss  # noqa: E402
-from tests.models import tiny_batch, tiny_model  # noqa: E402
+from chronicals.train import compile_loss
+from tests.models import tiny_batch, tiny_model
 
 
 def compile_seconds(layers: int, regional: bool, device: str) -> float:

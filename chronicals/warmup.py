@@ -23,13 +23,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 _PACKAGES = ("chronicals", "compile_passes")
+_INSTALLED = pathlib.Path(__file__).resolve().parent.parent
 _CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
 WARMUP_STEPS = 5
 """Steps the warm-up time covers: the compile, and the first steps after it."""
 
 
 @functools.cache
-def sources_hash(root: pathlib.Path = pathlib.Path(__file__).resolve().parent.parent) -> str:
+def sources_hash(root: pathlib.Path = _INSTALLED) -> str:
     """sha256 (16 hex digits) of the Python sources of chronicals and its backend under `root`
     (this installation's), with their paths: any edit, added or removed file changes it."""
     digest = hashlib.sha256()
