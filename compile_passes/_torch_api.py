@@ -322,6 +322,11 @@ class _AutocastCasts(torch.fx.Interpreter):
         if target is torch.ops.higher_order.tag_activation_checkpoint:
             body, *body_args = args
             return _AutocastCasts(body, self.made).run(*body_args)
+        if target is INVOKE_SUBGRAPH:
+            # A layer region's body, shared by all layers: the casts are written in at the first
+            # call and found in `made` at the others (the same dtypes reach every layer).
+            body, _, *body_args = args
+            return tuple(_AutocastCasts(body, self.made).run(*body_args))
         if isinstance(target, torch._ops.HigherOrderOperator) and any(
             isinstance(a, torch.fx.GraphModule) for a in args
         ):
@@ -333,6 +338,7 @@ class _AutocastCasts(torch.fx.Interpreter):
             n.target is torch.amp.autocast_mode._enter_autocast
             or n.target is torch.amp.autocast_mode._exit_autocast
             or n.target is torch.ops.higher_order.tag_activation_checkpoint
+            or n.target is INVOKE_SUBGRAPH
         ):
             return super().run_node(n)
         wanted = _dtypes(super().run_node(n))

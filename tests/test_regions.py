@@ -129,3 +129,20 @@ def test_many_compile_loss_calls_each_compile():
         with torch.no_grad():
             loss_fn(_batch(), torch.tensor(20))
     assert len(compiles) == calls
+
+
+def test_regions_under_autocast_fuse_as_the_whole_graph():
+    """fp32 weights under bf16 autocast (bench_train.py --amp): the casts autocast makes are
+    written into the one layer body, and every fusion fires as without autocast."""
+    torch.compiler.reset()
+    model = tiny_model("llama", num_hidden_layers=LAYERS)
+    backend = _Recording()
+    loss_fn = compile_loss(model, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(_batch(), torch.tensor(20))
+    loss.backward()
+    (report,) = backend.reports
+    assert report.skipped is None and report.error is None, report.summary()
+    assert report.fired["rope"] == report.fired["swiglu"] == LAYERS, report.summary()
+    assert report.fired["linear_cross_entropy"] == 1, report.summary()
+    assert all(p.grad is not None for p in model.parameters())
