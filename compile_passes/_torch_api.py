@@ -493,10 +493,13 @@ def one_schema_per_region() -> Iterator[None]:
     generate = INVOKE_SUBGRAPH.gen_schema
 
     def key(value: Any) -> Any:
+        # Sizes may be symbolic (dynamic shapes): SymInts do not hash, their expressions do.
         if isinstance(value, torch.Tensor):
-            return (tuple(value.shape), tuple(value.stride()), value.dtype, value.device,
-                    value.requires_grad)
-        return (type(value), value if isinstance(value, (int, str, type(None))) else id(value))
+            return ("tensor", str(tuple(value.shape)), str(tuple(value.stride())), value.dtype,
+                    value.device, value.requires_grad)
+        if isinstance(value, (int, str, type(None), torch.SymInt)):
+            return (type(value), str(value))
+        return (type(value), id(value))
 
     def gen_schema(subgraph: Any, identifier: Any, *operands: Any) -> Any:
         k = (id(subgraph), identifier, tuple(key(o) for o in operands))
