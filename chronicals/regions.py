@@ -9,8 +9,8 @@ then rewrites the subgraph once and AOTAutograd and Inductor compile it once. Th
 (embedding, masks, final norm, LM head + loss) stays in the one graph around the layers, so the
 LM-head + cross-entropy fusion and the attention mask's proof see what they saw before.
 
-What is repeated: the members of every `nn.ModuleList` of two or more modules of one class (a
-transformers decoder's `layers`). The mark is per model instance: the layers' `forward` attribute
+What is repeated: the members of every outermost `nn.ModuleList` of two or more modules of one
+class (a transformers decoder's `layers`; not the experts inside a layer). The mark is per model instance: the layers' `forward` attribute
 is set to one region-wrapped function per class (one function, so Dynamo can reuse its subgraph),
 and removed again by `mark_layer_regions(model, False)`. Outside torch.compile a region is a plain
 call. Layers under transformers' gradient checkpointing (enabled before the mark) are compiled
@@ -33,13 +33,14 @@ logger = logging.getLogger(__name__)
 
 
 def repeated_layers(model: nn.Module) -> list[nn.Module]:
-    """The members of every ModuleList in `model` that holds two or more modules of one class."""
+    """The members of every outermost ModuleList in `model` that holds two or more modules of one
+    class. Lists inside such a member (a mixture-of-experts layer's experts) are part of its
+    region, not regions of their own."""
+    if isinstance(model, nn.ModuleList) and len(model) > 1 and len({type(m) for m in model}) == 1:
+        return list(model)
     layers = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1:
-            classes = {type(m) for m in module}
-            if len(classes) == 1:
-                layers.extend(module)
+    for child in model.children():
+        layers.extend(repeated_layers(child))
     return layers
 
 

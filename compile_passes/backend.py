@@ -5,6 +5,11 @@
 Dynamo graph -> pre-dispatch ATen on Dynamo's fake tensors -> canonicalise (no-op casts, bodies
 of checkpointed layers) -> one pattern pass over all enabled fusions -> report -> Inductor
 (`compile_fx`) on CUDA, AOTAutograd with eager graphs on CPU.
+
+A model whose decoder layers are one nested compile region (chronicals/regions.py, the default
+of compile_loss and compile_model) comes as one graph calling one layer body per layer
+(`invoke_subgraph`): the body is rewritten once and compiled once, and the report counts each
+fusion once per layer, as for the whole graph.
 """
 
 from __future__ import annotations

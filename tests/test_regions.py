@@ -146,3 +146,12 @@ def test_regions_under_autocast_fuse_as_the_whole_graph():
     assert report.fired["rope"] == report.fired["swiglu"] == LAYERS, report.summary()
     assert report.fired["linear_cross_entropy"] == 1, report.summary()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_experts_inside_a_layer_are_not_regions_of_their_own():
+    inner = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+    layer = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(inner))
+    layers = torch.nn.ModuleList([layer, torch.nn.Sequential(torch.nn.Linear(2, 2),
+                                                            torch.nn.Sequential(inner))])
+    model = torch.nn.Sequential(layers)
+    assert repeated_layers(model) == list(layers)
