@@ -34,12 +34,14 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from chronicals._torch_private import mark_dynamic
+from chronicals.attention import PACKED_ATTENTION
 from chronicals.regions import mark_layer_regions
 
 IGNORE_INDEX = -100
 """Label of a position the loss skips (prompt, padding): -100, as Hugging Face's causal-LM loss."""
 # Document boundaries of packed rows (chronicals.packing), named as HF forwards them to attention.
 _VARIABLE_LENGTH_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k")
+_PACKED_MAX_LENGTHS = ("max_length_q", "max_length_k")
 
 LossFn = Callable[[Mapping[str, Tensor], Tensor], Tensor]
 """`loss_fn(batch, num_items_in_batch) -> loss`: the summed token loss of `batch` divided by
@@ -123,9 +125,19 @@ def compile_loss(
         for key in _VARIABLE_LENGTH_INPUTS:
             if key in batch:
                 mark_dynamic(batch[key], 0)
+        if _PACKED_MAX_LENGTHS[0] in batch and _attention(model) == PACKED_ATTENTION:
+            # The longest document of the batch, a Python int that changes per batch. The
+            # chronicals_varlen attention does not read it, but passed into a layer region it is
+            # a constant of the region, and each new value would compile the graph again.
+            batch = {k: v for k, v in batch.items() if k not in _PACKED_MAX_LENGTHS}
         return compiled(batch, num_items_in_batch)
 
     return compiled_loss_fn
+
+
+def _attention(model: nn.Module) -> str | None:
+    """The attention implementation of a transformers model (or a PEFT model wrapping one)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
 def own_code(fn: Callable) -> Callable:
