@@ -72,15 +72,18 @@ class FusedHeadOutput(ModelOutput):
     aux_loss: Tensor | None = None
 
 
-def compile_model(model: nn.Module, *, dynamic: bool | None = None, regional: bool = True,
+def compile_model(model: nn.Module, *, dynamic: bool | None = None, regional: bool = False,
                   **options: Any) -> nn.Module:
     """Run `model`'s forward through `torch.compile(backend="chronicals")`, in place; returns
     `model` itself.
 
     `model` is a transformers causal LM (`...ForCausalLM`) or a PEFT model wrapping one. `options`
     are the backend's (`fusions`, `strict`, `report`, `compiler`), `dynamic` is torch.compile's.
-    `regional` (default): the repeated decoder layers are compiled once for all of them
-    (chronicals/regions.py); False: the whole model is traced and compiled as one graph.
+    `regional`: the repeated decoder layers are compiled once for all of them
+    (chronicals/regions.py), as `compile_loss` does by default. Off by default here: with it, on
+    torch 2.13 with transformers 5.25, Trainer's and Accelerate's graphs still came whole and a
+    `generate` after a compiled evaluation forward failed (fake tensors met real ones); not yet
+    understood. Default (False): the whole model is traced and compiled as one graph.
     The wrapper sits on the causal LM inside a PEFT model, where TRL puts its fused LM head too;
     a second call on the same model changes nothing (the first call's options stay).
     """

@@ -85,14 +85,6 @@ def checkpointed_counts(family: str) -> tuple[dict[str, int], dict[str, int]]:
     return fired, {"rms_norm": DECLINED[family]["rms_norm"] - moved}
 
 
-def regional_counts(family: str) -> tuple[dict[str, int], dict[str, int]]:
-    """EXPECTED and DECLINED of the model compiled with its layers as one region
-    (chronicals/regions.py; the default of compile_loss and compile_model): as under gradient
-    checkpointing, each layer's input norm reads the region's input and the final norm the last
-    layer's output, so these fire."""
-    return checkpointed_counts(family)
-
-
 def tiny_config_kwargs() -> dict:
     """The shared tiny shape, for a config of a family not listed here."""
     return dict(_COMMON)

@@ -14,11 +14,9 @@ from transformers import Trainer, TrainingArguments
 
 import compile_passes
 from chronicals import compile_model
-from tests.models import EXPECTED, VOCAB, regional_counts, tiny_batch, tiny_model
+from tests.models import EXPECTED, VOCAB, tiny_batch, tiny_model
 
 FUSIONS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy")
-# What compile_model's graphs fire: its layers are one region (chronicals/regions.py).
-REGIONAL = regional_counts("qwen2")[0]
 
 
 def _rows(n: int = 16) -> list[dict[str, list[int]]]:
@@ -124,7 +122,7 @@ def test_trainer_fuses_everything_and_learns(tmp_path):
     compile_passes.clear_fusion_reports()
     trainer.train()
     reports = compile_passes.fusion_reports()
-    assert reports and all(r.fired[name] == REGIONAL[name] for r in reports
+    assert reports and all(r.fired[name] == EXPECTED["qwen2"][name] for r in reports
                            for name in FUSIONS), [r.summary() for r in reports]
     losses = _losses(trainer)
     assert losses[-1] < 0.8 * losses[0], losses
@@ -157,7 +155,7 @@ def test_accelerate_loop_fuses_everything_and_learns():
             optimizer.zero_grad()
             losses.append(out.loss.item())
     reports = compile_passes.fusion_reports()
-    assert reports and all(r.fired[name] == REGIONAL[name] for r in reports
+    assert reports and all(r.fired[name] == EXPECTED["qwen2"][name] for r in reports
                            for name in FUSIONS), [r.summary() for r in reports]
     assert losses[-1] < 0.8 * losses[0], losses
 
