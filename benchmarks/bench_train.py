@@ -25,7 +25,8 @@ function:
 - hf_compile: `torch.compile(backend="inductor")` of that function;
 - chronicals: `torch.compile(backend="chronicals")` of it (fusions reported and required), with
   LoRA+ parameter groups in the LoRA mode (the other stacks use one group; the update costs the
-  same);
+  same), its decoder layers compiled once as one region (chronicals/regions.py);
+- chronicals_whole: the same, with the whole graph compiled (`compile_loss(regional=False)`);
 - unsloth: Unsloth's patched model, the function run eagerly (Unsloth compiles and fuses inside
   the model). Unsloth must be imported before transformers, so each mode runs in its own process
   (`python -m benchmarks.bench_unsloth`, with DIR first on PYTHONPATH) on a copy of the same initial
@@ -76,7 +77,11 @@ from compile_passes._torch_api import unique_graphs_compiled
 from compile_passes.backend import FUSION_NAMES, LORA_PRECISIONS
 
 # The stacks run in this process: name -> torch.compile backend of the loss function (None: eager).
-STACKS = {"hf_eager": None, "hf_compile": "inductor", "chronicals": "chronicals"}
+STACKS = {"hf_eager": None, "hf_compile": "inductor", "chronicals": "chronicals",
+          "chronicals_whole": "chronicals"}
+# Stacks whose decoder layers are compiled once, as one region (chronicals/regions.py);
+# chronicals_whole is the same backend on the whole graph, hf_compile plain torch.compile.
+REGIONAL_STACKS = ("chronicals",)
 # Stacks run in a process of their own, by the script named: Unsloth patches transformers when
 # imported, so it must come first in a process that has not imported transformers.
 PEER_STACKS = {"unsloth": "benchmarks.bench_unsloth"}
@@ -222,7 +227,7 @@ def make_optimizer(model, stack: str, mode: str, args: argparse.Namespace,
                    device: torch.device) -> torch.optim.AdamW:
     """Fused AdamW over the trainable parameters: one group, LoRA+ groups for chronicals' LoRA."""
     lr = args.lora_lr if mode == "lora" else args.lr
-    if mode == "lora" and stack == "chronicals":
+    if mode == "lora" and STACKS.get(stack) == "chronicals":
         groups = lora_plus_param_groups(model, lr=lr)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -245,7 +250,7 @@ def build(stack: str, mode: str, args: argparse.Namespace, device: torch.device,
 def chronicals_options(stack: str, args: argparse.Namespace, report) -> dict | None:
     """The backend options of `stack` (None for the others): `--fusions`, `--lora-precision`,
     and the report sink."""
-    if stack != "chronicals":
+    if STACKS[stack] != "chronicals":
         return None
     return {"report": report, "fusions": list(args.fusions),
             "lora_precision": args.lora_precision}
@@ -256,7 +261,8 @@ def prepare_hf(stack: str, mode: str, args: argparse.Namespace, device: torch.de
     """This process's stacks: (model, optimizer, loss function) of `stack` and `mode`."""
     model, optimizer = build(stack, mode, args, device, dtype)
     loss_fn = compile_loss(model, backend=STACKS[stack],
-                           options=chronicals_options(stack, args, report))
+                           options=chronicals_options(stack, args, report),
+                           regional=stack in REGIONAL_STACKS)
     return model, optimizer, loss_fn
 
 
@@ -340,7 +346,7 @@ def run(stack: str, mode: str, args: argparse.Namespace, device: torch.device, d
                         f"step {last}: {losses[last]:.4f})")
     if recompiles:
         problems.append(f"{recompiles} graph(s) compiled during the timed steps")
-    if stack == "chronicals":
+    if STACKS.get(stack) == "chronicals":
         # LoRA's rewrite fires on PEFT's adapters unless exact math was asked for; under --amp
         # autocast already casts them (the graph has no fp32 adapter GEMMs to rewrite).
         lora = mode == "lora" and args.lora_precision == "mixed" and not args.amp

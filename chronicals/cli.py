@@ -73,6 +73,7 @@ from chronicals.train import (
     evaluate_loss,
     train_step,
 )
+from chronicals.warmup import WarmUpClock, use_compile_cache
 
 logger = logging.getLogger("chronicals.finetune")
 
@@ -761,6 +762,8 @@ def _train(job: _Job, run_log: RunLog, run_config: str) -> _Progress:
     options = None
     if backend == "chronicals":
         options = {"report": functools.partial(_log_fusions, run_log, progress)}
+    cache_dir = use_compile_cache() if backend is not None else None
+    warmup = WarmUpClock(progress.step)
     loss_fn = compile_loss(job.model, backend=backend, options=options)
     eval_batches = None
     if job.data.eval_rows is not None:
@@ -772,6 +775,11 @@ def _train(job: _Job, run_log: RunLog, run_config: str) -> _Progress:
     while progress.step < job.total_steps:
         pending.append(_step(job, loss_fn, progress))
         step = progress.step
+        if (seconds := warmup.step_done(step, job.device, job.total_steps)) is not None:
+            run_log.write({"kind": "warmup", "step": step, "seconds": seconds,
+                           "compile_cache": None if cache_dir is None else str(cache_dir)})
+            run_log.note(f"warm-up: {seconds:.1f} s to the end of step {step}, compile "
+                         f"included (compile cache {cache_dir})")
         evaluate = config.eval_every and step % config.eval_every == 0 or step == job.total_steps
         checkpoint = config.save_every and step % config.save_every == 0 or (
             step == job.total_steps

@@ -98,6 +98,7 @@ def compile_sharded_loss(
     model. The head must be what the model's forward applies before its loss function, unscaled:
     a model with a logit softcap or scale, or whose head is not a linear layer, is refused."""
     from chronicals.hf import _causal_lm, check_plain_head
+    from chronicals.train import own_code
 
     if not isinstance(model, FSDPModule):
         raise TypeError(
@@ -127,8 +128,9 @@ def compile_sharded_loss(
         kwargs = {"backend": backend, "dynamic": dynamic}
         if options is not None:
             kwargs["options"] = dict(options)
-        hidden_states = torch.compile(hidden_states, **kwargs)
-        head_loss = torch.compile(head_loss, **kwargs)
+        # Each with a compile cache of its own (chronicals.train.own_code).
+        hidden_states = torch.compile(own_code(hidden_states), **kwargs)
+        head_loss = torch.compile(own_code(head_loss), **kwargs)
 
     def sharded_loss(self: nn.Module, batch: Mapping[str, Tensor],
                      num_items_in_batch: Tensor) -> Tensor:

@@ -40,6 +40,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from chronicals.ops.linear_cross_entropy import linear_cross_entropy
+from chronicals.regions import mark_layer_regions
+from chronicals.train import own_code
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +72,18 @@ class FusedHeadOutput(ModelOutput):
     aux_loss: Tensor | None = None
 
 
-def compile_model(model: nn.Module, *, dynamic: bool | None = None, **options: Any) -> nn.Module:
+def compile_model(model: nn.Module, *, dynamic: bool | None = None, regional: bool = False,
+                  **options: Any) -> nn.Module:
     """Run `model`'s forward through `torch.compile(backend="chronicals")`, in place; returns
     `model` itself.
 
     `model` is a transformers causal LM (`...ForCausalLM`) or a PEFT model wrapping one. `options`
     are the backend's (`fusions`, `strict`, `report`, `compiler`), `dynamic` is torch.compile's.
+    `regional`: the repeated decoder layers are compiled once for all of them
+    (chronicals/regions.py), as `compile_loss` does by default. Off by default here: with it, on
+    torch 2.13 with transformers 5.25, Trainer's and Accelerate's graphs still came whole and a
+    `generate` after a compiled evaluation forward failed (fake tensors met real ones); not yet
+    understood. Default (False): the whole model is traced and compiled as one graph.
     The wrapper sits on the causal LM inside a PEFT model, where TRL puts its fused LM head too;
     a second call on the same model changes nothing (the first call's options stay).
     """
@@ -84,18 +92,21 @@ def compile_model(model: nn.Module, *, dynamic: bool | None = None, **options: A
         logger.info("chronicals.compile_model: %s is already compiled; left as it is",
                     type(lm).__name__)
         return model
+    mark_layer_regions(lm, regional)
     kwargs = {"backend": "chronicals", "dynamic": dynamic}
     if options:
         kwargs["options"] = dict(options)
-    forward = type(lm).forward.__get__(lm)  # the class's forward: TRL may replace lm.forward
+    # The class's forward (TRL may replace lm.forward), as a copy with a compile cache of its own
+    # (see own_code): every model of the class shares the class's code object.
+    forward = own_code(type(lm).forward).__get__(lm)
     signature = inspect.signature(forward)
 
     def loss_only(inputs: Mapping[str, Any]) -> Tensor:
         return forward(**inputs).loss
 
-    loss_fn = torch.compile(loss_only, **kwargs)
+    loss_fn = torch.compile(own_code(loss_only), **kwargs)
     forward_fn = torch.compile(forward, **kwargs)
-    fused_head_fn = torch.compile(functools.partial(_fused_head, lm), **kwargs)
+    fused_head_fn = torch.compile(functools.partial(own_code(_fused_head), lm), **kwargs)
 
     metrics_skipped_logged = False
 

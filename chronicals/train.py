@@ -25,6 +25,7 @@ A custom loop:
 from __future__ import annotations
 
 import dataclasses
+import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
@@ -33,11 +34,14 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from chronicals._torch_private import mark_dynamic
+from chronicals.attention import PACKED_ATTENTION
+from chronicals.regions import mark_layer_regions
 
 IGNORE_INDEX = -100
 """Label of a position the loss skips (prompt, padding): -100, as Hugging Face's causal-LM loss."""
 # Document boundaries of packed rows (chronicals.packing), named as HF forwards them to attention.
 _VARIABLE_LENGTH_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k")
+_PACKED_MAX_LENGTHS = ("max_length_q", "max_length_k")
 
 LossFn = Callable[[Mapping[str, Tensor], Tensor], Tensor]
 """`loss_fn(batch, num_items_in_batch) -> loss`: the summed token loss of `batch` divided by
@@ -76,6 +80,7 @@ def compile_loss(
     backend: str | None = "chronicals",
     options: Mapping[str, object] | None = None,
     dynamic: bool | None = None,
+    regional: bool = True,
 ) -> LossFn:
     """A function `(batch, num_items_in_batch) -> loss` for a Hugging Face causal LM (or a PEFT
     model wrapping one), compiled with `torch.compile(backend=backend)`; `backend=None` runs eager.
@@ -85,9 +90,17 @@ def compile_loss(
     called with `use_cache=False`: a cache in the graph adds KV outputs, and with a cache HF does
     not derive the packed documents' mask from `position_ids`.
 
-    Build it once per model: each call of `compile_loss` makes a new compiled function. A model
-    sharded with FSDP2 (`chronicals.distributed.shard_model`) gets
-    `chronicals.distributed.compile_sharded_loss`, which keeps the LM-head + cross-entropy fusion.
+    `regional` (default): the model's repeated decoder layers are compiled once, as one region
+    all layers call (chronicals/regions.py), so compile time hardly grows with depth; the graph
+    around them (embedding, masks, final norm, LM head + loss) is compiled as before. False:
+    every layer is traced and compiled in one whole graph. The choice marks `model` (its layers'
+    `forward`), so the last `compile_loss` or `compile_model` call on a model decides it.
+
+    Build it once per model: each call of `compile_loss` makes a new compiled function, with a
+    compile cache of its own (Dynamo would otherwise share one cache among all of them and, past
+    its recompile limit, run the later ones eagerly without a word). A model sharded with FSDP2
+    (`chronicals.distributed.shard_model`) gets `chronicals.distributed.compile_sharded_loss`,
+    which keeps the LM-head + cross-entropy fusion; its layers are compiled whole.
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -103,17 +116,43 @@ def compile_loss(
 
         if backend is None:
             return loss_fn
+        mark_layer_regions(model, regional)
         kwargs = {} if options is None else {"options": dict(options)}
-        compiled = torch.compile(loss_fn, backend=backend, dynamic=dynamic, **kwargs)
+        compiled = torch.compile(own_code(loss_fn), backend=backend, dynamic=dynamic, **kwargs)
     def compiled_loss_fn(batch: Mapping[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
         # Packed rows hold a different number of documents per batch: the length of their
         # boundaries is dynamic from the start, or the second batch would compile a second graph.
         for key in _VARIABLE_LENGTH_INPUTS:
             if key in batch:
                 mark_dynamic(batch[key], 0)
+        if _PACKED_MAX_LENGTHS[0] in batch and _attention(model) == PACKED_ATTENTION:
+            # The longest document of the batch, a Python int that changes per batch. The
+            # chronicals_varlen attention does not read it, but passed into a layer region it is
+            # a constant of the region, and each new value would compile the graph again.
+            batch = {k: v for k, v in batch.items() if k not in _PACKED_MAX_LENGTHS}
         return compiled(batch, num_items_in_batch)
 
     return compiled_loss_fn
+
+
+def _attention(model: nn.Module) -> str | None:
+    """The attention implementation of a transformers model (or a PEFT model wrapping one)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def own_code(fn: Callable) -> Callable:
+    """A copy of the function `fn` with a code object of its own, to compile.
+
+    Dynamo keeps its compiled graphs on the code object of the function it compiles, and gives up
+    on a code object after `torch._dynamo.config.recompile_limit` (8) guard failures: every
+    function made by one `def` in a factory shares its code object, so the 9th differently
+    configured compile (a new model, other options) would silently run eagerly. A copy per
+    compiled function keeps their caches apart."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                              fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__, copy.__doc__ = fn.__qualname__, fn.__doc__
+    return copy
 
 
 def count_label_tokens(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
 from torch._functorch.aot_autograd import make_boxed_func
-from torch._guards import detect_fake_mode
+from torch._guards import HopDispatchSetCache, TracingContext, detect_fake_mode
 from torch._inductor import config as inductor_config
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -32,6 +32,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
+    "BODY_OPERANDS",
+    "INVOKE_SUBGRAPH",
     "Match",
     "PatternMatcherPass",
     "allow_side_effects_in_checkpointed_regions",
@@ -39,6 +41,7 @@ __all__ = [
     "compile_with_inductor",
     "ensure_backend_registered",
     "is_dynamo_signal",
+    "is_higher_order",
     "known_equal",
     "new_graph_breaks",
     "register_replacement",
@@ -49,6 +52,20 @@ __all__ = [
 ]
 
 logger = logging.getLogger("chronicals.compile")
+
+# The call of a nested compile region (a decoder layer, chronicals/regions.py):
+# invoke_subgraph(body, identifier, *operands).
+INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
+
+# The higher-order ops that call a body, and where their operands start:
+# tag_activation_checkpoint(body, *operands) of a checkpointed layer; invoke_subgraph(body,
+# identifier, *operands) of a layer region.
+BODY_OPERANDS = {torch.ops.higher_order.tag_activation_checkpoint: 1, INVOKE_SUBGRAPH: 2}
+
+
+def is_higher_order(target: object) -> bool:
+    """Whether an FX node's target is a higher-order op (it may call a graph module body)."""
+    return isinstance(target, torch._ops.HigherOrderOperator)
 
 # torch 2.13 added `pattern_name`; 2.11 does not accept it.
 _REGISTER_TAKES_NAME = "pattern_name" in inspect.signature(_register_replacement).parameters
@@ -384,6 +401,11 @@ class _AutocastCasts(torch.fx.Interpreter):
         if target is torch.ops.higher_order.tag_activation_checkpoint:
             body, *body_args = args
             return _AutocastCasts(body, self.made).run(*body_args)
+        if target is INVOKE_SUBGRAPH:
+            # A layer region's body, shared by all layers: the casts are written in at the first
+            # call and found in `made` at the others (the same dtypes reach every layer).
+            body, _, *body_args = args
+            return tuple(_AutocastCasts(body, self.made).run(*body_args))
         if isinstance(target, torch._ops.HigherOrderOperator) and any(
             isinstance(a, torch.fx.GraphModule) for a in args
         ):
@@ -395,6 +417,7 @@ class _AutocastCasts(torch.fx.Interpreter):
             n.target is torch.amp.autocast_mode._enter_autocast
             or n.target is torch.amp.autocast_mode._exit_autocast
             or n.target is torch.ops.higher_order.tag_activation_checkpoint
+            or n.target is INVOKE_SUBGRAPH
         ):
             return super().run_node(n)
         wanted = _dtypes(super().run_node(n))
@@ -532,10 +555,77 @@ def _nop(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..
     return make_boxed_func(gm)
 
 
+@contextlib.contextmanager
+def one_schema_per_region() -> Iterator[None]:
+    """Check each layer region's body for input mutation once, not once per layer.
+
+    Under autograd, every `invoke_subgraph` call re-traces its body to a schema only to refuse a
+    body that mutates its inputs (torch 2.11 and 2.13, `maybe_run_autograd`): with one body for
+    24 layers that is 24 identical traces in each of the backend's pre-dispatch trace and
+    AOTAutograd's two passes, two thirds of a 24-layer tiny model's compile on the CPU. The
+    schema depends only on the body and its operands' types, shapes, dtypes and gradient needs,
+    so it is kept per those for the duration of one compile."""
+    if "gen_schema" in vars(INVOKE_SUBGRAPH):  # inside another compile's: its cache serves
+        yield
+        return
+    schemas: dict[tuple, Any] = {}
+    generate = INVOKE_SUBGRAPH.gen_schema
+
+    def key(value: Any) -> Any:
+        # Sizes may be symbolic (dynamic shapes): SymInts do not hash, their expressions do.
+        if isinstance(value, torch.Tensor):
+            return ("tensor", str(tuple(value.shape)), str(tuple(value.stride())), value.dtype,
+                    value.device, value.requires_grad)
+        if isinstance(value, (int, str, type(None), torch.SymInt)):
+            return (type(value), str(value))
+        return (type(value), id(value))
+
+    def gen_schema(subgraph: Any, identifier: Any, *operands: Any) -> Any:
+        k = (id(subgraph), identifier, tuple(key(o) for o in operands))
+        if k not in schemas:
+            schemas[k] = (subgraph, generate(subgraph, identifier, *operands))
+        return schemas[k][1]
+
+    INVOKE_SUBGRAPH.gen_schema = gen_schema
+    try:
+        yield
+    finally:
+        del INVOKE_SUBGRAPH.gen_schema
+
+
+def _regions_ready_for_aot(gm: torch.fx.GraphModule) -> None:
+    """Let AOTAutograd compile a graph whose layer regions (`invoke_subgraph` bodies, see
+    chronicals/regions.py) the backend has traced to pre-dispatch ATen and rewritten.
+
+    Two things of that trace would mislead it (torch 2.11 and 2.13): the trace cached each body
+    under its identifier in Dynamo's tracing context, where AOTAutograd would find the traced
+    body and its autograd wrapper instead of the rewritten one; and the body's outputs carry
+    `val`s traced below autograd, which say requires_grad=False, from which AOTAutograd would
+    build a backward with no incoming gradients ("outs_to_grad length (1) != tangents length
+    (0)"). The cache is emptied and those `val`s dropped: AOTAutograd then reads the outputs'
+    gradient needs by running the body on its fake inputs, once per region."""
+    bodies = [
+        getattr(module, node.args[0].target)
+        for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.find_nodes(op="call_function", target=INVOKE_SUBGRAPH)
+    ]
+    if not bodies:
+        return
+    context = TracingContext.try_get()
+    if context is not None:
+        context.hop_dispatch_set_cache = HopDispatchSetCache()
+    for body in bodies:
+        (outputs,) = next(reversed(body.graph.find_nodes(op="output"))).args
+        for out in outputs if isinstance(outputs, (tuple, list)) else (outputs,):
+            if isinstance(out, torch.fx.Node):
+                out.meta.pop("val", None)
+
+
 def compile_with_aot_eager(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
 ) -> Callable[..., Any]:
     """AOTAutograd with eager forward and backward graphs (the CPU path)."""
+    _regions_ready_for_aot(gm)
     return aot_autograd(fw_compiler=_nop, bw_compiler=_nop)(gm, example_inputs)
 
 
@@ -575,6 +665,7 @@ def compile_with_inductor(
     """AOTAutograd + Inductor, as plain `torch.compile` would run after our passes, with the
     sources of our ops in the cache keys (`_SourcesInCacheKey`)."""
     key = _SourcesInCacheKey(inductor_config.post_grad_custom_post_pass, _sources_hash())
+    _regions_ready_for_aot(gm)
     return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": key})
 
 

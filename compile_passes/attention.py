@@ -32,7 +32,7 @@ from torch.fx import Graph, GraphModule, Node
 from chronicals import attention as packed_attention
 from chronicals import reference
 from chronicals.ops import attention as ops
-from compile_passes._torch_api import size_hint
+from compile_passes._torch_api import BODY_OPERANDS, size_hint
 from compile_passes.fusion import Fusion, GraphFacts, reject_node, val
 
 aten = torch.ops.aten
@@ -49,7 +49,7 @@ def _is_candidate(node: Node) -> bool:
 
 
 def _diagnose(node: Node) -> str:
-    return "not examined (attention inside a nested graph other than a checkpointed layer)"
+    return "not examined (attention inside a nested graph other than a checkpointed layer or a layer region)"
 
 
 def _sdpa_args(node: Node) -> dict:
@@ -224,48 +224,60 @@ def _check_candidate(module: GraphModule, inputs: list[Node], positions: Node | 
 
 
 def _finalize(graph: torch.fx.Graph, facts: GraphFacts) -> None:
+    regions: dict[GraphModule, list[Node]] = {}
     for node in list(graph.nodes):
         if _is_candidate(node):
             _rewrite(node, _Region())
-        elif node.op == "call_function" and node.target is _CHECKPOINT:
-            body = getattr(graph.owning_module, node.args[0].target)
-            region = _Region(node, body)
-            for inner in list(body.graph.nodes):
-                if _is_candidate(inner):
-                    _rewrite(inner, region)
+        elif node.op == "call_function" and node.target in BODY_OPERANDS:
+            regions.setdefault(getattr(graph.owning_module, node.args[0].target), []).append(node)
+    # A layer region's body is shared by every layer's call: rewritten once, for all of them.
+    for body, calls in regions.items():
+        region = _Region(calls, body)
+        for inner in list(body.graph.nodes):
+            if _is_candidate(inner):
+                _rewrite(inner, region)
 
-
-_CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 
 
 class _Region:
-    """Where an attention node sits: the top graph, or the body of a checkpointed layer
-    (`tag_activation_checkpoint(body, *operands)`, whose placeholders are the operands). A mask is
-    proven where it is computed, in the graph around the region; the positions it is proven
-    from are then passed into the region as one more operand."""
+    """Where an attention node sits: the top graph, or a body that one or more calls run (a
+    checkpointed layer, or a layer region whose body all layers share), whose placeholders are
+    the calls' operands. A mask is proven where it is computed, in the graph around the region,
+    and must be the same node in every call; the positions it is proven from are then passed
+    into the region as one more operand of every call."""
 
-    def __init__(self, call: Node | None = None, body: GraphModule | None = None) -> None:
-        self.call, self.body = call, body
+    def __init__(self, calls: list[Node] = (), body: GraphModule | None = None) -> None:
+        self.calls, self.body = list(calls), body
+        self.start = BODY_OPERANDS[self.calls[0].target] if self.calls else 0
 
-    def outer(self, node: Node) -> Node:
-        """The node of the enclosing graph that a body placeholder stands for."""
-        if self.call is None or node.op != "placeholder":
+    def _placeholders(self) -> list[Node]:
+        return [n for n in self.body.graph.nodes if n.op == "placeholder"]
+
+    def outer(self, node: Node) -> Node | str:
+        """The node of the enclosing graph that a body placeholder stands for, or why there is
+        none (the calls pass different nodes)."""
+        if not self.calls or node.op != "placeholder":
             return node
-        placeholders = [n for n in self.body.graph.nodes if n.op == "placeholder"]
-        return self.call.args[1 + placeholders.index(node)]
+        index = self.start + self._placeholders().index(node)
+        operands = {call.args[index] for call in self.calls}
+        if len(operands) > 1:
+            return f"the layers' calls pass {len(operands)} different masks"
+        return self.calls[0].args[index]
 
     def inner(self, node: Node | None) -> Node | None:
         """`node` of the enclosing graph as seen inside the region (added as an operand)."""
-        if self.call is None or node is None:
+        if not self.calls or node is None:
             return node
-        placeholders = [n for n in self.body.graph.nodes if n.op == "placeholder"]
-        operands = list(self.call.args[1:])
-        if node in operands:
+        placeholders = self._placeholders()
+        operands = list(self.calls[0].args[self.start:])
+        if node in operands and all(c.args[self.start + operands.index(node)] is node
+                                    for c in self.calls):
             return placeholders[operands.index(node)]
         with self.body.graph.inserting_after(placeholders[-1]):
             placeholder = self.body.graph.placeholder(f"{node.name}_positions")
         placeholder.meta.update(node.meta)
-        self.call.args = (*self.call.args, node)
+        for call in self.calls:
+            call.args = (*call.args, node)
         return placeholder
 
 
@@ -302,7 +314,10 @@ def _rewrite(node: Node, region: _Region) -> None:
     elif args.get("is_causal", False):
         return reject_node(node, "attention with both a mask and is_causal")
     else:
-        proven = _prove(region.outer(mask), batch, seq)
+        outer = region.outer(mask)
+        if isinstance(outer, str):
+            return reject_node(node, outer)
+        proven = _prove(outer, batch, seq)
         if isinstance(proven, str):
             return reject_node(node, proven)
         positions, window = region.inner(proven[0]), proven[1]

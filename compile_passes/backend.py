@@ -5,6 +5,11 @@
 Dynamo graph -> pre-dispatch ATen on Dynamo's fake tensors -> canonicalise (no-op casts, bodies
 of checkpointed layers) -> one pattern pass over all enabled fusions -> report -> Inductor
 (`compile_fx`) on CUDA, AOTAutograd with eager graphs on CPU.
+
+A model whose decoder layers are one nested compile region (chronicals/regions.py, the default
+of compile_loss and compile_model) comes as one graph calling one layer body per layer
+(`invoke_subgraph`): the body is rewritten once and compiled once, and the report counts each
+fusion once per layer, as for the whole graph.
 """
 
 from __future__ import annotations
@@ -203,6 +208,7 @@ def rewrite(
             module.recompile()
         fired = {f.name: 0 for f in fusions}
         rejected, declined = [], []
+        calls = _times_run(agm)
         for module in modules:
             for node in module.graph.nodes:
                 for fusion in fusions:
@@ -210,38 +216,61 @@ def rewrite(
                         node.target in fusion.fused_ops()
                         or (fusion.is_fused is not None and fusion.is_fused(node))
                     ):
-                        fired[fusion.name] += 1
+                        fired[fusion.name] += calls[module]
                     elif fusion.is_candidate(node):
                         recorded = recorded_reason(node)
                         reason = recorded.text if recorded else fusion.diagnose(node)
-                        (declined if recorded and recorded.declined else rejected).append(
-                            Rejection(
+                        # One entry per run of the node: a layer region's body holds one
+                        # candidate for every layer, as the whole graph would.
+                        (declined if recorded and recorded.declined else rejected).extend(
+                            [Rejection(
                                 fusion=fusion.name,
                                 node=node.name,
                                 reason=reason,
                                 source=source_line(node),
-                            )
+                            )] * calls[module]
                         )
     return agm, fired, rejected, declined
 
 
 def _name_inputs(agm: torch.fx.GraphModule, gm: torch.fx.GraphModule) -> None:
     """Give each placeholder of the traced graph Dynamo's name of its input (`input_source`),
-    and each placeholder of a checkpointed body the name of the top-level input passed to it."""
+    and each placeholder of a checkpointed layer's or a layer region's body the name of the
+    top-level input its first call passes (a region's body is shared by all its layers, whose
+    inputs differ only in the layer's index)."""
     for traced, dynamo in zip(_placeholders(agm.graph), _placeholders(gm.graph)):
         traced.meta[SOURCE] = str(dynamo.target)
-    for module in graph_modules(agm):
+    for module in graph_modules(agm):  # parents before the bodies they call
         for node in module.graph.nodes:
-            if node.target is not torch.ops.higher_order.tag_activation_checkpoint:
+            first = _torch_api.BODY_OPERANDS.get(node.target)
+            if first is None:
                 continue
             body = getattr(module, node.args[0].target)
-            for inner, outer in zip(_placeholders(body.graph), node.args[1:]):
-                if isinstance(outer, torch.fx.Node) and input_source(outer):
+            for inner, outer in zip(_placeholders(body.graph), node.args[first:]):
+                if SOURCE not in inner.meta and isinstance(outer, torch.fx.Node) and (
+                        input_source(outer)):
                     inner.meta[SOURCE] = input_source(outer)
 
 
 def _placeholders(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if n.op == "placeholder"]
+
+
+def _times_run(agm: torch.fx.GraphModule) -> dict[torch.fx.GraphModule, int]:
+    """How often each graph module runs per call of `agm`: a layer region's body (one
+    `invoke_subgraph` body for all layers of a class, chronicals/regions.py) once per layer, so
+    the report counts fusions per layer as a whole-graph compile does; every other body once per
+    call of its parent."""
+    times = {agm: 1}
+    for module in graph_modules(agm):  # parents before the bodies they call
+        for node in module.graph.nodes:
+            if node.op == "call_function" and _torch_api.is_higher_order(node.target):
+                for arg in node.args:
+                    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                        body = getattr(module, arg.target)
+                        if isinstance(body, torch.fx.GraphModule):
+                            times[body] = times.get(body, 0) + times.get(module, 1)
+    return times
 
 
 def _graph_facts(agm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> GraphFacts:
@@ -278,7 +307,13 @@ def chronicals_backend(
     **_: Any,
 ) -> Callable[..., Any]:
     """The torch.compile backend. Options: see `BackendOptions`."""
-    opts = BackendOptions.from_options(options)
+    with _torch_api.one_schema_per_region():
+        return _compile(gm, example_inputs, BackendOptions.from_options(options))
+
+
+def _compile(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions
+) -> Callable[..., Any]:
     graph_breaks = tuple(
         GraphBreak(reason=reason, source=source)
         for reason, source in _torch_api.new_graph_breaks()

@@ -79,10 +79,13 @@ class FusionReport:
             text += "; declined " + ", ".join(f"{n} {name}" for name, n in names.items())
         lora = f", lora precision: {self.lora_precision}" if self.lora_precision else ""
         text += f" [ops: {self.implementation}, compiler: {self.compiler}{lora}]"
-        for r in self.rejected:
+        # A candidate in a layer region's body is rejected once per layer: one line, counted.
+        for r, times in collections.Counter(self.rejected).items():
             text += f"\n  rejected {r.fusion} at {r.node}: {r.reason}"
             if r.source:
                 text += f" ({r.source})"
+            if times > 1:
+                text += f" [in {times} layers]"
         for reason in sorted({r.reason for r in self.declined}):
             text += f"\n  declined: {reason}"
         if self.error:

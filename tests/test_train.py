@@ -109,23 +109,18 @@ def test_metrics_stay_on_device_until_read():
     assert all(p.grad is None for p in model.parameters())
 
 
-def _fresh_compile_caches() -> None:
-    """Forget the compiles of earlier tests: compile_loss's inner function is one code object for
-    every model, and once earlier tests hit Dynamo's recompile limit on it, Dynamo runs it eagerly
-    (the counting backend below would then see no compile at all)."""
-    torch.compiler.reset()
+def _counted_compiles() -> tuple[list, dict]:
+    """A list that gets each graph the chronicals backend compiles (its report), and the options
+    that make it so. Each compile_loss has a compile cache of its own (chronicals.train.own_code),
+    so earlier tests' compiles do not count against Dynamo's recompile limit here."""
+    compiles = []
+    return compiles, {"report": compiles.append}
 
 
 def test_compiled_loss_compiles_once():
-    _fresh_compile_caches()
-    compiles = []
-
-    def counting_backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm
-
+    compiles, options = _counted_compiles()
     model = tiny_model("qwen2")
-    loss_fn = compile_loss(model, backend=counting_backend)
+    loss_fn = compile_loss(model, options=options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for seed in range(3):
         batch = _batch(rows=2, seed=seed)
@@ -222,16 +217,10 @@ def test_packed_batches_with_different_document_counts_compile_once():
     from chronicals.attention import PACKED_ATTENTION, register_packed_attention
     from chronicals.packing import pack
 
-    _fresh_compile_caches()
-    compiles = []
-
-    def counting_backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm
-
+    compiles, options = _counted_compiles()
     register_packed_attention()
     model = tiny_model("qwen2", attn_implementation=PACKED_ATTENTION)
-    loss_fn = compile_loss(model, backend=counting_backend)
+    loss_fn = compile_loss(model, options=options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     segments = set()

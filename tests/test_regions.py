@@ -1,0 +1,157 @@
+"""Regional compilation (chronicals/regions.py): a decoder layer is compiled once for all layers,
+every fusion still fires in each layer and on the graph around them, and the loss and gradients
+are eager's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chronicals.regions import mark_layer_regions, repeated_layers
+from chronicals.train import compile_loss
+from compile_passes.backend import chronicals_backend
+from tests.models import VOCAB, tiny_model
+
+LAYERS = 4
+
+
+def _batch(rows: int = 2, seq: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, seq), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+class _Recording:
+    """The chronicals backend, keeping each graph it is given and each report it makes."""
+
+    def __init__(self) -> None:
+        self.graphs, self.reports = [], []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return chronicals_backend(gm, example_inputs, {"report": self.reports.append})
+
+
+def _layer_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return list(gm.graph.find_nodes(op="call_function",
+                                    target=torch.ops.higher_order.invoke_subgraph))
+
+
+def _loss_and_grads(model, loss_fn, batch):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(batch, torch.tensor(20))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_layers_compile_once_every_fusion_fires_and_gradients_are_eagers(family):
+    torch.compiler.reset()
+    model = tiny_model(family, num_hidden_layers=LAYERS)
+    backend = _Recording()
+    loss_fn = compile_loss(model, backend=backend)
+    batch = _batch()
+    loss, grads = _loss_and_grads(model, loss_fn, batch)
+
+    # One graph; its layers are one body, called once per layer.
+    (gm,) = backend.graphs
+    calls = _layer_calls(gm)
+    assert len(calls) == LAYERS
+    assert len({getattr(gm, call.args[0].target) for call in calls}) == 1
+    # One report for the model, counting each fusion once per layer: RMSNorm in every layer's
+    # input norm (the region's input) and the final norm (Qwen3: and q/k norms), the rest once
+    # per layer, the LM head + loss once on the graph around the layers.
+    (report,) = backend.reports
+    norms_per_layer = 3 if family == "qwen3" else 1
+    assert report.fired == {
+        "rms_norm": norms_per_layer * LAYERS + 1, "swiglu": LAYERS, "geglu": 0, "rope": LAYERS,
+        "attention": LAYERS, "linear_cross_entropy": 1,
+    }, report.summary()
+    assert report.rejected == () and report.error is None
+    # The post-attention norm follows the residual add: declined in each layer.
+    assert len(report.declined) == LAYERS
+
+    eager_loss, eager_grads = _loss_and_grads(model, compile_loss(model, backend=None), batch)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    # Later batches run the compiled graph: no second compile.
+    for seed in (2, 3):
+        _loss_and_grads(model, loss_fn, _batch(seed=seed))
+    assert len(backend.graphs) == 1
+
+
+def test_regional_false_compiles_the_whole_graph():
+    torch.compiler.reset()
+    model = tiny_model("llama", num_hidden_layers=LAYERS)
+    compile_loss(model, backend="chronicals")  # marks the layers
+    backend = _Recording()
+    loss_fn = compile_loss(model, backend=backend, regional=False)
+    loss_fn(_batch(), torch.tensor(20)).backward()
+    (gm,) = backend.graphs
+    assert _layer_calls(gm) == []
+    (report,) = backend.reports
+    assert report.fired["attention"] == report.fired["rope"] == LAYERS
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+
+
+def test_repeated_layers_are_the_decoder_layers():
+    model = tiny_model("llama", num_hidden_layers=3)
+    assert repeated_layers(model) == list(model.model.layers)
+    assert mark_layer_regions(model) == 3
+    assert mark_layer_regions(model) == 3  # marking twice changes nothing
+    forwards = {layer.forward.__func__ for layer in model.model.layers}
+    assert len(forwards) == 1  # one function for all: Dynamo reuses its subgraph
+    assert mark_layer_regions(model, False) == 0
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+    assert repeated_layers(tiny_model("llama", num_hidden_layers=1)) == []
+
+
+def test_many_compile_loss_calls_each_compile():
+    """Dynamo keeps compiled graphs per code object and, past its recompile limit (8), runs a
+    function eagerly without a word; each compile_loss must have a cache of its own."""
+    torch.compiler.reset()
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm
+
+    calls = 10
+    for i in range(calls):
+        # Differently configured models (hidden size), one compile_loss each.
+        model = tiny_model("llama", hidden_size=32 + 16 * i, num_attention_heads=2,
+                           num_key_value_heads=2, intermediate_size=48)
+        loss_fn = compile_loss(model, backend=counting_backend, regional=False)
+        with torch.no_grad():
+            loss_fn(_batch(), torch.tensor(20))
+    assert len(compiles) == calls
+
+
+def test_regions_under_autocast_fuse_as_the_whole_graph():
+    """fp32 weights under bf16 autocast (bench_train.py --amp): the casts autocast makes are
+    written into the one layer body, and every fusion fires as without autocast."""
+    torch.compiler.reset()
+    model = tiny_model("llama", num_hidden_layers=LAYERS)
+    backend = _Recording()
+    loss_fn = compile_loss(model, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(_batch(), torch.tensor(20))
+    loss.backward()
+    (report,) = backend.reports
+    assert report.skipped is None and report.error is None, report.summary()
+    assert report.fired["rope"] == report.fired["swiglu"] == LAYERS, report.summary()
+    assert report.fired["linear_cross_entropy"] == 1, report.summary()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_experts_inside_a_layer_are_not_regions_of_their_own():
+    inner = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+    layer = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(inner))
+    layers = torch.nn.ModuleList([layer, torch.nn.Sequential(torch.nn.Linear(2, 2),
+                                                            torch.nn.Sequential(inner))])
+    model = torch.nn.Sequential(layers)
+    assert repeated_layers(model) == list(layers)
