@@ -488,6 +488,9 @@ def main() -> None:
             else:
                 result = run(stack, mode, args, device, dtype)
             results.append(result)
+            print(f"  {stack} / {mode}: {result['tokens_per_s']:,.0f} tok/s, "
+                  f"{result['peak_gib_timed']:.1f} GiB, warm-up {result['warmup_s']:.1f} s, "
+                  f"loss {result['loss_batch0_first_last']}", flush=True)
             for summary in result["fusion_reports"]:
                 print("  " + summary.replace("\n", "\n  "))
             if result["problems"]:
