@@ -761,7 +761,8 @@ def _train(job: _Job, run_log: RunLog, run_config: str) -> _Progress:
     backend = None if config.compile == "none" else config.compile
     options = None
     if backend == "chronicals":
-        options = {"report": functools.partial(_log_fusions, run_log, progress)}
+        options = {"report": functools.partial(_log_fusions, run_log, progress),
+                   "lora_precision": config.lora_precision}
     cache_dir = use_compile_cache() if backend is not None else None
     warmup = WarmUpClock(progress.step)
     loss_fn = compile_loss(job.model, backend=backend, options=options)
@@ -870,7 +871,7 @@ OPTION_GROUPS = {
                  "warmup_steps", "weight_decay", "gradient_checkpointing", "skip_nonfinite",
                  "max_grad_norm", "seed", "compile", "dtype", "device"),
     "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target", "lora_plus_ratio",
-             "lora_dtype"),
+             "lora_dtype", "lora_precision"),
     "output": ("output_dir", "eval_every", "save_every", "log_every", "resume",
                "allow_data_change", "plot", "progress"),
 }

@@ -19,8 +19,9 @@ COMPILE_BACKENDS = ("chronicals", "inductor", "aot_eager", "none")
 DTYPES = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "constant")
 LORA_DTYPES = ("fp32", "model")
+LORA_PRECISIONS = ("mixed", "exact")  # the chronicals backend's lora_precision option
 CHOICES = {"overlong": OVERLONG, "lr_schedule": SCHEDULES, "compile": COMPILE_BACKENDS,
-           "dtype": DTYPES, "lora_dtype": LORA_DTYPES}
+           "dtype": DTYPES, "lora_dtype": LORA_DTYPES, "lora_precision": LORA_PRECISIONS}
 """The fields that take one of a few values, and those values."""
 DEFAULT_STEPS = 40
 """Optimizer steps of a run given neither `steps` nor `epochs`."""
@@ -115,6 +116,10 @@ class FinetuneConfig:
     and runs fp32 GEMMs) or model (the weights' dtype, e.g. bf16: 43% more LoRA r=32 tokens/s on
     an H200 in benchmarks/bench_train.py, at bf16 precision for the adapters and their
     updates)."""
+    lora_precision: str = "mixed"
+    """How the chronicals backend computes fp32 adapters on a bf16/fp16 model: mixed (as
+    torch.autocast would: adapter GEMMs in the model's dtype against the fp32 weights, whose
+    gradients stay fp32) or exact (PEFT's fp32 adapter math as written)."""
     eval_fraction: float = 0.05
     """Fraction of the examples held out for the evaluation loss, in [0, 1)."""
     eval_every: int = 10

@@ -141,6 +141,17 @@ def test_lora_dtype_sets_the_adapters_dtype(tmp_path, lora_dtype, adapter_dtype)
     assert len(train) == 2 and all(r["grad_norm"] > 0 for r in train)
 
 
+def test_lora_precision_reaches_the_backend(tmp_path):
+    # The default, mixed, is what the other LoRA jobs compiled with the backend run.
+    precision = "exact"
+    config = _small(tmp_path, lora_r=4, steps=1, eval_every=0, compile="chronicals",
+                    lora_precision=precision, max_len=256)
+    cli.finetune(config)
+    compiles = _log(Path(config.output_dir), "compile")
+    assert compiles and all(f"lora precision: {precision}" in r["summary"] for r in compiles)
+    assert sum(r["fired"].get("lora", 0) for r in compiles) == 0
+
+
 def test_unknown_lora_dtype_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"lora_dtype must be one of \('fp32', 'model'\)"):
         _small(tmp_path, lora_r=4, lora_dtype="fp16")
