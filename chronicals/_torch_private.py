@@ -73,3 +73,10 @@ def mark_dynamic(tensor: Tensor, dim: int) -> None:
     """Compile `tensor`'s dimension `dim` as dynamic from the first graph on (no recompile when
     its length changes), unless Dynamo finds it must be static."""
     torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def is_graph_break_in_region(error: BaseException) -> bool:
+    """Whether `error` is Dynamo refusing a nested compile region (chronicals/regions.py) whose
+    code breaks the graph: such a region must be captured whole, and Dynamo raises instead of
+    splitting it."""
+    return isinstance(error, torch._dynamo.exc.UncapturedHigherOrderOpError)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from chronicals._torch_private import mark_dynamic
+from chronicals._torch_private import is_graph_break_in_region, mark_dynamic
 from chronicals.attention import PACKED_ATTENTION
 from chronicals.regions import mark_layer_regions
 
@@ -116,9 +116,16 @@ def compile_loss(
 
         if backend is None:
             return loss_fn
-        mark_layer_regions(model, regional)
         kwargs = {} if options is None else {"options": dict(options)}
-        compiled = torch.compile(own_code(loss_fn), backend=backend, dynamic=dynamic, **kwargs)
+
+        def compile_whole_or_regional(regions: bool) -> Callable:
+            mark_layer_regions(model, regions)
+            return torch.compile(own_code(loss_fn), backend=backend, dynamic=dynamic, **kwargs)
+
+        compiled = compile_whole_or_regional(regional)
+        if regional:
+            compiled = _whole_graph_if_a_layer_breaks(model, compiled, compile_whole_or_regional)
+
     def compiled_loss_fn(batch: Mapping[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
         # Packed rows hold a different number of documents per batch: the length of their
         # boundaries is dynamic from the start, or the second batch would compile a second graph.
@@ -133,6 +140,34 @@ def compile_loss(
         return compiled(batch, num_items_in_batch)
 
     return compiled_loss_fn
+
+
+def _whole_graph_if_a_layer_breaks(model: nn.Module, regional: Callable,
+                                   compile_as: Callable[[bool], Callable]) -> Callable:
+    """`regional`, or, where Dynamo refuses the layer region because the layer's own code breaks
+    the graph (a region must be captured whole; e.g. GPT-J, CodeGen and JetMoE on transformers
+    5.25), the whole graph compiled instead, with a warning saying why. The refusal comes while
+    Dynamo traces, before anything of the call has run, so the call is simply made again."""
+    compiled = regional
+
+    def call(batch: Mapping[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
+        nonlocal compiled
+        try:
+            return compiled(batch, num_items_in_batch)
+        except Exception as e:
+            if compiled is not regional or not is_graph_break_in_region(e):
+                raise
+            reason = " ".join(str(e).split())[:300]
+            warnings.warn(
+                f"compile_loss: {type(model).__name__}'s decoder layers cannot be compiled as "
+                f"one region: their code breaks the graph ({reason}). Compiling the whole graph "
+                "instead (as regional=False does): every layer is traced and compiled.",
+                stacklevel=3,
+            )
+            compiled = compile_as(False)
+            return compiled(batch, num_items_in_batch)
+
+    return call
 
 
 def _attention(model: nn.Module) -> str | None:

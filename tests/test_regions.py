@@ -4,6 +4,8 @@ are eager's."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -155,3 +157,29 @@ def test_experts_inside_a_layer_are_not_regions_of_their_own():
                                                             torch.nn.Sequential(inner))])
     model = torch.nn.Sequential(layers)
     assert repeated_layers(model) == list(layers)
+
+
+def test_a_layer_that_breaks_the_graph_is_compiled_whole_with_a_warning():
+    # Dynamo refuses a region whose code breaks the graph (GPT-J's, CodeGen's and JetMoE's
+    # layers on transformers 5.25); compile_loss then compiles the whole graph and says why.
+    model = tiny_model("llama", num_hidden_layers=2)
+    layer_cls = type(model.model.layers[0])
+
+    class Breaking(layer_cls):
+        def forward(self, *args, **kwargs):
+            torch._dynamo.graph_break()
+            return super().forward(*args, **kwargs)
+
+    for layer in model.model.layers:
+        layer.__class__ = Breaking
+    reference = copy.deepcopy(model)
+    batch = _batch()
+    want, want_grads = _loss_and_grads(reference, compile_loss(reference, backend=None), batch)
+    torch.compiler.reset()
+    loss_fn = compile_loss(model, options={"report": "none"})
+    with pytest.warns(UserWarning, match="cannot be compiled as one region: their code breaks"):
+        got, grads = _loss_and_grads(model, loss_fn, batch)
+    assert not any(getattr(layer, "_chronicals_region", False) for layer in model.model.layers)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
