@@ -80,3 +80,8 @@ def is_graph_break_in_region(error: BaseException) -> bool:
     code breaks the graph: such a region must be captured whole, and Dynamo raises instead of
     splitting it."""
     return isinstance(error, torch._dynamo.exc.UncapturedHigherOrderOpError)
+
+
+def is_backend_failure(error: BaseException) -> bool:
+    """Whether `error` is torch.compile's backend failing to compile a graph Dynamo traced."""
+    return isinstance(error, torch._dynamo.exc.BackendCompilerFailed)

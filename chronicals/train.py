@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from chronicals._torch_private import is_graph_break_in_region, mark_dynamic
+from chronicals._torch_private import is_backend_failure, is_graph_break_in_region, mark_dynamic
 from chronicals.attention import PACKED_ATTENTION
 from chronicals.regions import mark_layer_regions
 
@@ -124,7 +124,9 @@ def compile_loss(
 
         compiled = compile_whole_or_regional(regional)
         if regional:
-            compiled = _whole_graph_if_a_layer_breaks(model, compiled, compile_whole_or_regional)
+            strict = bool((options or {}).get("strict", False))
+            compiled = _whole_graph_if_regions_fail(model, compiled, compile_whole_or_regional,
+                                                    strict)
 
     def compiled_loss_fn(batch: Mapping[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
         # Packed rows hold a different number of documents per batch: the length of their
@@ -142,12 +144,13 @@ def compile_loss(
     return compiled_loss_fn
 
 
-def _whole_graph_if_a_layer_breaks(model: nn.Module, regional: Callable,
-                                   compile_as: Callable[[bool], Callable]) -> Callable:
-    """`regional`, or, where Dynamo refuses the layer region because the layer's own code breaks
-    the graph (a region must be captured whole; e.g. GPT-J, CodeGen and JetMoE on transformers
-    5.25), the whole graph compiled instead, with a warning saying why. The refusal comes while
-    Dynamo traces, before anything of the call has run, so the call is simply made again."""
+def _whole_graph_if_regions_fail(model: nn.Module, regional: Callable,
+                                 compile_as: Callable[[bool], Callable], strict: bool) -> Callable:
+    """`regional`, or the whole graph compiled instead, with a warning saying why, where the
+    layer region cannot be compiled: Dynamo refuses a region whose own code breaks the graph (a
+    region must be captured whole; e.g. GPT-J, CodeGen and JetMoE on transformers 5.25), or, not
+    `strict`, the backend fails on the graph with regions. Both come while the first call is
+    compiled, before anything of it has run, so the call is simply made again."""
     compiled = regional
 
     def call(batch: Mapping[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
@@ -155,13 +158,19 @@ def _whole_graph_if_a_layer_breaks(model: nn.Module, regional: Callable,
         try:
             return compiled(batch, num_items_in_batch)
         except Exception as e:
-            if compiled is not regional or not is_graph_break_in_region(e):
+            if compiled is not regional:
+                raise
+            if is_graph_break_in_region(e):
+                why = "their code breaks the graph"
+            elif is_backend_failure(e) and not strict:
+                why = "the backend failed on the graph with layer regions"
+            else:
                 raise
             reason = " ".join(str(e).split())[:300]
             warnings.warn(
                 f"compile_loss: {type(model).__name__}'s decoder layers cannot be compiled as "
-                f"one region: their code breaks the graph ({reason}). Compiling the whole graph "
-                "instead (as regional=False does): every layer is traced and compiled.",
+                f"one region: {why} ({reason}). Compiling the whole graph instead (as "
+                "regional=False does): every layer is traced and compiled.",
                 stacklevel=3,
             )
             compiled = compile_as(False)

@@ -224,3 +224,17 @@ def test_cuda_regional_inductor_matches_whole_graph(family, lora):
         assert grads[name].dtype == grad.dtype, name
         err = (grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-12)
         assert err < 5e-2, (name, float(err))
+
+
+def test_a_backend_failing_on_regions_gets_the_whole_graph_with_a_warning():
+    def no_regions(gm, example_inputs):
+        if _layer_calls(gm):
+            raise RuntimeError("this backend takes no layer regions")
+        return gm.forward
+
+    torch.compiler.reset()
+    model = tiny_model("llama", num_hidden_layers=2)
+    loss_fn = compile_loss(model, backend=no_regions)
+    with pytest.warns(UserWarning, match="the backend failed on the graph with layer regions"):
+        loss_fn(_batch(), torch.tensor(20)).backward()
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
