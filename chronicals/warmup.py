@@ -59,13 +59,23 @@ def default_cache_root() -> pathlib.Path:
     return pathlib.Path(base) / "chronicals" / "compile"
 
 
+_SET_HERE: set[str] = set()
+"""The values of the cache variable this module set (any other value is the user's)."""
+
+
 def use_compile_cache(root: str | os.PathLike | None = None) -> pathlib.Path:
-    """Point Inductor's and AOTAutograd's caches of this process at `root / cache_key()`
-    (`root`: `default_cache_root()` when None) and return that folder. Call it before the first
-    compile."""
-    path = pathlib.Path(root or default_cache_root()) / cache_key()
+    """Point Inductor's and AOTAutograd's caches of this process at `root / cache_key()` and
+    return that folder. `root` None: under the user's own `TORCHINDUCTOR_CACHE_DIR` (its
+    `chronicals/` folder) where they set one, else `default_cache_root()`. Call it before the
+    first compile."""
+    if root is None:
+        current = os.environ.get(_CACHE_VARIABLE)
+        root = (pathlib.Path(current) / "chronicals" if current and current not in _SET_HERE
+                else default_cache_root())
+    path = pathlib.Path(root) / cache_key()
     path.mkdir(parents=True, exist_ok=True)
     os.environ[_CACHE_VARIABLE] = str(path)
+    _SET_HERE.add(str(path))
     return path
 
 

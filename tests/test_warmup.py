@@ -49,6 +49,14 @@ def test_use_compile_cache_points_inductor_at_the_keyed_folder(tmp_path, monkeyp
     assert cache_dir() == str(path)  # where Inductor and AOTAutograd write their entries
 
 
+def test_a_users_own_inductor_cache_folder_is_kept_as_the_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    path = use_compile_cache()
+    assert path == tmp_path / "mine" / "chronicals" / cache_key()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
+    assert use_compile_cache() == path  # a second job in the process: the same folder
+
+
 def test_warm_up_clock_reads_once_after_its_steps():
     clock = WarmUpClock(start_step=10, steps=3)
     cpu = torch.device("cpu")
