@@ -65,13 +65,14 @@ _SET_HERE: set[str] = set()
 
 def use_compile_cache(root: str | os.PathLike | None = None) -> pathlib.Path:
     """Point Inductor's and AOTAutograd's caches of this process at `root / cache_key()` and
-    return that folder. `root` None: under the user's own `TORCHINDUCTOR_CACHE_DIR` (its
-    `chronicals/` folder) where they set one, else `default_cache_root()`. Call it before the
-    first compile."""
+    return that folder. `root` None: the folder an earlier call of this process chose, else a
+    folder under the user's own `TORCHINDUCTOR_CACHE_DIR` (its `chronicals/`) where they set one,
+    else under `default_cache_root()`. Call it before the first compile."""
+    current = os.environ.get(_CACHE_VARIABLE)
+    if root is None and current in _SET_HERE:
+        return pathlib.Path(current)  # an earlier job of this process chose it
     if root is None:
-        current = os.environ.get(_CACHE_VARIABLE)
-        root = (pathlib.Path(current) / "chronicals" if current and current not in _SET_HERE
-                else default_cache_root())
+        root = pathlib.Path(current) / "chronicals" if current else default_cache_root()
     path = pathlib.Path(root) / cache_key()
     path.mkdir(parents=True, exist_ok=True)
     os.environ[_CACHE_VARIABLE] = str(path)
