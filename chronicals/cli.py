@@ -776,20 +776,23 @@ def _train(job: _Job, run_log: RunLog, run_config: str) -> _Progress:
     while progress.step < job.total_steps:
         pending.append(_step(job, loss_fn, progress))
         step = progress.step
-        if (seconds := warmup.step_done(step, job.device, job.total_steps)) is not None:
-            run_log.write({"kind": "warmup", "step": step, "seconds": seconds,
-                           "compile_cache": None if cache_dir is None else str(cache_dir)})
-            run_log.note(f"warm-up: {seconds:.1f} s to the end of step {step}, compile "
-                         f"included (compile cache {cache_dir})")
+        warmed_up = warmup.step_done(step, job.device, job.total_steps)
         evaluate = config.eval_every and step % config.eval_every == 0 or step == job.total_steps
         checkpoint = config.save_every and step % config.save_every == 0 or (
             step == job.total_steps
         )
         too_many = len(progress.nonfinite) > config.skip_nonfinite
-        if len(pending) >= config.log_every or evaluate or checkpoint or too_many:
+        if (len(pending) >= config.log_every or evaluate or checkpoint or too_many
+                or warmed_up is not None):
             window_start, diverged = run_log.flush(pending, window_start, job.device)
             if diverged is not None:
                 raise TrainingDiverged(f"{diverged}. {_kept(progress.last_good)}")
+        if warmed_up is not None:  # after the steps it covers, in the log as on the clock
+            run_log.write({"kind": "warmup", "step": step, "seconds": warmed_up,
+                           "compile_cache": None if cache_dir is None else str(cache_dir)})
+            run_log.note(f"warm-up: {warmed_up:.1f} s to the end of step {step}"
+                         + ("" if cache_dir is None else
+                            f", compile included (compile cache {cache_dir})"))
         if too_many:
             raise TrainingDiverged(
                 f"step {step}: {len(progress.nonfinite)} steps with a NaN or infinite loss or "

@@ -462,7 +462,7 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, capsys, monkey
     assert _main(out, "--save-every", "1", "--skip-nonfinite", "1") == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (out / ckpt.LOG_FILE).read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in records if r["kind"] != "eval"] == [
-        ("train", 1), ("skip", 2), ("nonfinite", 3), ("train", 4)]
+        ("train", 1), ("skip", 2), ("nonfinite", 3), ("train", 4), ("warmup", 4)]
     assert records[2]["loss"] == records[2]["grad_norm"] == "nan"
     assert "skipped (--skip-nonfinite)" in records[2]["reason"]
     assert any("1 skipped for a NaN or infinite loss or gradient norm: steps 3" in r.getMessage()

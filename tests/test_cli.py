@@ -501,7 +501,8 @@ def test_gradient_checkpointing_with_lora_keeps_one_graph_and_the_lm_head_fusion
     assert model.get_base_model().is_gradient_checkpointing
     reports = _log(Path(config.output_dir), "compile")
     assert len(reports) == 2  # training, and the evaluation at the end
-    assert all(r["fired"]["linear_cross_entropy"] == 1 and r["rejected"] == 0 for r in reports)
+    assert all(r["fired"]["linear_cross_entropy"] == 1 and r["rejected"] == 0 for r in reports), (
+        [r["summary"] for r in reports])
 
 
 def test_epochs_set_the_steps_from_the_training_rows(tmp_path, monkeypatch):
