@@ -40,6 +40,15 @@ def _small(tmp_path: Path, name: str = "out", **overrides) -> FinetuneConfig:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_compile_caches():
+    """Each job starts from empty Dynamo caches: the tests count the graphs a job compiles, and
+    what earlier compiles of the same layer classes left in the process changes that (a later
+    model's layers of a class compiled as a region before are traced inline: README, "Compile
+    time")."""
+    torch.compiler.reset()
+
+
+@pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     """No test here reaches the Hub: a request is refused before it is sent."""
     import huggingface_hub.constants
