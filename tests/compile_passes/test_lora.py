@@ -180,14 +180,21 @@ def test_peft_dora_is_left_as_written():
     assert all(r.reason.startswith("DoRA") for r in declined)
 
 
-class _DoRALike(nn.Module):
-    """PEFT's names with a DoRA magnitude vector beside the adapter."""
+class _PeftNamed(nn.Module):
+    """A base linear and one adapter under PEFT's module names (lora_A/lora_B["default"])."""
 
     def __init__(self) -> None:
         super().__init__()
         self.base = nn.Linear(16, 16, bias=False)
         self.lora_A = nn.ModuleDict({"default": nn.Linear(16, 4, bias=False)})
         self.lora_B = nn.ModuleDict({"default": nn.Linear(4, 16, bias=False)})
+
+
+class _DoRALike(_PeftNamed):
+    """PEFT's names with a DoRA magnitude vector beside the adapter."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.lora_magnitude_vector = nn.ModuleDict({"default": nn.Linear(1, 16, bias=False)})
 
     def forward(self, x):
@@ -282,14 +289,8 @@ def test_dropout_uses_one_mask_in_forward_and_backward():
     assert layer.lora_A["default"].weight.grad.dtype == torch.float32
 
 
-class _LookAlike(nn.Module):
+class _LookAlike(_PeftNamed):
     """`base(x) + lora_B(lora_A(x)) * 2` with PEFT's names, but lora_A's output also returned."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.base = nn.Linear(16, 16, bias=False)
-        self.lora_A = nn.ModuleDict({"default": nn.Linear(16, 4, bias=False)})
-        self.lora_B = nn.ModuleDict({"default": nn.Linear(4, 16, bias=False)})
 
     def forward(self, x):
         h = self.lora_A["default"](x)

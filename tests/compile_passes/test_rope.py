@@ -147,6 +147,22 @@ def _interleaved_inputs(dtype, cos_width, head_dim=24, seq=7):
     return q, k, cos, sin
 
 
+def _fuses_once_as_close_as_eager(apply, args, exact_args, dtype) -> None:
+    """`apply(q, k, ...)` compiled is one rope launch for q and k, nothing rejected; each output
+    has eager's dtype and shape, equals eager in fp32 and is no worse than eager against the
+    fp64 truth (`apply(*exact_args)`) in lower precision."""
+    out, report = compile_fn(apply, *args)
+    assert report.fired["rope"] == 1 and report.rejected == (), report
+    eager = apply(*args)
+    truth = apply(*exact_args)
+    for name, o, e, t in zip(("q", "k"), out, eager, truth):
+        assert o.dtype == e.dtype == dtype and o.shape == e.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, e)
+        else:
+            assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("family", INTERLEAVED_FAMILIES)
 def test_interleaved_spelling_of_each_family_fuses(family, dtype):
@@ -159,16 +175,7 @@ def test_interleaved_spelling_of_each_family_fuses(family, dtype):
         return module.apply_rotary_pos_emb(q, k, cos, sin)
 
     args = _interleaved_inputs(dtype, int(24 * INTERLEAVED_FAMILIES[family]))
-    out, report = compile_fn(apply, *args)
-    assert report.fired["rope"] == 1 and report.rejected == (), report
-    eager = apply(*args)
-    truth = apply(*(t.double() for t in args))
-    for name, o, e, t in zip(("q", "k"), out, eager, truth):
-        assert o.dtype == e.dtype == dtype
-        if dtype == torch.float32:
-            torch.testing.assert_close(o, e)
-        else:
-            assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
+    _fuses_once_as_close_as_eager(apply, args, [t.double() for t in args], dtype)
 
 
 # Multi-head latent attention families whose `rope_interleave` (on by default) rotates the pairs
@@ -189,15 +196,7 @@ def test_deinterleave_spelling_of_each_family_fuses(family, dtype):
     _, k, cos, sin = _interleaved_inputs(dtype, 8, head_dim=8)
     q = torch.randn(2, 7, 3, 24).to(dtype).transpose(1, 2)[..., 16:]
     args = (q, k, cos, sin)
-    out, report = compile_fn(apply, *args)
-    assert report.fired["rope"] == 1 and report.rejected == (), report
-    eager = apply(*args)
-    truth = apply(*(t.double() for t in args))
-    for name, o, e, t in zip(("q", "k"), out, eager, truth):
-        if dtype == torch.float32:
-            torch.testing.assert_close(o, e)
-        else:
-            assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
+    _fuses_once_as_close_as_eager(apply, args, [t.double() for t in args], dtype)
 
 
 @pytest.mark.parametrize("width", [2, 3])
@@ -314,16 +313,7 @@ def test_gpt_oss_halves_with_one_angle_per_pair_fuse(dtype):
     """GPT-OSS rotates chunk(x, 2)'s halves with cos/sin of width head_dim / 2: one rope launch
     for q and k, as the family computes it."""
     args = _interleaved_inputs(dtype, 12)
-    out, report = compile_fn(_gpt_oss_apply, *args)
-    assert report.fired["rope"] == 1 and report.rejected == (), report
-    eager = _gpt_oss_apply(*args)
-    truth = _gpt_oss_apply(*(t.double() for t in args))
-    for name, o, e, t in zip(("q", "k"), out, eager, truth):
-        assert o.dtype == e.dtype == dtype
-        if dtype == torch.float32:
-            torch.testing.assert_close(o, e)
-        else:
-            assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
+    _fuses_once_as_close_as_eager(_gpt_oss_apply, args, [t.double() for t in args], dtype)
 
 
 def _halves(second):
@@ -394,16 +384,7 @@ def test_complex_spelling_of_each_family_fuses(family, dtype):
         return module.apply_rotary_emb(q, k, freqs_cis)
 
     args = _complex_inputs(dtype, COMPLEX_FAMILIES[family])
-    out, report = compile_fn(apply, *args)
-    assert report.fired["rope"] == 1 and report.rejected == (), report
-    eager = apply(*args)
-    truth = apply(*_exact(args))
-    for name, o, e, t in zip(("q", "k"), out, eager, truth):
-        assert o.dtype == e.dtype == dtype and o.shape == e.shape
-        if dtype == torch.float32:
-            torch.testing.assert_close(o, e)
-        else:
-            assert_no_worse_than_eager(name, o, e, t, atol=1e-5)
+    _fuses_once_as_close_as_eager(apply, args, _exact(args), dtype)
 
 
 def _complex_lookalike(turn):
