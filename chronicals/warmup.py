@@ -2,9 +2,9 @@
 
 Inductor and AOTAutograd keep what they compiled in a cache on disk (under
 `TORCHINDUCTOR_CACHE_DIR`, PyTorch's own setting), so a second run of the same job can start from
-it. Their keys hash the graph and PyTorch's state, and the backend adds a hash of its own and the
-ops' sources (compile_passes/_torch_api.py, `_SourcesInCacheKey`); the folder is keyed too, by
-`cache_key()`: chronicals' version, a hash of its sources and the torch version. An upgrade of
+it. Their keys hash the graph and PyTorch's state, and the backend adds `sources_hash()`, a hash
+of its own and the ops' sources (compile_passes/_torch_api.py, `_SourcesInCacheKey`); the folder
+is keyed too, by `cache_key()`: chronicals' version, that hash and the torch version. An upgrade of
 chronicals then starts a new folder rather than reading entries built against other code, and
 an old folder can be deleted whole.
 """
@@ -31,7 +31,7 @@ WARMUP_STEPS = 5
 
 @functools.cache
 def sources_hash(root: pathlib.Path = _INSTALLED) -> str:
-    """sha256 (16 hex digits) of the Python sources of chronicals and its backend under `root`
+    """sha256 (hex) of the Python sources of chronicals and its backend under `root`
     (this installation's), with their paths: any edit, added or removed file changes it."""
     digest = hashlib.sha256()
     for package in _PACKAGES:
@@ -40,7 +40,7 @@ def sources_hash(root: pathlib.Path = _INSTALLED) -> str:
             digest.update(b"\0")
             digest.update(path.read_bytes())
             digest.update(b"\0")
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
 
 
 def cache_key(version: str | None = None, sources: str | None = None) -> str:

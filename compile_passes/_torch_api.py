@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import inspect
 import logging
 import pathlib
@@ -25,11 +24,13 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._guards import HopDispatchSetCache, TracingContext, detect_fake_mode
 from torch._inductor import config as inductor_config
 from torch._inductor.compile_fx import compile_fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 from torch._inductor.pattern_matcher import register_replacement as _register_replacement
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from chronicals.warmup import sources_hash
 
 __all__ = [
     "BODY_OPERANDS",
@@ -652,19 +653,13 @@ class _SourcesInCacheKey(CustomGraphPass):
         return None if inner is None else (self.sources, inner)
 
 
-@functools.cache
-def _sources_hash() -> bytes:
-    roots = [pathlib.Path(__file__).parent, pathlib.Path(__file__).parent.parent / "chronicals"]
-    files = sorted(str(f) for root in roots for f in root.rglob("*.py"))
-    return get_hash_for_files(tuple(files))
-
-
 def compile_with_inductor(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
 ) -> Callable[..., Any]:
     """AOTAutograd + Inductor, as plain `torch.compile` would run after our passes, with the
     sources of our ops in the cache keys (`_SourcesInCacheKey`)."""
-    key = _SourcesInCacheKey(inductor_config.post_grad_custom_post_pass, _sources_hash())
+    key = _SourcesInCacheKey(inductor_config.post_grad_custom_post_pass,
+                             sources_hash().encode())
     _regions_ready_for_aot(gm)
     return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": key})
 
