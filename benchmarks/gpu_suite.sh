@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_suite.sh loss        # linear_cross_entropy, trainable and frozen head, 4 shapes ~8 min
 #   bash benchmarks/gpu_suite.sh train       # packing + end-to-end train_step benchmarks             ~9.5 min
 #   bash benchmarks/gpu_suite.sh job         # the finetune job, Qwen2.5-0.5B shape, LoRA r=32       ~2 min
+#   bash benchmarks/gpu_suite.sh lora_curve  # 300-step LoRA job: mixed precision (seed 0), exact fp32
+#                                            # (seeds 0, 1); compare with benchmarks/compare_runs.py
 #   bash benchmarks/gpu_suite.sh sweep       # RMSNorm fwd and dW-finish configs; LCE tiles vs cuBLAS; LCE
 #                                            # frozen-head blocks; LCE GEMM-only bounds at 1% memory ~6 min
 # (Times measured on an H200, 2026-11-29. `train` is close to a 10-minute call limit: run it alone.)
@@ -20,6 +22,13 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 status=0
+
+qwen05b() {  # Qwen2.5-0.5B's config (random init) at /tmp/qwen05b
+    python3 -c "import transformers; transformers.Qwen2Config(hidden_size=896, \
+intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, \
+vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768, \
+rope_theta=1e6).save_pretrained('/tmp/qwen05b')"
+}
 
 case "${1:-tests}" in
 tests)
@@ -51,17 +60,25 @@ sweep)
         | tee "$OUT/bound_lce.log" || status=1
     ;;
 job)
-    python3 -c "import transformers; transformers.Qwen2Config(hidden_size=896, \
-intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, \
-vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768, \
-rope_theta=1e6).save_pretrained('/tmp/qwen05b')"
+    qwen05b
     python3 -m chronicals finetune --model /tmp/qwen05b --from-config --tokenizer chronicals/data \
         --lora-r 32 --max-len 2048 --batch-size 8 --steps 20 --eval-every 10 \
         --output-dir /tmp/job --no-progress 2>&1 | tee "$OUT/job.log" || status=1
     grep '"compile"' /tmp/job/log.jsonl | tee "$OUT/job_fusions.jsonl"
     ;;
+lora_curve)
+    qwen05b
+    for run in mixed:0 exact:0 exact:1; do
+        precision=${run%:*} seed=${run#*:}
+        python3 -m chronicals finetune --model /tmp/qwen05b --from-config --tokenizer chronicals/data \
+            --lora-r 32 --lora-precision "$precision" --seed "$seed" --max-len 1024 --batch-size 4 \
+            --steps 300 --eval-every 50 --output-dir "/tmp/curve_$run" --no-progress --no-plot \
+            > "$OUT/curve_${precision}_$seed.log" 2>&1 || status=1
+        cp "/tmp/curve_$run/log.jsonl" "$OUT/curve_${precision}_$seed.jsonl"
+    done
+    ;;
 *)
-    echo "usage: $0 tests|ops|attention|loss|train|job|sweep" >&2
+    echo "usage: $0 tests|ops|attention|loss|train|job|lora_curve|sweep" >&2
     exit 2
     ;;
 esac

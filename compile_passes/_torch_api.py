@@ -9,7 +9,6 @@ test suite also passed on 2.12.1 once, by hand.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import logging
 import pathlib
@@ -34,13 +33,17 @@ from chronicals.warmup import sources_hash
 
 __all__ = [
     "BODY_OPERANDS",
+    "ENTER_AUTOCAST",
+    "EXIT_AUTOCAST",
     "INVOKE_SUBGRAPH",
     "Match",
     "PatternMatcherPass",
     "allow_side_effects_in_checkpointed_regions",
+    "ambient_autocast_off",
     "compile_with_aot_eager",
     "compile_with_inductor",
     "ensure_backend_registered",
+    "fake_inputs",
     "is_dynamo_signal",
     "is_higher_order",
     "known_equal",
@@ -49,6 +52,7 @@ __all__ = [
     "resumed_after_graph_break",
     "run_on_match",
     "size_hint",
+    "tensor_leaves",
     "trace_pre_dispatch",
 ]
 
@@ -62,6 +66,16 @@ INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
 # tag_activation_checkpoint(body, *operands) of a checkpointed layer; invoke_subgraph(body,
 # identifier, *operands) of a layer region.
 BODY_OPERANDS = {torch.ops.higher_order.tag_activation_checkpoint: 1, INVOKE_SUBGRAPH: 2}
+
+
+# The graph nodes that enter and leave an autocast region (torch.autocast inside the compiled code).
+ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast
+EXIT_AUTOCAST = torch.amp.autocast_mode._exit_autocast
+
+
+def tensor_leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors in a nested structure of tuples, lists and dicts (an fx node's output)."""
+    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def is_higher_order(target: object) -> bool:
@@ -192,7 +206,7 @@ def _checkpoint_bodies_traceable(gm: torch.fx.GraphModule) -> Iterator[None]:
             module.meta.pop("_checkpoint_context_fn", None)
 
 
-def _fake_inputs(example_inputs: Sequence[Any]) -> tuple[Any, list[Any]]:
+def fake_inputs(example_inputs: Sequence[Any]) -> tuple[Any, list[Any]]:
     """Dynamo's fake mode (or a new one) and the example inputs as its fake tensors."""
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
@@ -214,8 +228,8 @@ def trace_pre_dispatch(
     preserved, so each traced node keeps the user's stack trace of the node it came from (the
     report's source lines; `resumed_after_graph_break`).
     """
-    fake_mode, inputs = _fake_inputs(example_inputs)
-    with (_checkpoint_bodies_traceable(gm), fake_mode, _ambient_autocast_off(),
+    fake_mode, inputs = fake_inputs(example_inputs)
+    with (_checkpoint_bodies_traceable(gm), fake_mode, ambient_autocast_off(),
           _vmap_recorded(gm), torch.fx.traceback.preserve_node_meta()):
         traced = make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True)(*inputs)
     _check_no_lost_values(gm, traced)
@@ -288,7 +302,7 @@ def _user_frame(node: torch.fx.Node) -> str:
 
 
 @contextlib.contextmanager
-def _ambient_autocast_off() -> Iterator[None]:
+def ambient_autocast_off() -> Iterator[None]:
     """Autocast off around pre-dispatch tracing. The tracer records the graph's own autocast
     regions without entering them, so an ambient autocast would cast every value, even inside a
     region that turns it off, and the values would carry dtypes that occur nowhere at run time
@@ -306,7 +320,7 @@ def trace_pattern(fn: Callable[..., Any], args: Sequence[Any], **_: Any) -> torc
     pre-dispatch level as the model graph, autocast off as there (patterns are registered on
     first use, which may be inside the user's autocast). torch 2.13 passes `get_decomp_fn`, 2.11
     does not."""
-    with _ambient_autocast_off():
+    with ambient_autocast_off():
         return make_fx(fn, pre_dispatch=True)(*args)
 
 
@@ -339,161 +353,6 @@ def register_replacement(
         skip_duplicates=True,
         **kwargs,
     )
-
-
-def _autocast_regions(gm: torch.fx.GraphModule) -> bool:
-    enter = torch.amp.autocast_mode._enter_autocast
-    return any(
-        n.op == "call_function" and n.target is enter
-        for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
-        for n in m.graph.nodes
-    )
-
-
-class AutocastNotExplicit(Exception):
-    """A node whose autocast casts could not be written into the graph, and why."""
-
-    def __init__(self, node: torch.fx.Node | None, why: str) -> None:
-        super().__init__(why)
-        self.node = node
-        self.why = why  # str(self) may carry the notes fx's Interpreter adds to errors
-
-
-def _dtypes(value: Any) -> tuple[torch.dtype, ...]:
-    leaves = torch.utils._pytree.tree_leaves(value)
-    return tuple(t.dtype for t in leaves if isinstance(t, torch.Tensor))
-
-
-_FAILED = object()
-
-
-class _AutocastCasts(torch.fx.Interpreter):
-    """Runs a Dynamo graph on fake tensors twice over, node by node: as it runs (the ambient
-    autocast on, the graph's own autocast regions entered) and with autocast off. Where a node's
-    output dtypes differ, autocast cast its floating inputs inside the op (to the lower dtype for
-    matmul-like ops, to fp32 for the ops it keeps in fp32); that cast is inserted before the node
-    as `.to(dtype)`, and the node is run again without autocast to check that it now gets
-    autocast's dtypes. The environment holds the values without autocast, so each node sees the
-    inputs the rewritten graph gives it. The bodies of checkpointed layers are rewritten the same
-    way. `made` maps (input node, dtype) to the cast inserted for it, shared with the bodies' runs
-    (so it also says whether anything was inserted)."""
-
-    def __init__(self, gm: torch.fx.GraphModule,
-                 made: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node]) -> None:
-        super().__init__(gm)
-        self.made = made
-        self.entered: list[Any] = []
-
-    def run(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().run(*args, **kwargs)
-        finally:
-            while self.entered:  # a failure inside a region must not leave autocast on
-                self.entered.pop().__exit__(None, None, None)
-
-    def call_function(self, target, args, kwargs):
-        if target is torch.amp.autocast_mode._enter_autocast:
-            ctx = super().call_function(target, args, kwargs)
-            self.entered.append(ctx)
-            return ctx
-        if target is torch.amp.autocast_mode._exit_autocast:
-            self.entered.remove(args[0])
-            return super().call_function(target, args, kwargs)
-        if target is torch.ops.higher_order.tag_activation_checkpoint:
-            body, *body_args = args
-            return _AutocastCasts(body, self.made).run(*body_args)
-        if target is INVOKE_SUBGRAPH:
-            # A layer region's body, shared by all layers: the casts are written in at the first
-            # call and found in `made` at the others (the same dtypes reach every layer).
-            body, _, *body_args = args
-            return tuple(_AutocastCasts(body, self.made).run(*body_args))
-        if isinstance(target, torch._ops.HigherOrderOperator) and any(
-            isinstance(a, torch.fx.GraphModule) for a in args
-        ):
-            raise AutocastNotExplicit(None, f"the body of {target.name()} is not checked")
-        return super().call_function(target, args, kwargs)
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        if n.op not in ("call_function", "call_method", "call_module") or (
-            n.target is torch.amp.autocast_mode._enter_autocast
-            or n.target is torch.amp.autocast_mode._exit_autocast
-            or n.target is torch.ops.higher_order.tag_activation_checkpoint
-            or n.target is INVOKE_SUBGRAPH
-        ):
-            return super().run_node(n)
-        wanted = _dtypes(super().run_node(n))
-        plain = self._run_plain(n)
-        if plain is not _FAILED and _dtypes(plain) == wanted:
-            return plain
-        floating = {d for d in wanted if d.is_floating_point}
-        if len(floating) != 1:
-            raise AutocastNotExplicit(
-                n, f"{n.name} is {', '.join(map(str, wanted))} under autocast and "
-                f"{'an error' if plain is _FAILED else ', '.join(map(str, _dtypes(plain)))} without"
-            )
-        self._cast_inputs(n, floating.pop())
-        plain = self._run_plain(n)
-        if plain is _FAILED or _dtypes(plain) != wanted:
-            raise AutocastNotExplicit(
-                n, f"{n.name} is {', '.join(map(str, wanted))} under autocast, and casting its "
-                "inputs does not reproduce that"
-            )
-        return plain
-
-    def _run_plain(self, n: torch.fx.Node) -> Any:
-        # An op that fails on its uncast inputs (bmm of fp32 by bf16, which autocast's cast makes
-        # valid) is expected here; fake tensors would log each such failure as an error.
-        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-        level = fake_log.level
-        fake_log.setLevel(logging.CRITICAL)
-        try:
-            with _ambient_autocast_off():
-                return super().run_node(n)
-        except Exception:  # noqa: BLE001 (any failure: the op needs autocast's cast, see above)
-            return _FAILED
-        finally:
-            fake_log.setLevel(level)
-
-    def _cast_inputs(self, n: torch.fx.Node, dtype: torch.dtype) -> None:
-        def cast(arg: torch.fx.Node) -> torch.fx.Node:
-            value = self.env.get(arg)
-            if not (isinstance(value, torch.Tensor) and value.is_floating_point()
-                    and value.dtype != dtype):
-                return arg
-            if (arg, dtype) not in self.made:
-                with n.graph.inserting_before(n):
-                    made = n.graph.call_method("to", (arg, dtype))
-                self.env[made] = value.to(dtype)
-                self.made[(arg, dtype)] = made
-            return self.made[(arg, dtype)]
-
-        n.args = torch.fx.node.map_arg(n.args, cast)
-        n.kwargs = torch.fx.node.map_arg(n.kwargs, cast)
-
-
-def make_autocast_explicit(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
-) -> torch.fx.GraphModule:
-    """A copy of a Dynamo graph that computes without autocast what it computes with it (the
-    ambient autocast it is compiled under, and its own autocast regions), with the casts autocast
-    makes inside ops written in as `.to(dtype)` nodes. The pattern stage traces with autocast off
-    and sees the dtypes the graph really has. The graph itself when autocast is off everywhere or
-    casts nothing. Raises `AutocastNotExplicit` for a node whose casts cannot be written in."""
-    ambient = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-    if not ambient and not _autocast_regions(gm):
-        return gm
-    explicit = copy.deepcopy(gm)
-    made: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node] = {}
-    fake_mode, inputs = _fake_inputs(example_inputs)
-    with fake_mode, torch.no_grad():
-        _AutocastCasts(explicit, made).run(*inputs)
-    if not made:
-        return gm
-    for module in explicit.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            module.graph.lint()
-            module.recompile()
-    return explicit
 
 
 def known_equal(a: Sequence[Any], b: Sequence[Any]) -> bool:
@@ -546,10 +405,9 @@ def run_on_match(fn: Callable[..., Any], match: Match, names: Sequence[str]) -> 
 
 
 # Scalar argument name -> (op that consumes it, the scalar's position among its args, the op
-# producing its first arg).
-scalar_consumers: dict[str, tuple[Any, int, Any]] = {
-    "eps": (torch.ops.aten.add.Tensor, 1, torch.ops.aten.mean.dim),  # rsqrt(mean(x^2) + eps)
-}
+# producing its first arg). Each fusion registers its own scalars (rms_norm.py's eps,
+# linear_cross_entropy.py's logit scales).
+scalar_consumers: dict[str, tuple[Any, int, Any]] = {}
 
 
 def _nop(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from compile_passes import _torch_api
+from compile_passes import _torch_api, autocast
 from compile_passes.canonicalize import graph_modules, strip_noop_casts
 from compile_passes.fusion import (
     SOURCE,
@@ -339,9 +339,9 @@ def _compile(
                 # The pattern stage traces with autocast off: the casts autocast makes inside ops
                 # are written into the graph first, so the patterns see the dtypes it really
                 # computes in.
-                explicit = (_torch_api.make_autocast_explicit(gm, example_inputs) if fusions
+                explicit = (autocast.make_autocast_explicit(gm, example_inputs) if fusions
                             else gm)
-            except _torch_api.AutocastNotExplicit as failed:
+            except autocast.AutocastNotExplicit as failed:
                 line = source_line(failed.node) if failed.node is not None else ""
                 where = f"{failed.why}: {line}" if line else failed.why
                 skipped = (

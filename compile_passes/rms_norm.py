@@ -95,6 +95,8 @@ def _example_inputs(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> list:
 
 
 def register(pattern_pass) -> None:
+    # eps is read from `rsqrt(mean(x^2) + eps)` where the match leaves it out (see match_value).
+    _torch_api.scalar_consumers["eps"] = (aten.add.Tensor, 1, aten.mean.dim)
     # Every pair of x and weight dtypes: an fp32 model under autocast to bf16 feeds bf16
     # projections to norms with fp32 weights, and which casts are no-ops shapes the graph.
     for x_dtype, weight_dtype in itertools.product(FLOAT_DTYPES, FLOAT_DTYPES):

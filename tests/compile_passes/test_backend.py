@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import compile_passes
 from chronicals.warmup import sources_hash
-from compile_passes import _torch_api
+from compile_passes import _torch_api, autocast
 from tests.compile_passes.harness import compile_fn
 
 
@@ -127,7 +127,7 @@ def test_autocast_casts_are_written_into_the_graph(where, dtype):
 def test_autocast_that_cannot_be_written_out_compiles_unfused_and_says_so(monkeypatch):
     """If casting a node's inputs does not give it autocast's dtypes, nothing is fused, the report
     names the node, strict mode raises, and autocast is left as it was."""
-    monkeypatch.setattr(_torch_api._AutocastCasts, "_cast_inputs", lambda self, n, dtype: None)
+    monkeypatch.setattr(autocast._AutocastCasts, "_cast_inputs", lambda self, n, dtype: None)
     x, w = torch.randn(4, 24), torch.randn(24)
     out, report = compile_fn(_autocast_norm, x, w)
     assert report.fired["rms_norm"] == 0
