@@ -73,7 +73,7 @@ lora_curve)
         python3 -m chronicals finetune --model /tmp/qwen05b --from-config --tokenizer chronicals/data \
             --lora-r 32 --lora-precision "$precision" --seed "$seed" --max-len 1024 --batch-size 4 \
             --steps 300 --eval-every 50 --output-dir "/tmp/curve_$run" --no-progress --no-plot \
-            > "$OUT/curve_${precision}_$seed.log" 2>&1 || status=1
+            >> "$OUT/curve.log" 2>&1 || status=1
         cp "/tmp/curve_$run/log.jsonl" "$OUT/curve_${precision}_$seed.jsonl"
     done
     ;;
