@@ -150,8 +150,10 @@ def test_lora_dtype_sets_the_adapters_dtype(tmp_path, lora_dtype, adapter_dtype)
     assert len(train) == 2 and all(r["grad_norm"] > 0 for r in train)
 
 
-def test_lora_precision_reaches_the_backend(tmp_path):
-    # The default, mixed, is what the other LoRA jobs compiled with the backend run.
+def test_lora_precision_reaches_the_backend(tmp_path, monkeypatch):
+    # The default, mixed, is what the other LoRA jobs compiled with the backend run. The ops run
+    # their PyTorch references (the interpreter's frozen-head LCE alone takes minutes here).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     precision = "exact"
     config = _small(tmp_path, lora_r=4, steps=1, eval_every=0, compile="chronicals",
                     lora_precision=precision, max_len=256)
