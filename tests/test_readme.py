@@ -107,5 +107,5 @@ def test_ci_runs_the_readmes_test_command():
     first_block = re.search(r"```bash\n(.*?)```", README, re.DOTALL).group(1)
     commands = [line.split("#", 1)[0].strip() for line in first_block.splitlines()]
     assert commands == ["pip install -e '.[test]' && python -m chronicals finetune",
-                        "TRITON_INTERPRET=1 python -m pytest -q"]
-    assert re.search(r"^\s+TRITON_INTERPRET=1 python -m pytest -q$", CI, re.MULTILINE)
+                        "TRITON_INTERPRET=1 python -m pytest -q -n auto"]
+    assert re.search(r"^\s+TRITON_INTERPRET=1 python -m pytest -q -n auto$", CI, re.MULTILINE)
