@@ -135,3 +135,36 @@ def test_linear_cross_entropy_launch_overrides(monkeypatch):
     # The frozen head's one-pass path, blocks of 4 tokens x 32 columns against its default.
     torch.testing.assert_close(
         frozen_head._lce_fwd_d_hidden(h, w, labels, None, options, blocks=(4, 32)), default)
+
+
+def _write_log(path: Path, losses: list[float], evals: dict[int, float]) -> Path:
+    records = [{"kind": "compile", "step": 0}]
+    records += [{"kind": "train", "step": i + 1, "loss": x} for i, x in enumerate(losses)]
+    records += [{"kind": "eval", "step": s, "eval_loss": x} for s, x in evals.items()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_compare_runs_prints_the_gaps_and_plots(tmp_path, monkeypatch, capsys):
+    from benchmarks import compare_runs
+
+    a = _write_log(tmp_path / "a.jsonl", [4.0, 3.0, 2.0, 1.0], {2: 3.5, 4: 1.5})
+    b = _write_log(tmp_path / "b.jsonl", [4.0, 3.5, 2.5, 1.25], {2: 3.0, 4: 1.5})
+    assert compare_runs.mean_gap(*(compare_runs.read_losses(p)[0] for p in (a, b)), last=2) == 0.375
+    plot = tmp_path / "curves.png"
+    monkeypatch.setattr(sys, "argv", ["compare_runs", f"mixed={a}", f"exact={b}", "--last", "3",
+                                      "--plot", str(plot)])
+    compare_runs.main()
+    out = capsys.readouterr().out
+    assert "mixed: 4 train records, first loss 4.0000, last 1.0000, last eval 1.5000" in out
+    # last 3 steps: |3 - 3.5|, |2 - 2.5|, |1 - 1.25|; evals: |3.5 - 3|, 0
+    assert "mean |train loss gap| over the last 3 steps 0.4167, mean |eval loss gap| 0.2500" in out
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_compare_runs_refuses_a_log_without_train_records(tmp_path):
+    from benchmarks import compare_runs
+
+    empty = _write_log(tmp_path / "empty.jsonl", [], {})
+    with pytest.raises(ValueError, match="expected train records"):
+        compare_runs.read_losses(empty)
