@@ -29,8 +29,6 @@ from torch._inductor.pattern_matcher import register_replacement as _register_re
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from chronicals.warmup import sources_hash
-
 __all__ = [
     "BODY_OPERANDS",
     "ENTER_AUTOCAST",
@@ -516,6 +514,10 @@ def compile_with_inductor(
 ) -> Callable[..., Any]:
     """AOTAutograd + Inductor, as plain `torch.compile` would run after our passes, with the
     sources of our ops in the cache keys (`_SourcesInCacheKey`)."""
+    # Imported here: importing chronicals at module level would register the backend of a
+    # source checkout (chronicals/__init__.py) while compile_passes.backend is half imported.
+    from chronicals.warmup import sources_hash
+
     key = _SourcesInCacheKey(inductor_config.post_grad_custom_post_pass,
                              sources_hash().encode())
     _regions_ready_for_aot(gm)

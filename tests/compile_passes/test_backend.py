@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -473,3 +474,33 @@ def test_custom_autograd_function_keeps_its_gradients_unfused():
         out, report = compile_fn(_norm_then_custom_function, x, w, up)
     assert report.fired["rms_norm"] == 1 and report.skipped is None, report
     torch.testing.assert_close(out, _norm_then_custom_function(x, w, up))
+
+
+@pytest.mark.parametrize("first", ["compile_passes", "chronicals", "compile_passes.backend"])
+def test_source_checkout_imports_in_any_order(first):
+    """Without an installed entry point (a source checkout on PYTHONPATH, as on the GPU machine),
+    importing chronicals registers the backend; that must work whichever package is imported
+    first (a circular import once broke `import compile_passes` there)."""
+    script = textwrap.dedent(
+        f"""
+        import importlib.metadata as metadata
+        every = metadata.entry_points
+        def without_ours(**selection):
+            found = every(**selection)
+            if selection.get("group") == "torch_dynamo_backends":
+                return metadata.EntryPoints(e for e in found if e.name != "chronicals")
+            return found
+        metadata.entry_points = without_ours
+        import {first}
+        import chronicals
+        import torch
+        from torch._dynamo.backends.registry import lookup_backend
+        print(lookup_backend("chronicals").__module__)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd="/",
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("compile_passes")
