@@ -10,12 +10,13 @@ import torch
 # Under pytest-xdist (the README's `-n auto`) the workers share the cores: one worker's ops use
 # its share of them, not all, so that workers do not slow each other down.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core, at most four (each holds torch, transformers and Inductor:
-    1-2 GiB of memory), and no more than the tests need."""
+    1-2 GiB of memory)."""
     return min(os.cpu_count() or 1, 4)
 
 
