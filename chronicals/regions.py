@@ -15,6 +15,14 @@ is set to one region-wrapped function per class (one function, so Dynamo can reu
 and removed again by `mark_layer_regions(model, False)`. Outside torch.compile a region is a plain
 call. Layers under transformers' gradient checkpointing (enabled before the mark) are compiled
 whole, as before: a region inside each layer's checkpoint is not checked yet.
+
+A region is reused only if tracing it has no side effects. With the optional `kernels` package
+installed, transformers' `use_kernelized_func` (the attention of most families) wraps forward so
+that each call publishes the layer's hub-kernel table in a module-level variable: a write that
+Dynamo counts as a side effect, so every layer was traced again. While no hub kernel is selected
+(`kernels.kernelize` not called on the model), the table sends every call to the plain function,
+so a marked layer's modules call their class's own forward, unwrapped; a kernelized model keeps
+the wrapper (and is traced per layer).
 """
 
 from __future__ import annotations
@@ -50,6 +58,27 @@ def _region_forward(cls: type) -> object:
     return _REGION_FORWARDS[cls]
 
 
+def _unwrapped_kernel_forward(module: nn.Module) -> object | None:
+    """The forward under `kernels.use_kernelized_func`'s wrapper when that wrapper changes nothing
+    (no hub kernel selected for `module`), else None."""
+    table = vars(module).get("_kernel_funcs")
+    plain = getattr(type(module).forward, "__wrapped__", None)
+    if not isinstance(table, dict) or plain is None or "forward" in vars(module):
+        return None
+    if any("forward" in vars(kernel) for kernel in table.values()):
+        return None  # kernelized: the wrapper routes calls to the selected kernel
+    return plain
+
+
+def _set_forward(module: nn.Module, forward: object | None) -> None:
+    if forward is None:
+        del module.forward
+        delattr(module, _MARK)
+    else:
+        module.forward = types.MethodType(forward, module)
+        setattr(module, _MARK, True)
+
+
 def mark_layer_regions(model: nn.Module, enabled: bool = True) -> int:
     """Compile `model`'s repeated layers as one nested region each class (`enabled`), or as plain
     code again (not `enabled`). Returns the number of layers marked (0 when unmarking, when the
@@ -68,9 +97,12 @@ def mark_layer_regions(model: nn.Module, enabled: bool = True) -> int:
                     f"chronicals: layer {type(layer).__name__} has its own `forward` attribute "
                     "(a patched instance); cannot compile it as a region. Pass regional=False."
                 )
-            layer.forward = types.MethodType(_region_forward(type(layer)), layer)
-            setattr(layer, _MARK, True)
+            _set_forward(layer, _region_forward(type(layer)))
+            for module in layer.modules():
+                if (plain := _unwrapped_kernel_forward(module)) is not None:
+                    _set_forward(module, plain)
         elif not enabled and marked:
-            del layer.forward
-            delattr(layer, _MARK)
+            for module in layer.modules():
+                if getattr(module, _MARK, False):
+                    _set_forward(module, None)
     return len(layers) if enabled else 0

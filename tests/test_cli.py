@@ -42,9 +42,7 @@ def _small(tmp_path: Path, name: str = "out", **overrides) -> FinetuneConfig:
 @pytest.fixture(autouse=True)
 def _fresh_compile_caches():
     """Each job starts from empty Dynamo caches: the tests count the graphs a job compiles, and
-    what earlier compiles of the same layer classes left in the process changes that (a later
-    model's layers of a class compiled as a region before are traced inline: README, "Compile
-    time")."""
+    the compiled entries that earlier tests left for the same code would change that count."""
     torch.compiler.reset()
 
 

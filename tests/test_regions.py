@@ -5,6 +5,12 @@ are eager's."""
 from __future__ import annotations
 
 import copy
+import inspect
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,6 +193,89 @@ def test_a_layer_that_breaks_the_graph_is_compiled_whole_with_a_warning():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for name, grad in want_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _kernelized_func_model(kernels):
+    """Two layers whose attention-like module is wrapped by `kernels.use_kernelized_func`, as
+    transformers' attention classes are when the `kernels` package is installed."""
+
+    @kernels.use_kernel_forward_from_hub("chronicals_test_scale")
+    def scale(x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    @kernels.use_kernelized_func(scale)
+    class Mixer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return scale(self.proj(x))
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mixer = Mixer()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.mixer(x)
+
+    return torch.nn.Sequential(torch.nn.ModuleList([Layer(), Layer()]))
+
+
+def test_hub_kernel_wrapper_is_bypassed_in_regions_while_no_kernel_is_selected():
+    kernels = pytest.importorskip("kernels")
+    model = _kernelized_func_model(kernels)
+    layers = model[0]
+    x = torch.randn(3, 4)
+    want = layers[1](layers[0](x))
+    wrapped = type(layers[0].mixer).forward
+    assert hasattr(wrapped, "__wrapped__")  # kernels' wrapper is there to bypass
+
+    assert mark_layer_regions(model) == 2
+    for layer in layers:
+        assert layer.mixer.forward.__func__ is wrapped.__wrapped__
+    torch.testing.assert_close(layers[1](layers[0](x)), want)
+    mark_layer_regions(model, False)
+    assert all("forward" not in vars(layer.mixer) for layer in layers)
+
+    # A selected hub kernel (what kernels.kernelize sets) keeps the wrapper that routes to it.
+    for layer in layers:
+        (kernel,) = vars(layer.mixer)["_kernel_funcs"].values()
+        kernel.forward = types.MethodType(lambda self, x: 3 * x, kernel)
+    mark_layer_regions(model)
+    assert all("forward" not in vars(layer.mixer) for layer in layers)
+    want = x
+    for layer in layers:
+        want = want + 3 * layer.mixer.proj(want)
+    torch.testing.assert_close(layers[1](layers[0](x)), want)
+
+
+_REUSE_SCRIPT = """
+import torch
+from chronicals.train import compile_loss
+from tests.models import tiny_batch, tiny_model
+model = tiny_model("llama", num_hidden_layers=4)
+ids, labels = tiny_batch()
+loss_fn = compile_loss(model, backend="aot_eager")
+loss_fn({"input_ids": ids, "labels": labels}, torch.tensor(20)).backward()
+"""
+
+
+@pytest.mark.skipif("reuse_hash_fn" not in inspect.signature(
+    torch.compiler.nested_compile_region).parameters,
+    reason="this torch's Dynamo traces every call of a region (reuse came with torch 2.13)")
+def test_dynamo_traces_one_layer_and_reuses_it_for_the_others():
+    # Dynamo reuses a region's trace only when tracing it had no side effects; with the `kernels`
+    # package installed, transformers' attention wrapper wrote a module-level variable in every
+    # layer, and each layer was traced again. TORCH_LOGS is torch's public switch for the log
+    # that says which it did.
+    env = {**os.environ, "TORCH_LOGS": "+hierarchical_compile", "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT], check=False, env=env,
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not eligible" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("subgraph_reuse: cache hit") == 3, proc.stderr[-3000:]
 
 
 @pytest.mark.cuda
