@@ -1,5 +1,6 @@
 """The private PyTorch APIs the `chronicals` package uses, reached from one place: the attention
-kernels (`torch.ops.aten._*attention*`) and Dynamo's dynamic-dimension mark. (The backend's own
+kernels (`torch.ops.aten._*attention*`), a tensor's version counter and Dynamo's
+dynamic-dimension mark. (The backend's own
 private APIs are in `compile_passes/_torch_api.py`; `chronicals` does not import `compile_passes`.)
 
 Their schemas are the same on torch 2.11 and 2.13; a torch upgrade that changes them touches this
@@ -67,6 +68,11 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, 
     `_flash_attention_forward`), for transformers' AttentionInterface path
     (chronicals/attention.py)."""
     return flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window or 0)[0]
+
+
+def version(tensor: Tensor) -> int:
+    """`tensor`'s version counter: it grows with every in-place change of its data."""
+    return tensor._version
 
 
 def mark_dynamic(tensor: Tensor, dim: int) -> None:

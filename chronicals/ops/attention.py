@@ -35,6 +35,7 @@ from chronicals._torch_private import (
     cudnn_attention_forward,
     flash_attention_backward,
     flash_attention_forward,
+    version,
 )
 from chronicals.ops._launch import empty_token_major
 
@@ -108,6 +109,28 @@ def document_bounds(position_ids: Tensor, batch: int) -> Tensor:
     return torch.cat([bounds, end]).to(torch.int32)
 
 
+# The last packed batch's boundaries: (position_ids, its version, batch, cu_seqlens).
+_last_bounds: tuple[Tensor, int, int, Tensor] | None = None
+
+
+def _cu_seqlens(position_ids: Tensor | None, batch: int, seq: int, device: torch.device
+                ) -> Tensor:
+    """`document_bounds` for the flash kernel. Every attention layer of a step, forward and
+    backward, gets the same position_ids tensor: its boundaries (a host sync each time) are
+    computed once and reused while it is that same tensor, unchanged in place. Rows without
+    position_ids are one document each: their bounds need no sync."""
+    global _last_bounds
+    if position_ids is None:
+        return torch.arange(0, batch * seq + 1, seq, dtype=torch.int32, device=device)
+    last = _last_bounds
+    if (last is not None and last[0] is position_ids and last[1] == version(position_ids)
+            and last[2] == batch):
+        return last[3]
+    cu = document_bounds(position_ids, batch)
+    _last_bounds = (position_ids, version(position_ids), batch, cu)
+    return cu
+
+
 def _token_major(x: Tensor) -> Tensor:
     """(B, H, S, D) laid out as (B, S, H, D) in memory: a view when it already is."""
     return x.transpose(1, 2).contiguous().transpose(1, 2)
@@ -124,8 +147,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale
         out, lse = cudnn_attention_forward(_token_major(q), _token_major(k), _token_major(v),
                                            scale)
         return _token_major(out), lse.reshape(-1)
-    cu = document_bounds(position_ids if position_ids is not None
-                         else torch.arange(s, device=q.device)[None], b)
+    cu = _cu_seqlens(position_ids, b, s, q.device)
     out, lse = flash_attention_forward(
         q.transpose(1, 2).reshape(b * s, hq, d),
         k.transpose(1, 2).reshape(b * s, k.shape[1], d),
@@ -164,8 +186,7 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
             lse.view(b, hq, s, 1), scale,
         )
         return tuple(_token_major(g) for g in grads)
-    cu = document_bounds(position_ids if position_ids is not None
-                         else torch.arange(s, device=q.device)[None], b)
+    cu = _cu_seqlens(position_ids, b, s, q.device)
     dq, dk, dv = flash_attention_backward(
         dout.transpose(1, 2).reshape(b * s, hq, d),
         q.transpose(1, 2).reshape(b * s, hq, d),

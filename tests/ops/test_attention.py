@@ -115,6 +115,28 @@ def test_position_ids_of_one_document_per_row_equal_none():
                                atol=0)
 
 
+def test_document_bounds_are_computed_once_per_position_tensor(monkeypatch):
+    # The flash kernel's cu_seqlens cost a host sync each; every layer of a step gets the same
+    # position_ids tensor, so they are computed once for it, and again when it changes.
+    computed, bounds = [], ops.document_bounds
+    monkeypatch.setattr(ops, "document_bounds", lambda pos, b: computed.append(pos) or bounds(pos, b))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 7, 8, 0, 1]])
+    want = torch.tensor([0, 3, 5, 6, 10, 12], dtype=torch.int32)
+    for _ in range(3):
+        torch.testing.assert_close(ops._cu_seqlens(pos, 2, 6, pos.device), want, rtol=0, atol=0)
+    assert len(computed) == 1
+    pos[0, 3:5] = torch.tensor([3, 4])  # changed in place: documents [0, 5), [5, 6), row 1's
+    torch.testing.assert_close(ops._cu_seqlens(pos, 2, 6, pos.device),
+                               torch.tensor([0, 5, 6, 10, 12], dtype=torch.int32), rtol=0, atol=0)
+    other = pos.clone()  # equal values, another tensor: computed for it
+    ops._cu_seqlens(other, 2, 6, pos.device)
+    assert len(computed) == 3
+    # One document per row: no boundaries to find.
+    torch.testing.assert_close(ops._cu_seqlens(None, 3, 4, pos.device),
+                               torch.tensor([0, 4, 8, 12], dtype=torch.int32), rtol=0, atol=0)
+    assert len(computed) == 3
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("window", [0, 3])
 def test_opcheck(packed, window):
