@@ -25,6 +25,7 @@ A custom loop:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -42,6 +43,7 @@ IGNORE_INDEX = -100
 # Document boundaries of packed rows (chronicals.packing), named as HF forwards them to attention.
 _VARIABLE_LENGTH_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k")
 _PACKED_MAX_LENGTHS = ("max_length_q", "max_length_k")
+_OWN_CODE_IDS = itertools.count(1)
 
 LossFn = Callable[[Mapping[str, Tensor], Tensor], Tensor]
 """`loss_fn(batch, num_items_in_batch) -> loss`: the summed token loss of `batch` divided by
@@ -191,9 +193,13 @@ def own_code(fn: Callable) -> Callable:
     on a code object after `torch._dynamo.config.recompile_limit` (8) guard failures: every
     function made by one `def` in a factory shares its code object, so the 9th differently
     configured compile (a new model, other options) would silently run eagerly. A copy per
-    compiled function keeps their caches apart."""
-    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
-                              fn.__defaults__, fn.__closure__)
+    compiled function keeps their caches apart. Its code is also named apart (`loss_fn_3`):
+    Dynamo remembers which input sizes changed by file, line and code name, and under one name a
+    second model would start with the first one's dynamic dimensions (and, in a layer region on
+    torch 2.13, fail where a dimension dynamic in one input meets a static one in another)."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_OWN_CODE_IDS)}")
+    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
     copy.__kwdefaults__ = fn.__kwdefaults__
     copy.__qualname__, copy.__doc__ = fn.__qualname__, fn.__doc__
     return copy

@@ -17,6 +17,7 @@ from chronicals.train import (
     evaluate_loss,
     train_step,
 )
+from compile_passes.backend import chronicals_backend
 from tests.models import VOCAB, tiny_model
 
 # None: eager; "chronicals": the fused ops (through the Triton interpreter, conftest.py).
@@ -231,6 +232,38 @@ def test_packed_batches_with_different_document_counts_compile_once():
         segments.add(batch["cu_seq_lens_q"].numel())
         train_step(loss_fn, optimizer, [batch])
     assert len(segments) == 3 and len(compiles) == 1
+
+
+def test_a_second_model_does_not_start_from_the_first_ones_dynamic_sizes():
+    # Dynamo remembers which input sizes changed by a function's file, line and code name; every
+    # compiled loss is named apart, so a second model starts static like the first. Under a
+    # shared name the packed model below began with dynamic rows from the first model's
+    # changing lengths, and torch 2.13 failed stamping out its layer region (KeyError).
+    from chronicals.attention import PACKED_ATTENTION, register_packed_attention
+    from chronicals.packing import pack
+
+    first = compile_loss(tiny_model("qwen2"), backend="aot_eager")
+    for rows, seq in ((1, 24), (2, 40)):  # the second batch makes the first model's sizes dynamic
+        ids = torch.randint(0, VOCAB, (rows, seq))
+        first({"input_ids": ids, "labels": ids}, torch.tensor(rows * seq)).backward()
+    register_packed_attention()
+    model = tiny_model("qwen2", attn_implementation=PACKED_ATTENTION)
+    graphs = []
+
+    def recording(gm, example_inputs):  # keeps the traced (fake) input of every placeholder
+        graphs.append([n.meta["example_value"] for n in gm.graph.find_nodes(op="placeholder")])
+        return chronicals_backend(gm, example_inputs, {"report": "none"})
+
+    loss_fn = compile_loss(model, backend=recording)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 40, (8,), generator=g).tolist()
+    packed = pack([torch.randint(0, VOCAB, (n,), generator=g) for n in lengths], max_len=64)
+    loss_fn(packed.batches(2)[0].model_inputs(), torch.tensor(60)).backward()
+    # Dynamic only where compile_loss marks it: the documents' boundaries (1-D).
+    (inputs,) = graphs
+    dynamic = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)
+               and not all(isinstance(d, int) for d in t.shape)]
+    assert dynamic and all(len(shape) == 1 for shape in dynamic), dynamic
 
 
 @pytest.mark.parametrize("poison", [None, float("nan"), float("inf")])
