@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_suite.sh attention   # attention candidates, 3 model shapes + packed/long rows ~3 min
 #   bash benchmarks/gpu_suite.sh loss        # linear_cross_entropy, trainable and frozen head, 4 shapes ~8 min
 #   bash benchmarks/gpu_suite.sh train       # packing + end-to-end train_step benchmarks             ~9.5 min
+#   bash benchmarks/gpu_suite.sh peers       # bench_train LoRA then full beside Unsloth (carry the peers'
+#                                            # .peers/peers.tar.xz: ../shared/research/peer-wheels.md) ~9 min
 #   bash benchmarks/gpu_suite.sh job         # the finetune job, Qwen2.5-0.5B shape, LoRA r=32       ~2 min
 #   bash benchmarks/gpu_suite.sh lora_curve  # 300-step LoRA job: mixed precision (seed 0), exact fp32
 #                                            # (seeds 0, 1); compare with benchmarks/compare_runs.py
@@ -59,6 +61,14 @@ sweep)
     python3 -m benchmarks.tuning.bound_linear_cross_entropy --out "$OUT" 2>&1 \
         | tee "$OUT/bound_lce.log" || status=1
     ;;
+peers)
+    mkdir -p /tmp/peers && tar -xJf .peers/peers.tar.xz -C /tmp/peers
+    for mode in lora full; do
+        python3 -m benchmarks.bench_train --out "$OUT/$mode" --modes $mode --peers /tmp/peers --steps 8 \
+            --stacks hf_eager,hf_compile,chronicals,unsloth 2>&1 | tee "$OUT/bench_$mode.log" \
+            || status=1
+    done
+    ;;
 job)
     qwen05b
     python3 -m chronicals finetune --model /tmp/qwen05b --from-config --tokenizer chronicals/data \
@@ -78,7 +88,7 @@ lora_curve)
     done
     ;;
 *)
-    echo "usage: $0 tests|ops|attention|loss|train|job|lora_curve|sweep" >&2
+    echo "usage: $0 tests|ops|attention|loss|train|peers|job|lora_curve|sweep" >&2
     exit 2
     ;;
 esac
