@@ -252,10 +252,11 @@ def test_hub_kernel_wrapper_is_bypassed_in_regions_while_no_kernel_is_selected()
 
 
 _REUSE_SCRIPT = """
+import sys
 import torch
 from chronicals.train import compile_loss
 from tests.models import tiny_batch, tiny_model
-model = tiny_model("llama", num_hidden_layers=4)
+model = tiny_model(sys.argv[1], num_hidden_layers=4)
 ids, labels = tiny_batch()
 loss_fn = compile_loss(model, backend="aot_eager")
 loss_fn({"input_ids": ids, "labels": labels}, torch.tensor(20)).backward()
@@ -265,13 +266,14 @@ loss_fn({"input_ids": ids, "labels": labels}, torch.tensor(20)).backward()
 @pytest.mark.skipif("reuse_hash_fn" not in inspect.signature(
     torch.compiler.nested_compile_region).parameters,
     reason="this torch's Dynamo traces every call of a region (reuse came with torch 2.13)")
-def test_dynamo_traces_one_layer_and_reuses_it_for_the_others():
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_dynamo_traces_one_layer_and_reuses_it_for_the_others(family):
     # Dynamo reuses a region's trace only when tracing it had no side effects; with the `kernels`
     # package installed, transformers' attention wrapper wrote a module-level variable in every
     # layer, and each layer was traced again. TORCH_LOGS is torch's public switch for the log
     # that says which it did.
     env = {**os.environ, "TORCH_LOGS": "+hierarchical_compile", "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT], check=False, env=env,
+    proc = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT, family], check=False, env=env,
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "not eligible" not in proc.stderr, proc.stderr[-3000:]
