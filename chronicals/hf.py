@@ -83,7 +83,8 @@ def compile_model(model: nn.Module, *, dynamic: bool | None = None, regional: bo
     (chronicals/regions.py), as `compile_loss` does by default. Off by default here: with it, on
     torch 2.13 with transformers 5.25, Trainer's and Accelerate's graphs still came whole and a
     `generate` after a compiled evaluation forward failed (fake tensors met real ones); not yet
-    understood. Default (False): the whole model is traced and compiled as one graph.
+    understood. Default (False), and with `dynamic=True`: the whole model is traced and compiled as
+    one graph.
     The wrapper sits on the causal LM inside a PEFT model, where TRL puts its fused LM head too;
     a second call on the same model changes nothing (the first call's options stay).
     """
@@ -92,7 +93,7 @@ def compile_model(model: nn.Module, *, dynamic: bool | None = None, regional: bo
         logger.info("chronicals.compile_model: %s is already compiled; left as it is",
                     type(lm).__name__)
         return model
-    mark_layer_regions(lm, regional)
+    mark_layer_regions(lm, regional and dynamic is not True)  # no regions: chronicals/regions.py
     kwargs = {"backend": "chronicals", "dynamic": dynamic}
     if options:
         kwargs["options"] = dict(options)

@@ -23,6 +23,11 @@ Dynamo counts as a side effect, so every layer was traced again. While no hub ke
 (`kernels.kernelize` not called on the model), the table sends every call to the plain function,
 so a marked layer's modules call their class's own forward, unwrapped; a kernelized model keeps
 the wrapper (and is traced per layer).
+
+`torch.compile(dynamic=True)` gets no regions (`compile_loss` and `compile_model` compile the
+whole graph): with every size and Python scalar dynamic, torch 2.13's reused layer calls failed in
+AOTAutograd (`aten._local_scalar_dense` on the layers' lifted float attributes), which Dynamo
+answered with graph breaks around every layer, without an error.
 """
 
 from __future__ import annotations

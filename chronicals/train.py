@@ -95,8 +95,9 @@ def compile_loss(
     `regional` (default): the model's repeated decoder layers are compiled once, as one region
     all layers call (chronicals/regions.py), so compile time hardly grows with depth; the graph
     around them (embedding, masks, final norm, LM head + loss) is compiled as before. False:
-    every layer is traced and compiled in one whole graph. The choice marks `model` (its layers'
-    `forward`), so the last `compile_loss` or `compile_model` call on a model decides it.
+    every layer is traced and compiled in one whole graph, as with `dynamic=True`. The choice
+    marks `model` (its layers' `forward`), so the last `compile_loss` or `compile_model` call on a
+    model decides it.
 
     Build it once per model: each call of `compile_loss` makes a new compiled function, with a
     compile cache of its own (Dynamo would otherwise share one cache among all of them and, past
@@ -124,6 +125,7 @@ def compile_loss(
             mark_layer_regions(model, regions)
             return torch.compile(own_code(loss_fn), backend=backend, dynamic=dynamic, **kwargs)
 
+        regional = regional and dynamic is not True  # no regions: chronicals/regions.py
         compiled = compile_whole_or_regional(regional)
         if regional:
             strict = bool((options or {}).get("strict", False))

@@ -106,6 +106,30 @@ def test_regional_false_compiles_the_whole_graph():
     assert all("forward" not in vars(layer) for layer in model.model.layers)
 
 
+def test_dynamic_true_compiles_the_whole_graph_in_one_piece():
+    # With every size and scalar dynamic, torch 2.13's reused layer regions failed in AOTAutograd
+    # and Dynamo broke the graph around every layer, without an error: no regions then.
+    torch.compiler.reset()
+    model = tiny_model("llama", num_hidden_layers=LAYERS)
+    backend = _Recording()
+    loss_fn = compile_loss(model, backend=backend, dynamic=True)
+    compiled = []
+    for rows, seq in ((2, 12), (3, 17)):  # a second size: no second compile
+        g = torch.Generator().manual_seed(rows)
+        ids = torch.randint(0, VOCAB, (rows, seq), generator=g)
+        loss_fn({"input_ids": ids, "labels": ids}, torch.tensor(rows * seq)).backward()
+        compiled.append(len(backend.graphs))
+    # The backend may be called twice for the first batch: Dynamo restarts its analysis once to
+    # specialise Python float scalars (its tensorify pass) and compiles again; the graph that runs
+    # is the last, and the second size reuses it.
+    assert compiled[0] == compiled[1] >= 1, compiled
+    gm, report = backend.graphs[-1], backend.reports[-1]
+    assert _layer_calls(gm) == []
+    assert report.fired["attention"] == report.fired["rope"] == report.fired["swiglu"] == LAYERS
+    assert report.fired["linear_cross_entropy"] == 1
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+
+
 def test_repeated_layers_are_the_decoder_layers():
     model = tiny_model("llama", num_hidden_layers=3)
     assert repeated_layers(model) == list(model.model.layers)
