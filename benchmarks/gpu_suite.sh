@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_suite.sh peers       # bench_train LoRA then full beside Unsloth (carry the peers'
 #                                            # .peers/peers.tar.xz: ../shared/research/peer-wheels.md) ~9 min
 #   bash benchmarks/gpu_suite.sh job         # the finetune job, Qwen2.5-0.5B shape, LoRA r=32       ~2 min
+#   bash benchmarks/gpu_suite.sh warmup      # the job twice each, full and LoRA r=32, Qwen2.5-0.5B shape:
+#                                            # cold then warm compile cache (warm-up lines)     ~6 min
 #   bash benchmarks/gpu_suite.sh lora_curve  # 300-step LoRA job: mixed precision (seed 0), exact fp32
 #                                            # (seeds 0, 1); compare with benchmarks/compare_runs.py
 #   bash benchmarks/gpu_suite.sh sweep       # RMSNorm fwd and dW-finish configs; LCE tiles vs cuBLAS; LCE
@@ -76,6 +78,22 @@ job)
         --output-dir /tmp/job --no-progress 2>&1 | tee "$OUT/job.log" || status=1
     grep '"compile"' /tmp/job/log.jsonl | tee "$OUT/job_fusions.jsonl"
     ;;
+warmup)
+    qwen05b
+    export XDG_CACHE_HOME=/tmp/warmup_cache  # the job's compile cache, empty at the first run
+    rm -rf "$XDG_CACHE_HOME"
+    for run in full:0 lora:32; do
+        mode=${run%:*} r=${run#*:}
+        for cache in cold warm; do
+            python3 -m chronicals finetune --model /tmp/qwen05b --from-config \
+                --tokenizer chronicals/data --lora-r "$r" --max-len 2048 --batch-size 8 --steps 8 \
+                --eval-every 0 --output-dir "/tmp/warmup_${mode}_$cache" --no-progress --no-plot \
+                >> "$OUT/warmup.log" 2>&1 || status=1
+            grep '"warmup"' "/tmp/warmup_${mode}_$cache/log.jsonl" \
+                | sed "s/^/$mode $cache: /" | tee -a "$OUT/warmup.txt"
+        done
+    done
+    ;;
 lora_curve)
     qwen05b
     for run in mixed:0 exact:0 exact:1; do
@@ -88,7 +106,7 @@ lora_curve)
     done
     ;;
 *)
-    echo "usage: $0 tests|ops|attention|loss|train|peers|job|lora_curve|sweep" >&2
+    echo "usage: $0 tests|ops|attention|loss|train|peers|job|warmup|lora_curve|sweep" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,6 @@
 """The private PyTorch APIs the `chronicals` package uses, reached from one place: the attention
-kernels (`torch.ops.aten._*attention*`), a tensor's version counter and Dynamo's
-dynamic-dimension mark. (The backend's own
+kernels (`torch.ops.aten._*attention*`), a tensor's version counter, Dynamo's
+dynamic-dimension mark and Inductor's default cache folder. (The backend's own
 private APIs are in `compile_passes/_torch_api.py`; `chronicals` does not import `compile_passes`.)
 
 Their schemas are the same on torch 2.11 and 2.13; a torch upgrade that changes them touches this
@@ -68,6 +68,14 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, 
     `_flash_attention_forward`), for transformers' AttentionInterface path
     (chronicals/attention.py)."""
     return flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window or 0)[0]
+
+
+def inductor_default_cache_dir() -> str:
+    """The folder Inductor uses when `TORCHINDUCTOR_CACHE_DIR` is unset. Importing Dynamo writes
+    it into that variable (for its own cache), so a value equal to it is torch's, not the user's."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return default_cache_dir()
 
 
 def version(tensor: Tensor) -> int:

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from chronicals import _torch_private
+
 logger = logging.getLogger(__name__)
 
 _PACKAGES = ("chronicals", "compile_passes")
@@ -67,8 +69,11 @@ def use_compile_cache(root: str | os.PathLike | None = None) -> pathlib.Path:
     """Point Inductor's and AOTAutograd's caches of this process at `root / cache_key()` and
     return that folder. `root` None: the folder an earlier call of this process chose, else a
     folder under the user's own `TORCHINDUCTOR_CACHE_DIR` (its `chronicals/`) where they set one,
-    else under `default_cache_root()`. Call it before the first compile."""
+    else under `default_cache_root()`. Call it before the first compile. (Importing Dynamo sets
+    the variable to torch's default folder; that value is not taken for the user's.)"""
     current = os.environ.get(_CACHE_VARIABLE)
+    if current == _torch_private.inductor_default_cache_dir():
+        current = None
     if root is None and current in _SET_HERE:
         return pathlib.Path(current)  # an earlier job of this process chose it
     if root is None:

@@ -57,6 +57,18 @@ def test_a_users_own_inductor_cache_folder_is_kept_as_the_root(tmp_path, monkeyp
     assert use_compile_cache() == path  # a second job in the process: the same folder
 
 
+def test_torchs_own_default_folder_is_not_taken_for_the_users(tmp_path, monkeypatch):
+    # Importing Dynamo writes Inductor's default folder into the variable; the job's cache still
+    # goes under default_cache_root() (~/.cache/chronicals/compile), not under /tmp.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = use_compile_cache()
+    assert path == tmp_path / "xdg" / "chronicals" / "compile" / cache_key()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
+
+
 def test_warm_up_clock_reads_once_after_its_steps():
     clock = WarmUpClock(start_step=10, steps=3)
     cpu = torch.device("cpu")
