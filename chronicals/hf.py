@@ -40,7 +40,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from chronicals.ops.linear_cross_entropy import linear_cross_entropy
-from chronicals.regions import mark_layer_regions
+from chronicals.regions import mark_layer_regions, use_regions
 from chronicals.train import own_code
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def compile_model(model: nn.Module, *, dynamic: bool | None = None, regional: bo
         logger.info("chronicals.compile_model: %s is already compiled; left as it is",
                     type(lm).__name__)
         return model
-    mark_layer_regions(lm, regional and dynamic is not True)  # no regions: chronicals/regions.py
+    mark_layer_regions(lm, use_regions(regional, dynamic))
     kwargs = {"backend": "chronicals", "dynamic": dynamic}
     if options:
         kwargs["options"] = dict(options)

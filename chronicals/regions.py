@@ -24,10 +24,7 @@ Dynamo counts as a side effect, so every layer was traced again. While no hub ke
 so a marked layer's modules call their class's own forward, unwrapped; a kernelized model keeps
 the wrapper (and is traced per layer).
 
-`torch.compile(dynamic=True)` gets no regions (`compile_loss` and `compile_model` compile the
-whole graph): with every size and Python scalar dynamic, torch 2.13's reused layer calls failed in
-AOTAutograd (`aten._local_scalar_dense` on the layers' lifted float attributes), which Dynamo
-answered with graph breaks around every layer, without an error.
+`torch.compile(dynamic=True)` gets no regions (`use_regions`).
 """
 
 from __future__ import annotations
@@ -82,6 +79,15 @@ def _set_forward(module: nn.Module, forward: object | None) -> None:
     else:
         module.forward = types.MethodType(forward, module)
         setattr(module, _MARK, True)
+
+
+def use_regions(regional: bool, dynamic: bool | None) -> bool:
+    """Whether `compile_loss` and `compile_model` compile the layers as regions: as asked, except
+    with `dynamic=True` (the whole graph then). With every size and Python scalar dynamic, torch
+    2.13's reused layer calls failed in AOTAutograd (`aten._local_scalar_dense` on the layers'
+    lifted float attributes), which Dynamo answered with graph breaks around every layer, without
+    an error."""
+    return regional and dynamic is not True
 
 
 def mark_layer_regions(model: nn.Module, enabled: bool = True) -> int:

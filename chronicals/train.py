@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from chronicals._torch_private import is_backend_failure, is_graph_break_in_region, mark_dynamic
 from chronicals.attention import PACKED_ATTENTION
-from chronicals.regions import mark_layer_regions
+from chronicals.regions import mark_layer_regions, use_regions
 
 IGNORE_INDEX = -100
 """Label of a position the loss skips (prompt, padding): -100, as Hugging Face's causal-LM loss."""
@@ -125,7 +125,7 @@ def compile_loss(
             mark_layer_regions(model, regions)
             return torch.compile(own_code(loss_fn), backend=backend, dynamic=dynamic, **kwargs)
 
-        regional = regional and dynamic is not True  # no regions: chronicals/regions.py
+        regional = use_regions(regional, dynamic)
         compiled = compile_whole_or_regional(regional)
         if regional:
             strict = bool((options or {}).get("strict", False))
