@@ -8,7 +8,10 @@ of (B, S, H, D) projections; GQA without repeating K/V where the kernel allows):
 - flex: compiled FlexAttention with a causal (and document) block mask;
 - masked_compiled: what a compiled transformers model ran before the attention fusion: sdpa with
   the dense (B, 1, S, S) boolean mask it builds under tracing, compiled with Inductor;
-- chronicals: `chronicals::attention` (its kernel named in the row), rows and packed documents.
+- chronicals: `chronicals::attention` (its kernel named in the row), rows and packed documents;
+- chronicals_triton: the same op with its Triton kernel forced (chronicals/ops/attention_triton.py).
+Soft-capped shapes (Gemma-2: scores c * tanh(s / c)) have no sdpa candidates: flex gets the cap as
+a score_mod, masked_compiled is transformers' eager attention compiled.
 Packed shapes hold documents of log-normal lengths (median ~S/8) in each row and pass position_ids.
 Times are medians of CUDA-graph replays with L2 flushed (`harness.time_graph_and_call`; the
 packed chronicals rows: Python calls, since the op syncs once to count documents); TFLOP/s
@@ -20,6 +23,7 @@ checked against the first candidate's before it is timed (relative norm error <=
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from pathlib import Path
 
@@ -30,14 +34,15 @@ from benchmarks.harness import time_call, time_graph_and_call, write_json
 from chronicals import reference
 from chronicals.ops import attention as ops
 
-# name -> (B, Hq, Hk, S, D, packed)
+# name -> (B, Hq, Hk, S, D, packed, softcap)
 SHAPES = {
-    "qwen2.5-0.5b": (8, 14, 2, 2048, 64, False),
-    "llama-3.2-1b": (4, 32, 8, 2048, 64, False),
-    "qwen2.5-7b": (2, 28, 4, 4096, 128, False),
-    "qwen2.5-0.5b-packed": (8, 14, 2, 2048, 64, True),
-    "long-16k-packed": (1, 14, 2, 16384, 64, True),
-    "long-32k-packed": (1, 14, 2, 32768, 64, True),
+    "qwen2.5-0.5b": (8, 14, 2, 2048, 64, False, 0.0),
+    "llama-3.2-1b": (4, 32, 8, 2048, 64, False, 0.0),
+    "qwen2.5-7b": (2, 28, 4, 4096, 128, False, 0.0),
+    "qwen2.5-0.5b-packed": (8, 14, 2, 2048, 64, True, 0.0),
+    "gemma-2-2b-softcap": (4, 8, 4, 2048, 256, False, 50.0),
+    "long-16k-packed": (1, 14, 2, 16384, 64, True, 0.0),
+    "long-32k-packed": (1, 14, 2, 32768, 64, True, 0.0),
 }
 
 
@@ -71,7 +76,7 @@ def causal_flops(pos: torch.Tensor | None, b: int, hq: int, s: int, d: int) -> f
     return 4 * hq * d * pairs
 
 
-def candidates(pos: torch.Tensor | None, s: int):
+def candidates(pos: torch.Tensor | None, s: int, softcap: float):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -82,7 +87,7 @@ def candidates(pos: torch.Tensor | None, s: int):
         return run
 
     out = {}
-    if pos is None:
+    if pos is None and not softcap:
         out["sdpa_cudnn"] = pinned(SDPBackend.CUDNN_ATTENTION)
         out["sdpa_flash"] = pinned(SDPBackend.FLASH_ATTENTION)
     dev = "cuda"
@@ -98,17 +103,31 @@ def candidates(pos: torch.Tensor | None, s: int):
             return (qi >= ki) & (doc[b, qi] == doc[b, ki])
     block_mask = create_block_mask(mask_mod, pos.shape[0] if pos is not None else None, None, s,
                                    s, device=dev)
+    def cap(score, b, h, qi, ki):
+        return softcap * torch.tanh(score / softcap)
+
     flex = torch.compile(flex_attention)
-    out["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    out["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True,
+                                       score_mod=cap if softcap else None)
     if s <= 4096:
         dense = reference.attention_mask(None if pos is None else pos.to(dev),
                                          pos.shape[0] if pos is not None else 1, s, 0,
                                          torch.device(dev))
-        masked = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=dense, enable_gqa=True))
-        out["masked_compiled"] = masked
+
+        def eager(q, k, v):  # transformers' eager_attention_forward, soft-capped
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            w = softcap * torch.tanh(q @ k.transpose(2, 3) * q.shape[-1] ** -0.5 / softcap)
+            w = w.masked_fill(~dense, torch.finfo(w.dtype).min)
+            return torch.softmax(w, -1, dtype=torch.float32).to(q.dtype) @ v
+
+        out["masked_compiled"] = torch.compile(eager if softcap else (
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense,
+                                                           enable_gqa=True)))
     p = None if pos is None else pos.to(dev)
-    out["chronicals"] = lambda q, k, v: ops.attention(q, k, v, p)
+    cap_arg = softcap or None
+    out["chronicals"] = lambda q, k, v: ops.attention(q, k, v, p, softcap=cap_arg)
+    out["chronicals_triton"] = lambda q, k, v: ops.attention(q, k, v, p, softcap=cap_arg)
     return out
 
 
@@ -122,22 +141,30 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     for name in args.shapes.split(","):
-        b, hq, hk, s, d, packed = SHAPES[name]
+        b, hq, hk, s, d, packed, softcap = SHAPES[name]
+        torch.compiler.reset()  # each shape compiles flex afresh, within Dynamo's recompile limit
         pos = packed_positions(b, s) if packed else None
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                    for h in (hq, hk, hk))
         dout = torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
         flops = causal_flops(pos, b, hq, s, d)
-        kernel = ops.kernel(q, packed, 0)
+        kernel = ops.kernel(q, packed, 0, softcap)
         ref = None
-        for cand, fn in candidates(pos, s).items():
-            def fwd(fn=fn):
-                return fn(q, k, v)
+        for cand, fn in candidates(pos, s, softcap).items():
+            # The forced kernel must hold for the backward too: both run inside.
+            def forced(cand=cand):
+                return (ops.forced_kernel("triton") if cand == "chronicals_triton"
+                        else contextlib.nullcontext())
 
-            def fwd_bwd(fn=fn):
-                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-                o = fn(*leaves)
-                return torch.autograd.grad(o, leaves, dout)
+            def fwd(fn=fn, forced=forced):
+                with forced():
+                    return fn(q, k, v)
+
+            def fwd_bwd(fn=fn, forced=forced):
+                with forced():
+                    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                    o = fn(*leaves)
+                    return torch.autograd.grad(o, leaves, dout)
 
             try:
                 got = [fwd(), *fwd_bwd()]
@@ -153,7 +180,7 @@ def main() -> None:
                       for a, r in zip(got, ref))
             if err > 1e-2:
                 raise SystemExit(f"{name} {cand}: differs from the first candidate by {err:.3e}")
-            if packed and cand == "chronicals":
+            if packed and cand == "chronicals" and kernel == "flash-varlen":
                 # flash-varlen counts the documents on the host (one sync a call), which a CUDA
                 # graph cannot capture: timed as Python calls, the sync's bubble included.
                 t_f = time_call(fwd)

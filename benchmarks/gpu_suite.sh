@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's share of the work in as few calls as possible: CUDA tests and benchmarks,
 # logs and JSON under $OUT. Run from the repository root:
-#   bash benchmarks/gpu_suite.sh tests       # CUDA tests (ops, backend through Inductor, attention)  ~3.5 min
+#   bash benchmarks/gpu_suite.sh tests       # CUDA tests (ops, backend through Inductor, attention)  ~9.5 min on an H100 (12-07)
 #   bash benchmarks/gpu_suite.sh ops         # rms_norm, swiglu, rope benchmarks                      ~2.5 min
 #   bash benchmarks/gpu_suite.sh attention   # attention candidates, 3 model shapes + packed/long rows ~3 min
 #   bash benchmarks/gpu_suite.sh loss        # linear_cross_entropy, trainable and frozen head, 4 shapes ~8 min

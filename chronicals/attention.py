@@ -20,6 +20,9 @@ Implementations, chosen per call from the query tensor (`implementation(query)`)
 - "reference": everything else (CPU, fp32). sdpa over each row with a block-diagonal causal mask
   built from `cu_seq_lens_q` on the device (`searchsorted`, no host sync, compiles). Cost S^2 per
   row: it is the correctness path, not a fast one.
+- "chronicals": logit soft-capping (Gemma-2's `softcap`), which neither PyTorch kernel computes:
+  `chronicals::attention` (chronicals/ops/attention.py; its Triton kernel on CUDA) over the
+  documents, given to it as positions restarting at each boundary.
 
 Boundaries come from the packer, never from the model inputs: deriving them from `position_ids`
 needs `nonzero` (a host sync and a graph break per forward). Without `cu_seq_lens_q`, or with an
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 # The public varlen wrapper's signature differs between torch 2.11 and 2.13; the flash kernel
 # under it is reached through chronicals' adapter for private attention kernels.
 from chronicals._torch_private import flash_attention_varlen
+from chronicals.ops import attention as ops
 
 PACKED_ATTENTION: Final = "chronicals_varlen"
 
@@ -46,8 +50,11 @@ _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_MAX_HEAD_DIM = 256
 
 
-def implementation(query: Tensor) -> str:
-    """'flash-varlen' or 'reference' for a query tensor (B, H, S, D); see the module docstring."""
+def implementation(query: Tensor, softcap: float | None = None) -> str:
+    """'flash-varlen', 'chronicals' or 'reference' for a query tensor (B, H, S, D); see the module
+    docstring."""
+    if softcap is not None:
+        return "chronicals"
     head_dim = query.shape[-1]
     if (
         query.device.type == "cuda"
@@ -67,19 +74,27 @@ def varlen_attention(
     *,
     scale: float | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Causal attention within each segment of packed rows.
 
     query: (B, Hq, S, D), key/value: (B, Hk, S, D) with Hq a multiple of Hk (GQA), as HF attention
     functions receive them; cu_seqlens: (N + 1,) int32 boundaries over the B * S flattened tokens
     (0 first, B * S last, every row boundary among them). `sliding_window` w: a token sees the w
-    most recent tokens of its document, itself included (HF's convention). Returns (B, S, Hq, D),
-    HF's layout for attention outputs, in query's dtype.
+    most recent tokens of its document, itself included (HF's convention); `softcap` c: scores
+    become c * tanh(scores / c). Returns (B, S, Hq, D), HF's layout for attention outputs, in
+    query's dtype.
     """
     _check_shapes(query, key, value, cu_seqlens)
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"varlen_attention: sliding_window must be >= 1. Got {sliding_window}.")
-    if implementation(query) == "flash-varlen":
+    name = implementation(query, softcap)
+    if name == "chronicals":
+        b, _, s, _ = query.shape
+        out = ops.attention(query, key, value, _restarting_positions(cu_seqlens, b, s),
+                            scale=scale, window=sliding_window, softcap=softcap)
+        return out.transpose(1, 2)
+    if name == "flash-varlen":
         return _flash_varlen(query, key, value, cu_seqlens, scale, sliding_window)
     return _reference_varlen(query, key, value, cu_seqlens, scale, sliding_window)
 
@@ -135,14 +150,11 @@ def packed_attention_forward(
             f"{PACKED_ATTENTION}: attention dropout is not supported. Got dropout={dropout}; set "
             f"config.attention_dropout = 0.0."
         )
-    if softcap is not None:
-        raise ValueError(
-            f"{PACKED_ATTENTION}: logit softcapping is not supported. Got softcap={softcap}."
-        )
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"{PACKED_ATTENTION}: attention sinks (s_aux) are not supported.")
     out = varlen_attention(
-        query, key, value, cu_seq_lens_q, scale=scaling, sliding_window=sliding_window
+        query, key, value, cu_seq_lens_q, scale=scaling, sliding_window=sliding_window,
+        softcap=softcap,
     )
     return out, None
 
@@ -217,15 +229,27 @@ def _flash_varlen(
     return out.view(b, s, hq, d)
 
 
+def _segments(cu_seqlens: Tensor, batch: int, seq: int) -> tuple[Tensor, Tensor]:
+    """The flat token indices (B * S,) and each one's segment index. right=True: a token at a
+    boundary starts the next segment."""
+    tokens = torch.arange(batch * seq, device=cu_seqlens.device, dtype=torch.int32)
+    return tokens, torch.searchsorted(cu_seqlens, tokens, right=True) - 1
+
+
+def _restarting_positions(cu_seqlens: Tensor, batch: int, seq: int) -> Tensor:
+    """(B, S) positions that restart at 0 at every boundary: the segments as
+    `chronicals::attention` reads documents."""
+    tokens, segment = _segments(cu_seqlens, batch, seq)
+    return (tokens - cu_seqlens[segment]).view(batch, seq)
+
+
 def _reference_varlen(
     query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, scale: float | None,
     sliding_window: int | None,
 ) -> Tensor:
     b, hq, s, _ = query.shape
-    tokens = torch.arange(b * s, device=query.device, dtype=torch.int32)
-    # Segment index of every token; segments never straddle rows, so comparing them per row is
-    # enough. right=True: a token at a boundary starts the next segment.
-    segment = (torch.searchsorted(cu_seqlens, tokens, right=True) - 1).view(b, s)
+    # Segments never straddle rows, so comparing them per row is enough.
+    segment = _segments(cu_seqlens, b, s)[1].view(b, s)
     pos = torch.arange(s, device=query.device)
     allowed = (segment[:, :, None] == segment[:, None, :]) & (pos[:, None] >= pos[None, :])
     if sliding_window is not None:

@@ -57,16 +57,22 @@ def attention_mask(position_ids: Tensor | None, batch: int, seq: int, window: in
     return allowed[:, None]
 
 
+def _attention_scores(q: Tensor, k: Tensor, scale: float, softcap: float) -> Tensor:
+    """scale * q k^T, soft-capped to softcap * tanh(. / softcap) when softcap > 0 (Gemma-2)."""
+    scores = q @ k.transpose(-1, -2) * scale
+    return softcap * torch.tanh(scores / softcap) if softcap else scores
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale: float,
-              window: int) -> tuple[Tensor, Tensor]:
+              window: int, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """Causal attention within documents (chronicals/ops/attention.py): output (B, Hq, S, D) in
-    q's dtype and the fp32 log-sum-exp of the scaled, masked scores (B, Hq, S). Scores and softmax
-    in fp32; K/V heads shared by Hq / Hk query heads."""
+    q's dtype and the fp32 log-sum-exp of the scaled, soft-capped, masked scores (B, Hq, S).
+    Scores and softmax in fp32; K/V heads shared by Hq / Hk query heads."""
     b, hq, s, _ = q.shape
     group = hq // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)
     vf = v.float().repeat_interleave(group, dim=1)
-    scores = (q.float() @ kf.transpose(-1, -2)) * scale
+    scores = _attention_scores(q.float(), kf, scale, softcap)
     mask = attention_mask(position_ids, b, s, window, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
@@ -75,23 +81,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scal
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                       position_ids: Tensor | None, scale: float, window: int
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                       position_ids: Tensor | None, scale: float, window: int,
+                       softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `attention`'s output for q, k, v (each in its input's dtype), in fp32:
-    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q, with the
-    query heads of a group summed into their shared K/V head."""
+    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), times the softcap's derivative
+    1 - (S / softcap)^2 when capped, dQ = scale dS K, dK = scale dS^T Q, with the query heads of a
+    group summed into their shared K/V head."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
     group = hq // hk
     qf, kf, vf, dof = q.float(), k.float(), v.float(), dout.float()
     kr, vr = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
-    scores = (qf @ kr.transpose(-1, -2)) * scale
+    scores = _attention_scores(qf, kr, scale, softcap)
     mask = attention_mask(position_ids, b, s, window, q.device)
     p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     out = p @ vr
     dv = (p.transpose(-1, -2) @ dof).view(b, hk, group, s, d).sum(2)
     dp = dof @ vr.transpose(-1, -2)
     ds = p * (dp - (dof * out).sum(-1, keepdim=True))
+    if softcap:
+        ds = ds * (1 - (scores / softcap) ** 2)
     dq = (ds @ kr) * scale
     dk = ((ds.transpose(-1, -2) @ qf) * scale).view(b, hk, group, s, d).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,10 +1,22 @@
-"""Masked scaled-dot-product attention -> `chronicals::attention` (causal, by documents).
+"""transformers' attention under torch.compile -> `chronicals::attention` (causal, by documents).
+
+Two spellings are fused: masked scaled-dot-product attention (the sdpa path), and transformers'
+eager attention (`eager_attention_forward`: the path of Gemma-2, whose soft-capped scores sdpa
+cannot compute, of VaultGemma, and of any model loaded with attn_implementation="eager"):
+
+    w = softmax(cap(q @ repeat_kv(k).transpose(2, 3) * scale) + mask, dim=-1)  [in fp32, cast back]
+    out = dropout(w) @ repeat_kv(v),   cap(s) = c * tanh(s / c) with a logit softcap c (Gemma-2)
+
+recognised from the softmax whose scores come from a q @ kT matmul: the scale as a mul or a div of
+the scores or of q, the softcap's div-tanh-mul, the additive mask. Eager's softmax in fp32 (or in
+the input dtype) becomes the kernels' fp32 softmax, at least as accurate.
 
 Under torch.compile, transformers never takes its eager shortcut of calling sdpa with
 `is_causal=True` and no mask: while tracing it cannot look at the values of position_ids, so it
-builds a dense (B, 1, S, S) boolean mask (causal, and block-diagonal over packed documents) and
-calls sdpa with it. With a mask, the fused kernels cannot skip the tiles above the diagonal and
-must read the mask: every compiled decoder pays for the whole S x S square.
+builds a dense (B, 1, S, S) mask (causal, and block-diagonal over packed documents; boolean for
+sdpa, 0 / the dtype's minimum added to the scores for eager attention). With a mask, the fused
+kernels cannot skip the tiles above the diagonal and must read the mask: every compiled decoder
+pays for the whole S x S square.
 
 The mask is a function of the graph's inputs. This pass proves what that function is, rather than
 matching how one transformers version spells it: it runs the mask's subgraph on probe inputs (one
@@ -13,17 +25,21 @@ equal, on every probe, the causal mask of the documents that position_ids delimi
 consecutive positions, transformers' packed-sequence rule), with the sliding window the first probe
 shows. Other inputs the mask reads get random values in each probe, so a mask that depends on them
 (padding, custom masks) fails the proof and is rejected with the reason. What is proven is
-rewritten to `chronicals::attention(q, k, v, position_ids | None, scale, window)`; transformers'
-`repeat_kv` expansion of K/V for GQA is undone (the kernels share K/V heads).
+rewritten to `chronicals::attention(q, k, v, position_ids | None, scale, window, softcap)`;
+transformers' `repeat_kv` expansion of K/V for GQA is undone (the kernels share K/V heads).
 
 Under dynamic shapes the probes run at the sizes Dynamo traced with (read without a guard); the
 mask's subgraph is the same code at every size. Not fused, with the reason in the report:
-dropout > 0, masks that are not causal-by-documents, dtypes or head dims no kernel takes.
-Inside a checkpointed layer the mask is proven in the graph around it.
+dropout > 0 (in training), masks that are not causal-by-documents, dtypes or head dims no kernel
+takes; in eager attention also weights or scores used outside it (output_attentions, an attention
+sink), scores changed by anything else (a position bias), and no mask (it has no is_causal).
+Inside a checkpointed layer or a layer region the mask is proven in the graph around it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import operator
 
 import torch
@@ -33,10 +49,13 @@ from chronicals import attention as packed_attention
 from chronicals import reference
 from chronicals.ops import attention as ops
 from compile_passes._torch_api import BODY_OPERANDS, size_hint
-from compile_passes.fusion import Fusion, GraphFacts, reject_node, val
+from compile_passes.canonicalize import CASTS
+from compile_passes.fusion import Fusion, GraphFacts, literal_float, reject_node, val
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
+_SOFTMAX = aten.softmax.int
+_MATMUL = aten.matmul.default
 _RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 _PROBES = 6
 # Calls from chronicals' packed attention (its CPU/fp32 path runs sdpa with a mask it builds from
@@ -45,18 +64,145 @@ _PACKED_ATTENTION_SOURCE = f'File "{packed_attention.__file__}"'
 
 
 def _is_candidate(node: Node) -> bool:
-    return node.op == "call_function" and node.target is _SDPA
+    return node.op == "call_function" and (
+        node.target is _SDPA or (node.target is _SOFTMAX and _scores_matmul(node) is not None))
 
 
 def _diagnose(node: Node) -> str:
     return "not examined (attention inside a nested graph other than a checkpointed layer or a layer region)"
 
 
-def _sdpa_args(node: Node) -> dict:
+@dataclasses.dataclass(frozen=True)
+class _Attention:
+    """One attention as the graph computes it, whichever way it is spelt."""
+
+    q: Node
+    k: Node
+    v: Node
+    mask: Node | None
+    causal: bool
+    scale: float | None
+    """None: sdpa's default, head_dim ** -0.5."""
+    softcap: float
+    out: Node
+    """The node whose value the fused op's output replaces."""
+    nodes: tuple[Node, ...] = ()
+    """The nodes that compute `out` from q, k, v and the mask, users first: erased with it."""
+
+
+def _sdpa(node: Node) -> _Attention | str:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
     args = dict(zip(names, node.args))
     args.update(node.kwargs)
-    return args
+    if args.get("dropout_p", 0.0):
+        return f"attention dropout {args['dropout_p']} > 0"
+    scale = args.get("scale")
+    return _Attention(args["query"], args["key"], args["value"], args.get("attn_mask"),
+                      bool(args.get("is_causal", False)),
+                      None if scale is None else float(scale), 0.0, node)
+
+
+def _call(node: object, *targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+# What eager attention does to the scores between q @ kT and the softmax: scale, soft-cap, mask.
+_SCORE_STEPS = (aten.mul.Tensor, aten.div.Tensor, aten.tanh.default, aten.add.Tensor, *CASTS)
+
+
+def _scores_matmul(softmax: Node) -> Node | None:
+    """The 4-D q @ kT matmul that a softmax's scores come from through point-wise steps, or None
+    (a softmax that is not attention's: a router's)."""
+    x = softmax.args[0]
+    for _ in range(8):
+        if not _call(x, *_SCORE_STEPS):
+            break
+        x = x.args[0]
+    if not _call(x, _MATMUL):
+        return None
+    kt = x.args[1]
+    while _call(kt, *CASTS):
+        kt = kt.args[0]
+    if not (_call(kt, aten.transpose.int) and isinstance(val(x), torch.Tensor)
+            and val(x).dim() == 4 and {d % 4 for d in kt.args[1:]} == {2, 3}):
+        return None
+    return x
+
+
+def _scalar(node: object) -> tuple[Node, float] | None:
+    """(x, f) for a node computing x * f, or x / f as f = 1 / divisor, with a Python number (or,
+    under dynamic=True, the symbolic float of a module attribute Dynamo lifted to an input)."""
+    if not _call(node, aten.mul.Tensor, aten.div.Tensor):
+        return None
+    factor = val(node.args[1])
+    f = literal_float(float(factor) if isinstance(factor, int) else factor)
+    if not f:
+        return None
+    return node.args[0], f if node.target is aten.mul.Tensor else 1 / f
+
+
+def _eager(softmax: Node) -> _Attention | str:
+    """Read transformers' eager attention around its softmax (see the module docstring)."""
+    if softmax.args[1] not in (-1, 3):
+        return f"the softmax is over dim {softmax.args[1]}, not over the keys"
+    # Back from the softmax to q @ kT, each step's node kept: casts (the kernels' scores and
+    # softmax are fp32 whatever eager rounds them to), the mask, the softcap, the scale.
+    scores = [softmax]
+
+    def step(node: Node) -> Node:
+        while _call(node, *CASTS):
+            scores.append(node)
+            node = node.args[0]
+        return node
+
+    x, mask, softcap, scale = step(softmax.args[0]), None, 0.0, 1.0
+    if _call(x, aten.add.Tensor) and isinstance(x.args[1], Node):
+        scores.append(x)
+        x, mask = step(x.args[0]), x.args[1]
+    cap_out = _scalar(x)
+    cap_in = _scalar(cap_out[0].args[0]) if cap_out and _call(cap_out[0], aten.tanh.default) else None
+    if cap_in and cap_out[1] > 0 and math.isclose(cap_out[1] * cap_in[1], 1.0, rel_tol=1e-6):
+        scores += [x, cap_out[0], cap_out[0].args[0]]
+        x, softcap = step(cap_in[0]), cap_out[1]
+    if _scalar(x):
+        scores.append(x)
+        x, scale = _scalar(x)
+        x = step(x)
+    if x is not _scores_matmul(softmax):
+        return (f"the scores reach the softmax through {x.target}, which is not a scale, a "
+                "softcap or an added mask (e.g. a position bias)")
+    scores.append(x)
+    q, kt = x.args
+    scores.append(kt)
+    while _call(kt, *CASTS):  # autocast's, to the matmul's dtype: k is cast to q's (_rewrite)
+        kt = kt.args[0]
+        scores.append(kt)
+    if _scalar(q):  # the scale applied to q before the matmul (erased only if it has no other use)
+        scores.append(q)
+        q, f = _scalar(q)
+        scale *= f
+    # On from the softmax to weights @ v: casts and dropout.
+    weights, w = [], softmax
+    while len(w.users) == 1 and _call(next(iter(w.users)), aten.dropout.default, *CASTS):
+        w = next(iter(w.users))
+        if w.target is aten.dropout.default and w.args[1] and w.args[2]:
+            return f"attention dropout {w.args[1]} > 0 in training"
+        weights.append(w)
+    shared = next((n for n in (*scores[:scores.index(x) + 1], *weights) if len(n.users) != 1),
+                  None)
+    if shared in (softmax, *weights):
+        return (f"the attention weights ({shared.target}) are also used outside the attention "
+                "(e.g. returned with output_attentions), which the fused op does not compute")
+    if shared is not None:
+        return (f"the attention scores ({shared.target}) are also used outside the attention "
+                "(e.g. for an attention sink), which the fused op does not compute")
+    (out,) = w.users
+    if not (_call(out, _MATMUL) and out.args[0] is w):
+        return "the attention weights are not multiplied with the values"
+    if val(out).dtype != val(q).dtype:
+        return f"the attention output is {val(out).dtype}, its query {val(q).dtype}"
+    return _Attention(q, kt.args[0], out.args[1], mask, False, scale, softcap, out,
+                      (out, *reversed(weights), *scores))
 
 
 def _unrepeated(kv: Node) -> Node:
@@ -102,19 +248,30 @@ def _ancestors(node: Node) -> list[Node]:
 def _subgraph(mask: Node) -> tuple[GraphModule, list[Node]] | str:
     """The mask's subgraph as a module of its placeholders, or why it cannot be run."""
     nodes = _ancestors(mask)
-    graph, env, inputs = Graph(), {}, []
+    graph, env, inputs, root = Graph(), {}, [], torch.nn.Module()
     for n in nodes:
         if n.op == "placeholder":
             env[n] = graph.placeholder(n.name)
             inputs.append(n)
+        elif n.op == "get_attr":
+            # A constant tensor: transformers 5.17's eager mask is where(allowed, tensor(0.0), min).
+            value = mask.graph.owning_module
+            for name in n.target.split("."):
+                value = getattr(value, name)
+            if not isinstance(value, torch.Tensor):
+                return f"the mask is computed from {n.target}, a {type(value).__name__}"
+            setattr(root, n.name, value.clone())  # probes cannot change the model's
+            env[n] = graph.get_attr(n.name)
         elif n.op == "call_function":
-            if n.is_impure() or torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ()):
+            # detach_ (of transformers 5.17's lifted constant) changes no value.
+            impure = n.is_impure() and n.target is not aten.detach_.default
+            if impure or torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ()):
                 return f"the mask is computed by {n.target}, which is random or mutates"
             env[n] = graph.node_copy(n, lambda a: env[a])
         else:
             return f"the mask is computed by a {n.op} node ({n.name})"
     graph.output(env[mask])
-    return GraphModule(torch.nn.Module(), graph), inputs
+    return GraphModule(root, graph), inputs
 
 
 def _probe_positions(shape: tuple[int, int], probe: int, gen: torch.Generator) -> torch.Tensor:
@@ -242,9 +399,10 @@ def _finalize(graph: torch.fx.Graph, facts: GraphFacts) -> None:
 class _Region:
     """Where an attention node sits: the top graph, or a body that one or more calls run (a
     checkpointed layer, or a layer region whose body all layers share), whose placeholders are
-    the calls' operands. A mask is proven where it is computed, in the graph around the region,
-    and must be the same node in every call; the positions it is proven from are then passed
-    into the region as one more operand of every call."""
+    the calls' operands. A mask is proven where it is computed, in the graph around the region;
+    the masks the calls pass must be proven the same function of the same positions (at rows no
+    longer than its window, a sliding-window mask is the causal one), which are then passed into
+    the region as one more operand of every call."""
 
     def __init__(self, calls: list[Node] = (), body: GraphModule | None = None) -> None:
         self.calls, self.body = list(calls), body
@@ -253,16 +411,13 @@ class _Region:
     def _placeholders(self) -> list[Node]:
         return [n for n in self.body.graph.nodes if n.op == "placeholder"]
 
-    def outer(self, node: Node) -> Node | str:
-        """The node of the enclosing graph that a body placeholder stands for, or why there is
-        none (the calls pass different nodes)."""
+    def outer(self, node: Node) -> list[Node]:
+        """The nodes of the enclosing graph that a body placeholder stands for, one for each
+        different node the calls pass (Gemma-2's sliding and global layers pass two masks)."""
         if not self.calls or node.op != "placeholder":
-            return node
+            return [node]
         index = self.start + self._placeholders().index(node)
-        operands = {call.args[index] for call in self.calls}
-        if len(operands) > 1:
-            return f"the layers' calls pass {len(operands)} different masks"
-        return self.calls[0].args[index]
+        return list(dict.fromkeys(call.args[index] for call in self.calls))
 
     def inner(self, node: Node | None) -> Node | None:
         """`node` of the enclosing graph as seen inside the region (added as an operand)."""
@@ -282,17 +437,19 @@ class _Region:
 
 
 def _rewrite(node: Node, region: _Region) -> None:
+    """Fuse the attention that candidate `node` (sdpa, or eager attention's softmax) marks, or
+    record why not."""
     if _PACKED_ATTENTION_SOURCE in (node.meta.get("stack_trace") or ""):
         return reject_node(node, f"{packed_attention.PACKED_ATTENTION}'s reference path: its mask comes from the "
                                  "packer's cu_seq_lens, already one block per document",
                            declined=True)
-    args = _sdpa_args(node)
-    q, k, v, mask = args["query"], args["key"], args["value"], args.get("attn_mask")
-    if args.get("dropout_p", 0.0):
-        return reject_node(node, f"attention dropout {args['dropout_p']} > 0")
+    attn = _sdpa(node) if node.target is _SDPA else _eager(node)
+    if isinstance(attn, str):
+        return reject_node(node, attn)
+    q, k, v, mask = attn.q, attn.k, attn.v, attn.mask
     qv = val(q)
-    if not isinstance(qv, torch.Tensor) or qv.dim() != 4:
-        return reject_node(node, "query is not a (B, H, S, D) tensor")
+    if not all(isinstance(val(t), torch.Tensor) and val(t).dim() == 4 for t in (q, k, v)):
+        return reject_node(node, "query, key and value are not all (B, H, S, D) tensors")
     batch, _, seq, head_dim = _shape(qv)
     if _shape(val(k))[2] != seq:
         return reject_node(node, "keys and queries cover different positions (a KV cache)")
@@ -308,31 +465,36 @@ def _rewrite(node: Node, region: _Region) -> None:
     if why:
         return reject_node(node, why)
     if mask is None:
-        if not args.get("is_causal", False):
+        if not attn.causal:
             return reject_node(node, "attention without a mask and not causal (not a decoder)")
         positions, window = None, 0
-    elif args.get("is_causal", False):
+    elif attn.causal:
         return reject_node(node, "attention with both a mask and is_causal")
     else:
-        outer = region.outer(mask)
-        if isinstance(outer, str):
-            return reject_node(node, outer)
-        proven = _prove(outer, batch, seq)
-        if isinstance(proven, str):
-            return reject_node(node, proven)
-        positions, window = region.inner(proven[0]), proven[1]
-    scale = node.kwargs.get("scale")
-    scale = head_dim ** -0.5 if scale is None else float(scale)
-    with node.graph.inserting_before(node):
-        fused = node.graph.call_function(
-            torch.ops.chronicals.attention.default, (q, k, v, positions, scale, window)
-        )
-        out = node.graph.call_function(operator.getitem, (fused, 0))
+        proofs = list(dict.fromkeys(_prove(m, batch, seq) for m in region.outer(mask)))
+        why = next((p for p in proofs if isinstance(p, str)), None)
+        if why:
+            return reject_node(node, why)
+        if len(proofs) > 1:
+            proven = "; ".join(f"window {w or 'none'}, positions {p.name if p else 'none'}"
+                               for p, w in proofs)
+            return reject_node(node, f"the layers' calls pass masks proven different ({proven})")
+        positions, window = region.inner(proofs[0][0]), proofs[0][1]
+    scale = head_dim ** -0.5 if attn.scale is None else attn.scale
+    graph = node.graph
+    with graph.inserting_before(attn.out):
+        if val(k).dtype != qv.dtype:
+            k = graph.call_function(aten.to.dtype, (k, qv.dtype))
+        fused = graph.call_function(torch.ops.chronicals.attention.default,
+                                    (q, k, v, positions, scale, window, attn.softcap))
+        out = graph.call_function(operator.getitem, (fused, 0))
     if "stack_trace" in node.meta:
         fused.meta["stack_trace"] = node.meta["stack_trace"]
-    out.meta.update(node.meta)
-    node.replace_all_uses_with(out)
-    node.graph.erase_node(node)
+    out.meta.update(attn.out.meta)
+    attn.out.replace_all_uses_with(out)
+    for n in attn.nodes or (attn.out,):
+        if not n.users:
+            graph.erase_node(n)
     return None
 
 

@@ -40,7 +40,8 @@ FAMILIES = {
     "gemma2": (
         "Gemma2Config",
         "Gemma2ForCausalLM",
-        # Gemma-2 has no sdpa path in transformers (it soft-caps attention logits).
+        # Gemma-2 has no sdpa path in transformers (it soft-caps attention logits): its eager
+        # attention is fused.
         {"sliding_window": 64, "final_logit_softcapping": 30.0, "attn_implementation": "eager"},
     ),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 64}),
@@ -68,8 +69,7 @@ EXPECTED = {
         "swiglu": 0 if family.startswith("gemma") else LAYERS,
         "geglu": LAYERS if family.startswith("gemma") else 0,
         "rope": LAYERS,
-        # Gemma-2 has no sdpa path (it runs eager attention, which soft-caps the scores).
-        "attention": 0 if family == "gemma2" else LAYERS,
+        "attention": LAYERS,
         "linear_cross_entropy": 1,
         "lora": 0,  # no adapters (tests/compile_passes/test_lora.py adds them)
     }

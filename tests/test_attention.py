@@ -7,6 +7,7 @@ backend).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 
@@ -22,6 +23,7 @@ from chronicals.attention import (
     use_packed_attention,
     varlen_attention,
 )
+from chronicals.ops import attention as ops
 from chronicals.packing import pack
 from tests.helpers import ULP, assert_no_worse_than_eager, devices
 
@@ -150,7 +152,7 @@ def test_sliding_window_model_matches_alone():
             slot += d.length
 
 
-def per_document_truth(q, k, v, cu, scale, window=None):
+def per_document_truth(q, k, v, cu, scale, window=None, softcap=None):
     """fp64 attention document by document: the oracle, independent of masks over rows."""
     b, hq, s, d = q.shape
     rep = hq // k.shape[1]
@@ -162,6 +164,8 @@ def per_document_truth(q, k, v, cu, scale, window=None):
     for lo, hi in itertools.pairwise(bounds):
         n = hi - lo
         scores = torch.einsum("qhd,khd->hqk", qf[lo:hi], kf[lo:hi]) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         i = torch.arange(n, device=q.device)
         keep = i[:, None] >= i[None, :]
         if window is not None:
@@ -206,8 +210,26 @@ def test_reference_path_matches_per_document_attention(heads, window):
     torch.testing.assert_close(out, truth, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", ["default", "triton"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_softcap_runs_chronicals_attention_per_document(window, kernel):
+    # Gemma-2's soft-capped scores: neither PyTorch kernel computes them, chronicals::attention
+    # does (its reference on CPU, its Triton kernel through the interpreter when forced).
+    s, d = 23, 12
+    q, k, v = random_qkv(2, s, 6, 2, d, torch.float32, "cpu")
+    cu = segments_cu([[7, 1, 10], [23]], s, "cpu")
+    forced = ops.forced_kernel("triton") if kernel == "triton" else contextlib.nullcontext()
+    with forced:
+        out = call(q, k, v=v, cu_seq_lens_q=cu, scaling=0.3, sliding_window=window,
+                   softcap=2.0)[0]
+    assert out.shape == (2, s, 6, d)
+    truth = per_document_truth(q, k, v, cu, 0.3, window, softcap=2.0)
+    torch.testing.assert_close(out.double(), truth, atol=2e-6, rtol=1e-5)
+
+
 def test_implementation_choice_is_per_device_and_dtype():
     assert implementation(torch.empty(1, 2, 3, 64)) == "reference"
+    assert implementation(torch.empty(1, 2, 3, 64), softcap=30.0) == "chronicals"
     assert implementation(torch.empty(1, 2, 3, 64, dtype=torch.bfloat16)) == "reference"
     if torch.cuda.is_available():
         assert implementation(torch.empty(1, 2, 3, 64, device="cuda")) == "reference"
@@ -222,10 +244,10 @@ class _Module(torch.nn.Module):
     is_causal = True
 
 
-def call(q=None, k=None, mask=None, **kwargs):
+def call(q=None, k=None, mask=None, v=None, **kwargs):
     q = torch.randn(1, 2, 5, 8) if q is None else q
     k = torch.randn(1, 2, 5, 8) if k is None else k
-    return packed_attention_forward(_Module(), q, k, k, mask, **kwargs)
+    return packed_attention_forward(_Module(), q, k, k if v is None else v, mask, **kwargs)
 
 
 def test_missing_boundaries_raise_instead_of_attending_across_documents():
@@ -245,7 +267,6 @@ def test_model_without_boundaries_raises():
         ({"mask": torch.ones(1, 5, dtype=torch.bool)}, "Pass no attention_mask"),
         ({"k": torch.randn(1, 2, 8, 8)}, "KV cache is in use. Call the model with use_cache=False"),
         ({"dropout": 0.1}, "attention dropout is not supported"),
-        ({"softcap": 30.0}, "softcapping is not supported"),
         ({"cu_seq_lens_k": torch.tensor([0, 5], dtype=torch.int32)}, "must equal cu_seq_lens_q"),
     ],
 )

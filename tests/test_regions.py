@@ -17,7 +17,7 @@ import torch
 
 from chronicals.regions import mark_layer_regions, repeated_layers
 from chronicals.train import compile_loss
-from compile_passes.backend import chronicals_backend
+from tests.compile_passes.harness import RecordingBackend
 from tests.models import VOCAB, tiny_model
 
 LAYERS = 4
@@ -29,17 +29,6 @@ def _batch(rows: int = 2, seq: int = 12, seed: int = 1) -> dict[str, torch.Tenso
     labels = ids.clone()
     labels[:, :3] = -100
     return {"input_ids": ids, "labels": labels}
-
-
-class _Recording:
-    """The chronicals backend, keeping each graph it is given and each report it makes."""
-
-    def __init__(self) -> None:
-        self.graphs, self.reports = [], []
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(gm)
-        return chronicals_backend(gm, example_inputs, {"report": self.reports.append})
 
 
 def _layer_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -58,7 +47,7 @@ def _loss_and_grads(model, loss_fn, batch):
 def test_layers_compile_once_every_fusion_fires_and_gradients_are_eagers(family):
     torch.compiler.reset()
     model = tiny_model(family, num_hidden_layers=LAYERS)
-    backend = _Recording()
+    backend = RecordingBackend()
     loss_fn = compile_loss(model, backend=backend)
     batch = _batch()
     loss, grads = _loss_and_grads(model, loss_fn, batch)
@@ -96,7 +85,7 @@ def test_regional_false_compiles_the_whole_graph():
     torch.compiler.reset()
     model = tiny_model("llama", num_hidden_layers=LAYERS)
     compile_loss(model, backend="chronicals")  # marks the layers
-    backend = _Recording()
+    backend = RecordingBackend()
     loss_fn = compile_loss(model, backend=backend, regional=False)
     loss_fn(_batch(), torch.tensor(20)).backward()
     (gm,) = backend.graphs
@@ -111,7 +100,7 @@ def test_dynamic_true_compiles_the_whole_graph_in_one_piece():
     # and Dynamo broke the graph around every layer, without an error: no regions then.
     torch.compiler.reset()
     model = tiny_model("llama", num_hidden_layers=LAYERS)
-    backend = _Recording()
+    backend = RecordingBackend()
     loss_fn = compile_loss(model, backend=backend, dynamic=True)
     compiled = []
     for rows, seq in ((2, 12), (3, 17)):  # a second size: no second compile
@@ -168,7 +157,7 @@ def test_regions_under_autocast_fuse_as_the_whole_graph():
     written into the one layer body, and every fusion fires as without autocast."""
     torch.compiler.reset()
     model = tiny_model("llama", num_hidden_layers=LAYERS)
-    backend = _Recording()
+    backend = RecordingBackend()
     loss_fn = compile_loss(model, backend=backend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = loss_fn(_batch(), torch.tensor(20))

@@ -1,8 +1,8 @@
 """Causal attention over rows of packed documents: `chronicals::attention`.
 
-    out[b, h, i] = sum_j p_ij v[b, h', j],   p_i = softmax_j(scale * q[b, h, i] . k[b, h', j])
+    out[b, h, i] = sum_j p_ij v[b, h', j],   p_i = softmax_j(cap(scale * q[b, h, i] . k[b, h', j]))
 
-over the keys j of the query's own document with j <= i (and i - j < window when a sliding window
+(cap(s) = c * tanh(s / c) with a logit softcap c > 0, Gemma-2's; the identity without) over the keys j of the query's own document with j <= i (and i - j < window when a sliding window
 is given), h' = h // (Hq / Hk) (GQA/MQA: K/V heads are shared, never repeated). A document is a
 maximal run of consecutive `position_ids` (transformers' packed-sequence rule: a new document starts
 where a position is not its predecessor's plus one); without position_ids every row is one document.
@@ -14,17 +14,25 @@ statistics (log-sum-exp) are fp32; the output comes back in q's dtype.
 
 Kernels, chosen from what the graph says of the batch (static: the same choice in the forward and
 the backward, and at every call of a compiled graph), stated here once and named by `kernel()`:
-- "cudnn": CUDA, one document per row (no position_ids), no window, head_dim <= 128: cuDNN's fused
-  attention with its causal mask (`aten._scaled_dot_product_cudnn_attention`), the kernel
-  `scaled_dot_product_attention` picks on Hopper for an unmasked causal call. Fastest measured on
-  H100 at every model shape in benchmarks/bench_attention.py.
-- "flash-varlen": CUDA otherwise (packed rows, sliding windows, head_dim up to 256): PyTorch's flash
-  kernel over document boundaries `cu_seqlens`, computed on the device from position_ids.
+- "cudnn": CUDA, one document per row (no position_ids), no window, no softcap, head_dim <= 128:
+  cuDNN's fused attention with its causal mask (`aten._scaled_dot_product_cudnn_attention`), the
+  kernel `scaled_dot_product_attention` picks on Hopper for an unmasked causal call. Fastest
+  measured on H100 at every model shape in benchmarks/bench_attention.py.
+- "flash-varlen": CUDA, packed rows or sliding windows, no softcap (head_dim up to 256):
+  PyTorch's flash kernel over document boundaries `cu_seqlens`, computed on the device from
+  position_ids.
+- "triton": CUDA with a logit softcap (Gemma-2), which neither PyTorch kernel computes:
+  Chronicals' own kernels (chronicals/ops/attention_triton.py), which take every case above.
 - "reference": CPU: masked `scaled_dot_product_attention` (chronicals/reference.py), the numerics
   oracle of the tests. There is no fallback from a kernel to it.
+`forced_kernel(name)` runs another kernel that takes the inputs (benchmarks; and the tests run
+"triton" on CPU tensors through Triton's interpreter).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -37,22 +45,68 @@ from chronicals._torch_private import (
     flash_attention_forward,
     version,
 )
-from chronicals.ops._launch import empty_token_major
+from chronicals.ops import attention_triton
+from chronicals.ops._launch import empty_token_major, interpreter_on
 
-KERNELS = ("cudnn", "flash-varlen", "reference")
+KERNELS = ("cudnn", "flash-varlen", "triton", "reference")
 _HALF = (torch.float16, torch.bfloat16)
 _CUDNN_MAX_HEAD_DIM = 128
 _FLASH_MAX_HEAD_DIM = 256
 
 
-def kernel(q: Tensor, packed: bool, window: int) -> str:
+_forced: str | None = None
+
+
+def kernel(q: Tensor, packed: bool, window: int, softcap: float = 0.0) -> str:
     """The kernel `attention` runs for a query tensor (B, Hq, S, D) of this device, dtype and head
-    dim; `packed`: position_ids are given; `window`: sliding window (0: none)."""
+    dim; `packed`: position_ids are given; `window`: sliding window (0: none); `softcap`: logit
+    cap (0: none)."""
+    if _forced is not None:
+        return _forced
     if q.device.type != "cuda":
         return "reference"
+    if softcap:
+        return "triton"
     if not packed and window == 0 and q.shape[-1] <= _CUDNN_MAX_HEAD_DIM:
         return "cudnn"
     return "flash-varlen"
+
+
+@contextlib.contextmanager
+def forced_kernel(name: str) -> Iterator[None]:
+    """Run `name` for every attention call inside (forward and backward); it raises for inputs
+    the kernel does not take. "triton" on CPU tensors needs TRITON_INTERPRET=1."""
+    global _forced
+    if name not in KERNELS:
+        raise ValueError(f"forced_kernel: expected one of {KERNELS}. Got {name!r}.")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _check_kernel(name: str, q: Tensor, packed: bool, window: int, softcap: float) -> None:
+    """A forced kernel must take the inputs: raise, never compute something else."""
+    cuda = q.device.type == "cuda"
+    if name == "reference":
+        return
+    if name == "triton":
+        if not cuda and not interpreter_on():
+            raise ValueError("attention: the triton kernel runs on CUDA, or on CPU tensors with "
+                             "TRITON_INTERPRET=1.")
+        return
+    why = None
+    if not cuda:
+        why = "CUDA tensors"
+    elif softcap:
+        why = "no softcap"
+    elif name == "cudnn" and (packed or window or q.shape[-1] > _CUDNN_MAX_HEAD_DIM):
+        why = f"one document per row, no window, head_dim <= {_CUDNN_MAX_HEAD_DIM}"
+    if why:
+        raise ValueError(f"attention: the {name} kernel takes {why}; got {q.device.type} "
+                         f"tensors, packed={packed}, window={window}, softcap={softcap}, "
+                         f"head_dim {q.shape[-1]}.")
 
 
 def unsupported(q: Tensor, k: Tensor) -> str | None:
@@ -68,8 +122,8 @@ def unsupported(q: Tensor, k: Tensor) -> str | None:
     return None
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, window: int
-                  ) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, window: int,
+                  softcap: float) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
             f"attention: expected q (B, Hq, S, D) and k, v (B, Hk, S, D). Got "
@@ -92,9 +146,13 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, 
         )
     if window < 0:
         raise ValueError(f"attention: window must be >= 0 (0: none). Got {window}.")
+    if softcap < 0:
+        raise ValueError(f"attention: softcap must be >= 0 (0: none). Got {softcap}.")
     why = unsupported(q, k)
     if why:
         raise ValueError(f"attention: {why}.")
+    _check_kernel(kernel(q, position_ids is not None, window, softcap), q,
+                  position_ids is not None, window, softcap)
 
 
 def document_bounds(position_ids: Tensor, batch: int) -> Tensor:
@@ -109,26 +167,39 @@ def document_bounds(position_ids: Tensor, batch: int) -> Tensor:
     return torch.cat([bounds, end]).to(torch.int32)
 
 
-# The last packed batch's boundaries: (position_ids, its version, batch, cu_seqlens).
-_last_bounds: tuple[Tensor, int, int, Tensor] | None = None
+# The last packed batch's documents: (position_ids, its version, batch, {form: documents}).
+_last_documents: tuple[Tensor, int, int, dict] | None = None
+
+
+def _documents(position_ids: Tensor, batch: int, form: str, compute):
+    """`compute(position_ids, batch)`, memoised: every attention layer of a step, forward and
+    backward, gets the same position_ids tensor, so its documents are found once and reused while
+    it is that same tensor, unchanged in place."""
+    global _last_documents
+    last = _last_documents
+    if not (last is not None and last[0] is position_ids and last[1] == version(position_ids)
+            and last[2] == batch):
+        last = _last_documents = (position_ids, version(position_ids), batch, {})
+    if form not in last[3]:
+        last[3][form] = compute(position_ids, batch)
+    return last[3][form]
 
 
 def _cu_seqlens(position_ids: Tensor | None, batch: int, seq: int, device: torch.device
                 ) -> Tensor:
-    """`document_bounds` for the flash kernel. Every attention layer of a step, forward and
-    backward, gets the same position_ids tensor: its boundaries (a host sync each time) are
-    computed once and reused while it is that same tensor, unchanged in place. Rows without
-    position_ids are one document each: their bounds need no sync."""
-    global _last_bounds
+    """`document_bounds` for the flash kernel (a host sync, once per position_ids tensor). Rows
+    without position_ids are one document each: their bounds need no sync."""
     if position_ids is None:
         return torch.arange(0, batch * seq + 1, seq, dtype=torch.int32, device=device)
-    last = _last_bounds
-    if (last is not None and last[0] is position_ids and last[1] == version(position_ids)
-            and last[2] == batch):
-        return last[3]
-    cu = document_bounds(position_ids, batch)
-    _last_bounds = (position_ids, version(position_ids), batch, cu)
-    return cu
+    return _documents(position_ids, batch, "cu_seqlens", document_bounds)
+
+
+def _spans(position_ids: Tensor | None, batch: int, seq: int):
+    """Each token's document span for the triton kernel (no host sync), once per tensor."""
+    if position_ids is None:
+        return None
+    return _documents(position_ids, batch, "spans",
+                      lambda pos, b: attention_triton.document_spans(pos, b, seq))
 
 
 def _token_major(x: Tensor) -> Tensor:
@@ -137,12 +208,15 @@ def _token_major(x: Tensor) -> Tensor:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale: float,
-             window: int) -> tuple[Tensor, Tensor]:
+             window: int, softcap: float) -> tuple[Tensor, Tensor]:
     b, hq, s, d = q.shape
-    name = kernel(q, position_ids is not None, window)
+    name = kernel(q, position_ids is not None, window, softcap)
     if name == "reference":
-        out, lse = reference.attention(q, k, v, position_ids, scale, window)
+        out, lse = reference.attention(q, k, v, position_ids, scale, window, softcap)
         return _token_major(out), lse.reshape(-1)
+    if name == "triton":
+        return attention_triton.forward(q, k, v, _spans(position_ids, b, s), scale, window,
+                                        softcap)
     if name == "cudnn":
         out, lse = cudnn_attention_forward(_token_major(q), _token_major(k), _token_major(v),
                                            scale)
@@ -159,27 +233,30 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale
 
 @torch.library.custom_op("chronicals::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale: float,
-                  window: int) -> tuple[Tensor, Tensor]:
-    _check_inputs(q, k, v, position_ids, window)
-    return _forward(q, k, v, position_ids, scale, window)
+                  window: int, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    _check_inputs(q, k, v, position_ids, window, softcap)
+    return _forward(q, k, v, position_ids, scale, window, softcap)
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k, v, position_ids, scale, window):
+def _attention_fake(q, k, v, position_ids, scale, window, softcap=0.0):
     b, hq, s, _d = q.shape
     return empty_token_major(q), q.new_empty((b * hq * s,), dtype=torch.float32)
 
 
 @torch.library.custom_op("chronicals::attention_backward", mutates_args=())
 def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                           lse: Tensor, position_ids: Tensor | None, scale: float, window: int
-                           ) -> tuple[Tensor, Tensor, Tensor]:
+                           lse: Tensor, position_ids: Tensor | None, scale: float, window: int,
+                           softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     b, hq, s, d = q.shape
     hk = k.shape[1]
-    name = kernel(q, position_ids is not None, window)
+    name = kernel(q, position_ids is not None, window, softcap)
     if name == "reference":
-        grads = reference.attention_backward(dout, q, k, v, position_ids, scale, window)
+        grads = reference.attention_backward(dout, q, k, v, position_ids, scale, window, softcap)
         return tuple(_token_major(g) for g in grads)
+    if name == "triton":
+        return attention_triton.backward(dout, q, k, v, out, lse, _spans(position_ids, b, s),
+                                         scale, window, softcap)
     if name == "cudnn":
         grads = cudnn_attention_backward(
             _token_major(dout), _token_major(q), _token_major(k), _token_major(v), out,
@@ -200,15 +277,15 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(dout, q, k, v, out, lse, position_ids, scale, window):
+def _attention_backward_fake(dout, q, k, v, out, lse, position_ids, scale, window, softcap=0.0):
     return empty_token_major(q), empty_token_major(k), empty_token_major(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, position_ids, scale, window = inputs
+    q, k, v, position_ids, scale, window, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, position_ids)
-    ctx.scale, ctx.window = scale, window
+    ctx.scale, ctx.window, ctx.softcap = scale, window, softcap
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
 
@@ -216,25 +293,30 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dout: Tensor | None, _dlse: Tensor | None):
     q, k, v, out, lse, position_ids = ctx.saved_tensors
     if dout is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, position_ids, ctx.scale,
-                                        ctx.window)
-    return dq, dk, dv, None, None, None
+                                        ctx.window, ctx.softcap)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None = None, *,
-              scale: float | None = None, window: int | None = None) -> Tensor:
+              scale: float | None = None, window: int | None = None,
+              softcap: float | None = None) -> Tensor:
     """Causal attention within the documents of each row; see the module docstring.
 
     q (B, Hq, S, D), k and v (B, Hk, S, D) with Hq a multiple of Hk; position_ids (B, S) or
     (1, S) integers, or None for one document per row; scale defaults to 1/sqrt(D); window w: a
     token sees the w most recent tokens of its document, itself included (transformers'
-    `sliding_window`). Returns (B, Hq, S, D) in q's dtype, laid out as (B, S, Hq, D).
+    `sliding_window`); softcap c: scores become c * tanh(scores / c) before the softmax
+    (Gemma-2's `attn_logit_softcapping`). Returns (B, Hq, S, D) in q's dtype, laid out as
+    (B, S, Hq, D).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if window is not None and window < 1:
         raise ValueError(f"attention: window must be >= 1 or None. Got {window}.")
-    return _attention_op(q, k, v, position_ids, scale, window or 0)[0]
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"attention: softcap must be > 0 or None. Got {softcap}.")
+    return _attention_op(q, k, v, position_ids, scale, window or 0, float(softcap or 0.0))[0]

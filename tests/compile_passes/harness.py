@@ -16,6 +16,7 @@ import torch
 
 import chronicals  # noqa: F401  (registers backend="chronicals" where no entry point is installed)
 import compile_passes
+from compile_passes.backend import chronicals_backend
 from tests.helpers import ULP
 from tests.models import DECLINED, EXPECTED, checkpointed_counts, tiny_batch, tiny_model
 
@@ -52,6 +53,17 @@ class Comparison:
         loss_allowed = 2 * abs(self.loss_eager - self.loss_truth) + ULP[dtype] * abs(self.loss_truth)
         assert abs(self.loss - self.loss_truth) <= loss_allowed, self
         assert self.grad_err <= 2 * self.grad_err_eager + ULP[dtype], self
+
+
+class RecordingBackend:
+    """The chronicals backend, keeping each graph it is given and each report it makes."""
+
+    def __init__(self) -> None:
+        self.graphs, self.reports = [], []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return chronicals_backend(gm, example_inputs, {"report": self.reports.append})
 
 
 def _loss_fn(model):

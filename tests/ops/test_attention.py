@@ -1,6 +1,11 @@
-"""chronicals::attention: opcheck, numerics against an fp64 truth, packed documents, bad input."""
+"""chronicals::attention: opcheck, numerics against an fp64 truth, packed documents, bad input.
+
+Each case runs the op's CPU kernel (the reference) and its Triton kernel through Triton's
+interpreter (`forced_kernel("triton")`)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -8,16 +13,23 @@ import torch.nn.functional as F
 
 from chronicals import reference
 from chronicals.ops import attention as ops
+from chronicals.ops import attention_triton
 from tests.helpers import assert_no_worse_than_eager, devices
 
-# (B, Hq, Hk, S, D, packed, window): causal, GQA, MQA, sliding window, packed documents, odd sizes.
+# (B, Hq, Hk, S, D, packed, window, softcap): causal, GQA, MQA, sliding window, packed documents,
+# logit softcap, odd sizes; rows longer than the interpreter's 16-token blocks.
 CASES = [
-    (2, 4, 4, 13, 16, False, 0),
-    (2, 6, 2, 17, 16, False, 0),
-    (1, 4, 1, 11, 24, True, 0),
-    (2, 4, 2, 19, 16, True, 5),
-    (3, 2, 2, 9, 40, False, 4),
+    (2, 4, 4, 13, 16, False, 0, 0.0),
+    (2, 6, 2, 17, 16, False, 0, 0.0),
+    (1, 4, 1, 11, 24, True, 0, 0.0),
+    (2, 4, 2, 19, 16, True, 5, 0.0),
+    (3, 2, 2, 9, 40, False, 4, 0.0),
+    (2, 6, 2, 37, 16, False, 0, 2.0),
+    (1, 4, 2, 41, 24, True, 9, 1.5),
+    (2, 4, 1, 35, 20, True, 0, 0.0),
+    (1, 2, 1, 70, 16, True, 20, 0.0),
 ]
+KERNELS = ["default", "triton"]
 
 
 def _positions(b: int, s: int, seed: int = 0) -> torch.Tensor:
@@ -36,7 +48,7 @@ def _positions(b: int, s: int, seed: int = 0) -> torch.Tensor:
 
 
 def _inputs(case, dtype, device, seed=0):
-    b, hq, hk, s, d, packed, window = case
+    b, hq, hk, s, d, packed, window, _softcap = case
     g = torch.Generator().manual_seed(seed)
     # HF's layout: transposed views of (B, S, H, D) projections.
     q = torch.randn(b, s, hq, d, generator=g).to(device, dtype).transpose(1, 2)
@@ -46,23 +58,36 @@ def _inputs(case, dtype, device, seed=0):
     return q, k, v, pos, window
 
 
-def _sdpa(q, k, v, pos, window, scale):
-    """What transformers computes: sdpa with the dense mask, K/V repeated per query head."""
+def _sdpa(q, k, v, pos, window, scale, softcap=0.0):
+    """What transformers computes: sdpa with the dense mask, K/V repeated per query head; with a
+    softcap, its eager attention (scores in the input dtype, softmax in fp32)."""
     b, hq, s, _ = q.shape
     mask = reference.attention_mask(pos, b, s, window, q.device)
     group = hq // k.shape[1]
-    return F.scaled_dot_product_attention(
-        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask,
-        scale=scale,
-    )
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = softcap * torch.tanh(q @ k.transpose(-1, -2) * scale / softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def _kernel(name):
+    return contextlib.nullcontext() if name == "default" else ops.forced_kernel(name)
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_forward_backward_against_fp64(case, dtype, device):
+def test_forward_backward_against_fp64(case, dtype, kernel, device):
     if device == "cuda" and dtype == torch.float32:
         pytest.skip("the CUDA kernels take float16/bfloat16 (the pass rejects fp32 there)")
+    if device == "cuda" and kernel == "default" and case[-1]:
+        pytest.skip("softcap: the default CUDA kernel is the triton one, the other parameter")
+    if device == "cuda" and case[4] % 8:
+        pytest.skip("the CUDA kernels take head dims that are multiples of 8 (unsupported())")
+    softcap = case[-1]
     q, k, v, pos, window = _inputs(case, dtype, device)
     scale = q.shape[-1] ** -0.5
     g = torch.Generator().manual_seed(7)
@@ -74,14 +99,17 @@ def test_forward_backward_against_fp64(case, dtype, device):
         out.backward(dout.to(out.dtype))
         return [out.detach(), *(t.grad for t in leaves)]
 
-    got = run(lambda a, b, c: ops.attention(a, b, c, pos, scale=scale, window=window or None),
-              q, k, v)
-    eager = run(lambda a, b, c: _sdpa(a, b, c, pos, window, scale), q, k, v)
-    truth = run(lambda a, b, c: _sdpa(a, b, c, pos, window, scale),
+    with _kernel(kernel):
+        got = run(lambda a, b, c: ops.attention(a, b, c, pos, scale=scale, window=window or None,
+                                                softcap=softcap or None), q, k, v)
+    eager = run(lambda a, b, c: _sdpa(a, b, c, pos, window, scale, softcap), q, k, v)
+    truth = run(lambda a, b, c: _sdpa(a, b, c, pos, window, scale, softcap),
                 *(t.double() for t in (q, k, v)))
     for name, o, e, t in zip(("out", "dq", "dk", "dv"), got, eager, truth):
         assert o.dtype == dtype and o.shape == t.shape
-    if device == "cuda":
+    if device == "cuda" or (kernel == "triton" and dtype != torch.float32):
+        # The triton kernel computes dO.O from the output rounded to bf16, as flash kernels do:
+        # element by element its dQ/dK can sit on the other side of the truth from eager's.
         _assert_norm_error_no_worse(got, eager, truth)
         return
     for name, o, e, t in zip(("out", "dq", "dk", "dv"), got, eager, truth):
@@ -96,16 +124,31 @@ def test_output_is_token_major():
     assert out.transpose(1, 2).is_contiguous()
 
 
-def test_packed_document_equals_document_alone():
-    b, hq, hk, s, d = 1, 4, 2, 16, 16
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_packed_document_equals_document_alone(kernel):
+    b, hq, hk, s, d = 1, 4, 2, 40, 16
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(b, h, s, d, generator=g) for h in (hq, hk, hk))
-    # documents [0, 5), [5, 12), [12, 16)
-    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]])
-    packed = ops.attention(q, k, v, pos)
-    for start, end in ((0, 5), (5, 12), (12, 16)):
-        alone = ops.attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end])
-        torch.testing.assert_close(packed[:, :, start:end], alone, rtol=0, atol=1e-6)
+    # documents [0, 5), [5, 23), [23, 40): across the interpreter's 16-token blocks
+    docs = ((0, 5), (5, 23), (23, 40))
+    pos = torch.cat([torch.arange(end - start) for start, end in docs])[None]
+    with _kernel(kernel):
+        packed = ops.attention(q, k, v, pos, softcap=3.0)
+        for start, end in docs:
+            alone = ops.attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                  softcap=3.0)
+            torch.testing.assert_close(packed[:, :, start:end], alone, rtol=0, atol=1e-6)
+
+
+def test_document_spans():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 7, 8, 0, 1]])
+    start, end = attention_triton.document_spans(pos, 2, 6)
+    assert start.tolist() == [[0, 0, 0, 3, 3, 5], [0, 0, 0, 0, 4, 4]]
+    assert end.tolist() == [[3, 3, 3, 5, 5, 6], [4, 4, 4, 4, 6, 6]]
+    # (1, S) positions are shared by every row.
+    start, end = attention_triton.document_spans(pos[:1], 3, 6)
+    assert start.shape == (3, 6) and end[2].tolist() == [3, 3, 3, 5, 5, 6]
+    assert attention_triton.document_spans(None, 2, 6) is None
 
 
 def test_position_ids_of_one_document_per_row_equal_none():
@@ -135,23 +178,46 @@ def test_document_bounds_are_computed_once_per_position_tensor(monkeypatch):
     torch.testing.assert_close(ops._cu_seqlens(None, 3, 4, pos.device),
                                torch.tensor([0, 4, 8, 12], dtype=torch.int32), rtol=0, atol=0)
     assert len(computed) == 3
+    # The triton kernel's spans are memoised beside them for the same tensor.
+    spans = ops._spans(other, 2, 6)
+    assert ops._spans(other, 2, 6) is spans and len(computed) == 3
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("window", [0, 3])
-def test_opcheck(packed, window):
-    q, k, v, pos, _ = _inputs((2, 4, 2, 9, 8, packed, 0), torch.float32, "cpu")
+@pytest.mark.parametrize("window, softcap", [(0, 0.0), (3, 0.0), (0, 2.5)])
+def test_opcheck(packed, window, softcap, kernel):
+    q, k, v, pos, _ = _inputs((2, 4, 2, 9, 8, packed, 0, 0.0), torch.float32, "cpu")
     args = (q.detach().requires_grad_(), k.detach().requires_grad_(),
-            v.detach().requires_grad_(), pos, 0.3, window)
-    torch.library.opcheck(torch.ops.chronicals.attention.default, args)
+            v.detach().requires_grad_(), pos, 0.3, window, softcap)
+    with _kernel(kernel):
+        torch.library.opcheck(torch.ops.chronicals.attention.default, args)
 
 
 def test_kernel_choice():
     q = torch.empty(1, 4, 8, 64)
     assert ops.kernel(q, packed=False, window=0) == "reference"
+    assert ops.kernel(q, packed=True, window=0, softcap=30.0) == "reference"
     meta = torch.empty(1, 4, 8, 64, device="meta")
     # meta tensors are neither CUDA nor CPU: the reference would run; CUDA's choice is by device.
     assert ops.kernel(meta, packed=True, window=0) == "reference"
+    with ops.forced_kernel("triton"):
+        assert ops.kernel(q, packed=False, window=0) == "triton"
+    assert ops.kernel(q, packed=False, window=0) == "reference"
+
+
+def test_forced_kernel_that_cannot_take_the_inputs_raises():
+    q, k, v, pos, _ = _inputs(CASES[2], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="one of"), ops.forced_kernel("flash"):
+        pass
+    with ops.forced_kernel("cudnn"), pytest.raises(ValueError, match="cudnn kernel takes CUDA"):
+        ops.attention(q, k, v, pos)
+
+
+def test_bad_softcap():
+    q, k, v, _, _ = _inputs(CASES[0], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="softcap must be > 0"):
+        ops.attention(q, k, v, softcap=0.0)
 
 
 @pytest.mark.parametrize(
@@ -166,7 +232,7 @@ def test_kernel_choice():
     ],
 )
 def test_bad_input(bad, match):
-    q, k, v, pos, _ = _inputs((2, 4, 2, 9, 8, True, 0), torch.float32, "cpu")
+    q, k, v, pos, _ = _inputs((2, 4, 2, 9, 8, True, 0, 0.0), torch.float32, "cpu")
     with pytest.raises(ValueError, match=match):
         ops.attention(*bad(q, k, v, pos))
 
@@ -178,13 +244,17 @@ def test_bad_window():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("packed", [False, True])
-def test_cuda_kernels_model_shapes(head_dim, packed):
-    case = (2, 8, 2, 300, head_dim, packed, 0)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+@pytest.mark.parametrize("packed, window, softcap", [(False, 0, 0.0), (True, 0, 0.0),
+                                                     (True, 100, 0.0), (False, 100, 30.0)])
+def test_cuda_kernels_model_shapes(head_dim, packed, window, softcap, kernel):
+    case = (2, 8, 2, 300, head_dim, packed, window, softcap)
     q, k, v, pos, _ = _inputs(case, torch.bfloat16, "cuda")
-    expected = "flash-varlen" if packed or head_dim > 128 else "cudnn"
-    assert ops.kernel(q, packed, 0) == expected
+    if kernel == "default":
+        expected = ("triton" if softcap else
+                    "flash-varlen" if packed or window or head_dim > 128 else "cudnn")
+        assert ops.kernel(q, packed, window, softcap) == expected
     scale = head_dim ** -0.5
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
 
@@ -194,9 +264,12 @@ def test_cuda_kernels_model_shapes(head_dim, packed):
         out.backward(dout.to(out.dtype))
         return [out.detach(), *(t.grad for t in leaves)]
 
-    got = run(lambda a, b, c: ops.attention(a, b, c, pos, scale=scale), q, k, v)
-    eager = run(lambda a, b, c: _sdpa(a, b, c, pos, 0, scale), q, k, v)
-    truth = run(lambda a, b, c: _sdpa(a, b, c, pos, 0, scale), *(t.double() for t in (q, k, v)))
+    with _kernel(kernel):
+        got = run(lambda a, b, c: ops.attention(a, b, c, pos, scale=scale, window=window or None,
+                                                softcap=softcap or None), q, k, v)
+    eager = run(lambda a, b, c: _sdpa(a, b, c, pos, window, scale, softcap), q, k, v)
+    truth = run(lambda a, b, c: _sdpa(a, b, c, pos, window, scale, softcap),
+                *(t.double() for t in (q, k, v)))
     _assert_norm_error_no_worse(got, eager, truth)
 
 
