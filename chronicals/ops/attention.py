@@ -2,8 +2,8 @@
 
     out[b, h, i] = sum_j p_ij v[b, h', j],   p_i = softmax_j(cap(scale * q[b, h, i] . k[b, h', j]))
 
-(cap(s) = c * tanh(s / c) with a logit softcap c > 0, Gemma-2's; the identity without) over the keys j of the query's own document with j <= i (and i - j < window when a sliding window
-is given), h' = h // (Hq / Hk) (GQA/MQA: K/V heads are shared, never repeated). A document is a
+(cap(s) = c * tanh(s / c) with a logit softcap c > 0, Gemma-2's; the identity without) over the
+keys j of the query's own document with j <= i (and i - j < window when a sliding window is given), h' = h // (Hq / Hk) (GQA/MQA: K/V heads are shared, never repeated). A document is a
 maximal run of consecutive `position_ids` (transformers' packed-sequence rule: a new document starts
 where a position is not its predecessor's plus one); without position_ids every row is one document.
 
@@ -155,16 +155,35 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, 
                   position_ids is not None, window, softcap)
 
 
-def document_bounds(position_ids: Tensor, batch: int) -> Tensor:
-    """cu_seqlens (int32, documents + 1) over the batch * S flattened tokens: a document starts at
-    each row's first token and where a position is not its predecessor's plus one. One host sync
-    (the document count)."""
+def _document_starts(position_ids: Tensor, batch: int) -> Tensor:
+    """(B, S) bool: a document starts at each row's first token and where a position is not its
+    predecessor's plus one."""
     pos = position_ids.expand(batch, -1)
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    return starts
+
+
+def document_bounds(position_ids: Tensor, batch: int) -> Tensor:
+    """cu_seqlens (int32, documents + 1) over the batch * S flattened tokens. One host sync (the
+    document count)."""
+    starts = _document_starts(position_ids, batch)
     bounds = torch.nonzero(starts.reshape(-1)).reshape(-1)
-    end = torch.full((1,), pos.numel(), dtype=bounds.dtype, device=bounds.device)
+    end = torch.full((1,), starts.numel(), dtype=bounds.dtype, device=bounds.device)
     return torch.cat([bounds, end]).to(torch.int32)
+
+
+def document_spans(position_ids: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """Each token's document as (start, end) int32 (B, S) indices within its row (end: one past
+    its last token), for the triton kernel. Device-side, no host sync."""
+    new = _document_starts(position_ids, batch)
+    seq = new.shape[1]
+    idx = torch.arange(seq, device=new.device, dtype=torch.int32).expand_as(new)
+    start = torch.where(new, idx, 0).cummax(-1).values
+    last = torch.ones_like(new)
+    last[:, :-1] = new[:, 1:]
+    end = torch.where(last, idx + 1, seq).flip(-1).cummin(-1).values.flip(-1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
 # The last packed batch's documents: (position_ids, its version, batch, {form: documents}).
@@ -194,12 +213,12 @@ def _cu_seqlens(position_ids: Tensor | None, batch: int, seq: int, device: torch
     return _documents(position_ids, batch, "cu_seqlens", document_bounds)
 
 
-def _spans(position_ids: Tensor | None, batch: int, seq: int):
-    """Each token's document span for the triton kernel (no host sync), once per tensor."""
+def _spans(position_ids: Tensor | None, batch: int) -> tuple[Tensor, Tensor] | None:
+    """`document_spans` for the triton kernel (no host sync), once per position_ids tensor; None
+    for rows that are one document each."""
     if position_ids is None:
         return None
-    return _documents(position_ids, batch, "spans",
-                      lambda pos, b: attention_triton.document_spans(pos, b, seq))
+    return _documents(position_ids, batch, "spans", document_spans)
 
 
 def _token_major(x: Tensor) -> Tensor:
@@ -215,7 +234,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale
         out, lse = reference.attention(q, k, v, position_ids, scale, window, softcap)
         return _token_major(out), lse.reshape(-1)
     if name == "triton":
-        return attention_triton.forward(q, k, v, _spans(position_ids, b, s), scale, window,
+        return attention_triton.forward(q, k, v, _spans(position_ids, b), scale, window,
                                         softcap)
     if name == "cudnn":
         out, lse = cudnn_attention_forward(_token_major(q), _token_major(k), _token_major(v),
@@ -255,7 +274,7 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
         grads = reference.attention_backward(dout, q, k, v, position_ids, scale, window, softcap)
         return tuple(_token_major(g) for g in grads)
     if name == "triton":
-        return attention_triton.backward(dout, q, k, v, out, lse, _spans(position_ids, b, s),
+        return attention_triton.backward(dout, q, k, v, out, lse, _spans(position_ids, b),
                                          scale, window, softcap)
     if name == "cudnn":
         grads = cudnn_attention_backward(

@@ -5,15 +5,17 @@ windows, logit soft-capping and GQA/MQA, forward and backward. The "triton" kern
 One program per (block of BLOCK_M queries, query head) in the forward and for dQ; one per (block
 of BLOCK_N keys, K/V head) for dK and dV, which walks the query heads of its GQA group in turn, so
 K/V heads are never repeated and their gradients need no atomics or reduction afterwards.
-Documents come as each token's first and one-past-last index in its row (`document_spans`,
-computed on the device: no host sync, the same tensors for every layer), so a query block visits
+Documents come as each token's first and one-past-last index in its row
+(chronicals/ops/attention.py's `document_spans`, computed on the device: no host sync, the same
+tensors for every layer), so a query block visits
 only the key blocks from its first query's document start (or window start) up to its diagonal,
 and a key block only the query blocks up to its last key's document end (or window end).
 
 Scores s = scale * q.k in fp32; with softcap c > 0, s = c * tanh(s / c) (Gemma-2); softmax
 statistics (log-sum-exp) fp32; P and dS are rounded to the input dtype for their GEMMs, as flash
 kernels do, with fp32 accumulation. Under Triton's interpreter (CPU tests) every GEMM runs in
-fp32 (its bf16 `tl.dot` is wrong; ../shared/research/environment.md).
+fp32: the interpreter's `tl.dot` on bf16 operands gives wrong results, and arithmetic on raw bf16
+loads too, so loads are upcast there.
 """
 
 from __future__ import annotations
@@ -27,31 +29,17 @@ from torch import Tensor
 
 from chronicals.ops._launch import cast_nearest, interpreter_on, next_power_of_2
 
-_LOG2E = 1.4426950408889634
 
-
-def document_spans(position_ids: Tensor | None, batch: int, seq: int
-                   ) -> tuple[Tensor, Tensor] | None:
-    """Each token's document as (start, end) int32 (B, S) indices within its row: a document
-    starts at the row's first token and where a position is not its predecessor's plus one. None
-    without position_ids (one document per row). Device-side, no host sync."""
-    if position_ids is None:
-        return None
-    pos = position_ids.expand(batch, seq)
-    idx = torch.arange(seq, device=pos.device, dtype=torch.int32).expand(batch, seq)
-    new = torch.ones_like(pos, dtype=torch.bool)
-    new[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    start = torch.where(new, idx, 0).cummax(-1).values
-    last = torch.ones_like(new)
-    last[:, :-1] = new[:, 1:]
-    end = torch.where(last, idx + 1, seq).flip(-1).cummin(-1).values.flip(-1)
-    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+@triton.jit
+def _exp(x):
+    """e^x through exp2 (one multiply, the hardware's exp2)."""
+    return tl.exp2(x * 1.4426950408889634)
 
 
 @triton.jit
 def _tanh(x):
-    # tanh through exp2, exact enough in fp32 and available to the interpreter and every backend.
-    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
+    # tanh through exp, exact enough in fp32 and available to the interpreter and every backend.
+    e = _exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
 
@@ -155,8 +143,8 @@ def _fwd_tile(acc, m_i, l_i, qt, k, v, n0, rows, dims, dim_ok, doc_start, sks, s
                                softcap, SEQ, BLOCK_N, WINDOW, HAS_DOCS, SOFTCAP, MASK, INTERPRET)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2((s - m_use[:, None]) * 1.4426950408889634)
-    alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
+    p = _exp(s - m_use[:, None])
+    alpha = _exp(m_i - m_use)
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
@@ -221,7 +209,7 @@ def _dq_tile(qt, do, row_lse, row_delta, k, v, n0, rows, dims, dim_ok, doc_start
     """One key block's dS K for a query block (unscaled)."""
     kt, vt, s, t = _key_tile(qt, k, v, n0, rows, dims, dim_ok, doc_start, sks, svs, scale,
                              softcap, SEQ, BLOCK_N, WINDOW, HAS_DOCS, SOFTCAP, MASK, INTERPRET)
-    p = tl.exp2((s - row_lse[:, None]) * 1.4426950408889634)
+    p = _exp(s - row_lse[:, None])
     ds = p * (tl.dot(do, tl.trans(vt)) - row_delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
@@ -244,7 +232,7 @@ def _dkdv_tile(dk_acc, dv_acc, kt, vt, q, dout, lse, delta, starts, m0, cols, di
     row_delta = tl.load(delta + rows, mask=row_ok, other=0.0)
     # Transposed scores: keys down, queries across.
     s, t = _scores(kt, tl.trans(qt), scale, softcap, SOFTCAP)
-    p = tl.exp2((s - row_lse[None, :]) * 1.4426950408889634)
+    p = _exp(s - row_lse[None, :])
     if MASK:
         doc_start = rows * 0
         if HAS_DOCS:

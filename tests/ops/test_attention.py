@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from chronicals import reference
 from chronicals.ops import attention as ops
-from chronicals.ops import attention_triton
 from tests.helpers import assert_no_worse_than_eager, devices
 
 # (B, Hq, Hk, S, D, packed, window, softcap): causal, GQA, MQA, sliding window, packed documents,
@@ -142,13 +141,12 @@ def test_packed_document_equals_document_alone(kernel):
 
 def test_document_spans():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 7, 8, 0, 1]])
-    start, end = attention_triton.document_spans(pos, 2, 6)
+    start, end = ops.document_spans(pos, 2)
     assert start.tolist() == [[0, 0, 0, 3, 3, 5], [0, 0, 0, 0, 4, 4]]
     assert end.tolist() == [[3, 3, 3, 5, 5, 6], [4, 4, 4, 4, 6, 6]]
     # (1, S) positions are shared by every row.
-    start, end = attention_triton.document_spans(pos[:1], 3, 6)
+    start, end = ops.document_spans(pos[:1], 3)
     assert start.shape == (3, 6) and end[2].tolist() == [3, 3, 3, 5, 5, 6]
-    assert attention_triton.document_spans(None, 2, 6) is None
 
 
 def test_position_ids_of_one_document_per_row_equal_none():
@@ -179,8 +177,8 @@ def test_document_bounds_are_computed_once_per_position_tensor(monkeypatch):
                                torch.tensor([0, 4, 8, 12], dtype=torch.int32), rtol=0, atol=0)
     assert len(computed) == 3
     # The triton kernel's spans are memoised beside them for the same tensor.
-    spans = ops._spans(other, 2, 6)
-    assert ops._spans(other, 2, 6) is spans and len(computed) == 3
+    spans = ops._spans(other, 2)
+    assert ops._spans(other, 2) is spans and len(computed) == 3
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
