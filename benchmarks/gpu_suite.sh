@@ -15,6 +15,8 @@
 #                                            # (seeds 0, 1); compare with benchmarks/compare_runs.py
 #   bash benchmarks/gpu_suite.sh sweep       # RMSNorm fwd and dW-finish configs; LCE tiles vs cuBLAS; LCE
 #                                            # frozen-head blocks; LCE GEMM-only bounds at 1% memory ~6 min
+#   bash benchmarks/gpu_suite.sh attention_tiles  # Triton attention tiles, 3 shapes (time not yet measured)
+#   bash benchmarks/gpu_suite.sh memory      # chronicals full and LoRA r=32: static, kept, peak memory
 # (Times measured on an H200, 2026-11-29. `train` is close to a 10-minute call limit: run it alone.)
 # Peer LCE implementations are timed when importable: `pip download --no-deps -d .whl liger-kernel
 # cut-cross-entropy` here, carry .whl, and `python3 -m pip install --no-deps .whl/*.whl` there.
@@ -71,6 +73,14 @@ peers)
             || status=1
     done
     ;;
+attention_tiles)
+    python3 -m benchmarks.tuning.sweep_attention_tiles --out "$OUT" 2>&1 \
+        | tee "$OUT/sweep_attention_tiles.log" || status=1
+    ;;
+memory)
+    python3 -m benchmarks.tuning.memory_breakdown --out "$OUT" --stacks chronicals,hf_compile \
+        --modes full,lora 2>&1 | tee "$OUT/memory_breakdown.log" || status=1
+    ;;
 job)
     qwen05b
     python3 -m chronicals finetune --model /tmp/qwen05b --from-config --tokenizer chronicals/data \
@@ -106,7 +116,7 @@ lora_curve)
     done
     ;;
 *)
-    echo "usage: $0 tests|ops|attention|loss|train|peers|job|warmup|lora_curve|sweep" >&2
+    echo "usage: $0 tests|ops|attention|loss|train|peers|job|warmup|lora_curve|sweep|attention_tiles|memory" >&2
     exit 2
     ;;
 esac

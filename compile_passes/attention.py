@@ -500,7 +500,7 @@ def _rewrite(node: Node, region: _Region) -> None:
 
 FUSION = Fusion(
     name="attention",
-    register=lambda pattern_pass: None,
+    register=lambda pattern_pass, dtypes: None,
     fused_ops=lambda: (torch.ops.chronicals.attention.default,),
     is_candidate=_is_candidate,
     diagnose=_diagnose,

@@ -33,6 +33,7 @@ from compile_passes.fusion import (
     GraphFacts,
     collecting_reasons,
     input_source,
+    pattern_dtypes,
     recorded_reason,
     source_line,
 )
@@ -161,12 +162,13 @@ _PASSES: dict[tuple[str, ...], _torch_api.PatternMatcherPass] = {}
 _GRAPH_IDS = itertools.count()
 
 
-def _pattern_pass(fusions: Sequence[Fusion]) -> _torch_api.PatternMatcherPass:
-    key = tuple(f.name for f in fusions)
+def _pattern_pass(fusions: Sequence[Fusion], dtypes: tuple[torch.dtype, ...]
+                  ) -> _torch_api.PatternMatcherPass:
+    key = (tuple(f.name for f in fusions), dtypes)
     if key not in _PASSES:
         pattern_pass = _torch_api.PatternMatcherPass(pass_name="chronicals")
         for fusion in fusions:
-            fusion.register(pattern_pass)
+            fusion.register(pattern_pass, dtypes)
         _PASSES[key] = pattern_pass
     return _PASSES[key]
 
@@ -189,8 +191,8 @@ def rewrite(
     Returns the graph, the fired counts, and the candidates rejected and declined."""
     agm = _torch_api.trace_pre_dispatch(gm, example_inputs)
     _name_inputs(agm, gm)
-    pattern_pass = _pattern_pass(fusions)
     modules = graph_modules(agm)
+    pattern_pass = _pattern_pass(fusions, pattern_dtypes([m.graph for m in modules]))
     with collecting_reasons():
         facts = dataclasses.replace(_graph_facts(agm, example_inputs),
                                     lora_precision=lora_precision)

@@ -169,12 +169,12 @@ def _example_inputs(dtype: torch.dtype, shifted: bool, head: _Head) -> list:
     return inputs + [head.placeholder] if head.scalar else inputs
 
 
-def register(pattern_pass) -> None:
+def register(pattern_pass, dtypes) -> None:
     for head in _HEADS:
         if head.scalar is not None:  # read as `linear(...) <scalar_op> scalar`
             _torch_api.scalar_consumers[head.scalar] = (head.scalar_op, 1, aten.linear.default)
     for dtype, head, shifted, reduction in itertools.product(
-        FLOAT_DTYPES, _HEADS, (True, False), _REDUCTIONS
+        dtypes, _HEADS, (True, False), _REDUCTIONS
     ):
         register_pattern(
             _search(head, shifted, reduction),

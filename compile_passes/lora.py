@@ -263,7 +263,7 @@ def _is_candidate(node: Node) -> bool:
 
 FUSION = Fusion(
     name="lora",
-    register=lambda pattern_pass: None,
+    register=lambda pattern_pass, dtypes: None,
     fused_ops=lambda: (),
     is_candidate=_is_candidate,
     diagnose=lambda node: "not PEFT's LoRA sum result + lora_B(lora_A(x)) * scaling",

@@ -94,12 +94,12 @@ def _example_inputs(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> list:
     return [torch.empty(2, 8, 16, dtype=x_dtype), torch.empty(16, dtype=weight_dtype), _EPS]
 
 
-def register(pattern_pass) -> None:
+def register(pattern_pass, dtypes) -> None:
     # eps is read from `rsqrt(mean(x^2) + eps)` where the match leaves it out (see match_value).
     _torch_api.scalar_consumers["eps"] = (aten.add.Tensor, 1, aten.mean.dim)
     # Every pair of x and weight dtypes: an fp32 model under autocast to bf16 feeds bf16
     # projections to norms with fp32 weights, and which casts are no-ops shapes the graph.
-    for x_dtype, weight_dtype in itertools.product(FLOAT_DTYPES, FLOAT_DTYPES):
+    for x_dtype, weight_dtype in itertools.product(dtypes, dtypes):
         for search, replace in (
             (_rms_norm_pattern_llama, _rms_norm_replacement_llama),
             (_rms_norm_pattern_llama4, _rms_norm_replacement_llama),

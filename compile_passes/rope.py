@@ -341,8 +341,8 @@ _PATTERNS = (
 )
 
 
-def register(pattern_pass) -> None:
-    for dtype in FLOAT_DTYPES:
+def register(pattern_pass, dtypes) -> None:
+    for dtype in dtypes:
         for search, replacement, check, cos_width in _PATTERNS:
             register_pattern(
                 search,

@@ -130,9 +130,9 @@ def _example_inputs(dtype: torch.dtype, n_inputs: int) -> list:
 def _register(*groups):
     """groups: (patterns, replacement, extra_check, number of inputs), in order of priority."""
 
-    def register(pattern_pass) -> None:
+    def register(pattern_pass, dtypes) -> None:
         for patterns, replacement, extra_check, n_inputs in groups:
-            for dtype in FLOAT_DTYPES:
+            for dtype in dtypes:
                 for search in patterns:
                     register_pattern(
                         search,

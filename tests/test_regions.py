@@ -131,6 +131,40 @@ def test_repeated_layers_are_the_decoder_layers():
     assert repeated_layers(tiny_model("llama", num_hidden_layers=1)) == []
 
 
+def test_a_layer_call_reaches_its_region_as_flat_leaves_and_is_rebuilt():
+    # Dynamo (2.13) matches a region's later calls to its first directly when every argument is
+    # a tensor, a constant or a module; keyword or nested arguments cost a traced pytree flatten
+    # per call. transformers passes keywords and the rotary (cos, sin) pair.
+    from chronicals.regions import _flatten, _unflatten
+
+    h, cos, sin, mask = (torch.randn(2, 3) for _ in range(4))
+    args = (h,)
+    kwargs = {"attention_mask": mask, "position_ids": None, "position_embeddings": (cos, sin),
+              "use_cache": False, "empty": (), "scale": 0.5}
+    layout, flat = _flatten(args, kwargs)
+    assert isinstance(layout, str)
+    assert all(isinstance(v, (torch.Tensor, type(None), bool, float)) for v in flat)
+    got_args, got_kwargs = _unflatten(layout, tuple(flat))
+    assert len(got_args) == 1 and got_args[0] is h
+    assert list(got_kwargs) == list(kwargs)
+    assert got_kwargs["position_embeddings"][0] is cos
+    assert got_kwargs["position_embeddings"][1] is sin
+    assert got_kwargs["empty"] == () and got_kwargs["scale"] == 0.5
+    assert got_kwargs["attention_mask"] is mask and got_kwargs["position_ids"] is None
+    assert _unflatten(*_flatten((), {})) == ([], {})
+
+    # A marked layer computes what its class's forward does, called the way transformers calls it.
+    model = tiny_model("llama", num_hidden_layers=2)
+    layer = model.model.layers[0]
+    x = torch.randn(1, 5, model.config.hidden_size)
+    pos = torch.arange(5)[None]
+    rotary = model.model.rotary_emb(x, pos)
+    want = type(layer).forward(layer, x, attention_mask=None, position_embeddings=rotary)
+    mark_layer_regions(model)
+    got = layer(x, attention_mask=None, position_embeddings=rotary)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_many_compile_loss_calls_each_compile():
     """Dynamo keeps compiled graphs per code object and, past its recompile limit (8), runs a
     function eagerly without a word; each compile_loss must have a cache of its own."""

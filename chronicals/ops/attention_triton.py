@@ -375,13 +375,14 @@ def _unit_last(x: Tensor) -> Tensor:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, spans: tuple[Tensor, Tensor] | None, scale: float,
-            window: int, softcap: float) -> tuple[Tensor, Tensor]:
-    """Output (B, Hq, S, D) laid out (B, S, Hq, D), and lse (B * Hq * S,) fp32."""
+            window: int, softcap: float, tiles: _Tiles | None = None) -> tuple[Tensor, Tensor]:
+    """Output (B, Hq, S, D) laid out (B, S, Hq, D), and lse (B * Hq * S,) fp32. `tiles`: the
+    forward kernel's, else `_tiles`' (benchmarks/tuning/sweep_attention_tiles.py passes its own)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     b, hq, s, d = q.shape
     out = q.new_empty((b, s, hq, d))
     lse = q.new_empty((b * hq * s,), dtype=torch.float32)
-    tiles = _tiles(q)[0]
+    tiles = tiles or _tiles(q)[0]
     starts = spans[0] if spans is not None else lse
     _fwd_kernel[(triton.cdiv(s, tiles.rows), b * hq)](
         q, k, v, out, lse, starts, *_strides(q), *_strides(k), *_strides(v),
@@ -394,15 +395,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spans: tuple[Tensor, Tensor] | None
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-             spans: tuple[Tensor, Tensor] | None, scale: float, window: int, softcap: float
-             ) -> tuple[Tensor, Tensor, Tensor]:
+             spans: tuple[Tensor, Tensor] | None, scale: float, window: int, softcap: float,
+             tiles: tuple[_Tiles, _Tiles] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv, each laid out (B, S, H, D) like the forward's output. `out` is the forward's
-    output (its (B, S, Hq, D) storage)."""
+    output (its (B, S, Hq, D) storage). `tiles`: the dQ and dK/dV kernels', else `_tiles`'."""
     dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
     b, hq, s, d = q.shape
     hk = k.shape[1]
     out = out.transpose(1, 2).contiguous()  # a view of the forward's storage: no copy
-    _, dq_tiles, kv_tiles = _tiles(q)
+    dq_tiles, kv_tiles = tiles or _tiles(q)[1:]
     block_d = _block_d(d)
     interpret = interpreter_on()
     delta = torch.empty_like(lse)
