@@ -24,7 +24,7 @@ Dynamo counts as a side effect, so every layer was traced again. While no hub ke
 so a marked layer's modules call their class's own forward, unwrapped; a kernelized model keeps
 the wrapper (and is traced per layer).
 
-`torch.compile(dynamic=True)` gets no regions (`use_regions`).
+`torch.compile(dynamic=True)` and Dynamo's "eager" backend get no regions (`use_regions`).
 """
 
 from __future__ import annotations
@@ -126,13 +126,15 @@ def _set_forward(module: nn.Module, forward: object | None) -> None:
         setattr(module, _MARK, True)
 
 
-def use_regions(regional: bool, dynamic: bool | None) -> bool:
+def use_regions(regional: bool, dynamic: bool | None, backend: object = "chronicals") -> bool:
     """Whether `compile_loss` and `compile_model` compile the layers as regions: as asked, except
-    with `dynamic=True` (the whole graph then). With every size and Python scalar dynamic, torch
-    2.13's reused layer calls failed in AOTAutograd (`aten._local_scalar_dense` on the layers'
-    lifted float attributes), which Dynamo answered with graph breaks around every layer, without
-    an error."""
-    return regional and dynamic is not True
+    with `dynamic=True` or Dynamo's "eager" backend (the whole graph then). With every size and
+    Python scalar dynamic, torch 2.13's reused layer calls failed in AOTAutograd
+    (`aten._local_scalar_dense` on the layers' lifted float attributes), which Dynamo answered
+    with graph breaks around every layer, without an error. The "eager" backend runs Dynamo's
+    graph as it is, and a region's call (`invoke_subgraph`) does not run outside a compiler
+    (torch 2.11 and 2.13 assert that a fake mode is active)."""
+    return regional and dynamic is not True and backend != "eager"
 
 
 def mark_layer_regions(model: nn.Module, enabled: bool = True) -> int:

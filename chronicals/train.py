@@ -125,7 +125,7 @@ def compile_loss(
             mark_layer_regions(model, regions)
             return torch.compile(own_code(loss_fn), backend=backend, dynamic=dynamic, **kwargs)
 
-        regional = use_regions(regional, dynamic)
+        regional = use_regions(regional, dynamic, backend)
         compiled = compile_whole_or_regional(regional)
         if regional:
             strict = bool((options or {}).get("strict", False))

@@ -119,6 +119,19 @@ def test_dynamic_true_compiles_the_whole_graph_in_one_piece():
     assert all("forward" not in vars(layer) for layer in model.model.layers)
 
 
+def test_dynamos_eager_backend_gets_the_whole_graph_and_matches_eager():
+    # Dynamo's "eager" backend (what users pick to debug graph breaks) runs its graph as it is,
+    # and a region's call cannot run outside a compiler: torch asserted on a fake mode.
+    torch.compiler.reset()
+    model = tiny_model("llama", num_hidden_layers=LAYERS)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch, n = {"input_ids": ids, "labels": ids}, torch.tensor(24)
+    want = compile_loss(model, backend=None)(batch, n)
+    got = compile_loss(model, backend="eager")(batch, n)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+
+
 def test_repeated_layers_are_the_decoder_layers():
     model = tiny_model("llama", num_hidden_layers=3)
     assert repeated_layers(model) == list(model.model.layers)
