@@ -160,7 +160,8 @@ def _eager(softmax: Node) -> _Attention | str:
         scores.append(x)
         x, mask = step(x.args[0]), x.args[1]
     cap_out = _scalar(x)
-    cap_in = _scalar(cap_out[0].args[0]) if cap_out and _call(cap_out[0], aten.tanh.default) else None
+    cap_in = (_scalar(cap_out[0].args[0])
+              if cap_out and _call(cap_out[0], aten.tanh.default) else None)
     if cap_in and cap_out[1] > 0 and math.isclose(cap_out[1] * cap_in[1], 1.0, rel_tol=1e-6):
         scores += [x, cap_out[0], cap_out[0].args[0]]
         x, softcap = step(cap_in[0]), cap_out[1]

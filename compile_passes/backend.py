@@ -158,7 +158,7 @@ def _check_report(report: Any) -> None:
         )
 
 
-_PASSES: dict[tuple[str, ...], _torch_api.PatternMatcherPass] = {}
+_PASSES: dict[tuple[tuple[str, ...], tuple[torch.dtype, ...]], _torch_api.PatternMatcherPass] = {}
 _GRAPH_IDS = itertools.count()
 
 

@@ -48,17 +48,17 @@ def breakdown(stack: str, mode: str, args, device, dtype) -> dict:
     gc.collect()
     torch.cuda.synchronize()
     static = torch.cuda.memory_allocated() / GIB
-    seen: dict[int, int] = {}
+    # Kept storages that are not the parameters' (a saved weight, or a view of one, costs nothing).
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kinds: collections.Counter = collections.Counter()
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen and not isinstance(t, torch.nn.Parameter):
-            seen[ptr] = t.untyped_storage().nbytes()
+        if ptr not in seen:
+            seen.add(ptr)
             kinds[(tuple(t.shape), str(t.dtype))] += t.untyped_storage().nbytes()
         return t
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     torch.cuda.reset_peak_memory_stats()
     loss = step(batches[0], (pack, lambda t: t))
     torch.cuda.synchronize()
@@ -72,12 +72,11 @@ def breakdown(stack: str, mode: str, args, device, dtype) -> dict:
     optimizer.step()
     torch.cuda.synchronize()
     peak_opt = torch.cuda.max_memory_allocated() / GIB
-    kept = {p: n for p, n in seen.items() if p not in params}
     top = [{"shape": list(k[0]), "dtype": k[1], "gib": v / GIB}
            for k, v in kinds.most_common(12)]
     row = {"stack": stack, "mode": mode, "static_gib": static, "after_fwd_gib": after_fwd,
            "peak_fwd_gib": peak_fwd, "peak_bwd_gib": peak_bwd, "peak_opt_gib": peak_opt,
-           "saved_gib": sum(kept.values()) / GIB, "saved_top": top, "loss": loss.item()}
+           "saved_gib": sum(kinds.values()) / GIB, "saved_top": top, "loss": loss.item()}
     print(f"{stack:12s} {mode:5s} static {static:6.2f} | after fwd {after_fwd:6.2f} (peak "
           f"{peak_fwd:6.2f}) | peak bwd {peak_bwd:6.2f} | peak opt {peak_opt:6.2f} | saved "
           f"{row['saved_gib']:6.2f} GiB", flush=True)

@@ -2,11 +2,12 @@
 measured: the forward, dQ and dK/dV kernels each over (rows, cols, warps, stages), the other two
 kernels held at their current tiles, at model shapes (bf16, transformers' layout, causal, GQA).
 
-Run on a CUDA machine: `python -m benchmarks.tuning.sweep_attention_tiles [--out DIR]` (about 4
-minutes on an H100). Times are `triton.testing.do_bench` medians (L2 flushed) of the kernel
-wrappers `forward` and `backward` called directly (no autograd, no op dispatch). Every config's
-output is checked against the current tiles' before it is timed; a config the device cannot run
-(shared memory, registers) is reported as such. The printed best per kernel and head dim is what
+Run on a CUDA machine: `python -m benchmarks.tuning.sweep_attention_tiles [--out DIR]` (not yet
+timed: one Triton compile per config, 24 configs per kernel and shape at head dims <= 128). Times
+are `triton.testing.do_bench` medians (L2 flushed) of the kernel wrappers `forward` and
+`backward` called directly (no autograd, no op dispatch). Every config's output is checked against
+the current tiles' before it is timed; a config the device cannot run (shared memory, registers)
+is reported as such. The printed best per kernel and head dim is what
 `_tiles` should hold.
 """
 
@@ -19,18 +20,10 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-from benchmarks.bench_attention import packed_positions
+from benchmarks.bench_attention import SHAPES, packed_positions
 from benchmarks.harness import write_json
 from chronicals.ops import attention as ops
 from chronicals.ops import attention_triton as kern
-
-# name -> (B, Hq, Hk, S, D, packed, softcap)
-SHAPES = {
-    "qwen2.5-0.5b": (8, 14, 2, 2048, 64, False, 0.0),
-    "qwen2.5-0.5b-packed": (8, 14, 2, 2048, 64, True, 0.0),
-    "qwen2.5-7b": (2, 28, 4, 4096, 128, False, 0.0),
-    "gemma-2-2b-softcap": (4, 8, 4, 2048, 256, False, 50.0),
-}
 
 
 def configs(d: int):
@@ -43,7 +36,8 @@ def configs(d: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out")
-    parser.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-7b,gemma-2-2b-softcap")
+    parser.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-7b,gemma-2-2b-softcap",
+                        help="comma-separated names of benchmarks/bench_attention.py's SHAPES")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -63,7 +57,8 @@ def main() -> None:
         def bwd(tiles=None):
             return kern.backward(dout, q, k, v, out, lse, spans, scale, 0, softcap, tiles)
 
-        ref = {0: [out], 1: list(bwd()), 2: list(bwd())}
+        grads = list(bwd())
+        ref = {0: [out], 1: grads, 2: grads}
         for which in range(3):
             for tiles in configs(d):
                 chosen = list(current)

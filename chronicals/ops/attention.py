@@ -3,7 +3,8 @@
     out[b, h, i] = sum_j p_ij v[b, h', j],   p_i = softmax_j(cap(scale * q[b, h, i] . k[b, h', j]))
 
 (cap(s) = c * tanh(s / c) with a logit softcap c > 0, Gemma-2's; the identity without) over the
-keys j of the query's own document with j <= i (and i - j < window when a sliding window is given), h' = h // (Hq / Hk) (GQA/MQA: K/V heads are shared, never repeated). A document is a
+keys j of the query's own document with j <= i (and i - j < window when a sliding window is
+given), h' = h // (Hq / Hk) (GQA/MQA: K/V heads are shared, never repeated). A document is a
 maximal run of consecutive `position_ids` (transformers' packed-sequence rule: a new document starts
 where a position is not its predecessor's plus one); without position_ids every row is one document.
 

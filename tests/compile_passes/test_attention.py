@@ -323,7 +323,8 @@ def test_eager_attention_in_a_layer_region(family, overrides, fired):
 
 
 def _causal(s: int) -> torch.Tensor:
-    """transformers' additive causal mask: 0 where a key is visible, the dtype's minimum where not."""
+    """transformers' additive causal mask: 0 where a key is visible, the dtype's minimum where
+    not."""
     idx = torch.arange(s)
     blocked = idx[None, :] > idx[:, None]
     return torch.zeros(s, s).masked_fill(blocked, torch.finfo(torch.float32).min)[None, None]
