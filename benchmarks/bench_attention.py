@@ -11,7 +11,10 @@ of (B, S, H, D) projections; GQA without repeating K/V where the kernel allows):
 - chronicals: `chronicals::attention` (its kernel named in the row), rows and packed documents;
 - chronicals_triton: the same op with its Triton kernel forced (chronicals/ops/attention_triton.py).
 Soft-capped shapes (Gemma-2: scores c * tanh(s / c)) have no sdpa candidates: flex gets the cap as
-a score_mod, masked_compiled is transformers' eager attention compiled.
+a score_mod, masked_compiled is transformers' eager attention compiled. Shapes with attention sinks
+(gpt-oss: a learned logit per head in the softmax's sum, random here) have neither sdpa nor flex:
+masked_compiled is gpt-oss's eager attention (cat with the sinks, row max, softmax, last column
+dropped) compiled, and the sinks' gradient is checked with the others.
 Packed shapes hold documents of log-normal lengths (median ~S/8) in each row and pass position_ids.
 Times are medians of CUDA-graph replays with L2 flushed (`harness.time_graph_and_call`; the
 packed chronicals rows: Python calls, since the op syncs once to count documents); TFLOP/s
@@ -34,15 +37,16 @@ from benchmarks.harness import time_call, time_graph_and_call, write_json
 from chronicals import reference
 from chronicals.ops import attention as ops
 
-# name -> (B, Hq, Hk, S, D, packed, softcap)
+# name -> (B, Hq, Hk, S, D, packed, softcap, sinks)
 SHAPES = {
-    "qwen2.5-0.5b": (8, 14, 2, 2048, 64, False, 0.0),
-    "llama-3.2-1b": (4, 32, 8, 2048, 64, False, 0.0),
-    "qwen2.5-7b": (2, 28, 4, 4096, 128, False, 0.0),
-    "qwen2.5-0.5b-packed": (8, 14, 2, 2048, 64, True, 0.0),
-    "gemma-2-2b-softcap": (4, 8, 4, 2048, 256, False, 50.0),
-    "long-16k-packed": (1, 14, 2, 16384, 64, True, 0.0),
-    "long-32k-packed": (1, 14, 2, 32768, 64, True, 0.0),
+    "qwen2.5-0.5b": (8, 14, 2, 2048, 64, False, 0.0, False),
+    "llama-3.2-1b": (4, 32, 8, 2048, 64, False, 0.0, False),
+    "qwen2.5-7b": (2, 28, 4, 4096, 128, False, 0.0, False),
+    "qwen2.5-0.5b-packed": (8, 14, 2, 2048, 64, True, 0.0, False),
+    "gemma-2-2b-softcap": (4, 8, 4, 2048, 256, False, 50.0, False),
+    "gpt-oss-20b-sinks": (2, 64, 8, 2048, 64, False, 0.0, True),
+    "long-16k-packed": (1, 14, 2, 16384, 64, True, 0.0, False),
+    "long-32k-packed": (1, 14, 2, 32768, 64, True, 0.0, False),
 }
 
 
@@ -76,18 +80,19 @@ def causal_flops(pos: torch.Tensor | None, b: int, hq: int, s: int, d: int) -> f
     return 4 * hq * d * pairs
 
 
-def candidates(pos: torch.Tensor | None, s: int, softcap: float):
+def candidates(pos: torch.Tensor | None, s: int, softcap: float, sinks: bool):
+    """name -> fn(q, k, v, sink logits or None)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     def pinned(backend):
-        def run(q, k, v):
+        def run(q, k, v, _sinks):
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return run
 
     out = {}
-    if pos is None and not softcap:
+    if pos is None and not softcap and not sinks:
         out["sdpa_cudnn"] = pinned(SDPBackend.CUDNN_ATTENTION)
         out["sdpa_flash"] = pinned(SDPBackend.FLASH_ATTENTION)
     dev = "cuda"
@@ -107,27 +112,38 @@ def candidates(pos: torch.Tensor | None, s: int, softcap: float):
         return softcap * torch.tanh(score / softcap)
 
     flex = torch.compile(flex_attention)
-    out["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True,
-                                       score_mod=cap if softcap else None)
+    if not sinks:
+        out["flex"] = lambda q, k, v, _sinks: flex(q, k, v, block_mask=block_mask,
+                                                   enable_gqa=True,
+                                                   score_mod=cap if softcap else None)
     if s <= 4096:
         dense = reference.attention_mask(None if pos is None else pos.to(dev),
                                          pos.shape[0] if pos is not None else 1, s, 0,
                                          torch.device(dev))
 
-        def eager(q, k, v):  # transformers' eager_attention_forward, soft-capped
+        def eager(q, k, v, sink_logits):  # transformers' eager_attention_forward
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-            w = softcap * torch.tanh(q @ k.transpose(2, 3) * q.shape[-1] ** -0.5 / softcap)
+            w = q @ k.transpose(2, 3) * q.shape[-1] ** -0.5
+            if softcap:
+                w = softcap * torch.tanh(w / softcap)
             w = w.masked_fill(~dense, torch.finfo(w.dtype).min)
-            return torch.softmax(w, -1, dtype=torch.float32).to(q.dtype) @ v
+            if sink_logits is None:
+                return torch.softmax(w, -1, dtype=torch.float32).to(q.dtype) @ v
+            # gpt-oss's: the sinks as a last column, less the row max, dropped after the softmax
+            # (in fp32 here, gpt-oss's in bf16: the reference of the candidates' error check)
+            column = sink_logits.reshape(1, -1, 1, 1).expand(*w.shape[:-1], 1)
+            w = torch.cat([w, column], dim=-1)
+            w = w - w.max(dim=-1, keepdim=True).values
+            return torch.softmax(w, -1, dtype=torch.float32)[..., :-1].to(q.dtype) @ v
 
-        out["masked_compiled"] = torch.compile(eager if softcap else (
-            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense,
-                                                           enable_gqa=True)))
+        out["masked_compiled"] = torch.compile(eager if softcap or sinks else (
+            lambda q, k, v, _sinks: F.scaled_dot_product_attention(q, k, v, attn_mask=dense,
+                                                                   enable_gqa=True)))
     p = None if pos is None else pos.to(dev)
     cap_arg = softcap or None
-    out["chronicals"] = lambda q, k, v: ops.attention(q, k, v, p, softcap=cap_arg)
-    out["chronicals_triton"] = lambda q, k, v: ops.attention(q, k, v, p, softcap=cap_arg)
+    out["chronicals"] = lambda q, k, v, sk: ops.attention(q, k, v, p, softcap=cap_arg, sinks=sk)
+    out["chronicals_triton"] = out["chronicals"]
     return out
 
 
@@ -141,16 +157,18 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     for name in args.shapes.split(","):
-        b, hq, hk, s, d, packed, softcap = SHAPES[name]
+        b, hq, hk, s, d, packed, softcap, sinks = SHAPES[name]
         torch.compiler.reset()  # each shape compiles flex afresh, within Dynamo's recompile limit
         pos = packed_positions(b, s) if packed else None
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                    for h in (hq, hk, hk))
         dout = torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        sink = torch.randn(hq, device="cuda", dtype=torch.bfloat16) if sinks else None
+        inputs = (q, k, v) if sink is None else (q, k, v, sink)
         flops = causal_flops(pos, b, hq, s, d)
-        kernel = ops.kernel(q, packed, 0, softcap)
+        kernel = ops.kernel(q, packed, 0, softcap, sinks)
         ref = None
-        for cand, fn in candidates(pos, s, softcap).items():
+        for cand, fn in candidates(pos, s, softcap, sinks).items():
             # The forced kernel must hold for the backward too: both run inside.
             def forced(cand=cand):
                 return (ops.forced_kernel("triton") if cand == "chronicals_triton"
@@ -158,12 +176,12 @@ def main() -> None:
 
             def fwd(fn=fn, forced=forced):
                 with forced():
-                    return fn(q, k, v)
+                    return fn(q, k, v, sink)
 
             def fwd_bwd(fn=fn, forced=forced):
                 with forced():
-                    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-                    o = fn(*leaves)
+                    leaves = [t.detach().requires_grad_() for t in inputs]
+                    o = fn(*leaves[:3], leaves[3] if sink is not None else None)
                     return torch.autograd.grad(o, leaves, dout)
 
             try:

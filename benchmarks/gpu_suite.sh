@@ -3,7 +3,8 @@
 # logs and JSON under $OUT. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh tests       # CUDA tests (ops, backend through Inductor, attention)  ~9.5 min on an H100 (12-07)
 #   bash benchmarks/gpu_suite.sh ops         # rms_norm, swiglu, rope benchmarks                      ~2.5 min
-#   bash benchmarks/gpu_suite.sh attention   # attention candidates, 3 model shapes + packed/long rows ~3 min
+#   bash benchmarks/gpu_suite.sh attention   # attention candidates, 3 model shapes + packed/long rows,
+#                                            # Gemma-2 softcap, gpt-oss sinks (new, untimed)   ~3 min
 #   bash benchmarks/gpu_suite.sh loss        # linear_cross_entropy, trainable and frozen head, 4 shapes ~8 min
 #   bash benchmarks/gpu_suite.sh train       # packing + end-to-end train_step benchmarks             ~9.5 min
 #   bash benchmarks/gpu_suite.sh peers       # bench_train LoRA then full beside Unsloth (carry the peers'

@@ -20,9 +20,10 @@ Implementations, chosen per call from the query tensor (`implementation(query)`)
 - "reference": everything else (CPU, fp32). sdpa over each row with a block-diagonal causal mask
   built from `cu_seq_lens_q` on the device (`searchsorted`, no host sync, compiles). Cost S^2 per
   row: it is the correctness path, not a fast one.
-- "chronicals": logit soft-capping (Gemma-2's `softcap`), which neither PyTorch kernel computes:
-  `chronicals::attention` (chronicals/ops/attention.py; its Triton kernel on CUDA) over the
-  documents, given to it as positions restarting at each boundary.
+- "chronicals": logit soft-capping (Gemma-2's `softcap`) or attention sinks (gpt-oss's and
+  Granite-SWA's `s_aux`: a learned logit per head in the softmax's sum), which neither PyTorch
+  kernel computes: `chronicals::attention` (chronicals/ops/attention.py; its Triton kernel on CUDA)
+  over the documents, given to it as positions restarting at each boundary.
 
 Boundaries come from the packer, never from the model inputs: deriving them from `position_ids`
 needs `nonzero` (a host sync and a graph break per forward). Without `cu_seq_lens_q`, or with an
@@ -50,10 +51,10 @@ _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_MAX_HEAD_DIM = 256
 
 
-def implementation(query: Tensor, softcap: float | None = None) -> str:
+def implementation(query: Tensor, softcap: float | None = None, sinks: bool = False) -> str:
     """'flash-varlen', 'chronicals' or 'reference' for a query tensor (B, H, S, D); see the module
     docstring."""
-    if softcap is not None:
+    if softcap is not None or sinks:
         return "chronicals"
     head_dim = query.shape[-1]
     if (
@@ -75,24 +76,34 @@ def varlen_attention(
     scale: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Causal attention within each segment of packed rows.
 
     query: (B, Hq, S, D), key/value: (B, Hk, S, D) with Hq a multiple of Hk (GQA), as HF attention
-    functions receive them; cu_seqlens: (N + 1,) int32 boundaries over the B * S flattened tokens
-    (0 first, B * S last, every row boundary among them). `sliding_window` w: a token sees the w
+    functions receive them (value's head dim may be smaller: multi-head latent attention, run
+    with zero channels added to value and sliced off the output); cu_seqlens: (N + 1,) int32
+    boundaries over the B * S flattened tokens (0 first, B * S last, every row boundary among
+    them). `sliding_window` w: a token sees the w
     most recent tokens of its document, itself included (HF's convention); `softcap` c: scores
-    become c * tanh(scores / c). Returns (B, S, Hq, D), HF's layout for attention outputs, in
-    query's dtype.
+    become c * tanh(scores / c); `sinks` (Hq,): each head's sink logit joins every query's
+    softmax and attends to nothing. Returns (B, S, Hq, Dv), HF's layout for attention outputs,
+    in query's dtype.
     """
     _check_shapes(query, key, value, cu_seqlens)
+    value_dim = value.shape[-1]
+    if value_dim < query.shape[-1]:
+        value = F.pad(value, (0, query.shape[-1] - value_dim))
+        return varlen_attention(query, key, value, cu_seqlens, scale=scale,
+                                sliding_window=sliding_window, softcap=softcap,
+                                sinks=sinks)[..., :value_dim]
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"varlen_attention: sliding_window must be >= 1. Got {sliding_window}.")
-    name = implementation(query, softcap)
+    name = implementation(query, softcap, sinks is not None)
     if name == "chronicals":
         b, _, s, _ = query.shape
         out = ops.attention(query, key, value, _restarting_positions(cu_seqlens, b, s),
-                            scale=scale, window=sliding_window, softcap=softcap)
+                            scale=scale, window=sliding_window, softcap=softcap, sinks=sinks)
         return out.transpose(1, 2)
     if name == "flash-varlen":
         return _flash_varlen(query, key, value, cu_seqlens, scale, sliding_window)
@@ -116,8 +127,9 @@ def packed_attention_forward(
     """The `chronicals_varlen` attention function, with the signature of transformers'
     `AttentionInterface` functions. Needs `cu_seq_lens_q` (passed to the model as a keyword,
     e.g. from `PackedBatch.model_inputs()`); `cu_seq_lens_k`, if given, must be the same boundaries
-    (self-attention: keys are the query tokens). Other keyword arguments from the model
-    (position_ids, max_length_q/k, use_cache, ...) are not used."""
+    (self-attention: keys are the query tokens); `s_aux`, the attention sinks of gpt-oss and
+    Granite-SWA, one logit per query head. Other keyword arguments from the model (position_ids,
+    max_length_q/k, use_cache, ...) are not used."""
     if cu_seq_lens_q is None:
         raise ValueError(
             f"{PACKED_ATTENTION}: needs the document boundaries `cu_seq_lens_q` as a keyword "
@@ -150,11 +162,9 @@ def packed_attention_forward(
             f"{PACKED_ATTENTION}: attention dropout is not supported. Got dropout={dropout}; set "
             f"config.attention_dropout = 0.0."
         )
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(f"{PACKED_ATTENTION}: attention sinks (s_aux) are not supported.")
     out = varlen_attention(
         query, key, value, cu_seq_lens_q, scale=scaling, sliding_window=sliding_window,
-        softcap=softcap,
+        softcap=softcap, sinks=kwargs.get("s_aux"),
     )
     return out, None
 
@@ -187,10 +197,12 @@ def use_packed_attention(model: nn.Module) -> None:
 
 
 def _check_shapes(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor) -> None:
-    if query.ndim != 4 or key.ndim != 4 or value.shape != key.shape:
+    if (query.ndim != 4 or key.ndim != 4 or value.shape[:3] != key.shape[:3]
+            or value.shape[-1] > key.shape[-1]):
         raise ValueError(
-            f"varlen_attention: expected query (B, Hq, S, D) and key, value (B, Hk, S, D). Got "
-            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
+            f"varlen_attention: expected query (B, Hq, S, D), key (B, Hk, S, D) and value "
+            f"(B, Hk, S, Dv), Dv <= D. Got {tuple(query.shape)}, {tuple(key.shape)}, "
+            f"{tuple(value.shape)}."
         )
     b, hq, s, d = query.shape
     if key.shape[0] != b or key.shape[2] != s or key.shape[3] != d or hq % key.shape[1]:

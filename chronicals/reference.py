@@ -64,10 +64,22 @@ def _attention_scores(q: Tensor, k: Tensor, scale: float, softcap: float) -> Ten
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale: float,
-              window: int, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+              window: int, softcap: float = 0.0, sinks: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
     """Causal attention within documents (chronicals/ops/attention.py): output (B, Hq, S, D) in
     q's dtype and the fp32 log-sum-exp of the scaled, soft-capped, masked scores (B, Hq, S).
-    Scores and softmax in fp32; K/V heads shared by Hq / Hk query heads."""
+    Scores and softmax in fp32; K/V heads shared by Hq / Hk query heads. `sinks` (Hq,): each
+    head's sink logit joins every query's softmax and attends to nothing (gpt-oss): the
+    log-sum-exp includes it."""
+    p, lse, vf = _attention_probs(q, k, v, position_ids, scale, window, softcap, sinks)
+    return (p @ vf).to(q.dtype), lse
+
+
+def _attention_probs(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None,
+                     scale: float, window: int, softcap: float, sinks: Tensor | None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 probabilities P (B, Hq, S, S) (a row sums to 1 less its sink's share), the
+    log-sum-exp (B, Hq, S) and V with its heads repeated per query head."""
     b, hq, s, _ = q.shape
     group = hq // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)
@@ -76,34 +88,39 @@ def attention(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scal
     mask = attention_mask(position_ids, b, s, window, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.exp(scores - lse[..., None]) @ vf
-    return out.to(q.dtype), lse
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.float().view(1, hq, 1))
+    return torch.exp(scores - lse[..., None]), lse, vf
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
                        position_ids: Tensor | None, scale: float, window: int,
-                       softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of `attention`'s output for q, k, v (each in its input's dtype), in fp32:
-    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), times the softcap's derivative
-    1 - (S / softcap)^2 when capped, dQ = scale dS K, dK = scale dS^T Q, with the query heads of a
-    group summed into their shared K/V head."""
+                       softcap: float = 0.0, sinks: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients of `attention`'s output for q, k, v (each in its input's dtype) and the sinks
+    (in theirs; None without), in fp32: dV = P^T dO, dS = P * (dO V^T - delta) with delta =
+    rowsum(dO * O), times the softcap's derivative 1 - (S / softcap)^2 when capped, dQ = scale dS
+    K, dK = scale dS^T Q, with the query heads of a group summed into their shared K/V head; a
+    sink's logit gets -sum over queries of its probability times delta (it has no value)."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
     group = hq // hk
-    qf, kf, vf, dof = q.float(), k.float(), v.float(), dout.float()
-    kr, vr = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
-    scores = _attention_scores(qf, kr, scale, softcap)
-    mask = attention_mask(position_ids, b, s, window, q.device)
-    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    qf, dof = q.float(), dout.float()
+    kr = k.float().repeat_interleave(group, dim=1)
+    p, lse, vr = _attention_probs(q, k, v, position_ids, scale, window, softcap, sinks)
     out = p @ vr
+    delta = (dof * out).sum(-1, keepdim=True)
     dv = (p.transpose(-1, -2) @ dof).view(b, hk, group, s, d).sum(2)
-    dp = dof @ vr.transpose(-1, -2)
-    ds = p * (dp - (dof * out).sum(-1, keepdim=True))
+    ds = p * (dof @ vr.transpose(-1, -2) - delta)
     if softcap:
-        ds = ds * (1 - (scores / softcap) ** 2)
+        ds = ds * (1 - (_attention_scores(qf, kr, scale, softcap) / softcap) ** 2)
     dq = (ds @ kr) * scale
     dk = ((ds.transpose(-1, -2) @ qf) * scale).view(b, hk, group, s, d).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dsinks = None
+    if sinks is not None:
+        sink_p = torch.exp(sinks.float().view(1, hq, 1) - lse)
+        dsinks = -(sink_p * delta[..., 0]).sum((0, 2)).to(sinks.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks
 
 
 def rotate_half(x: Tensor) -> Tensor:

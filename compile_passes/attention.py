@@ -9,7 +9,15 @@ cannot compute, of VaultGemma, and of any model loaded with attn_implementation=
 
 recognised from the softmax whose scores come from a q @ kT matmul: the scale as a mul or a div of
 the scores or of q, the softcap's div-tanh-mul, the additive mask. Eager's softmax in fp32 (or in
-the input dtype) becomes the kernels' fp32 softmax, at least as accurate.
+the input dtype) becomes the kernels' fp32 softmax, at least as accurate; so do scores computed
+from q and k upcast to fp32 (Flint). Attention sinks (gpt-oss, Flint, HunYuan-V4, MiMo-V2-Flash:
+one learned logit per head) are eager attention whose softmax runs over cat([scores, sinks], -1),
+less the row's max or not (a constant per row changes no softmax), and drops its last column:
+
+    w = softmax(cat([scores, sinks.reshape(1, H, 1, 1).expand(B, H, S, 1)], -1))[..., :-1]
+
+The sinks tensor reaches the cat through reshapes, unsqueezes, casts and one expand that keep
+head h at index h: it becomes the fused op's `sinks` operand, and gets its gradient.
 
 Under torch.compile, transformers never takes its eager shortcut of calling sdpa with
 `is_causal=True` and no mask: while tracing it cannot look at the values of position_ids, so it
@@ -31,8 +39,10 @@ transformers' `repeat_kv` expansion of K/V for GQA is undone (the kernels share 
 Under dynamic shapes the probes run at the sizes Dynamo traced with (read without a guard); the
 mask's subgraph is the same code at every size. Not fused, with the reason in the report:
 dropout > 0 (in training), masks that are not causal-by-documents, dtypes or head dims no kernel
-takes; in eager attention also weights or scores used outside it (output_attentions, an attention
-sink), scores changed by anything else (a position bias), and no mask (it has no is_causal).
+takes, value head dims above the query's (smaller ones, multi-head latent attention, get zero
+channels); in eager attention also weights or scores used outside it (output_attentions), scores
+changed by anything else (a position bias), sinks not one logit per head, and no mask (it has no
+is_causal).
 Inside a checkpointed layer or a layer region the mask is proven in the graph around it.
 """
 
@@ -84,6 +94,8 @@ class _Attention:
     scale: float | None
     """None: sdpa's default, head_dim ** -0.5."""
     softcap: float
+    sinks: Node | None
+    """(Hq,) sink logits, or None."""
     out: Node
     """The node whose value the fused op's output replaces."""
     nodes: tuple[Node, ...] = ()
@@ -99,7 +111,7 @@ def _sdpa(node: Node) -> _Attention | str:
     scale = args.get("scale")
     return _Attention(args["query"], args["key"], args["value"], args.get("attn_mask"),
                       bool(args.get("is_causal", False)),
-                      None if scale is None else float(scale), 0.0, node)
+                      None if scale is None else float(scale), 0.0, None, node)
 
 
 def _call(node: object, *targets) -> bool:
@@ -111,9 +123,17 @@ _SCORE_STEPS = (aten.mul.Tensor, aten.div.Tensor, aten.tanh.default, aten.add.Te
 
 
 def _scores_matmul(softmax: Node) -> Node | None:
-    """The 4-D q @ kT matmul that a softmax's scores come from through point-wise steps, or None
-    (a softmax that is not attention's: a router's)."""
+    """The 4-D q @ kT matmul that a softmax's scores come from through point-wise steps (and a
+    concatenation with sink logits), or None (a softmax that is not attention's: a router's)."""
     x = softmax.args[0]
+    while _call(x, *CASTS):
+        x = x.args[0]
+    shift = _row_max_shift(x)
+    if shift is not None:
+        x = shift[0]
+    sink = _sink_split(x)
+    if sink is not None:
+        x = sink[0]
     for _ in range(8):
         if not _call(x, *_SCORE_STEPS):
             break
@@ -127,6 +147,124 @@ def _scores_matmul(softmax: Node) -> Node | None:
             and val(x).dim() == 4 and {d % 4 for d in kt.args[1:]} == {2, 3}):
         return None
     return x
+
+
+def _over_last_dim(dims: object, x: Node) -> bool:
+    """A reduction's dim argument (an int or a one-element list) names x's last dim."""
+    if isinstance(dims, (list, tuple)):
+        if len(dims) != 1:
+            return False
+        dims = dims[0]
+    return isinstance(val(x), torch.Tensor) and dims in (-1, val(x).dim() - 1)
+
+
+def _is_row_max(node: object, x: Node) -> list[Node] | None:
+    """The nodes of x's max over its last dim (keepdim): max.dim's values or amax, else None."""
+    if (_call(node, operator.getitem) and node.args[1] == 0
+            and _call(node.args[0], aten.max.dim) and node.args[0].args[0] is x
+            and _over_last_dim(node.args[0].args[1], x) and node.args[0].args[2:] == (True,)):
+        return [node, node.args[0]]
+    if (_call(node, aten.amax.default) and node.args[0] is x
+            and _over_last_dim(node.args[1], x) and node.args[2:] == (True,)):
+        return [node]
+    return None
+
+
+def _row_max_shift(x: Node) -> tuple[Node, list[Node]] | None:
+    """(y, the nodes of the shift: users first) when x is y - max(y, -1, keepdim) used by
+    nothing else (gpt-oss's and MiMo's guard against bf16 overflow: a constant per row changes
+    no softmax); else None."""
+    if not (_call(x, aten.sub.Tensor) and isinstance(x.args[0], Node)):
+        return None
+    y = x.args[0]
+    row_max = _is_row_max(x.args[1], y)
+    if row_max is None or set(y.users) != {x, row_max[-1]} or len(x.users) != 1:
+        return None
+    return y, [x, *row_max]
+
+
+def _sink_split(x: Node) -> tuple[Node, Node, Node] | None:
+    """(scores, the sink logits' (B, H, S, 1) operand, the concatenation) when x is cat([scores,
+    sinks], -1); else None."""
+    if not (_call(x, aten.cat.default) and len(x.args[0]) == 2 and isinstance(val(x), torch.Tensor)
+            and val(x).dim() == 4 and (x.args[1] if len(x.args) > 1 else 0) in (-1, 3)):
+        return None
+    return x.args[0][0], x.args[0][1], x
+
+
+# Steps that move a per-head vector to the (B, H, S, 1) sink column, keeping head h at index h.
+_SINK_STEPS = (*_RESHAPES, aten.unsqueeze.default, aten.expand.default, *CASTS)
+
+
+def _sink_source(sink: Node, heads: int) -> tuple[Node, list[Node]] | str:
+    """The (heads,)-element tensor that `sink` (cat's (B, H, S, 1) operand, or the (1, H, 1)
+    subtrahend of Granite-SWA's sigmoid) broadcasts, and the nodes between (users first); or why
+    it is not one logit per head."""
+    why = "the sink logits are not one value per head broadcast over batch and queries"
+    x, nodes = sink, []
+    shape = _shape(val(sink)) if isinstance(val(sink), torch.Tensor) else ()
+    if len(shape) < 3 or shape[1] != heads or shape[-1] != 1:
+        return why
+    while _call(x, *_SINK_STEPS):
+        nodes.append(x)
+        x = x.args[0]
+        if not isinstance(val(x), torch.Tensor):
+            return why
+        if x is not sink and val(x).numel() == heads:
+            break
+    value = val(x)
+    if not (isinstance(value, torch.Tensor) and value.numel() == heads
+            and value.is_floating_point()):
+        return why
+    # From x to `sink`: one dim of `heads` elements, every other dim 1 (order kept), up to an
+    # expand, which broadcasts a value whose heads are its dim 1.
+    for n in reversed(nodes):
+        shape = _shape(val(n.args[0] if n.target is aten.expand.default else n))
+        ones = [d for i, d in enumerate(shape) if d != heads or i != shape.index(heads)]
+        if heads > 1 and (heads not in shape or set(ones) - {1}
+                          or (n.target is aten.expand.default and shape.index(heads) != 1)):
+            return why
+    return x, nodes
+
+
+def _sink_scaled(out: Node, lse: Node, heads: int) -> tuple[Node, Node, list[Node]] | str:
+    """Granite-SWA's spelling of sinks: out * sigmoid(logsumexp(scores) - sinks)[..., None]
+    (the share of each query's softmax left after its head's sink logit joins the sum). The
+    product, the sinks' source and the nodes between it and `out` (users first), or why not."""
+    why = ("the attention scores' log-sum-exp is used other than to scale the output by "
+           "sigmoid(lse - sink) (Granite-SWA's attention sinks)")
+    (mul,) = out.users if len(out.users) == 1 else (None,)
+    if not (_call(mul, aten.mul.Tensor) and out in mul.args):
+        return why
+    factor = mul.args[1] if mul.args[0] is out else mul.args[0]
+    if not isinstance(val(factor), torch.Tensor) or _shape(val(factor)) != (
+            *_shape(val(out))[:3], 1):
+        return why
+    nodes, x = [mul], factor
+    while _call(x, aten.unsqueeze.default, *CASTS) and len(x.users) == 1:
+        nodes.append(x)
+        x = x.args[0]
+    if not (_call(x, aten.sigmoid.default) and len(x.users) == 1):
+        return why
+    nodes.append(x)
+    x = x.args[0]
+    while _call(x, *CASTS) and len(x.users) == 1:
+        nodes.append(x)
+        x = x.args[0]
+    if not (_call(x, aten.sub.Tensor) and len(x.users) == 1):
+        return why
+    nodes.append(x)
+    first, sink = x.args
+    while _call(first, *CASTS) and len(first.users) == 1:
+        nodes.append(first)
+        first = first.args[0]
+    if first is not lse or len(lse.users) != 1:
+        return why
+    nodes.append(lse)
+    source = _sink_source(sink, heads)
+    if isinstance(source, str):
+        return source
+    return mul, source[0], [*nodes, *source[1]]
 
 
 def _scalar(node: object) -> tuple[Node, float] | None:
@@ -155,7 +293,28 @@ def _eager(softmax: Node) -> _Attention | str:
             node = node.args[0]
         return node
 
-    x, mask, softcap, scale = step(softmax.args[0]), None, 0.0, 1.0
+    x, mask, softcap, scale, sinks = step(softmax.args[0]), None, 0.0, 1.0, None
+    shared_ok = set()  # nodes whose several users are all the attention's (checked here)
+    heads = _shape(val(softmax))[1]
+    lse = next((u for u in x.users if _call(u, aten.logsumexp.default)
+                and _over_last_dim(u.args[1], u.args[0]) and not any(u.args[2:])
+                and len(x.users) == 2), None)
+    if lse is not None:  # Granite-SWA's sinks: checked once the output is found
+        shared_ok.add(x)
+    shift = _row_max_shift(x)
+    if shift is not None:
+        x, shift_nodes = shift
+        scores += shift_nodes
+        shared_ok.add(x)
+    sink = _sink_split(x)
+    if sink is not None:
+        x, sink_column, cat = sink
+        source = _sink_source(sink_column, heads)
+        if isinstance(source, str):
+            return source
+        sinks, between = source
+        scores += [cat, *between]
+        x = step(x)
     if _call(x, aten.add.Tensor) and isinstance(x.args[1], Node):
         scores.append(x)
         x, mask = step(x.args[0]), x.args[1]
@@ -182,15 +341,21 @@ def _eager(softmax: Node) -> _Attention | str:
         scores.append(q)
         q, f = _scalar(q)
         scale *= f
-    # On from the softmax to weights @ v: casts and dropout.
+    # On from the softmax to weights @ v: the sink's column dropped, casts and dropout.
     weights, w = [], softmax
+    if sinks is not None:
+        w = next(iter(softmax.users)) if len(softmax.users) == 1 else None
+        if not _drops_last_column(w, softmax):
+            return ("the softmax over the scores and the sink logits is used other than with "
+                    "the sink's column dropped")
+        weights.append(w)
     while len(w.users) == 1 and _call(next(iter(w.users)), aten.dropout.default, *CASTS):
         w = next(iter(w.users))
         if w.target is aten.dropout.default and w.args[1] and w.args[2]:
             return f"attention dropout {w.args[1]} > 0 in training"
         weights.append(w)
-    shared = next((n for n in (*scores[:scores.index(x) + 1], *weights) if len(n.users) != 1),
-                  None)
+    shared = next((n for n in (*scores[:scores.index(x) + 1], *weights)
+                   if len(n.users) != 1 and n not in shared_ok), None)
     if shared in (softmax, *weights):
         return (f"the attention weights ({shared.target}) are also used outside the attention "
                 "(e.g. returned with output_attentions), which the fused op does not compute")
@@ -200,10 +365,40 @@ def _eager(softmax: Node) -> _Attention | str:
     (out,) = w.users
     if not (_call(out, _MATMUL) and out.args[0] is w):
         return "the attention weights are not multiplied with the values"
+    product, scaled_by = out, []
+    if lse is not None:
+        scaled = _sink_scaled(out, lse, heads)
+        if isinstance(scaled, str):
+            return scaled
+        if sinks is not None:
+            return "attention sinks both in the softmax and in a scale of its output"
+        out, sinks, scaled_by = scaled
+    k = kt.args[0]
+    q, k = _upcast_source(q, val(out).dtype), _upcast_source(k, val(out).dtype)
     if val(out).dtype != val(q).dtype:
         return f"the attention output is {val(out).dtype}, its query {val(q).dtype}"
-    return _Attention(q, kt.args[0], out.args[1], mask, False, scale, softcap, out,
-                      (out, *reversed(weights), *scores))
+    return _Attention(q, k, product.args[1], mask, False, scale, softcap, sinks, out,
+                      (*scaled_by, product, *reversed(weights), *scores))
+
+
+def _upcast_source(x: Node, dtype: torch.dtype) -> Node:
+    """x's input when x only upcasts a `dtype` tensor to fp32 for the scores (Flint's
+    query.float()): the kernels compute scores in fp32 from `dtype` operands. Else x."""
+    if (_call(x, *CASTS) and isinstance(val(x), torch.Tensor) and val(x).dtype == torch.float32
+            and isinstance(val(x.args[0]), torch.Tensor) and val(x.args[0]).dtype == dtype):
+        return x.args[0]
+    return x
+
+
+def _drops_last_column(w: Node | None, softmax: Node) -> bool:
+    """w is softmax[..., :-1] (a slice of the last dim that ends one before its end)."""
+    if not (_call(w, aten.slice.Tensor) and w.args[0] is softmax):
+        return False
+    defaults = (0, None, None, 1)  # aten.slice.Tensor(x, dim, start, end, step)
+    dim, start, end, step = (*w.args[1:], *defaults[len(w.args) - 1:])
+    cols = _shape(val(softmax))[-1]
+    return (dim in (-1, 3) and start in (0, None) and end in (-1, cols - 1)
+            and step in (1, None))
 
 
 def _unrepeated(kv: Node) -> Node:
@@ -454,11 +649,9 @@ def _rewrite(node: Node, region: _Region) -> None:
     batch, _, seq, head_dim = _shape(qv)
     if _shape(val(k))[2] != seq:
         return reject_node(node, "keys and queries cover different positions (a KV cache)")
-    if _shape(val(v))[3] != head_dim:
-        # Multi-head latent attention (DeepSeek-V2): q/k carry the rotary channels, v does not;
-        # the kernels' output has q's head dim.
-        return reject_node(node, f"value head dim {_shape(val(v))[3]} differs from the query's "
-                                 f"{head_dim} (multi-head latent attention)")
+    value_dim = _shape(val(v))[3]
+    if value_dim > head_dim:
+        return reject_node(node, f"value head dim {value_dim} exceeds the query's {head_dim}")
     k_source, v_source = _unrepeated(k), _unrepeated(v)
     if (k_source is k) == (v_source is v):  # both repeated by repeat_kv, or neither
         k, v = k_source, v_source
@@ -486,9 +679,19 @@ def _rewrite(node: Node, region: _Region) -> None:
     with graph.inserting_before(attn.out):
         if val(k).dtype != qv.dtype:
             k = graph.call_function(aten.to.dtype, (k, qv.dtype))
+        if value_dim < head_dim:
+            # Multi-head latent attention (DeepSeek-V2/V3): q and k carry rotary channels that v
+            # has not. V gets zero channels up to q's head dim and the output's are sliced off:
+            # the same attention (the zero channels add nothing to dS), in every kernel.
+            v = graph.call_function(aten.constant_pad_nd.default, (v, [0, head_dim - value_dim]))
+        sinks = attn.sinks
+        if sinks is not None and _shape(val(sinks)) != (qv.shape[1],):
+            sinks = graph.call_function(aten.reshape.default, (sinks, [qv.shape[1]]))
         fused = graph.call_function(torch.ops.chronicals.attention.default,
-                                    (q, k, v, positions, scale, window, attn.softcap))
+                                    (q, k, v, positions, scale, window, attn.softcap, sinks))
         out = graph.call_function(operator.getitem, (fused, 0))
+        if value_dim < head_dim:
+            out = graph.call_function(aten.slice.Tensor, (out, 3, 0, value_dim))
     if "stack_trace" in node.meta:
         fused.meta["stack_trace"] = node.meta["stack_trace"]
     out.meta.update(attn.out.meta)

@@ -152,14 +152,15 @@ def test_sliding_window_model_matches_alone():
             slot += d.length
 
 
-def per_document_truth(q, k, v, cu, scale, window=None, softcap=None):
-    """fp64 attention document by document: the oracle, independent of masks over rows."""
+def per_document_truth(q, k, v, cu, scale, window=None, softcap=None, sinks=None):
+    """fp64 attention document by document: the oracle, independent of masks over rows. `sinks`
+    (Hq,): a logit per head in each softmax's sum."""
     b, hq, s, d = q.shape
     rep = hq // k.shape[1]
     qf = q.double().transpose(1, 2).reshape(b * s, hq, d)
     kf = k.double().repeat_interleave(rep, 1).transpose(1, 2).reshape(b * s, hq, d)
-    vf = v.double().repeat_interleave(rep, 1).transpose(1, 2).reshape(b * s, hq, d)
-    out = torch.empty_like(qf)
+    vf = v.double().repeat_interleave(rep, 1).transpose(1, 2).reshape(b * s, hq, -1)
+    out = qf.new_empty(b * s, hq, v.shape[-1])
     bounds = cu.tolist()
     for lo, hi in itertools.pairwise(bounds):
         n = hi - lo
@@ -171,8 +172,11 @@ def per_document_truth(q, k, v, cu, scale, window=None, softcap=None):
         if window is not None:
             keep &= i[:, None] - i[None, :] < window
         scores = scores.masked_fill(~keep, float("-inf"))
-        out[lo:hi] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vf[lo:hi])
-    return out.view(b, s, hq, d)
+        lse = scores.logsumexp(-1, keepdim=True)
+        if sinks is not None:
+            lse = torch.logaddexp(lse, sinks.double()[:, None, None])
+        out[lo:hi] = torch.einsum("hqk,khd->qhd", (scores - lse).exp(), vf[lo:hi])
+    return out.view(b, s, hq, -1)
 
 
 def random_qkv(b, s, hq, hk, d, dtype, device, seed=0):
@@ -227,9 +231,60 @@ def test_softcap_runs_chronicals_attention_per_document(window, kernel):
     torch.testing.assert_close(out.double(), truth, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["default", "triton"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_sinks_run_chronicals_attention_per_document(window, kernel):
+    # gpt-oss's and Granite-SWA's attention sinks (transformers passes them as s_aux): a logit
+    # per head in every softmax's sum, within each document.
+    s, d = 23, 12
+    q, k, v = random_qkv(2, s, 6, 2, d, torch.float32, "cpu")
+    sinks = torch.randn(6, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    cu = segments_cu([[7, 1, 10], [23]], s, "cpu")
+    forced = ops.forced_kernel("triton") if kernel == "triton" else contextlib.nullcontext()
+    with forced:
+        out = call(q, k, v=v, cu_seq_lens_q=cu, scaling=0.3, sliding_window=window,
+                   s_aux=sinks)[0]
+        out.square().sum().backward()
+    truth = per_document_truth(q, k, v, cu, 0.3, window, sinks=sinks)
+    torch.testing.assert_close(out.double(), truth, atol=2e-6, rtol=1e-5)
+    grads = [t.grad for t in (q, k, v, sinks)]
+    for t in (q, k, v, sinks):
+        t.grad = None
+    truth.square().sum().backward()
+    for name, g, t in zip(("dq", "dk", "dv", "dsinks"), grads, (q, k, v, sinks)):
+        torch.testing.assert_close(g.double(), t.grad.double(), atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family, alone_attention", [("gpt_oss", "eager"),
+                                                     ("deepseek_v2", "sdpa")])
+def test_sink_and_latent_families_packed_document_equals_document_alone(family,
+                                                                       alone_attention):
+    """gpt-oss (attention sinks, sliding and full layers) and DeepSeek-V2 (value head dim below
+    the query's) switched to packed attention: each packed document's logits equal the document
+    run alone with the family's own attention."""
+    from tests import families
+
+    model = families.build(family).eval()
+    docs = documents(LENGTHS)
+    packed = pack(docs, max_len=MAX_LEN)
+    use_packed_attention(model)
+    with torch.no_grad():
+        out = model(**packed.model_inputs(), use_cache=False).logits
+        model.set_attn_implementation(alone_attention)
+        for r, row in enumerate(packed.documents):
+            slot = 0
+            for d in row:
+                ids = torch.tensor([docs[d.example]["input_ids"]])
+                alone = model(input_ids=ids, use_cache=False).logits[0]
+                torch.testing.assert_close(out[r, slot:slot + d.length], alone, atol=1e-5,
+                                           rtol=1e-5)
+                slot += d.length
+
+
 def test_implementation_choice_is_per_device_and_dtype():
     assert implementation(torch.empty(1, 2, 3, 64)) == "reference"
     assert implementation(torch.empty(1, 2, 3, 64), softcap=30.0) == "chronicals"
+    assert implementation(torch.empty(1, 2, 3, 64), sinks=True) == "chronicals"
     assert implementation(torch.empty(1, 2, 3, 64, dtype=torch.bfloat16)) == "reference"
     if torch.cuda.is_available():
         assert implementation(torch.empty(1, 2, 3, 64, device="cuda")) == "reference"
@@ -300,6 +355,20 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="sliding_window must be >= 1"):
         q = torch.randn(1, 2, 5, 8)
         varlen_attention(q, q, q, cu, sliding_window=0)
+    with pytest.raises(ValueError, match=r"value \(B, Hk, S, Dv\), Dv <= D"):
+        varlen_attention(q, q, torch.randn(1, 2, 5, 12), cu)
+
+
+def test_value_head_dim_below_the_querys_runs_with_zero_channels():
+    """Multi-head latent attention (DeepSeek-V2/V3): v of fewer channels than q and k."""
+    s = 23
+    q, k, _ = random_qkv(2, s, 6, 2, 24, torch.float64, "cpu")
+    v = random_qkv(2, s, 6, 2, 16, torch.float64, "cpu", seed=1)[2]
+    cu = segments_cu([[7, 1, 10], [23]], s, "cpu")
+    out = varlen_attention(q, k, v, cu, scale=0.3)
+    assert out.shape == (2, s, 6, 16)
+    torch.testing.assert_close(out, per_document_truth(q, k, v, cu, 0.3), atol=1e-12,
+                               rtol=1e-12)
 
 
 def test_use_packed_attention_switches_and_refuses_non_hf_modules():

@@ -7,6 +7,9 @@ keys j of the query's own document with j <= i (and i - j < window when a slidin
 given), h' = h // (Hq / Hk) (GQA/MQA: K/V heads are shared, never repeated). A document is a
 maximal run of consecutive `position_ids` (transformers' packed-sequence rule: a new document starts
 where a position is not its predecessor's plus one); without position_ids every row is one document.
+With attention sinks (gpt-oss: one learned logit per query head, `sinks` (Hq,)), the softmax's sum
+also holds exp(sink[h]): the sink takes its share of each query's probability and attends to
+nothing. The sinks get their gradient.
 
 Inputs are transformers' attention layout: q (B, Hq, S, D), k and v (B, Hk, S, D), usually
 transposed views of (B, S, H, D) projections. The output is (B, Hq, S, D) laid out as (B, S, Hq, D)
@@ -22,8 +25,9 @@ the backward, and at every call of a compiled graph), stated here once and named
 - "flash-varlen": CUDA, packed rows or sliding windows, no softcap (head_dim up to 256):
   PyTorch's flash kernel over document boundaries `cu_seqlens`, computed on the device from
   position_ids.
-- "triton": CUDA with a logit softcap (Gemma-2), which neither PyTorch kernel computes:
-  Chronicals' own kernels (chronicals/ops/attention_triton.py), which take every case above.
+- "triton": CUDA with a logit softcap (Gemma-2) or attention sinks (gpt-oss), which neither
+  PyTorch kernel computes: Chronicals' own kernels (chronicals/ops/attention_triton.py), which
+  take every case above.
 - "reference": CPU: masked `scaled_dot_product_attention` (chronicals/reference.py), the numerics
   oracle of the tests. There is no fallback from a kernel to it.
 `forced_kernel(name)` runs another kernel that takes the inputs (benchmarks; and the tests run
@@ -58,15 +62,16 @@ _FLASH_MAX_HEAD_DIM = 256
 _forced: str | None = None
 
 
-def kernel(q: Tensor, packed: bool, window: int, softcap: float = 0.0) -> str:
+def kernel(q: Tensor, packed: bool, window: int, softcap: float = 0.0,
+           sinks: bool = False) -> str:
     """The kernel `attention` runs for a query tensor (B, Hq, S, D) of this device, dtype and head
     dim; `packed`: position_ids are given; `window`: sliding window (0: none); `softcap`: logit
-    cap (0: none)."""
+    cap (0: none); `sinks`: sink logits are given."""
     if _forced is not None:
         return _forced
     if q.device.type != "cuda":
         return "reference"
-    if softcap:
+    if softcap or sinks:
         return "triton"
     if not packed and window == 0 and q.shape[-1] <= _CUDNN_MAX_HEAD_DIM:
         return "cudnn"
@@ -87,7 +92,8 @@ def forced_kernel(name: str) -> Iterator[None]:
         _forced = previous
 
 
-def _check_kernel(name: str, q: Tensor, packed: bool, window: int, softcap: float) -> None:
+def _check_kernel(name: str, q: Tensor, packed: bool, window: int, softcap: float,
+                  sinks: bool) -> None:
     """A forced kernel must take the inputs: raise, never compute something else."""
     cuda = q.device.type == "cuda"
     if name == "reference":
@@ -100,14 +106,14 @@ def _check_kernel(name: str, q: Tensor, packed: bool, window: int, softcap: floa
     why = None
     if not cuda:
         why = "CUDA tensors"
-    elif softcap:
-        why = "no softcap"
+    elif softcap or sinks:
+        why = "no softcap and no sinks"
     elif name == "cudnn" and (packed or window or q.shape[-1] > _CUDNN_MAX_HEAD_DIM):
         why = f"one document per row, no window, head_dim <= {_CUDNN_MAX_HEAD_DIM}"
     if why:
         raise ValueError(f"attention: the {name} kernel takes {why}; got {q.device.type} "
                          f"tensors, packed={packed}, window={window}, softcap={softcap}, "
-                         f"head_dim {q.shape[-1]}.")
+                         f"sinks={sinks}, head_dim {q.shape[-1]}.")
 
 
 def unsupported(q: Tensor, k: Tensor) -> str | None:
@@ -124,7 +130,7 @@ def unsupported(q: Tensor, k: Tensor) -> str | None:
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, window: int,
-                  softcap: float) -> None:
+                  softcap: float, sinks: Tensor | None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
             f"attention: expected q (B, Hq, S, D) and k, v (B, Hk, S, D). Got "
@@ -149,11 +155,18 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, 
         raise ValueError(f"attention: window must be >= 0 (0: none). Got {window}.")
     if softcap < 0:
         raise ValueError(f"attention: softcap must be >= 0 (0: none). Got {softcap}.")
+    if sinks is not None and (sinks.shape != (q.shape[1],) or not sinks.is_floating_point()
+                              or sinks.device != q.device):
+        raise ValueError(
+            f"attention: sinks must be one float logit per query head, shape ({q.shape[1]},) on "
+            f"{q.device}. Got {tuple(sinks.shape)} of {sinks.dtype} on {sinks.device}."
+        )
     why = unsupported(q, k)
     if why:
         raise ValueError(f"attention: {why}.")
-    _check_kernel(kernel(q, position_ids is not None, window, softcap), q,
-                  position_ids is not None, window, softcap)
+    packed, has_sinks = position_ids is not None, sinks is not None
+    _check_kernel(kernel(q, packed, window, softcap, has_sinks), q, packed, window, softcap,
+                  has_sinks)
 
 
 def _document_starts(position_ids: Tensor, batch: int) -> Tensor:
@@ -228,15 +241,15 @@ def _token_major(x: Tensor) -> Tensor:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale: float,
-             window: int, softcap: float) -> tuple[Tensor, Tensor]:
+             window: int, softcap: float, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
     b, hq, s, d = q.shape
-    name = kernel(q, position_ids is not None, window, softcap)
+    name = kernel(q, position_ids is not None, window, softcap, sinks is not None)
     if name == "reference":
-        out, lse = reference.attention(q, k, v, position_ids, scale, window, softcap)
+        out, lse = reference.attention(q, k, v, position_ids, scale, window, softcap, sinks)
         return _token_major(out), lse.reshape(-1)
     if name == "triton":
         return attention_triton.forward(q, k, v, _spans(position_ids, b), scale, window,
-                                        softcap)
+                                        softcap, sinks=sinks)
     if name == "cudnn":
         out, lse = cudnn_attention_forward(_token_major(q), _token_major(k), _token_major(v),
                                            scale)
@@ -253,13 +266,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale
 
 @torch.library.custom_op("chronicals::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scale: float,
-                  window: int, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
-    _check_inputs(q, k, v, position_ids, window, softcap)
-    return _forward(q, k, v, position_ids, scale, window, softcap)
+                  window: int, softcap: float = 0.0, sinks: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    _check_inputs(q, k, v, position_ids, window, softcap, sinks)
+    return _forward(q, k, v, position_ids, scale, window, softcap, sinks)
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k, v, position_ids, scale, window, softcap=0.0):
+def _attention_fake(q, k, v, position_ids, scale, window, softcap=0.0, sinks=None):
     b, hq, s, _d = q.shape
     return empty_token_major(q), q.new_empty((b * hq * s,), dtype=torch.float32)
 
@@ -267,16 +281,27 @@ def _attention_fake(q, k, v, position_ids, scale, window, softcap=0.0):
 @torch.library.custom_op("chronicals::attention_backward", mutates_args=())
 def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                            lse: Tensor, position_ids: Tensor | None, scale: float, window: int,
-                           softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+                           softcap: float = 0.0, sinks: Tensor | None = None
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv and the sinks' gradient (an empty tensor without sinks)."""
+    grads = _backward_grads(dout, q, k, v, out, lse, position_ids, scale, window, softcap, sinks)
+    dsinks = grads[3] if sinks is not None else q.new_empty((0,), dtype=torch.float32)
+    return grads[0], grads[1], grads[2], dsinks
+
+
+def _backward_grads(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    position_ids: Tensor | None, scale: float, window: int, softcap: float,
+                    sinks: Tensor | None) -> tuple[Tensor, ...]:
     b, hq, s, d = q.shape
     hk = k.shape[1]
-    name = kernel(q, position_ids is not None, window, softcap)
+    name = kernel(q, position_ids is not None, window, softcap, sinks is not None)
     if name == "reference":
-        grads = reference.attention_backward(dout, q, k, v, position_ids, scale, window, softcap)
-        return tuple(_token_major(g) for g in grads)
+        *grads, dsinks = reference.attention_backward(dout, q, k, v, position_ids, scale, window,
+                                                      softcap, sinks)
+        return (*(_token_major(g) for g in grads), dsinks)
     if name == "triton":
         return attention_triton.backward(dout, q, k, v, out, lse, _spans(position_ids, b),
-                                         scale, window, softcap)
+                                         scale, window, softcap, sinks=sinks)
     if name == "cudnn":
         grads = cudnn_attention_backward(
             _token_major(dout), _token_major(q), _token_major(k), _token_major(v), out,
@@ -297,26 +322,29 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(dout, q, k, v, out, lse, position_ids, scale, window, softcap=0.0):
-    return empty_token_major(q), empty_token_major(k), empty_token_major(v)
+def _attention_backward_fake(dout, q, k, v, out, lse, position_ids, scale, window, softcap=0.0,
+                             sinks=None):
+    dsinks = (q.new_empty((0,), dtype=torch.float32) if sinks is None
+              else torch.empty_like(sinks, memory_format=torch.contiguous_format))
+    return empty_token_major(q), empty_token_major(k), empty_token_major(v), dsinks
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, position_ids, scale, window, softcap = inputs
+    q, k, v, position_ids, scale, window, softcap, sinks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, position_ids)
+    ctx.save_for_backward(q, k, v, out, lse, position_ids, sinks)
     ctx.scale, ctx.window, ctx.softcap = scale, window, softcap
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout: Tensor | None, _dlse: Tensor | None):
-    q, k, v, out, lse, position_ids = ctx.saved_tensors
+    q, k, v, out, lse, position_ids, sinks = ctx.saved_tensors
     if dout is None:
-        return None, None, None, None, None, None, None
-    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, position_ids, ctx.scale,
-                                        ctx.window, ctx.softcap)
-    return dq, dk, dv, None, None, None, None
+        return None, None, None, None, None, None, None, None
+    dq, dk, dv, dsinks = _attention_backward_op(dout, q, k, v, out, lse, position_ids, ctx.scale,
+                                                ctx.window, ctx.softcap, sinks)
+    return dq, dk, dv, None, None, None, None, dsinks if sinks is not None else None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -324,19 +352,21 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def attention(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None = None, *,
               scale: float | None = None, window: int | None = None,
-              softcap: float | None = None) -> Tensor:
+              softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
     """Causal attention within the documents of each row; see the module docstring.
 
     q (B, Hq, S, D), k and v (B, Hk, S, D) with Hq a multiple of Hk; position_ids (B, S) or
     (1, S) integers, or None for one document per row; scale defaults to 1/sqrt(D); window w: a
     token sees the w most recent tokens of its document, itself included (transformers'
     `sliding_window`); softcap c: scores become c * tanh(scores / c) before the softmax
-    (Gemma-2's `attn_logit_softcapping`). Returns (B, Hq, S, D) in q's dtype, laid out as
-    (B, S, Hq, D).
+    (Gemma-2's `attn_logit_softcapping`); sinks (Hq,): each head's sink logit (gpt-oss's
+    `sinks`), which joins every query's softmax and attends to nothing. Returns (B, Hq, S, D) in
+    q's dtype, laid out as (B, S, Hq, D).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if window is not None and window < 1:
         raise ValueError(f"attention: window must be >= 1 or None. Got {window}.")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"attention: softcap must be > 0 or None. Got {softcap}.")
-    return _attention_op(q, k, v, position_ids, scale, window or 0, float(softcap or 0.0))[0]
+    return _attention_op(q, k, v, position_ids, scale, window or 0, float(softcap or 0.0),
+                         sinks)[0]

@@ -1,6 +1,6 @@
 """Chronicals' own attention kernels (Triton): causal attention within documents, with sliding
-windows, logit soft-capping and GQA/MQA, forward and backward. The "triton" kernel of
-`chronicals::attention` (chronicals/ops/attention.py states when it runs).
+windows, logit soft-capping, attention sinks and GQA/MQA, forward and backward. The "triton"
+kernel of `chronicals::attention` (chronicals/ops/attention.py states when it runs).
 
 One program per (block of BLOCK_M queries, query head) in the forward and for dQ; one per (block
 of BLOCK_N keys, K/V head) for dK and dV, which walks the query heads of its GQA group in turn, so
@@ -13,9 +13,11 @@ and a key block only the query blocks up to its last key's document end (or wind
 
 Scores s = scale * q.k in fp32; with softcap c > 0, s = c * tanh(s / c) (Gemma-2); softmax
 statistics (log-sum-exp) fp32; P and dS are rounded to the input dtype for their GEMMs, as flash
-kernels do, with fp32 accumulation. Under Triton's interpreter (CPU tests) every GEMM runs in
-fp32: the interpreter's `tl.dot` on bf16 operands gives wrong results, and arithmetic on raw bf16
-loads too, so loads are upcast there.
+kernels do, with fp32 accumulation. A head's sink logit (gpt-oss) starts the forward's online
+softmax (running max = the sink, sum = 1), so the log-sum-exp includes it and the backward's P
+needs no change; the sink's own gradient comes from that lse and delta = rowsum(dO * O). Under
+Triton's interpreter (CPU tests) every GEMM runs in fp32: the interpreter's `tl.dot` on bf16
+operands gives wrong results, and arithmetic on raw bf16 loads too, so loads are upcast there.
 """
 
 from __future__ import annotations
@@ -151,19 +153,24 @@ def _fwd_tile(acc, m_i, l_i, qt, k, v, n0, rows, dims, dim_ok, doc_start, sks, s
 
 @triton.jit
 def _fwd_kernel(
-    q, k, v, out, lse, starts,
+    q, k, v, out, lse, starts, sinks,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
     scale, softcap,
     SEQ, HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    SINKS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     m0, bh, b, h, rows, dims, row_ok, dim_ok, tile_ok, qt, doc_start, k, v, lo, hi = _query_block(
         q, k, v, starts, sqb, sqh, sqs, skb, skh, svb, svh, SEQ, HQ, GROUP, D, BLOCK_M, BLOCK_N,
         BLOCK_D, WINDOW, HAS_DOCS, INTERPRET)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    if SINKS:
+        # The head's sink logit is the softmax's first term: max so far, sum exp(0) = 1.
+        m_i = tl.full((BLOCK_M,), 0.0, tl.float32) + tl.load(sinks + h).to(tl.float32)
+        l_i = tl.full((BLOCK_M,), 1.0, tl.float32)
+    else:
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     # Key blocks wholly below the diagonal (keys < m0) need the causal mask for no query; with
     # documents or a window they still need theirs. Then the blocks the diagonal crosses.
@@ -375,9 +382,11 @@ def _unit_last(x: Tensor) -> Tensor:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, spans: tuple[Tensor, Tensor] | None, scale: float,
-            window: int, softcap: float, tiles: _Tiles | None = None) -> tuple[Tensor, Tensor]:
-    """Output (B, Hq, S, D) laid out (B, S, Hq, D), and lse (B * Hq * S,) fp32. `tiles`: the
-    forward kernel's, else `_tiles`' (benchmarks/tuning/sweep_attention_tiles.py passes its own)."""
+            window: int, softcap: float, tiles: _Tiles | None = None,
+            sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Output (B, Hq, S, D) laid out (B, S, Hq, D), and lse (B * Hq * S,) fp32, the sink logits
+    (Hq,) included when given. `tiles`: the forward kernel's, else `_tiles`'
+    (benchmarks/tuning/sweep_attention_tiles.py passes its own)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     b, hq, s, d = q.shape
     out = q.new_empty((b, s, hq, d))
@@ -385,10 +394,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spans: tuple[Tensor, Tensor] | None
     tiles = tiles or _tiles(q)[0]
     starts = spans[0] if spans is not None else lse
     _fwd_kernel[(triton.cdiv(s, tiles.rows), b * hq)](
-        q, k, v, out, lse, starts, *_strides(q), *_strides(k), *_strides(v),
+        q, k, v, out, lse, starts, lse if sinks is None else sinks.contiguous(),
+        *_strides(q), *_strides(k), *_strides(v),
         scale, softcap or 1.0, s, hq, hq // k.shape[1], d,
         BLOCK_M=tiles.rows, BLOCK_N=tiles.cols, BLOCK_D=_block_d(d), WINDOW=window,
-        HAS_DOCS=spans is not None, SOFTCAP=softcap > 0, INTERPRET=interpreter_on(),
+        HAS_DOCS=spans is not None, SOFTCAP=softcap > 0, SINKS=sinks is not None,
+        INTERPRET=interpreter_on(),
         num_warps=tiles.warps, num_stages=tiles.stages,
     )
     return out.transpose(1, 2), lse
@@ -396,9 +407,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spans: tuple[Tensor, Tensor] | None
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              spans: tuple[Tensor, Tensor] | None, scale: float, window: int, softcap: float,
-             tiles: tuple[_Tiles, _Tiles] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv, each laid out (B, S, H, D) like the forward's output. `out` is the forward's
-    output (its (B, S, Hq, D) storage). `tiles`: the dQ and dK/dV kernels', else `_tiles`'."""
+             tiles: tuple[_Tiles, _Tiles] | None = None, sinks: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """dq, dk, dv, each laid out (B, S, H, D) like the forward's output, and the sinks' gradient
+    (None without sinks). `out` is the forward's output (its (B, S, Hq, D) storage), `lse` its
+    log-sum-exp (the sinks included: the kernels' P needs no other change). `tiles`: the dQ and
+    dK/dV kernels', else `_tiles`'."""
     dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
     b, hq, s, d = q.shape
     hk = k.shape[1]
@@ -411,6 +425,11 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
         dout, out, delta, *_strides(dout), s, hq, d, BLOCK_M=dq_tiles.rows, BLOCK_D=block_d,
         INTERPRET=interpret, num_warps=4,
     )
+    dsinks = None
+    if sinks is not None:
+        # A sink has no value: its logit's gradient is -sum over queries of P(sink) * delta.
+        p_sink = torch.exp(sinks.float().view(1, hq, 1) - lse.view(b, hq, s))
+        dsinks = -(p_sink * delta.view(b, hq, s)).sum((0, 2)).to(sinks.dtype)
     starts, ends = spans if spans is not None else (lse, lse)
     dq = q.new_empty((b, s, hq, d))
     dk = k.new_empty((b, s, hk, d))
@@ -429,4 +448,4 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
         s, hq, hq // hk, d, BLOCK_M=kv_tiles.cols, BLOCK_N=kv_tiles.rows,
         num_warps=kv_tiles.warps, num_stages=kv_tiles.stages, **common,
     )
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dsinks

@@ -77,7 +77,8 @@ def _grads(model) -> list[torch.Tensor]:
     """Every parameter's gradient in fp32; zeros for one the loss does not reach (an expert no
     token was routed to), so a gradient where eager has none counts as an error."""
     return [
-        torch.zeros(p.shape) if p.grad is None else p.grad.float() for p in model.parameters()
+        torch.zeros(p.shape, device=p.device) if p.grad is None else p.grad.float()
+        for p in model.parameters()
     ]
 
 

@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from transformers.models.llama.modeling_llama import repeat_kv
 
 import compile_passes
@@ -26,10 +28,11 @@ def _attention_inputs(b=2, hq=4, hk=2, s=10, d=8):
 
 
 def _model_losses(family, seq=12, position_ids=None, attention_mask=None, checkpointing=False,
-                  **overrides):
-    """Compiled and eager loss and gradients of a tiny model, and the compile's report."""
+                  model=None, **overrides):
+    """Compiled and eager loss and gradients of a tiny model (`model`, else the family's), and
+    the compile's report."""
     torch.compiler.reset()
-    model = tiny_model(family, **overrides)
+    model = tiny_model(family, **overrides) if model is None else model
     eager = copy.deepcopy(model)
     if checkpointing:
         model.train()
@@ -54,11 +57,12 @@ def _model_losses(family, seq=12, position_ids=None, attention_mask=None, checkp
 
 
 def _recording_op_args(monkeypatch) -> list[tuple]:
-    """(scale, window, softcap) of every call of the fused op's forward."""
+    """(scale, window, softcap, the sinks' shape or None) of every call of the fused op's
+    forward."""
     calls = []
     real = attention_ops._forward
-    monkeypatch.setattr(attention_ops, "_forward",
-                        lambda *a: calls.append(a[4:]) or real(*a))
+    monkeypatch.setattr(attention_ops, "_forward", lambda *a: calls.append(
+        (*a[4:7], None if a[7] is None else tuple(a[7].shape))) or real(*a))
     return calls
 
 
@@ -100,7 +104,7 @@ def test_sliding_window_is_read_from_the_mask(monkeypatch):
     calls = _recording_op_args(monkeypatch)
     report, loss, loss_eager, grad_err = _model_losses("mistral", seq=16, sliding_window=5)
     assert report.fired["attention"] == LAYERS, report.summary()
-    assert [window for _, window, _ in calls] == [5] * LAYERS
+    assert [window for _, window, _, _ in calls] == [5] * LAYERS
     assert abs(loss - loss_eager) <= 1e-5 * abs(loss_eager) and grad_err <= 1e-5
 
 
@@ -190,20 +194,60 @@ def test_dropout_and_non_causal_are_rejected():
     assert any("not causal" in r for r in _rejections(report))
 
 
-def test_value_head_dim_other_than_the_querys_is_rejected():
+def test_value_head_dim_below_the_querys_gets_zero_channels():
     """Multi-head latent attention (DeepSeek-V2): q and k of 24 channels (16 + 8 rotary), v of
-    16. Fused, the op returned q's head dim and the graph's reshape after it failed."""
+    16. V is padded with zero channels to 24 and the output's 8 extra sliced off: output and
+    gradients equal eager's."""
     q, k, _ = _attention_inputs(hq=4, hk=4, d=24)
     v = _attention_inputs(hq=4, hk=4, d=16)[2]
 
     def attend(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(
-            2, 10, 4 * 16)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(2, 10, 4 * 16)
+
+    def run(fn, *tensors):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        out.square().sum().backward()
+        return [out, *(t.grad for t in leaves)]
+
+    torch.compiler.reset()
+    compile_passes.clear_fusion_reports()
+    got = run(torch.compile(attend, backend="chronicals", options={"report": "none"}), q, k, v)
+    report = compile_passes.fusion_reports()[-1]
+    assert report.fired["attention"] == 1 and report.rejected == (), report.summary()
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, run(attend, q, k, v)):
+        torch.testing.assert_close(g, e, msg=name)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_latent_attention_models_fuse_packed_rows(family):
+    """DeepSeek-V2/V3 (value head dim below the query's) with packed documents: every attention
+    layer fused, loss and gradients equal eager's."""
+    from tests import families
+
+    # Dense layers only: the experts' fp32 grouped_mm fallback of transformers 5.17 breaks the
+    # graph under AOT autograd (plain torch.compile too), which this test is not about.
+    model = families._build(families.discover()[family], torch.float32, 0,
+                            num_key_value_heads=families.HIDDEN // families.HEAD_DIM,
+                            first_k_dense_replace=100)
+    assert not any("Expert" in type(m).__name__ for m in model.modules())
+    attentions = sum(type(m).__name__.endswith("Attention") for m in model.modules())
+    report, loss, loss_eager, grad_err = _model_losses(None, position_ids=PACKED, model=model)
+    assert report.fired["attention"] == attentions and not _rejections(report), report.summary()
+    assert abs(loss - loss_eager) <= 1e-5 * abs(loss_eager) and grad_err <= 1e-5
+
+
+def test_value_head_dim_above_the_querys_is_rejected():
+    q, k, _ = _attention_inputs(hq=4, hk=4, d=16)
+    v = _attention_inputs(hq=4, hk=4, d=24)[2]
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     out, report = compile_fn(attend, q, k, v)
     assert report.fired["attention"] == 0 and report.error is None, report
-    assert _rejections(report) == [("value head dim 16 differs from the query's 24 (multi-head "
-                                    "latent attention)")]
+    assert _rejections(report) == ["value head dim 24 exceeds the query's 16"]
     torch.testing.assert_close(out, attend(q, k, v))
 
 
@@ -251,6 +295,20 @@ def test_cuda_model_through_inductor(positions):
     assert rel(model, truth) <= 2 * rel(eager, truth) + 2**-7
 
 
+@pytest.mark.cuda
+def test_cuda_gpt_oss_with_sinks_through_inductor():
+    """gpt-oss in bf16 on the GPU: attention sinks in the triton kernel inside Inductor's graph,
+    loss and gradients against eager bf16 and the fp32 truth (the GPU rule)."""
+    from tests import families
+
+    model = families.build("gpt_oss", torch.bfloat16).cuda()
+    result = compile_and_compare("gpt_oss", torch.bfloat16, model=model, batch=tiny_batch(),
+                                 device="cuda")
+    attentions = sum(type(m).__name__.endswith("Attention") for m in model.modules())
+    assert result.fired["attention"] == attentions, result
+    result.assert_matches_eager(torch.bfloat16)
+
+
 # Eager attention (transformers' eager_attention_forward) ----------------------------------------
 
 
@@ -279,7 +337,7 @@ def test_gemma2_soft_capped_attention_reaches_the_op_and_matches_eager(dtype, mo
     result = compile_and_compare("gemma2", dtype)
     result.assert_counts("gemma2")
     result.assert_matches_eager(dtype)
-    assert set(calls) == {(1 / 16, 0, 50.0)}, calls
+    assert set(calls) == {(1 / 16, 0, 50.0, None)}, calls
 
 
 def test_gemma2_sliding_window_shorter_than_the_rows():
@@ -436,3 +494,174 @@ def test_eager_model_look_alikes_are_rejected():
     expected = logits_and_weights(ids)
     torch.testing.assert_close(logits, expected[0])
     torch.testing.assert_close(weights, expected[1])
+
+
+# Attention sinks (gpt-oss, Flint, HunYuan-V4, MiMo-V2-Flash) -------------------------------------
+
+
+def _with_sinks(w, sinks, shift, softmax_dtype):
+    """Eager attention's weights over the scores and one sink logit per head: the concatenation
+    less its row max (gpt-oss, MiMo) or not (Flint), the sink's column dropped."""
+    column = sinks.reshape(1, -1, 1, 1).expand(*w.shape[:-1], 1)
+    joined = torch.cat([w, column], dim=-1)
+    if shift == "max":
+        joined = joined - joined.max(dim=-1, keepdim=True).values
+    elif shift == "amax":
+        joined = joined - torch.amax(joined, dim=-1, keepdim=True)
+    return F.softmax(joined, dim=-1, dtype=softmax_dtype)[..., :-1]
+
+
+def _assert_fused_with_sinks(fn, monkeypatch) -> None:
+    """fn(q, k, v, sinks) (scale 0.3, 2 query heads a K/V head) compiled: one attention fused
+    with the (4,) sinks, its output the reference's, and every gradient, the sinks' (non-zero)
+    included, eager's."""
+    q, k, v = _attention_inputs()
+    sinks = torch.randn(4)
+    calls = _recording_op_args(monkeypatch)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    out, report = compile_fn(fn, *leaves)
+    assert report.fired["attention"] == 1 and report.rejected == (), report.summary()
+    assert calls == [(0.3, 0, 0.0, (4,))]
+    torch.testing.assert_close(out, reference.attention(q, k, v, None, 0.3, 0, 0.0, sinks)[0])
+    out.backward(torch.ones_like(out))
+    eager = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    fn(*eager).backward(torch.ones_like(out))
+    for name, got, want in zip(("dq", "dk", "dv", "dsinks"), leaves, eager):
+        torch.testing.assert_close(got.grad, want.grad, msg=name)
+    assert float(leaves[3].grad.abs().max()) > 0
+
+
+@pytest.mark.parametrize("softmax_dtype", [torch.float32, None], ids=["fp32", "input-dtype"])
+@pytest.mark.parametrize("shift", ["max", "amax", "none"])
+def test_attention_sinks_reach_the_op_and_get_their_gradient(shift, softmax_dtype, monkeypatch):
+    def fn(q, k, v, sinks):
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        w = q @ k.transpose(2, 3) * 0.3 + _causal(q.shape[2])
+        w = _with_sinks(w, sinks, shift, softmax_dtype).to(q.dtype)
+        return torch.matmul(F.dropout(w, p=0.0, training=True), v)
+
+    _assert_fused_with_sinks(fn, monkeypatch)
+
+
+def test_granite_swa_spelling_of_sinks_reaches_the_op(monkeypatch):
+    """Granite-SWA scales the plain softmax's output by sigmoid(logsumexp(scores) - sink): the
+    same attention as a sink logit in the softmax's sum."""
+    def fn(q, k, v, sinks):
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        w = q @ k.transpose(2, 3) * 0.3 + _causal(q.shape[2])
+        scale = (torch.logsumexp(w, dim=-1) - sinks.view(1, -1, 1)).to(torch.float32).sigmoid()
+        out = torch.matmul(F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        return out * scale.unsqueeze(-1).to(out.dtype)
+
+    _assert_fused_with_sinks(fn, monkeypatch)
+
+
+def test_a_log_sum_exp_used_otherwise_is_rejected():
+    q, k, v = _attention_inputs(hk=4)
+
+    def fn(q, k, v):
+        w = q @ k.transpose(2, 3) * 0.3 + _causal(q.shape[2])
+        return F.softmax(w, dim=-1) @ v, torch.logsumexp(w, dim=-1)
+
+    (out, lse), report = compile_fn(fn, q, k, v)
+    assert report.fired["attention"] == 0
+    reason = ("the attention scores' log-sum-exp is used other than to scale the output by "
+              "sigmoid(lse - sink) (Granite-SWA's attention sinks)")
+    assert _rejections(report) == [reason]
+    expected = fn(q, k, v)
+    torch.testing.assert_close(out, expected[0])
+    torch.testing.assert_close(lse, expected[1])
+
+
+def test_sinks_with_scores_upcast_to_fp32_fuse_in_bf16():
+    """Flint computes the scores from q and k upcast to fp32 and casts the weights back to the
+    values' dtype: the kernels' own fp32 scores from the bf16 q and k."""
+    q, k, v = (t.bfloat16() for t in _attention_inputs())
+    sinks = torch.randn(4)
+
+    def fn(q, k, v, sinks):
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        w = torch.matmul(q.float(), k.float().transpose(2, 3)) * 0.3 + _causal(q.shape[2])
+        return _with_sinks(w, sinks, "none", None).to(v.dtype) @ v
+
+    out, report = compile_fn(fn, q, k, v, sinks)
+    assert report.fired["attention"] == 1 and report.rejected == (), report.summary()
+    assert out.dtype == torch.bfloat16
+    truth = reference.attention(*(t.double() for t in (q, k, v)), None, 0.3, 0, 0.0,
+                                sinks.double())[0]
+    eager_err = float((fn(q, k, v, sinks).double() - truth).abs().max())
+    assert float((out.double() - truth).abs().max()) <= eager_err + 2**-8 * float(truth.abs().max())
+
+
+@pytest.mark.parametrize("make, reason", [
+    # A sink logit per query, not per head.
+    (lambda w, v, s: F.softmax(torch.cat([w, s[:, None].expand(w.shape[0], -1, w.shape[2])[
+        ..., None] * torch.arange(w.shape[2])[:, None]], -1), -1)[..., :-1] @ v,
+     "the sink logits are not one value per head"),
+    # The first column dropped instead of the sink's.
+    (lambda w, v, s: F.softmax(torch.cat([w, s.reshape(1, -1, 1, 1).expand(
+        *w.shape[:-1], 1)], -1), -1)[..., 1:] @ v,
+     "used other than with the sink's column dropped"),
+    # The sink's probability used too.
+    (lambda w, v, s: _weights_and_output(F.softmax(torch.cat([w, s.reshape(1, -1, 1, 1).expand(
+        *w.shape[:-1], 1)], -1), -1), v[..., :1, :].expand(-1, -1, w.shape[-1] + 1, -1)),
+     "used other than with the sink's column dropped"),
+], ids=["per-query", "first-column-dropped", "sink-weight-returned"])
+def test_sink_look_alikes_are_rejected(make, reason):
+    q, k, v = _attention_inputs(hk=4)
+    sinks = torch.randn(4)
+
+    def fn(q, k, v, sinks):
+        return make(q @ k.transpose(2, 3) * 0.3 + _causal(q.shape[2]), v, sinks)
+
+    out, report = compile_fn(fn, q, k, v, sinks)
+    assert report.fired["attention"] == 0, report.summary()
+    assert [reason in r for r in _rejections(report)] == [True], _rejections(report)
+    torch.testing.assert_close(out, fn(q, k, v, sinks))
+
+
+def test_a_row_max_shift_alone_fuses():
+    """MiMo-V2-Flash's full-attention layers subtract the row max with no sinks."""
+    q, k, v = _attention_inputs()
+
+    def fn(q, k, v):
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        w = q @ k.transpose(2, 3) * 0.3 + _causal(q.shape[2])
+        w = w - w.max(dim=-1, keepdim=True).values
+        return F.softmax(w, dim=-1) @ v
+
+    out, report = compile_fn(fn, q, k, v)
+    assert report.fired["attention"] == 1 and report.rejected == (), report.summary()
+    torch.testing.assert_close(out, fn(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("positions", [None, PACKED], ids=["rows", "packed"])
+@pytest.mark.parametrize("family", ["gpt_oss", "granite_swa"])
+def test_sink_families_fuse_every_layer_and_match_eager(family, dtype, positions):
+    """gpt-oss (sinks in the softmax; eager attention is its only one: no sdpa) and
+    Granite-SWA (sinks as a sigmoid scale of the output): sliding and full layers; packed rows
+    too."""
+    from tests import families
+
+    if family not in families.discover():
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    if (family == "gpt_oss" and dtype == torch.float32
+            and Version(transformers.__version__) < Version("5.25")):
+        # Its experts' fp32 grouped_mm fallback reads a tensor's value in its backward: AOT
+        # autograd cannot trace it (plain torch.compile breaks the graph there too).
+        pytest.skip(f"gpt_oss fp32 experts do not compile on transformers "
+                    f"{transformers.__version__}")
+    model = families.build(family, dtype)
+    attentions = sum(type(m).__name__.endswith("Attention") for m in model.modules())
+    assert attentions >= 2
+    if positions is None:
+        result = compile_and_compare(family, dtype, model=model, batch=tiny_batch())
+        assert result.fired["attention"] == attentions and not [
+            r for r in result.rejected if r.fusion == "attention"], result
+        result.assert_matches_eager(dtype)
+        return
+    report, loss, loss_eager, grad_err = _model_losses(None, position_ids=positions, model=model)
+    assert report.fired["attention"] == attentions, report.summary()
+    if dtype == torch.float32:
+        assert abs(loss - loss_eager) <= 1e-5 * abs(loss_eager) and grad_err <= 1e-5

@@ -13,20 +13,24 @@ import torch.nn.functional as F
 
 from chronicals import reference
 from chronicals.ops import attention as ops
-from tests.helpers import assert_no_worse_than_eager, devices
+from tests.helpers import ULP, assert_no_worse_than_eager, devices
 
-# (B, Hq, Hk, S, D, packed, window, softcap): causal, GQA, MQA, sliding window, packed documents,
-# logit softcap, odd sizes; rows longer than the interpreter's 16-token blocks.
+# (B, Hq, Hk, S, D, packed, window, softcap, sinks): causal, GQA, MQA, sliding window, packed
+# documents, logit softcap, attention sinks, odd sizes; rows longer than the interpreter's
+# 16-token blocks.
 CASES = [
-    (2, 4, 4, 13, 16, False, 0, 0.0),
-    (2, 6, 2, 17, 16, False, 0, 0.0),
-    (1, 4, 1, 11, 24, True, 0, 0.0),
-    (2, 4, 2, 19, 16, True, 5, 0.0),
-    (3, 2, 2, 9, 40, False, 4, 0.0),
-    (2, 6, 2, 37, 16, False, 0, 2.0),
-    (1, 4, 2, 41, 24, True, 9, 1.5),
-    (2, 4, 1, 35, 20, True, 0, 0.0),
-    (1, 2, 1, 70, 16, True, 20, 0.0),
+    (2, 4, 4, 13, 16, False, 0, 0.0, False),
+    (2, 6, 2, 17, 16, False, 0, 0.0, False),
+    (1, 4, 1, 11, 24, True, 0, 0.0, False),
+    (2, 4, 2, 19, 16, True, 5, 0.0, False),
+    (3, 2, 2, 9, 40, False, 4, 0.0, False),
+    (2, 6, 2, 37, 16, False, 0, 2.0, False),
+    (1, 4, 2, 41, 24, True, 9, 1.5, False),
+    (2, 4, 1, 35, 20, True, 0, 0.0, False),
+    (1, 2, 1, 70, 16, True, 20, 0.0, False),
+    (2, 6, 2, 37, 16, False, 0, 0.0, True),
+    (1, 4, 2, 41, 24, True, 9, 0.0, True),
+    (2, 4, 4, 19, 16, True, 0, 2.0, True),
 ]
 KERNELS = ["default", "triton"]
 
@@ -47,7 +51,7 @@ def _positions(b: int, s: int, seed: int = 0) -> torch.Tensor:
 
 
 def _inputs(case, dtype, device, seed=0):
-    b, hq, hk, s, d, packed, window, _softcap = case
+    b, hq, hk, s, d, packed, window, _softcap, _sinks = case
     g = torch.Generator().manual_seed(seed)
     # HF's layout: transposed views of (B, S, H, D) projections.
     q = torch.randn(b, s, hq, d, generator=g).to(device, dtype).transpose(1, 2)
@@ -57,18 +61,32 @@ def _inputs(case, dtype, device, seed=0):
     return q, k, v, pos, window
 
 
-def _sdpa(q, k, v, pos, window, scale, softcap=0.0):
+def _sinks(case, dtype, device, seed=0) -> torch.Tensor | None:
+    """One sink logit per query head (gpt-oss's), or None."""
+    if not case[8]:
+        return None
+    g = torch.Generator().manual_seed(seed + 11)
+    return torch.randn(case[1], generator=g).to(device, dtype)
+
+
+def _sdpa(q, k, v, pos, window, scale, softcap=0.0, sinks=None):
     """What transformers computes: sdpa with the dense mask, K/V repeated per query head; with a
-    softcap, its eager attention (scores in the input dtype, softmax in fp32)."""
+    softcap or sinks, its eager attention (scores in the input dtype, softmax in fp32, over the
+    scores and the head's sink logit, whose probability is then dropped)."""
     b, hq, s, _ = q.shape
     mask = reference.attention_mask(pos, b, s, window, q.device)
     group = hq // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    if not softcap:
+    if not softcap and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    scores = softcap * torch.tanh(q @ k.transpose(-1, -2) * scale / softcap)
+    scores = q @ k.transpose(-1, -2) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype) @ v
+    if sinks is None:
+        return torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype) @ v
+    scores = torch.cat([scores, sinks.view(1, hq, 1, 1).expand(b, hq, s, 1)], -1)
+    return torch.softmax(scores, -1, dtype=torch.float32)[..., :-1].to(q.dtype) @ v
 
 
 def _kernel(name):
@@ -82,15 +100,18 @@ def _kernel(name):
 def test_forward_backward_against_fp64(case, dtype, kernel, device):
     if device == "cuda" and dtype == torch.float32:
         pytest.skip("the CUDA kernels take float16/bfloat16 (the pass rejects fp32 there)")
-    if device == "cuda" and kernel == "default" and case[-1]:
-        pytest.skip("softcap: the default CUDA kernel is the triton one, the other parameter")
+    if device == "cuda" and kernel == "default" and (case[7] or case[8]):
+        pytest.skip("softcap, sinks: the default CUDA kernel is the triton one, the other "
+                    "parameter")
     if device == "cuda" and case[4] % 8:
         pytest.skip("the CUDA kernels take head dims that are multiples of 8 (unsupported())")
-    softcap = case[-1]
+    softcap = case[7]
     q, k, v, pos, window = _inputs(case, dtype, device)
+    sinks = _sinks(case, dtype, device)
     scale = q.shape[-1] ** -0.5
     g = torch.Generator().manual_seed(7)
     dout = torch.randn(q.shape, generator=g).to(device, dtype)
+    tensors = (q, k, v) if sinks is None else (q, k, v, sinks)
 
     def run(fn, *tensors):
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
@@ -99,12 +120,15 @@ def test_forward_backward_against_fp64(case, dtype, kernel, device):
         return [out.detach(), *(t.grad for t in leaves)]
 
     with _kernel(kernel):
-        got = run(lambda a, b, c: ops.attention(a, b, c, pos, scale=scale, window=window or None,
-                                                softcap=softcap or None), q, k, v)
-    eager = run(lambda a, b, c: _sdpa(a, b, c, pos, window, scale, softcap), q, k, v)
-    truth = run(lambda a, b, c: _sdpa(a, b, c, pos, window, scale, softcap),
-                *(t.double() for t in (q, k, v)))
-    for name, o, e, t in zip(("out", "dq", "dk", "dv"), got, eager, truth):
+        got = run(lambda a, b, c, sk=None: ops.attention(
+            a, b, c, pos, scale=scale, window=window or None, softcap=softcap or None, sinks=sk),
+            *tensors)
+    eager = run(lambda a, b, c, sk=None: _sdpa(a, b, c, pos, window, scale, softcap, sk),
+                *tensors)
+    truth = run(lambda a, b, c, sk=None: _sdpa(a, b, c, pos, window, scale, softcap, sk),
+                *(t.double() for t in tensors))
+    assert len(got) == len(tensors) + 1
+    for o, t in zip(got, truth):
         assert o.dtype == dtype and o.shape == t.shape
     if device == "cuda" or (kernel == "triton" and dtype != torch.float32):
         # The triton kernel computes dO.O from the output rounded to bf16, as flash kernels do:
@@ -113,6 +137,12 @@ def test_forward_backward_against_fp64(case, dtype, kernel, device):
         return
     for name, o, e, t in zip(("out", "dq", "dk", "dv"), got, eager, truth):
         assert_no_worse_than_eager(name, o, e, t, atol=1e-6)
+    if sinks is not None:
+        # dsinks sums over every query of every row in fp32 in another order than eager's
+        # reduction: about sqrt(B * S) ulps of its magnitude (as rms_norm's dW over rows).
+        terms = q.shape[0] * q.shape[2]
+        atol = 1e-6 + terms**0.5 * ULP[torch.float32] * float(truth[4].abs().max())
+        assert_no_worse_than_eager("dsinks", got[4], eager[4], truth[4], atol=atol)
 
 
 def test_output_is_token_major():
@@ -183,11 +213,15 @@ def test_document_bounds_are_computed_once_per_position_tensor(monkeypatch):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("window, softcap", [(0, 0.0), (3, 0.0), (0, 2.5)])
-def test_opcheck(packed, window, softcap, kernel):
-    q, k, v, pos, _ = _inputs((2, 4, 2, 9, 8, packed, 0, 0.0), torch.float32, "cpu")
+@pytest.mark.parametrize("window, softcap, sinks", [(0, 0.0, False), (3, 0.0, False),
+                                                    (0, 2.5, False), (3, 0.0, True)])
+def test_opcheck(packed, window, softcap, sinks, kernel):
+    case = (2, 4, 2, 9, 8, packed, 0, 0.0, sinks)
+    q, k, v, pos, _ = _inputs(case, torch.float32, "cpu")
+    sink = _sinks(case, torch.float32, "cpu")
     args = (q.detach().requires_grad_(), k.detach().requires_grad_(),
-            v.detach().requires_grad_(), pos, 0.3, window, softcap)
+            v.detach().requires_grad_(), pos, 0.3, window, softcap,
+            None if sink is None else sink.requires_grad_())
     with _kernel(kernel):
         torch.library.opcheck(torch.ops.chronicals.attention.default, args)
 
@@ -230,9 +264,17 @@ def test_bad_softcap():
     ],
 )
 def test_bad_input(bad, match):
-    q, k, v, pos, _ = _inputs((2, 4, 2, 9, 8, True, 0, 0.0), torch.float32, "cpu")
+    q, k, v, pos, _ = _inputs((2, 4, 2, 9, 8, True, 0, 0.0, False), torch.float32, "cpu")
     with pytest.raises(ValueError, match=match):
         ops.attention(*bad(q, k, v, pos))
+
+
+@pytest.mark.parametrize("sinks", [torch.zeros(2), torch.zeros(4, 1), torch.zeros(4).long()])
+def test_bad_sinks(sinks):
+    q, k, v, _, _ = _inputs(CASES[0], torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"sinks must be one float logit per query head, "
+                                         r"shape \(4,\)"):
+        ops.attention(q, k, v, sinks=sinks)
 
 
 def test_bad_window():
@@ -244,15 +286,18 @@ def test_bad_window():
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
-@pytest.mark.parametrize("packed, window, softcap", [(False, 0, 0.0), (True, 0, 0.0),
-                                                     (True, 100, 0.0), (False, 100, 30.0)])
-def test_cuda_kernels_model_shapes(head_dim, packed, window, softcap, kernel):
-    case = (2, 8, 2, 300, head_dim, packed, window, softcap)
+@pytest.mark.parametrize("packed, window, softcap, sinks", [
+    (False, 0, 0.0, False), (True, 0, 0.0, False), (True, 100, 0.0, False),
+    (False, 100, 30.0, False), (True, 100, 0.0, True)])
+def test_cuda_kernels_model_shapes(head_dim, packed, window, softcap, sinks, kernel):
+    case = (2, 8, 2, 300, head_dim, packed, window, softcap, sinks)
     q, k, v, pos, _ = _inputs(case, torch.bfloat16, "cuda")
+    sink = _sinks(case, torch.bfloat16, "cuda")
     if kernel == "default":
-        expected = ("triton" if softcap else
+        expected = ("triton" if softcap or sinks else
                     "flash-varlen" if packed or window or head_dim > 128 else "cudnn")
-        assert ops.kernel(q, packed, window, softcap) == expected
+        assert ops.kernel(q, packed, window, softcap, sinks) == expected
+    tensors = (q, k, v) if sink is None else (q, k, v, sink)
     scale = head_dim ** -0.5
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
 
@@ -263,11 +308,13 @@ def test_cuda_kernels_model_shapes(head_dim, packed, window, softcap, kernel):
         return [out.detach(), *(t.grad for t in leaves)]
 
     with _kernel(kernel):
-        got = run(lambda a, b, c: ops.attention(a, b, c, pos, scale=scale, window=window or None,
-                                                softcap=softcap or None), q, k, v)
-    eager = run(lambda a, b, c: _sdpa(a, b, c, pos, window, scale, softcap), q, k, v)
-    truth = run(lambda a, b, c: _sdpa(a, b, c, pos, window, scale, softcap),
-                *(t.double() for t in (q, k, v)))
+        got = run(lambda a, b, c, sk=None: ops.attention(
+            a, b, c, pos, scale=scale, window=window or None, softcap=softcap or None, sinks=sk),
+            *tensors)
+    eager = run(lambda a, b, c, sk=None: _sdpa(a, b, c, pos, window, scale, softcap, sk),
+                *tensors)
+    truth = run(lambda a, b, c, sk=None: _sdpa(a, b, c, pos, window, scale, softcap, sk),
+                *(t.double() for t in tensors))
     _assert_norm_error_no_worse(got, eager, truth)
 
 
@@ -276,7 +323,8 @@ def _assert_norm_error_no_worse(got, eager, truth):
     norm error against the fp64 truth at most twice eager's in the same dtype plus one bf16 unit.
     Flash kernels round P to bf16 before the dV and dQ products, so element by element they can
     sit on the other side of the truth from eager's (fp32-accumulating) masked kernel."""
-    for name, o, e, t in zip(("out", "dq", "dk", "dv"), got, eager, truth):
+    assert len(got) == len(truth)
+    for name, o, e, t in zip(("out", "dq", "dk", "dv", "dsinks"), got, eager, truth):
         assert not o.isnan().any(), name
         err = float((o.double() - t).norm() / t.norm())
         err_eager = float((e.double() - t).norm() / t.norm())
