@@ -45,7 +45,7 @@ from torch.fx import Node
 
 from chronicals.ops import rope as ops
 from compile_passes import _torch_api
-from compile_passes.fusion import FLOAT_DTYPES, Fusion, register_pattern, reject
+from compile_passes.fusion import FLOAT_DTYPES, Fusion, register_pattern, reject, val
 
 aten = torch.ops.aten
 
@@ -306,6 +306,17 @@ def _check_values(match, q, k, cos, sin, *, rot: int, whole_head: bool) -> bool:
         return reject(match, f"rotary dim {rot} with head_dim {head_dim} (need equal)")
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         return reject(match, "q/k last dimension is not contiguous")
+    for out in outputs:
+        # The op returns token-major q/k. A view of an output the graph computed in another
+        # layout (GPT-NeoX-Japanese: cat((rotated, pass)) then .view(B * H, S, D), its
+        # .contiguous() gone from the trace as a no-op) would fail on the op's.
+        value = val(out)
+        viewed = any(u.target in (aten.view.default, aten._unsafe_view.default)
+                     for u in out.users)
+        if viewed and isinstance(value, torch.Tensor) and not value.transpose(1, 2).is_contiguous():
+            return reject(match, "the rotated q/k is viewed in the heads-major layout the graph "
+                                 "computed it in (e.g. as (B * H, S, D)); the op returns it "
+                                 "token-major")
     return True
 
 

@@ -46,6 +46,28 @@ def test_fuses_q_and_k_into_one_op_for_any_head_dim():
         torch.testing.assert_close(k_out, k_ref)
 
 
+@pytest.mark.parametrize("rotary", [24, 16], ids=["whole-head", "partial"])
+def test_rotated_heads_viewed_heads_major_keep_their_layout(rotary):
+    """GPT-NeoX-Japanese: q/k sliced from a fused projection, rotated, joined with their pass
+    channels by cat (then .contiguous(), a no-op in the trace) and viewed as (B * H, S, D). The
+    (q, k) pair around the cat is not replaced by the op (whose output is token-major, which the
+    view cannot take): the rotation inside it is, and the cat still lays the result out."""
+    def attend(qkv, cos, sin):
+        query = qkv[..., :24].permute(0, 2, 1, 3)
+        key = qkv[..., 24:48].permute(0, 2, 1, 3)
+        q, k = _apply_rotary_pos_emb(query[..., :rotary], key[..., :rotary], cos, sin)
+        q = torch.cat((q, query[..., rotary:]), dim=-1).contiguous()
+        k = torch.cat((k, key[..., rotary:]), dim=-1).contiguous()
+        return q.view(8, 7, 24) @ k.view(8, 7, 24).transpose(1, 2)
+
+    qkv = torch.randn(2, 7, 4, 72)
+    angles = torch.randn(2, 7, rotary // 2)
+    emb = torch.cat((angles, angles), dim=-1)
+    out, report = compile_fn(attend, qkv, emb.cos(), emb.sin())
+    assert report.error is None and report.fired["rope"] == 1, report.summary()
+    torch.testing.assert_close(out, attend(qkv, emb.cos(), emb.sin()))
+
+
 def test_rotation_of_q_alone_is_left_alone():
     def only_q(q, cos, sin):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
