@@ -16,7 +16,7 @@
 #                                            # (seeds 0, 1); compare with benchmarks/compare_runs.py
 #   bash benchmarks/gpu_suite.sh sweep       # RMSNorm fwd and dW-finish configs; LCE tiles vs cuBLAS; LCE
 #                                            # frozen-head blocks; LCE GEMM-only bounds at 1% memory ~6 min
-#   bash benchmarks/gpu_suite.sh attention_tiles  # Triton attention tiles, 3 shapes (time not yet measured)
+#   bash benchmarks/gpu_suite.sh attention_tiles  # Triton attention tiles, 3 shapes          ~6 min
 #   bash benchmarks/gpu_suite.sh memory      # chronicals full and LoRA r=32: static, kept, peak memory
 # (Times measured on an H200, 2026-11-29. `train` is close to a 10-minute call limit: run it alone.)
 # Peer LCE implementations are timed when importable: `pip download --no-deps -d .whl liger-kernel

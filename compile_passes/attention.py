@@ -149,6 +149,15 @@ def _scores_matmul(softmax: Node) -> Node | None:
     return x
 
 
+def _back(node: object, targets: tuple, kept: list[Node], single_use: bool = False) -> object:
+    """Follow `node` back through calls of `targets` (each with one user, if `single_use`),
+    appending each to `kept`; the first node that is not one."""
+    while _call(node, *targets) and (not single_use or len(node.users) == 1):
+        kept.append(node)
+        node = node.args[0]
+    return node
+
+
 def _over_last_dim(dims: object, x: Node) -> bool:
     """A reduction's dim argument (an int or a one-element list) names x's last dim."""
     if isinstance(dims, (list, tuple)):
@@ -220,8 +229,7 @@ def _sink_source(sink: Node, heads: int) -> tuple[Node, list[Node]] | str:
     # expand, which broadcasts a value whose heads are its dim 1.
     for n in reversed(nodes):
         shape = _shape(val(n.args[0] if n.target is aten.expand.default else n))
-        ones = [d for i, d in enumerate(shape) if d != heads or i != shape.index(heads)]
-        if heads > 1 and (heads not in shape or set(ones) - {1}
+        if heads > 1 and (heads not in shape or math.prod(shape) != heads
                           or (n.target is aten.expand.default and shape.index(heads) != 1)):
             return why
     return x, nodes
@@ -240,24 +248,17 @@ def _sink_scaled(out: Node, lse: Node, heads: int) -> tuple[Node, Node, list[Nod
     if not isinstance(val(factor), torch.Tensor) or _shape(val(factor)) != (
             *_shape(val(out))[:3], 1):
         return why
-    nodes, x = [mul], factor
-    while _call(x, aten.unsqueeze.default, *CASTS) and len(x.users) == 1:
-        nodes.append(x)
-        x = x.args[0]
+    nodes = [mul]
+    x = _back(factor, (aten.unsqueeze.default, *CASTS), nodes, single_use=True)
     if not (_call(x, aten.sigmoid.default) and len(x.users) == 1):
         return why
     nodes.append(x)
-    x = x.args[0]
-    while _call(x, *CASTS) and len(x.users) == 1:
-        nodes.append(x)
-        x = x.args[0]
+    x = _back(x.args[0], CASTS, nodes, single_use=True)
     if not (_call(x, aten.sub.Tensor) and len(x.users) == 1):
         return why
     nodes.append(x)
     first, sink = x.args
-    while _call(first, *CASTS) and len(first.users) == 1:
-        nodes.append(first)
-        first = first.args[0]
+    first = _back(first, CASTS, nodes, single_use=True)
     if first is not lse or len(lse.users) != 1:
         return why
     nodes.append(lse)
@@ -288,10 +289,7 @@ def _eager(softmax: Node) -> _Attention | str:
     scores = [softmax]
 
     def step(node: Node) -> Node:
-        while _call(node, *CASTS):
-            scores.append(node)
-            node = node.args[0]
-        return node
+        return _back(node, CASTS, scores)
 
     x, mask, softcap, scale, sinks = step(softmax.args[0]), None, 0.0, 1.0, None
     shared_ok = set()  # nodes whose several users are all the attention's (checked here)

@@ -284,14 +284,16 @@ def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                            softcap: float = 0.0, sinks: Tensor | None = None
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv and the sinks' gradient (an empty tensor without sinks)."""
-    grads = _backward_grads(dout, q, k, v, out, lse, position_ids, scale, window, softcap, sinks)
-    dsinks = grads[3] if sinks is not None else q.new_empty((0,), dtype=torch.float32)
-    return grads[0], grads[1], grads[2], dsinks
+    dq, dk, dv, dsinks = _backward_grads(dout, q, k, v, out, lse, position_ids, scale, window,
+                                         softcap, sinks)
+    return dq, dk, dv, q.new_empty((0,), dtype=torch.float32) if dsinks is None else dsinks
 
 
 def _backward_grads(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     position_ids: Tensor | None, scale: float, window: int, softcap: float,
-                    sinks: Tensor | None) -> tuple[Tensor, ...]:
+                    sinks: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """dq, dk, dv and the sinks' gradient (None without sinks, which only the reference and
+    the Triton kernel take)."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
     name = kernel(q, position_ids is not None, window, softcap, sinks is not None)
@@ -307,7 +309,7 @@ def _backward_grads(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
             _token_major(dout), _token_major(q), _token_major(k), _token_major(v), out,
             lse.view(b, hq, s, 1), scale,
         )
-        return tuple(_token_major(g) for g in grads)
+        return (*(_token_major(g) for g in grads), None)
     cu = _cu_seqlens(position_ids, b, s, q.device)
     dq, dk, dv = flash_attention_backward(
         dout.transpose(1, 2).reshape(b * s, hq, d),
@@ -318,7 +320,7 @@ def _backward_grads(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         lse.view(hq, b * s), cu, s, scale, window,
     )
     return (dq.view(b, s, hq, d).transpose(1, 2), dk.view(b, s, hk, d).transpose(1, 2),
-            dv.view(b, s, hk, d).transpose(1, 2))
+            dv.view(b, s, hk, d).transpose(1, 2), None)
 
 
 @_attention_backward_op.register_fake

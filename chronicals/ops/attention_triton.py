@@ -352,12 +352,22 @@ class _Tiles(NamedTuple):
     warps: int
     stages: int
 
+    def checked(self) -> _Tiles:
+        """These tiles, or ValueError where the kernels would compute a wrong result."""
+        if self.rows % self.cols:
+            raise ValueError(f"attention tiles {self}: rows must be a multiple of cols (the "
+                             "kernels split their loops at the other axis's block boundaries)")
+        return self
+
 
 def _tiles(q: Tensor) -> tuple[_Tiles, _Tiles, _Tiles]:
-    """Forward, dQ and dK/dV tiles for q's device and head dim. Starting points from the shapes
-    flash kernels use on Hopper (long query tiles forward; narrow query tiles for dK/dV, whose
-    two fp32 accumulators are key rows x head dim); not yet tuned by measurement. The
-    interpreter runs one program at a time: small blocks keep the tests' masked work small."""
+    """Forward, dQ and dK/dV tiles for q's device and head dim. Head dims 65-256: the fastest
+    valid tiles of `benchmarks/tuning/sweep_attention_tiles.py` on an H100 (2026-12-08; Qwen2.5-7B
+    2 x 4096 d 128, and 4 x 2048 d 256 with Gemma-2's softcap: forward 0.707 -> 0.562 and
+    0.651 -> 0.271 ms, dQ 2.964 -> 2.615 and 2.441 -> 1.960, dK/dV 2.961 -> 2.421 and 2.456 ->
+    1.760 against the tiles before). Head dims up to 64: starting points from the shapes flash
+    kernels use on Hopper, not yet swept whole. The interpreter runs one program at a time:
+    small blocks keep the tests' masked work small."""
     if q.device.type != "cuda":
         small = _Tiles(16, 16, 4, 1)
         return small, small, small
@@ -365,8 +375,8 @@ def _tiles(q: Tensor) -> tuple[_Tiles, _Tiles, _Tiles]:
     if d <= 64:
         return _Tiles(128, 64, 4, 3), _Tiles(128, 32, 4, 3), _Tiles(128, 32, 4, 3)
     if d <= 128:
-        return _Tiles(128, 64, 8, 2), _Tiles(128, 32, 8, 2), _Tiles(128, 32, 8, 2)
-    return _Tiles(64, 32, 8, 1), _Tiles(64, 32, 8, 1), _Tiles(32, 32, 8, 1)
+        return _Tiles(64, 64, 4, 3), _Tiles(128, 64, 8, 3), _Tiles(64, 64, 4, 2)
+    return _Tiles(64, 32, 4, 2), _Tiles(64, 64, 4, 2), _Tiles(32, 32, 4, 2)
 
 
 def _block_d(d: int) -> int:
@@ -391,7 +401,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spans: tuple[Tensor, Tensor] | None
     b, hq, s, d = q.shape
     out = q.new_empty((b, s, hq, d))
     lse = q.new_empty((b * hq * s,), dtype=torch.float32)
-    tiles = tiles or _tiles(q)[0]
+    tiles = (tiles or _tiles(q)[0]).checked()
     starts = spans[0] if spans is not None else lse
     _fwd_kernel[(triton.cdiv(s, tiles.rows), b * hq)](
         q, k, v, out, lse, starts, lse if sinks is None else sinks.contiguous(),
@@ -417,7 +427,7 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     b, hq, s, d = q.shape
     hk = k.shape[1]
     out = out.transpose(1, 2).contiguous()  # a view of the forward's storage: no copy
-    dq_tiles, kv_tiles = tiles or _tiles(q)[1:]
+    dq_tiles, kv_tiles = (t.checked() for t in tiles or _tiles(q)[1:])
     block_d = _block_d(d)
     interpret = interpreter_on()
     delta = torch.empty_like(lse)

@@ -6,6 +6,7 @@ interpreter (`forced_kernel("triton")`)."""
 from __future__ import annotations
 
 import contextlib
+import types
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from chronicals import reference
 from chronicals.ops import attention as ops
+from chronicals.ops import attention_triton as triton_kernel
 from tests.helpers import ULP, assert_no_worse_than_eager, devices
 
 # (B, Hq, Hk, S, D, packed, window, softcap, sinks): causal, GQA, MQA, sliding window, packed
@@ -236,6 +238,48 @@ def test_kernel_choice():
     with ops.forced_kernel("triton"):
         assert ops.kernel(q, packed=False, window=0) == "triton"
     assert ops.kernel(q, packed=False, window=0) == "reference"
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 128, 256])
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_chosen_tiles_meet_the_kernels_constraint(head_dim, device_type):
+    q = types.SimpleNamespace(device=torch.device(device_type), shape=(1, 2, 8, head_dim))
+    for tiles in triton_kernel._tiles(q):
+        assert tiles.checked() == tiles
+
+
+def test_tiles_the_kernels_cannot_run_raise():
+    q, k, v, pos, _ = _inputs(CASES[2], torch.float32, "cpu")
+    spans = ops.document_spans(pos, q.shape[0])
+    bad = triton_kernel._Tiles(16, 32, 4, 1)
+    with pytest.raises(ValueError, match="rows must be a multiple of cols"):
+        triton_kernel.forward(q, k, v, spans, 0.25, 0, 0.0, bad)
+    out, lse = triton_kernel.forward(q, k, v, spans, 0.25, 0, 0.0)
+    small = triton_kernel._Tiles(16, 16, 4, 1)
+    with pytest.raises(ValueError, match="rows must be a multiple of cols"):
+        triton_kernel.backward(out, q, k, v, out, lse, spans, 0.25, 0, 0.0, (small, bad))
+
+
+@pytest.mark.parametrize("tiles", [(32, 16), (64, 32), (32, 32)])
+def test_larger_tiles_compute_what_the_small_ones_do(tiles):
+    """Tiles wider than the interpreter's default (the kind the GPU runs): same output, lse and
+    gradients, on packed rows with a window, a softcap and sinks (blocks cut by documents,
+    windows and the row's end)."""
+    case = (1, 4, 2, 83, 16, True, 9, 1.5, True)
+    q, k, v, pos, window = _inputs(case, torch.float32, "cpu")
+    sinks = _sinks(case, torch.float32, "cpu")
+    spans = ops.document_spans(pos, q.shape[0])
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    big = triton_kernel._Tiles(*tiles, 4, 1)
+
+    def run(t):
+        out, lse = triton_kernel.forward(q, k, v, spans, 0.25, window, 1.5, t, sinks=sinks)
+        grads = triton_kernel.backward(dout, q, k, v, out, lse, spans, 0.25, window, 1.5,
+                                       None if t is None else (t, t), sinks=sinks)
+        return out, lse, *grads
+
+    for got, want in zip(run(big), run(None), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_forced_kernel_that_cannot_take_the_inputs_raises():
