@@ -45,6 +45,7 @@ __all__ = [
     "is_dynamo_signal",
     "is_higher_order",
     "known_equal",
+    "mark_recomputed",
     "new_graph_breaks",
     "register_replacement",
     "resumed_after_graph_break",
@@ -476,6 +477,17 @@ def _regions_ready_for_aot(gm: torch.fx.GraphModule) -> None:
         for out in outputs if isinstance(outputs, (tuple, list)) else (outputs,):
             if isinstance(out, torch.fx.Node):
                 out.meta.pop("val", None)
+
+
+def mark_recomputed(node: torch.fx.Node) -> None:
+    """Ask AOTAutograd's min-cut partitioner (Inductor's) to recompute `node` in the backward
+    instead of keeping its output: the node meta that selective activation checkpointing sets
+    (`recompute`, `ac_graph_id`), which tracing copies onto the ATen nodes the node becomes. A
+    node a checkpointed region tagged already keeps its tag. Id 0: a tagged node that a later
+    checkpointed region reads is kept for it (the partitioner saves at a region's boundary)."""
+    if "recompute" not in node.meta:
+        node.meta["recompute"] = torch.utils.checkpoint.CheckpointPolicy.MUST_RECOMPUTE
+        node.meta["ac_graph_id"] = 0
 
 
 def compile_with_aot_eager(

@@ -25,6 +25,9 @@ run their A projections as one GEMM against the concatenated A weights, split af
 is kept per adapter, in dt: one mask per adapter, drawn in the forward and reused by autograd in
 the backward, as in PEFT; those adapters read different inputs and are not grouped.
 
+An adapted down_proj whose input is a gated MLP's act(gate) * up gets that product recomputed in
+the backward (`_recompute_gated_product`), not kept.
+
 `lora_precision="exact"` leaves PEFT's graph as written; each adapted linear is reported declined.
 
 An adapted linear is recognised by its weights, not only by its shape: A and B must be inputs of
@@ -44,6 +47,7 @@ import re
 import torch
 from torch.fx import Graph, Node
 
+from compile_passes import _torch_api
 from compile_passes.canonicalize import CASTS
 from compile_passes.fusion import (
     FLOAT_DTYPES,
@@ -252,7 +256,38 @@ def _rewrite(graph: Graph, facts: GraphFacts) -> None:
         else:
             a_gemms.append(_rewrite_mixed(graph, adapter))
     _group_a_projections(graph, a_gemms)
+    for x in {x for x, _ in a_gemms}:
+        _recompute_gated_product(x)
     graph.eliminate_dead_code()
+
+
+# Activations of a gated MLP's gate (SwiGLU, GeGLU); the product act(gate) * up feeds down_proj.
+_ACTIVATIONS = (aten.silu.default, aten.gelu.default, aten.sigmoid.default, aten.relu.default)
+
+
+def _recompute_gated_product(x: Node) -> None:
+    """An adapted linear's input x = act(gate) * up (down_proj of a gated MLP) is kept for the
+    backward only for lora_A's gradient where the base weight is frozen, as PEFT leaves it, while
+    gate and up are kept anyway for the product's own gradient: the partitioner is asked to
+    recompute the product (and the activation, with any casts between) from them, one
+    elementwise kernel, instead of keeping a tokens x intermediate tensor a layer (a trainable
+    base weight's gradient reads the recomputed product too). Inductor's partitioner does not
+    choose this on its own: it keeps any value a backward GEMM reads."""
+    if not (_call_of(x, aten.mul.Tensor) and all(isinstance(a, Node) for a in x.args[:2])):
+        return
+    for operand in x.args[:2]:
+        nodes = []
+        while _is_cast_of(operand) and len(operand.users) == 1:
+            nodes.append(operand)
+            operand = operand.args[0]
+        if _call_of(operand, *_ACTIVATIONS) and len(operand.users) == 1:
+            for node in (x, *nodes, operand):
+                _torch_api.mark_recomputed(node)
+            return
+
+
+def _call_of(node: object, *targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
 
 
 def _is_candidate(node: Node) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import peft
 import pytest
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 import compile_passes
+from chronicals.train import compile_loss
 from compile_passes import _torch_api
 from compile_passes.backend import BackendOptions
 from tests.compile_passes.harness import compile_fn
@@ -255,6 +257,45 @@ def test_checkpointed_layers_are_rewritten_inside_their_bodies():
     base.disable_input_require_grads()
     step = _compare(model, {}, reference_autocast=True)
     assert step.report.fired["lora"] == ADAPTED
+
+
+# SwiGLU through torch.compile's whole graph; GeGLU (gelu, tanh) through compile_loss's decoder
+# layer regions (the finetune job's path).
+@pytest.mark.parametrize("family, regional", [("llama", False), ("gemma", True)])
+def test_gated_product_into_an_adapter_is_recomputed_not_kept(family, regional):
+    """down_proj's input act(gate) * up is kept only for its lora_A's gradient, and gate and up
+    are kept for the product's own: under Inductor's partitioner the backward recomputes the
+    product, so of the MLP's (tokens x intermediate) activations two a layer are kept, not
+    three; loss and gradients still match autocast's eager PEFT."""
+    model = _lora_model(family)
+    intermediate = model.get_base_model().config.intermediate_size
+    options = {"compiler": "inductor"}
+    if regional:
+        loss_fn = compile_loss(model, options={"report": "none", **options})
+        fn = lambda ids, labels: loss_fn({"input_ids": ids, "labels": labels},
+                                         torch.tensor(int((labels[:, 1:] != -100).sum())))
+    else:
+        step = _compare(model, options, reference_autocast=True)
+        assert step.report.fired["lora"] == ADAPTED
+        fn = torch.compile(lambda ids, labels: model(input_ids=ids, labels=labels,
+                                                     use_cache=False).loss,
+                           backend="chronicals", options={"report": "none", **options})
+    fn(*tiny_batch()).backward()  # compiled here; the next call only runs
+    kept = {}
+
+    def keep(t):
+        kept[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = fn(*tiny_batch())
+    tokens = tiny_batch()[0].numel()
+    mlp = [s for s in kept.values() if s and s[-1] == intermediate
+           and math.prod(s) == tokens * intermediate]
+    assert len(mlp) == 2 * LAYERS, sorted(kept.values())
+    loss.backward()
+    down_a = model.get_base_model().model.layers[0].mlp.down_proj.lora_A["default"].weight
+    assert down_a.grad is not None and down_a.grad.abs().sum() > 0
 
 
 class _Proj(nn.Module):
