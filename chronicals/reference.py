@@ -71,26 +71,36 @@ def attention(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None, scal
     Scores and softmax in fp32; K/V heads shared by Hq / Hk query heads. `sinks` (Hq,): each
     head's sink logit joins every query's softmax and attends to nothing (gpt-oss): the
     log-sum-exp includes it."""
-    p, lse, vf = _attention_probs(q, k, v, position_ids, scale, window, softcap, sinks)
+    p, lse, _scores, _kf, vf = _attention_probs(q, k, v, position_ids, scale, window, softcap,
+                                                sinks)
     return (p @ vf).to(q.dtype), lse
 
 
 def _attention_probs(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor | None,
                      scale: float, window: int, softcap: float, sinks: Tensor | None
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """fp32 probabilities P (B, Hq, S, S) (a row sums to 1 less its sink's share), the
-    log-sum-exp (B, Hq, S) and V with its heads repeated per query head."""
+    log-sum-exp (B, Hq, S), the scaled and soft-capped scores before the mask, and K and V with
+    their heads repeated per query head."""
     b, hq, s, _ = q.shape
     group = hq // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)
     vf = v.float().repeat_interleave(group, dim=1)
     scores = _attention_scores(q.float(), kf, scale, softcap)
     mask = attention_mask(position_ids, b, s, window, q.device)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
+    masked = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(masked, dim=-1)
     if sinks is not None:
         lse = torch.logaddexp(lse, sinks.float().view(1, hq, 1))
-    return torch.exp(scores - lse[..., None]), lse, vf
+    return torch.exp(masked - lse[..., None]), lse, scores, kf, vf
+
+
+def attention_sinks_grad(sinks: Tensor, lse: Tensor, delta: Tensor) -> Tensor:
+    """The sink logits' gradient, in their dtype: a sink has no value, so its logit gets -sum
+    over batch and queries of its probability exp(sink - lse) times delta = rowsum(dO * O); lse
+    (the sinks included) and delta fp32 (B, Hq, S)."""
+    p_sink = torch.exp(sinks.float().view(1, -1, 1) - lse)
+    return -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
@@ -106,20 +116,17 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
     hk = k.shape[1]
     group = hq // hk
     qf, dof = q.float(), dout.float()
-    kr = k.float().repeat_interleave(group, dim=1)
-    p, lse, vr = _attention_probs(q, k, v, position_ids, scale, window, softcap, sinks)
+    p, lse, scores, kr, vr = _attention_probs(q, k, v, position_ids, scale, window, softcap,
+                                              sinks)
     out = p @ vr
     delta = (dof * out).sum(-1, keepdim=True)
     dv = (p.transpose(-1, -2) @ dof).view(b, hk, group, s, d).sum(2)
     ds = p * (dof @ vr.transpose(-1, -2) - delta)
     if softcap:
-        ds = ds * (1 - (_attention_scores(qf, kr, scale, softcap) / softcap) ** 2)
+        ds = ds * (1 - (scores / softcap) ** 2)
     dq = (ds @ kr) * scale
     dk = ((ds.transpose(-1, -2) @ qf) * scale).view(b, hk, group, s, d).sum(2)
-    dsinks = None
-    if sinks is not None:
-        sink_p = torch.exp(sinks.float().view(1, hq, 1) - lse)
-        dsinks = -(sink_p * delta[..., 0]).sum((0, 2)).to(sinks.dtype)
+    dsinks = None if sinks is None else attention_sinks_grad(sinks, lse, delta[..., 0])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks
 
 

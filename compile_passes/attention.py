@@ -60,7 +60,15 @@ from chronicals import reference
 from chronicals.ops import attention as ops
 from compile_passes._torch_api import BODY_OPERANDS, size_hint
 from compile_passes.canonicalize import CASTS
-from compile_passes.fusion import Fusion, GraphFacts, literal_float, reject_node, val
+from compile_passes.fusion import (
+    Fusion,
+    GraphFacts,
+    is_call,
+    literal_float,
+    reject_node,
+    val,
+    walk_back,
+)
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
@@ -114,10 +122,6 @@ def _sdpa(node: Node) -> _Attention | str:
                       None if scale is None else float(scale), 0.0, None, node)
 
 
-def _call(node: object, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
-
-
 # What eager attention does to the scores between q @ kT and the softmax: scale, soft-cap, mask.
 _SCORE_STEPS = (aten.mul.Tensor, aten.div.Tensor, aten.tanh.default, aten.add.Tensor, *CASTS)
 
@@ -126,7 +130,7 @@ def _scores_matmul(softmax: Node) -> Node | None:
     """The 4-D q @ kT matmul that a softmax's scores come from through point-wise steps (and a
     concatenation with sink logits), or None (a softmax that is not attention's: a router's)."""
     x = softmax.args[0]
-    while _call(x, *CASTS):
+    while is_call(x, *CASTS):
         x = x.args[0]
     shift = _row_max_shift(x)
     if shift is not None:
@@ -135,27 +139,18 @@ def _scores_matmul(softmax: Node) -> Node | None:
     if sink is not None:
         x = sink[0]
     for _ in range(8):
-        if not _call(x, *_SCORE_STEPS):
+        if not is_call(x, *_SCORE_STEPS):
             break
         x = x.args[0]
-    if not _call(x, _MATMUL):
+    if not is_call(x, _MATMUL):
         return None
     kt = x.args[1]
-    while _call(kt, *CASTS):
+    while is_call(kt, *CASTS):
         kt = kt.args[0]
-    if not (_call(kt, aten.transpose.int) and isinstance(val(x), torch.Tensor)
+    if not (is_call(kt, aten.transpose.int) and isinstance(val(x), torch.Tensor)
             and val(x).dim() == 4 and {d % 4 for d in kt.args[1:]} == {2, 3}):
         return None
     return x
-
-
-def _back(node: object, targets: tuple, kept: list[Node], single_use: bool = False) -> object:
-    """Follow `node` back through calls of `targets` (each with one user, if `single_use`),
-    appending each to `kept`; the first node that is not one."""
-    while _call(node, *targets) and (not single_use or len(node.users) == 1):
-        kept.append(node)
-        node = node.args[0]
-    return node
 
 
 def _over_last_dim(dims: object, x: Node) -> bool:
@@ -169,11 +164,11 @@ def _over_last_dim(dims: object, x: Node) -> bool:
 
 def _is_row_max(node: object, x: Node) -> list[Node] | None:
     """The nodes of x's max over its last dim (keepdim): max.dim's values or amax, else None."""
-    if (_call(node, operator.getitem) and node.args[1] == 0
-            and _call(node.args[0], aten.max.dim) and node.args[0].args[0] is x
+    if (is_call(node, operator.getitem) and node.args[1] == 0
+            and is_call(node.args[0], aten.max.dim) and node.args[0].args[0] is x
             and _over_last_dim(node.args[0].args[1], x) and node.args[0].args[2:] == (True,)):
         return [node, node.args[0]]
-    if (_call(node, aten.amax.default) and node.args[0] is x
+    if (is_call(node, aten.amax.default) and node.args[0] is x
             and _over_last_dim(node.args[1], x) and node.args[2:] == (True,)):
         return [node]
     return None
@@ -183,7 +178,7 @@ def _row_max_shift(x: Node) -> tuple[Node, list[Node]] | None:
     """(y, the nodes of the shift: users first) when x is y - max(y, -1, keepdim) used by
     nothing else (gpt-oss's and MiMo's guard against bf16 overflow: a constant per row changes
     no softmax); else None."""
-    if not (_call(x, aten.sub.Tensor) and isinstance(x.args[0], Node)):
+    if not (is_call(x, aten.sub.Tensor) and isinstance(x.args[0], Node)):
         return None
     y = x.args[0]
     row_max = _is_row_max(x.args[1], y)
@@ -195,7 +190,7 @@ def _row_max_shift(x: Node) -> tuple[Node, list[Node]] | None:
 def _sink_split(x: Node) -> tuple[Node, Node, Node] | None:
     """(scores, the sink logits' (B, H, S, 1) operand, the concatenation) when x is cat([scores,
     sinks], -1); else None."""
-    if not (_call(x, aten.cat.default) and len(x.args[0]) == 2 and isinstance(val(x), torch.Tensor)
+    if not (is_call(x, aten.cat.default) and len(x.args[0]) == 2 and isinstance(val(x), torch.Tensor)
             and val(x).dim() == 4 and (x.args[1] if len(x.args) > 1 else 0) in (-1, 3)):
         return None
     return x.args[0][0], x.args[0][1], x
@@ -214,7 +209,7 @@ def _sink_source(sink: Node, heads: int) -> tuple[Node, list[Node]] | str:
     shape = _shape(val(sink)) if isinstance(val(sink), torch.Tensor) else ()
     if len(shape) < 3 or shape[1] != heads or shape[-1] != 1:
         return why
-    while _call(x, *_SINK_STEPS):
+    while is_call(x, *_SINK_STEPS):
         nodes.append(x)
         x = x.args[0]
         if not isinstance(val(x), torch.Tensor):
@@ -242,23 +237,23 @@ def _sink_scaled(out: Node, lse: Node, heads: int) -> tuple[Node, Node, list[Nod
     why = ("the attention scores' log-sum-exp is used other than to scale the output by "
            "sigmoid(lse - sink) (Granite-SWA's attention sinks)")
     (mul,) = out.users if len(out.users) == 1 else (None,)
-    if not (_call(mul, aten.mul.Tensor) and out in mul.args):
+    if not (is_call(mul, aten.mul.Tensor) and out in mul.args):
         return why
     factor = mul.args[1] if mul.args[0] is out else mul.args[0]
     if not isinstance(val(factor), torch.Tensor) or _shape(val(factor)) != (
             *_shape(val(out))[:3], 1):
         return why
     nodes = [mul]
-    x = _back(factor, (aten.unsqueeze.default, *CASTS), nodes, single_use=True)
-    if not (_call(x, aten.sigmoid.default) and len(x.users) == 1):
+    x = walk_back(factor, (aten.unsqueeze.default, *CASTS), nodes, single_use=True)
+    if not (is_call(x, aten.sigmoid.default) and len(x.users) == 1):
         return why
     nodes.append(x)
-    x = _back(x.args[0], CASTS, nodes, single_use=True)
-    if not (_call(x, aten.sub.Tensor) and len(x.users) == 1):
+    x = walk_back(x.args[0], CASTS, nodes, single_use=True)
+    if not (is_call(x, aten.sub.Tensor) and len(x.users) == 1):
         return why
     nodes.append(x)
     first, sink = x.args
-    first = _back(first, CASTS, nodes, single_use=True)
+    first = walk_back(first, CASTS, nodes, single_use=True)
     if first is not lse or len(lse.users) != 1:
         return why
     nodes.append(lse)
@@ -271,7 +266,7 @@ def _sink_scaled(out: Node, lse: Node, heads: int) -> tuple[Node, Node, list[Nod
 def _scalar(node: object) -> tuple[Node, float] | None:
     """(x, f) for a node computing x * f, or x / f as f = 1 / divisor, with a Python number (or,
     under dynamic=True, the symbolic float of a module attribute Dynamo lifted to an input)."""
-    if not _call(node, aten.mul.Tensor, aten.div.Tensor):
+    if not is_call(node, aten.mul.Tensor, aten.div.Tensor):
         return None
     factor = val(node.args[1])
     f = literal_float(float(factor) if isinstance(factor, int) else factor)
@@ -289,12 +284,12 @@ def _eager(softmax: Node) -> _Attention | str:
     scores = [softmax]
 
     def step(node: Node) -> Node:
-        return _back(node, CASTS, scores)
+        return walk_back(node, CASTS, scores)
 
     x, mask, softcap, scale, sinks = step(softmax.args[0]), None, 0.0, 1.0, None
     shared_ok = set()  # nodes whose several users are all the attention's (checked here)
     heads = _shape(val(softmax))[1]
-    lse = next((u for u in x.users if _call(u, aten.logsumexp.default)
+    lse = next((u for u in x.users if is_call(u, aten.logsumexp.default)
                 and _over_last_dim(u.args[1], u.args[0]) and not any(u.args[2:])
                 and len(x.users) == 2), None)
     if lse is not None:  # Granite-SWA's sinks: checked once the output is found
@@ -313,12 +308,12 @@ def _eager(softmax: Node) -> _Attention | str:
         sinks, between = source
         scores += [cat, *between]
         x = step(x)
-    if _call(x, aten.add.Tensor) and isinstance(x.args[1], Node):
+    if is_call(x, aten.add.Tensor) and isinstance(x.args[1], Node):
         scores.append(x)
         x, mask = step(x.args[0]), x.args[1]
     cap_out = _scalar(x)
     cap_in = (_scalar(cap_out[0].args[0])
-              if cap_out and _call(cap_out[0], aten.tanh.default) else None)
+              if cap_out and is_call(cap_out[0], aten.tanh.default) else None)
     if cap_in and cap_out[1] > 0 and math.isclose(cap_out[1] * cap_in[1], 1.0, rel_tol=1e-6):
         scores += [x, cap_out[0], cap_out[0].args[0]]
         x, softcap = step(cap_in[0]), cap_out[1]
@@ -332,7 +327,7 @@ def _eager(softmax: Node) -> _Attention | str:
     scores.append(x)
     q, kt = x.args
     scores.append(kt)
-    while _call(kt, *CASTS):  # autocast's, to the matmul's dtype: k is cast to q's (_rewrite)
+    while is_call(kt, *CASTS):  # autocast's, to the matmul's dtype: k is cast to q's (_rewrite)
         kt = kt.args[0]
         scores.append(kt)
     if _scalar(q):  # the scale applied to q before the matmul (erased only if it has no other use)
@@ -347,7 +342,7 @@ def _eager(softmax: Node) -> _Attention | str:
             return ("the softmax over the scores and the sink logits is used other than with "
                     "the sink's column dropped")
         weights.append(w)
-    while len(w.users) == 1 and _call(next(iter(w.users)), aten.dropout.default, *CASTS):
+    while len(w.users) == 1 and is_call(next(iter(w.users)), aten.dropout.default, *CASTS):
         w = next(iter(w.users))
         if w.target is aten.dropout.default and w.args[1] and w.args[2]:
             return f"attention dropout {w.args[1]} > 0 in training"
@@ -361,7 +356,7 @@ def _eager(softmax: Node) -> _Attention | str:
         return (f"the attention scores ({shared.target}) are also used outside the attention "
                 "(e.g. for an attention sink), which the fused op does not compute")
     (out,) = w.users
-    if not (_call(out, _MATMUL) and out.args[0] is w):
+    if not (is_call(out, _MATMUL) and out.args[0] is w):
         return "the attention weights are not multiplied with the values"
     product, scaled_by = out, []
     if lse is not None:
@@ -382,7 +377,7 @@ def _eager(softmax: Node) -> _Attention | str:
 def _upcast_source(x: Node, dtype: torch.dtype) -> Node:
     """x's input when x only upcasts a `dtype` tensor to fp32 for the scores (Flint's
     query.float()): the kernels compute scores in fp32 from `dtype` operands. Else x."""
-    if (_call(x, *CASTS) and isinstance(val(x), torch.Tensor) and val(x).dtype == torch.float32
+    if (is_call(x, *CASTS) and isinstance(val(x), torch.Tensor) and val(x).dtype == torch.float32
             and isinstance(val(x.args[0]), torch.Tensor) and val(x.args[0]).dtype == dtype):
         return x.args[0]
     return x
@@ -390,7 +385,7 @@ def _upcast_source(x: Node, dtype: torch.dtype) -> Node:
 
 def _drops_last_column(w: Node | None, softmax: Node) -> bool:
     """w is softmax[..., :-1] (a slice of the last dim that ends one before its end)."""
-    if not (_call(w, aten.slice.Tensor) and w.args[0] is softmax):
+    if not (is_call(w, aten.slice.Tensor) and w.args[0] is softmax):
         return False
     defaults = (0, None, None, 1)  # aten.slice.Tensor(x, dim, start, end, step)
     dim, start, end, step = (*w.args[1:], *defaults[len(w.args) - 1:])

@@ -141,6 +141,20 @@ def _is_cast(node: object) -> bool:
         source.device == out.device)
 
 
+def is_call(node: object, *targets) -> bool:
+    """`node` is a call of one of `targets`."""
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def walk_back(node: object, targets: tuple, kept: list[Node], single_use: bool = False) -> object:
+    """Follow `node` back through calls of `targets` (each with one user, if `single_use`),
+    appending each to `kept`; the first node that is not one."""
+    while is_call(node, *targets) and (not single_use or len(node.users) == 1):
+        kept.append(node)
+        node = node.args[0]
+    return node
+
+
 def recorded_reason(node: Node) -> Reason | None:
     reasons = _REASONS.get()
     return None if reasons is None else reasons.get(node.name)

@@ -55,9 +55,11 @@ from compile_passes.fusion import (
     GraphFacts,
     Reason,
     input_source,
+    is_call,
     literal_float,
     reject_node,
     val,
+    walk_back,
 )
 
 aten = torch.ops.aten
@@ -273,21 +275,15 @@ def _recompute_gated_product(x: Node) -> None:
     elementwise kernel, instead of keeping a tokens x intermediate tensor a layer (a trainable
     base weight's gradient reads the recomputed product too). Inductor's partitioner does not
     choose this on its own: it keeps any value a backward GEMM reads."""
-    if not (_call_of(x, aten.mul.Tensor) and all(isinstance(a, Node) for a in x.args[:2])):
+    if not (is_call(x, aten.mul.Tensor) and all(isinstance(a, Node) for a in x.args[:2])):
         return
     for operand in x.args[:2]:
         nodes = []
-        while _is_cast_of(operand) and len(operand.users) == 1:
-            nodes.append(operand)
-            operand = operand.args[0]
-        if _call_of(operand, *_ACTIVATIONS) and len(operand.users) == 1:
+        operand = walk_back(operand, CASTS, nodes, single_use=True)
+        if is_call(operand, *_ACTIVATIONS) and len(operand.users) == 1:
             for node in (x, *nodes, operand):
                 _torch_api.mark_recomputed(node)
             return
-
-
-def _call_of(node: object, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
 
 
 def _is_candidate(node: Node) -> bool:

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from chronicals import reference
 from chronicals.ops._launch import cast_nearest, interpreter_on, next_power_of_2
 
 
@@ -435,11 +436,8 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
         dout, out, delta, *_strides(dout), s, hq, d, BLOCK_M=dq_tiles.rows, BLOCK_D=block_d,
         INTERPRET=interpret, num_warps=4,
     )
-    dsinks = None
-    if sinks is not None:
-        # A sink has no value: its logit's gradient is -sum over queries of P(sink) * delta.
-        p_sink = torch.exp(sinks.float().view(1, hq, 1) - lse.view(b, hq, s))
-        dsinks = -(p_sink * delta.view(b, hq, s)).sum((0, 2)).to(sinks.dtype)
+    dsinks = (None if sinks is None else
+              reference.attention_sinks_grad(sinks, lse.view(b, hq, s), delta.view(b, hq, s)))
     starts, ends = spans if spans is not None else (lse, lse)
     dq = q.new_empty((b, s, hq, d))
     dk = k.new_empty((b, s, hk, d))
