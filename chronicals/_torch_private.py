@@ -1,6 +1,6 @@
 """The private PyTorch APIs the `chronicals` package uses, reached from one place: the attention
 kernels (`torch.ops.aten._*attention*`), a tensor's version counter, Dynamo's
-dynamic-dimension mark and Inductor's default cache folder. (The backend's own
+dynamic-dimension mark, Inductor's default cache folder and Dynamo's compile packages. (The backend's own
 private APIs are in `compile_passes/_torch_api.py`; `chronicals` does not import `compile_passes`.)
 
 Their schemas are the same on torch 2.11 and 2.13; a torch upgrade that changes them touches this
@@ -8,6 +8,10 @@ file only. Dropout is always 0 here, so the random-state arguments are passed as
 """
 
 from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -99,3 +103,47 @@ def is_graph_break_in_region(error: BaseException) -> bool:
 def is_backend_failure(error: BaseException) -> bool:
     """Whether `error` is torch.compile's backend failing to compile a graph Dynamo traced."""
     return isinstance(error, torch._dynamo.exc.BackendCompilerFailed)
+
+
+@contextlib.contextmanager
+def compile_packages() -> Iterator[None]:
+    """Dynamo's compile packages on, inside the block (`torch._dynamo.config.caching_precompile`):
+    a function compiled there is looked up in the package folder
+    (`$TORCHINDUCTOR_CACHE_DIR/dynamo`) when `torch.compile` wraps it, and a package found runs
+    its saved graphs, guards checked, with neither Dynamo's tracing nor the backend. Dynamo keeps
+    no guard on object identities in this mode (ids differ between processes), in its package
+    and in memory; it logs a warning for each guard it leaves out (a few hundred for a decoder),
+    which this block keeps out of the log."""
+    guards_log = logging.getLogger("torch._dynamo.guards")
+    guards_log.addFilter(_not_a_dropped_guard)
+    try:
+        with torch._dynamo.config.patch(caching_precompile=True):
+            yield
+    finally:
+        guards_log.removeFilter(_not_a_dropped_guard)
+
+
+def _not_a_dropped_guard(record: logging.LogRecord) -> bool:
+    return "is dropped with caching_precompile=True" not in record.getMessage()
+
+
+def save_compile_packages() -> None:
+    """Write the packages of the functions compiled with `compile_packages` on, with the graphs
+    compiled so far, into the package folder (replacing what was there for the same function)."""
+    from torch._dynamo.precompile_context import PrecompileContext
+
+    PrecompileContext.save_to_dynamo_cache()
+
+
+def compile_packages_loaded() -> int:
+    """Compile packages this process has loaded from the package folder."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["dynamo_cache"]["dynamo_cache_hit"])
+
+
+def graphs_compiled() -> int:
+    """Graphs Dynamo has compiled in this process (not counting those a package brought)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

@@ -73,7 +73,12 @@ from chronicals.train import (
     evaluate_loss,
     train_step,
 )
-from chronicals.warmup import WarmUpClock, use_compile_cache
+from chronicals.warmup import (
+    CompilePackages,
+    WarmUpClock,
+    compile_fingerprint,
+    use_compile_cache,
+)
 
 logger = logging.getLogger("chronicals.finetune")
 
@@ -759,13 +764,29 @@ def _train(job: _Job, run_log: RunLog, run_config: str) -> _Progress:
     config = job.config
     progress = _Progress(step=job.start_step, cursor=job.start_cursor, last_good=job.resume_from)
     backend = None if config.compile == "none" else config.compile
-    options = None
-    if backend == "chronicals":
-        options = {"report": functools.partial(_log_fusions, run_log, progress),
-                   "lora_precision": config.lora_precision}
-    cache_dir = use_compile_cache() if backend is not None else None
-    warmup = WarmUpClock(progress.step)
-    loss_fn = compile_loss(job.model, backend=backend, options=options)
+    options = {"lora_precision": config.lora_precision} if backend == "chronicals" else {}
+    cache_dir = None if backend is None else use_compile_cache(
+        job=compile_fingerprint(job.model, backend, options, job.device))
+    # Packages hold what Inductor compiled: the chronicals backend compiles with it on a GPU.
+    inductor = backend == "inductor" or (backend == "chronicals" and job.device.type == "cuda")
+    packages = CompilePackages(cache_dir if inductor else None, job.model)
+    if packages.off_reason is not None:
+        run_log.note(f"compile packages off: {packages.off_reason}")
+    with packages:
+        if backend == "chronicals":
+            options["report"] = functools.partial(_log_fusions, run_log, progress, packages)
+        options.update(packages.compile_options())
+        warmup = WarmUpClock(progress.step)
+        loss_fn = packages.compile(
+            lambda: compile_loss(job.model, backend=backend, options=options or None))
+        _loop(job, run_log, run_config, progress, loss_fn, warmup, cache_dir, packages)
+    return progress
+
+
+def _loop(job: _Job, run_log: RunLog, run_config: str, progress: _Progress, loss_fn: LossFn,
+          warmup: WarmUpClock, cache_dir: Path | None, packages: CompilePackages) -> None:
+    """`_train`'s steps, with the compiled loss function."""
+    config = job.config
     eval_batches = None
     if job.data.eval_rows is not None:
         eval_batches = [_to_device(b, job.device)
@@ -788,11 +809,17 @@ def _train(job: _Job, run_log: RunLog, run_config: str) -> _Progress:
             if diverged is not None:
                 raise TrainingDiverged(f"{diverged}. {_kept(progress.last_good)}")
         if warmed_up is not None:  # after the steps it covers, in the log as on the clock
+            loaded = packages.loaded
             run_log.write({"kind": "warmup", "step": step, "seconds": warmed_up,
-                           "compile_cache": None if cache_dir is None else str(cache_dir)})
+                           "compile_cache": None if cache_dir is None else str(cache_dir),
+                           "package_loaded": loaded})
             run_log.note(f"warm-up: {warmed_up:.1f} s to the end of step {step}"
                          + ("" if cache_dir is None else
-                            f", compile included (compile cache {cache_dir})"))
+                            f", compile included (compile cache {cache_dir}"
+                            + (", a compile package loaded"
+                               if loaded else "") + ")"))
+            if loaded:
+                _log_loaded_reports(run_log, progress, packages)
         if too_many:
             raise TrainingDiverged(
                 f"step {step}: {len(progress.nonfinite)} steps with a NaN or infinite loss or "
@@ -805,9 +832,10 @@ def _train(job: _Job, run_log: RunLog, run_config: str) -> _Progress:
             run_log.write_plot()
         if checkpoint:
             _save_checkpoint(job, progress, run_config)
+        if warmup.seconds is not None:  # not before: saving would count as warm-up
+            packages.save_new_graphs()
         if evaluate or checkpoint:
             window_start = time.perf_counter()  # not counted as training time
-    return progress
 
 
 def _step(
@@ -845,13 +873,25 @@ def _step(
     return progress.step, metrics, real_tokens
 
 
-def _log_fusions(run_log: RunLog, progress: _Progress, fusion_report: Any) -> None:
-    """The backend's report of a compiled graph: a log line and a "compile" record."""
-    run_log.note(fusion_report.summary())
-    run_log.write({"kind": "compile", "step": progress.step, "fired": fusion_report.fired,
-                   "rejected": len(fusion_report.rejected),
-                   "declined": len(fusion_report.declined),
-                   "summary": fusion_report.summary()})
+def _log_fusions(run_log: RunLog, progress: _Progress, packages: CompilePackages,
+                 fusion_report: Any) -> None:
+    """The backend's report of a compiled graph: a log line and a "compile" record, also kept
+    with the compile package for a later run that loads it."""
+    record = {"kind": "compile", "step": progress.step, "fired": fusion_report.fired,
+              "rejected": len(fusion_report.rejected),
+              "declined": len(fusion_report.declined),
+              "summary": fusion_report.summary()}
+    run_log.note(record["summary"])
+    run_log.write(record)
+    packages.remember_report({k: v for k, v in record.items() if k != "step"})
+
+
+def _log_loaded_reports(run_log: RunLog, progress: _Progress, packages: CompilePackages) -> None:
+    """The reports kept with a loaded package: the fusions of the graphs it brought, as the run
+    that compiled them logged them ("compile" records marked `from_package`)."""
+    for record in packages.loaded_reports():
+        run_log.note(f"(compiled by an earlier run, loaded from the package) {record['summary']}")
+        run_log.write({**record, "step": progress.step, "from_package": True})
 
 
 def _kept(last_good: Path | None) -> str:

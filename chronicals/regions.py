@@ -105,6 +105,12 @@ def _region_forward(cls: type) -> object:
     return _REGION_FORWARDS[cls]
 
 
+def wraps_kernel_tables(model: nn.Module) -> bool:
+    """Whether any module of `model` carries `kernels.use_kernelized_func`'s table (the optional
+    `kernels` package installed: transformers' attention classes of most families)."""
+    return any(isinstance(vars(m).get("_kernel_funcs"), dict) for m in model.modules())
+
+
 def _unwrapped_kernel_forward(module: nn.Module) -> object | None:
     """The forward under `kernels.use_kernelized_func`'s wrapper when that wrapper changes nothing
     (no hub kernel selected for `module`), else None."""

@@ -44,6 +44,7 @@ __all__ = [
     "fake_inputs",
     "is_dynamo_signal",
     "is_higher_order",
+    "keep_package_id",
     "known_equal",
     "mark_recomputed",
     "new_graph_breaks",
@@ -534,6 +535,18 @@ def compile_with_inductor(
                              sources_hash().encode())
     _regions_ready_for_aot(gm)
     return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": key})
+
+
+def keep_package_id(traced: torch.fx.GraphModule, rewritten: torch.fx.GraphModule) -> None:
+    """Give the rewritten graph the id Dynamo gave the graph it traced. With Dynamo's compile
+    packages on (`torch._dynamo.config.caching_precompile`, which the finetune job turns on),
+    Dynamo saves a compiled graph's code with that id, and AOTAutograd files the compiled graph
+    for the package under the id of the graph it compiles: the rewritten one, a new module.
+    Without the id carried over, the package finds no compiled graph and a warm start compiles
+    everything again."""
+    package_id = getattr(traced, "_backend_id", None)
+    if package_id is not None and rewritten is not traced:
+        rewritten._backend_id = package_id
 
 
 def is_dynamo_signal(exc: BaseException) -> bool:

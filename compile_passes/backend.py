@@ -389,6 +389,7 @@ def _compile(
         _torch_api.compile_with_inductor if compiler == "inductor"
         else _torch_api.compile_with_aot_eager
     )
+    _torch_api.keep_package_id(gm, compiled_gm)
     try:
         compiled = compile_graph(compiled_gm, example_inputs)
     except Exception as exc:

@@ -51,3 +51,13 @@ def count_frozen_lce_calls(monkeypatch) -> list:
     real = lce._lce_fwd_d_hidden
     monkeypatch.setattr(lce, "_lce_fwd_d_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
+
+
+
+def kernels_wrap_tiny_models() -> bool:
+    """Whether the optional `kernels` package wraps the tiny models' attention here (installed
+    with transformers' kernels extra): compile packages then stay off (chronicals/warmup.py)."""
+    from chronicals.regions import wraps_kernel_tables
+    from tests.models import tiny_model
+
+    return wraps_kernel_tables(tiny_model("llama"))

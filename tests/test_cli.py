@@ -21,6 +21,8 @@ from chronicals import data as data_lib
 from chronicals.config import FinetuneConfig, field_docs
 from chronicals.plot import PLOT_FILE, matplotlib_missing
 from chronicals.warmup import cache_key
+from compile_passes._torch_api import unique_graphs_compiled
+from tests.helpers import kernels_wrap_tiny_models
 
 # The GPU machine's stack (CI's second stage) has no `datasets`: a dataset name then gets the
 # error that says so instead of the lookup's.
@@ -89,7 +91,9 @@ def test_default_job_runs_and_loss_falls(tmp_path, capsys, monkeypatch):
     # The warm-up time: to the end of step 5, compile included, once.
     (warmup,) = _log(out, "warmup")
     assert warmup["step"] == 5 and warmup["seconds"] > 0
-    assert Path(warmup["compile_cache"]).name == cache_key()
+    folder = Path(warmup["compile_cache"])  # the job's folder under the versions' folder
+    assert folder.parent.name == cache_key() and folder.name.startswith("job-")
+    assert warmup["package_loaded"] is False  # on the CPU the backend compiles with aot_eager
 
     train = _log(out, "train")
     assert [r["step"] for r in train] == list(range(1, 13))
@@ -107,6 +111,35 @@ def test_default_job_runs_and_loss_falls(tmp_path, capsys, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     assert model.config.vocab_size == len(tokenizer) == 2048
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_a_second_run_starts_from_the_first_runs_compile_package(tmp_path, monkeypatch, lora_r):
+    # Inductor compiles (the chronicals backend's compiler on a GPU; on the CPU, plain
+    # --compile inductor), so the job keeps Dynamo's package in its compile cache folder.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    runs = []
+    for name in ("first", "second"):
+        graphs = unique_graphs_compiled()
+        config = _small(tmp_path, name, compile="inductor", lora_r=lora_r, eval_every=3)
+        cli.finetune(config)
+        out = Path(config.output_dir)
+        runs.append((_log(out, "warmup")[0], _log(out, "train"), _log(out, "eval"),
+                     unique_graphs_compiled() - graphs))
+    (first, first_train, first_eval, first_graphs), (second, train, evals, graphs) = runs
+    assert first["compile_cache"] == second["compile_cache"]
+    # The first run compiled the training graph and the evaluation's; the second loaded both.
+    assert not first["package_loaded"] and first_graphs == 2
+    if kernels_wrap_tiny_models():  # packages off (chronicals/warmup.py): each run compiles
+        assert not second["package_loaded"] and graphs == 2
+    else:
+        assert (Path(first["compile_cache"]) / "dynamo").is_dir()
+        assert second["package_loaded"] and graphs == 0
+    assert [r["loss"] for r in train] == [r["loss"] for r in first_train]
+    assert [r["grad_norm"] for r in train] == [r["grad_norm"] for r in first_train]
+    assert [r["eval_loss"] for r in evals] == [r["eval_loss"] for r in first_eval]
 
 
 def test_lora_adapter_reloads_through_peft_with_same_logits(tmp_path):

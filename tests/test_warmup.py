@@ -1,16 +1,33 @@
-"""Compile caches keyed by chronicals' version and sources; the warm-up clock."""
+"""Compile caches keyed by chronicals' version and sources, and by the job; Dynamo's compile
+packages; the warm-up clock."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
+import peft
 import pytest
 import torch
 
 import chronicals
-from chronicals.warmup import WarmUpClock, cache_key, sources_hash, use_compile_cache
+from chronicals.warmup import (
+    CompilePackages,
+    WarmUpClock,
+    _savable_guards,
+    cache_key,
+    compile_fingerprint,
+    sources_hash,
+    use_compile_cache,
+)
+from tests.helpers import kernels_wrap_tiny_models
+from tests.models import tiny_model
 
 _ROOT = Path(chronicals.__file__).resolve().parent.parent
 
@@ -81,3 +98,180 @@ def test_warm_up_clock_reads_once_after_its_steps():
     assert short.step_done(2, cpu, last_step=2) is not None  # a run shorter than the warm-up
     with pytest.raises(ValueError, match="steps must be >= 1. Got 0"):
         WarmUpClock(0, steps=0)
+
+
+def test_a_jobs_folder_is_keyed_by_its_fingerprint_under_the_versions_folder(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    first = use_compile_cache(tmp_path, job="ab" * 32)
+    assert first == tmp_path / cache_key() / ("job-" + "ab" * 8) and first.is_dir()
+    # A second job of the process, another model: a folder of its own under the same root.
+    assert use_compile_cache(job="cd" * 32) == tmp_path / cache_key() / ("job-" + "cd" * 8)
+
+
+def _lora(model, r=4, targets=("q_proj", "v_proj")):
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, target_modules=list(targets)))
+
+
+def test_fingerprint_follows_what_decides_the_compiled_graphs():
+    def fingerprint(model, backend="chronicals", **options):
+        return compile_fingerprint(model, backend, {"lora_precision": "mixed", **options})
+
+    llama = fingerprint(tiny_model("llama"))
+    # Not the weights, nor where they were read from, nor a callable option (the report).
+    other = tiny_model("llama", seed=5)
+    other.config._name_or_path = "/somewhere/else"
+    assert fingerprint(other, report=print) == llama
+    # The backend and its options, the model's class and config.
+    assert fingerprint(tiny_model("llama"), lora_precision="exact") != llama
+    assert fingerprint(tiny_model("llama"), backend="inductor") != llama
+    assert fingerprint(tiny_model("mistral")) != llama
+    assert fingerprint(tiny_model("llama", rms_norm_eps=1e-5)) != llama
+    checkpointed = tiny_model("llama")
+    checkpointed.gradient_checkpointing_enable()
+    assert fingerprint(checkpointed) != llama
+    # The adapters: their settings count, the order their targets were listed in does not.
+    adapted = fingerprint(_lora(tiny_model("llama")))
+    assert adapted != llama
+    assert fingerprint(_lora(tiny_model("llama"), targets=("v_proj", "q_proj"))) == adapted
+    assert fingerprint(_lora(tiny_model("llama"), r=8)) != adapted
+
+
+def test_package_keeps_all_guards_but_identities_and_unnamed_classes():
+    class Local:  # defined in a function: a package cannot name it
+        pass
+
+    def entry(guard_type, value=None, derived=()):
+        return SimpleNamespace(guard_type=guard_type, derived_guard_types=derived,
+                               has_value=value is not None, value=value)
+
+    kept = _savable_guards([
+        entry("TENSOR_MATCH", torch.zeros(1)), entry("TYPE_MATCH", torch.nn.Linear(1, 1)),
+        entry("CONSTANT_MATCH", 3), entry("ID_MATCH"), entry("CLASS_MATCH"),
+        entry("TYPE_MATCH", Local()), entry("EQUALS_MATCH", 2, derived=("ID_MATCH",)),
+    ])
+    assert kept == [True, True, True, False, False, False, False]
+
+
+def test_reports_kept_with_a_package_come_back_once_each(tmp_path):
+    packages = CompilePackages(tmp_path)
+    record = {"kind": "compile", "fired": {"rms_norm": 3}, "summary": "3 rms_norm"}
+    with packages:
+        packages.remember_report(record)
+        packages.remember_report(dict(record))  # the same graph compiled again
+        packages.remember_report({**record, "summary": "eval"})
+    assert CompilePackages(tmp_path).loaded_reports() == [record, {**record, "summary": "eval"}]
+    (tmp_path / CompilePackages.REPORTS).write_text("{damaged")
+    assert CompilePackages(tmp_path).loaded_reports() == []
+    assert CompilePackages(None).loaded_reports() == []
+
+
+class _Flaky:
+    """A stand-in for `torch.compile`'s product that fails while packages are on."""
+
+    def __init__(self, packages: CompilePackages, fails_always: bool = False) -> None:
+        self.packages, self.fails_always, self.made = packages, fails_always, 0
+
+    def make(self):
+        self.made += 1
+        on = self.packages.enabled
+
+        def run(x):
+            if on or self.fails_always:
+                raise IndexError("tuple index out of range")
+            return x + 1
+
+        return run
+
+
+def test_a_package_that_fails_turns_packages_off_for_the_folder(tmp_path):
+    (tmp_path / "dynamo").mkdir()
+    packages = CompilePackages(tmp_path)
+    flaky = _Flaky(packages)
+    with packages:
+        assert packages.enabled
+        fn = packages.compile(flaky.make)
+        with pytest.warns(UserWarning, match="IndexError: tuple index out of range"):
+            assert fn(1) == 2  # made again without packages, the failed call made again
+        assert not packages.enabled and flaky.made == 2
+        assert fn(2) == 3
+    assert "IndexError" in (tmp_path / CompilePackages.OFF).read_text()
+    assert not (tmp_path / "dynamo").exists()
+    later = CompilePackages(tmp_path)
+    with later:
+        assert not later.enabled and "IndexError" in later.off_reason
+
+
+def test_a_failure_packages_do_not_cause_is_raised_and_recorded_nowhere(tmp_path):
+    packages = CompilePackages(tmp_path)
+    with packages:
+        fn = packages.compile(_Flaky(packages, fails_always=True).make)
+        with pytest.raises(IndexError):
+            fn(1)
+    assert not (tmp_path / CompilePackages.OFF).exists()
+
+
+_PACKAGED_RUN = textwrap.dedent("""
+    import json, sys
+    import torch
+    from chronicals.train import compile_loss
+    from chronicals.warmup import CompilePackages, use_compile_cache, compile_fingerprint
+    from compile_passes._torch_api import unique_graphs_compiled
+    from tests.models import tiny_batch, tiny_model
+
+    model = tiny_model("llama")
+    reports = []
+    options = {"compiler": "inductor", "report": reports.append}
+    packages = CompilePackages(
+        use_compile_cache(sys.argv[1], job=compile_fingerprint(model, "chronicals", options)),
+        model)
+    ids, labels = tiny_batch()
+    batch = {"input_ids": ids, "labels": labels}
+    with packages:
+        loss_fn = packages.compile(lambda: compile_loss(
+            model, options={**options, **packages.compile_options()}))
+        loss = loss_fn(batch, torch.tensor(20))
+        loss.backward()
+        grads = [p.grad.double().norm().item() for p in model.parameters()]
+        for report in reports:
+            packages.remember_report({"fired": report.fired})
+        packages.save_new_graphs()
+        cpu = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=cpu) as profile:  # a step, compile done
+            loss_fn(batch, torch.tensor(20)).backward()
+    ops = sorted(e.name for e in profile.events() if e.name.startswith("chronicals::"))
+    print(json.dumps({
+        "off": packages.off_reason, "loaded": packages.loaded, "graphs": unique_graphs_compiled(), "reports": len(reports),
+        "kept": packages.loaded_reports(), "ops": ops, "loss": loss.item(), "grads": grads,
+    }))
+""")
+
+
+def test_a_package_runs_the_rewritten_graphs_in_a_new_process_without_compiling(tmp_path):
+    # Inductor on the CPU (the backend's default there, aot_eager, makes no package), the ops'
+    # PyTorch references (the interpreter is not the point).
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(_ROOT)}
+
+    def run() -> dict:
+        done = subprocess.run([sys.executable, "-c", _PACKAGED_RUN, str(tmp_path)], env=env,
+                              cwd=_ROOT, capture_output=True, text=True, timeout=900, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert not first["loaded"] and first["graphs"] == 1 and first["reports"] == 1
+    if kernels_wrap_tiny_models():  # packages off: each process compiles
+        assert "kernels" in first["off"] and not second["loaded"] and second["graphs"] == 1
+        assert second["loss"] == first["loss"]
+        return
+    assert first["off"] is None
+    fired = first["kept"][0]["fired"]
+    assert fired["rms_norm"] == 3 and fired["swiglu"] == 2 and fired["rope"] == 2
+    assert fired["linear_cross_entropy"] == 1
+    # The second process loads the package: no graph traced, the backend not called, and the
+    # fused ops run as in the first, with the same loss and gradients.
+    assert second["loaded"] and second["graphs"] == 0 and second["reports"] == 0
+    assert second["kept"] == first["kept"]
+    assert second["ops"] == first["ops"] and any("rms_norm" in op for op in first["ops"])
+    assert second["loss"] == first["loss"] and second["grads"] == first["grads"]
+    assert all(g > 0 for g in first["grads"])
