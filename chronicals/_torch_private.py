@@ -10,7 +10,10 @@ file only. Dropout is always 0 here, so the random-state arguments are passed as
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import re
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -125,6 +128,29 @@ def compile_packages() -> Iterator[None]:
 
 def _not_a_dropped_guard(record: logging.LogRecord) -> bool:
     return "is dropped with caching_precompile=True" not in record.getMessage()
+
+
+_NUMBERED_NAME = re.compile(r"__\w+?_(\d+)")
+
+
+def number_names_past_loaded_packages() -> None:
+    """Make Dynamo number the globals it installs past those a loaded package installed.
+
+    Dynamo names a compiled graph's globals (`__builtins_dict___0`, `__compiled_fn_1`, ...) from
+    one counter per process, and a package carries the names its saving process drew. Loading it
+    writes some of them into the modules' globals for good, so a later compile in this process
+    (a new input shape, the evaluation's graph) could draw a name already there, which Dynamo
+    refuses (an AssertionError). Called after a package is loaded: the counter moves past every
+    such name in the loaded modules."""
+    from torch._dynamo import bytecode_transformation
+
+    highest = -1
+    for module in list(sys.modules.values()):
+        for name in list(getattr(module, "__dict__", {})):
+            if name.startswith("__") and (numbered := _NUMBERED_NAME.fullmatch(name)):
+                highest = max(highest, int(numbered.group(1)))
+    following = next(bytecode_transformation._unique_id_counter)
+    bytecode_transformation._unique_id_counter = itertools.count(max(following, highest + 1))
 
 
 def save_compile_packages() -> None:

@@ -224,6 +224,8 @@ class CompilePackages:
             compiled = make()
         except Exception as error:  # noqa: BLE001 (whether packages caused it is tried below)
             compiled, _ = self._without_packages(make, error)
+        if self.loaded:
+            _torch_private.number_names_past_loaded_packages()
 
         def call(*args: Any, **kwargs: Any) -> Any:
             nonlocal compiled

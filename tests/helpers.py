@@ -54,10 +54,12 @@ def count_frozen_lce_calls(monkeypatch) -> list:
 
 
 
-def kernels_wrap_tiny_models() -> bool:
-    """Whether the optional `kernels` package wraps the tiny models' attention here (installed
-    with transformers' kernels extra): compile packages then stay off (chronicals/warmup.py)."""
+
+def packages_on_for_tiny_models() -> bool:
+    """Whether the finetune job keeps compile packages for the tiny models on this stack
+    (chronicals/warmup.py, CompilePackages): not where the optional `kernels` package wraps the
+    models' attention."""
     from chronicals.regions import wraps_kernel_tables
     from tests.models import tiny_model
 
-    return wraps_kernel_tables(tiny_model("llama"))
+    return not wraps_kernel_tables(tiny_model("llama"))

@@ -6,7 +6,9 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import re
+import warnings
 from pathlib import Path
 
 import peft
@@ -20,9 +22,9 @@ from chronicals import config as config_lib
 from chronicals import data as data_lib
 from chronicals.config import FinetuneConfig, field_docs
 from chronicals.plot import PLOT_FILE, matplotlib_missing
-from chronicals.warmup import cache_key
+from chronicals.warmup import CompilePackages, cache_key
 from compile_passes._torch_api import unique_graphs_compiled
-from tests.helpers import kernels_wrap_tiny_models
+from tests.helpers import packages_on_for_tiny_models
 
 # The GPU machine's stack (CI's second stage) has no `datasets`: a dataset name then gets the
 # error that says so instead of the lookup's.
@@ -121,25 +123,34 @@ def test_a_second_run_starts_from_the_first_runs_compile_package(tmp_path, monke
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     runs = []
-    for name in ("first", "second"):
+    for name, max_len in (("first", 128), ("second", 128), ("other_rows", 96)):
         graphs = unique_graphs_compiled()
-        config = _small(tmp_path, name, compile="inductor", lora_r=lora_r, eval_every=3)
-        cli.finetune(config)
+        config = _small(tmp_path, name, compile="inductor", lora_r=lora_r, eval_every=3,
+                        max_len=max_len)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a package that failed would warn
+            cli.finetune(config)
         out = Path(config.output_dir)
         runs.append((_log(out, "warmup")[0], _log(out, "train"), _log(out, "eval"),
                      unique_graphs_compiled() - graphs))
-    (first, first_train, first_eval, first_graphs), (second, train, evals, graphs) = runs
-    assert first["compile_cache"] == second["compile_cache"]
+    (first, first_train, first_eval, first_graphs), (second, train, evals, graphs) = runs[:2]
+    other, _, other_eval, other_graphs = runs[2]
+    assert first["compile_cache"] == second["compile_cache"] == other["compile_cache"]
     # The first run compiled the training graph and the evaluation's; the second loaded both.
     assert not first["package_loaded"] and first_graphs == 2
-    if kernels_wrap_tiny_models():  # packages off (chronicals/warmup.py): each run compiles
+    if not packages_on_for_tiny_models():  # off (chronicals/warmup.py): each run compiles
         assert not second["package_loaded"] and graphs == 2
     else:
         assert (Path(first["compile_cache"]) / "dynamo").is_dir()
         assert second["package_loaded"] and graphs == 0
+        # Rows of another length: the package loads, and its graphs' guards send the new
+        # shapes to a compile (Dynamo names the new graphs' globals past the package's).
+        assert other["package_loaded"] and other_graphs == 2
+        assert not (Path(first["compile_cache"]) / CompilePackages.OFF).exists()
     assert [r["loss"] for r in train] == [r["loss"] for r in first_train]
     assert [r["grad_norm"] for r in train] == [r["grad_norm"] for r in first_train]
     assert [r["eval_loss"] for r in evals] == [r["eval_loss"] for r in first_eval]
+    assert other_eval and all(math.isfinite(r["eval_loss"]) for r in other_eval)
 
 
 def test_lora_adapter_reloads_through_peft_with_same_logits(tmp_path):
